@@ -1,0 +1,17 @@
+"""
+octotwist: octo.py's MapReduce for a handful of machines, on Twisted.
+
+A job is a Python script with module-level C{source}, C{mapfn},
+C{reducefn} and optionally C{final}, C{combinefn}, C{partitionfn} and
+C{reduce_tasks}; see docs/guide.md.  Run it with C{octo run job.py}, or
+C{octo server job.py} plus C{octo client HOST} on each worker machine.
+
+Public modules: L{octotwist.transport} (the L{TaskServer}/L{TaskClient} a
+transport subclasses), L{octotwist.hookspecs} (plugin hooks and discovery),
+L{octotwist.messages} (what transports carry) and L{octotwist.codec} (how
+they become bytes).  Everything else is internal.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

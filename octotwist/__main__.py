@@ -1,0 +1,5 @@
+"""C{python -m octotwist} is the C{octo} command."""
+
+from octotwist.cli import main
+
+main()

@@ -1,0 +1,132 @@
+"""
+The process that runs user code: one task at a time, in a plain blocking loop.
+
+Started by L{octotwist.worker} as C{python -m octotwist._child}.  It reads
+requests from file descriptor 3 and writes replies to file descriptor 4, so a
+C{print()} in a user's C{mapfn} goes to the terminal, not into the protocol.
+Both ends are this package on the same machine; the frames are pickled tuples
+with a 4-byte length prefix.
+
+Requests::
+
+    ("job", functions)                 once, first: the cloudpickled JobFunctions
+    ("map", partitions, [blob])        blob: pack((key, value))
+    ("reduce", partitions, [blob...])  the partition's runs, in map task order
+
+Replies, per request::
+
+    ("output", partition, blob)*                blob: pack(run) or pack(results)
+    ("done", records_in, records_out, seconds)
+  | ("failed", key_repr, error_line, traceback_text)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+import time
+import traceback
+from typing import Any, BinaryIO
+
+from octotwist import codec
+from octotwist.shuffle import MapOutput, reduce_partition
+
+_HEADER = struct.Struct("!I")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_frame(stream: BinaryIO) -> Any:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    return pickle.loads(stream.read(size))
+
+
+def write_frame(stream: BinaryIO, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=5)
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
+
+
+def encode_frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=5)
+    return _HEADER.pack(len(data)) + data
+
+
+def user_traceback(e: BaseException) -> str:
+    """The traceback of C{e} without octotwist's own frames."""
+    frames = [
+        f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_PACKAGE_DIR)
+    ]
+    lines = ["Traceback (most recent call last):\n"]
+    lines += traceback.format_list(frames)
+    lines += traceback.format_exception_only(e)
+    return "".join(lines)
+
+
+class _Runner:
+    def __init__(self, functions: Any, out: BinaryIO) -> None:
+        self.f = functions
+        self.out = out
+        self.key: Any = None
+        self.have_key = False
+
+    def emit(self, *reply: Any) -> None:
+        write_frame(self.out, reply)
+
+    def run(self, kind: str, partitions: int, inputs: list[bytes]) -> tuple[int, int]:
+        if kind == "map":
+            key, value = codec.unpack(inputs[0])
+            self.key, self.have_key = key, True
+            buffer = MapOutput(partitions, self.f.partitionfn, self.f.combinefn)
+            for spill in buffer.add_all(self.f.mapfn(key, value)):
+                self.send_runs(spill)
+            self.send_runs(buffer.drain())
+            return 1, buffer.records
+        runs = [codec.unpack(blob) for blob in inputs]
+        self.have_key = False
+
+        def on_key(k: Any) -> None:
+            self.key, self.have_key = k, True
+
+        results = reduce_partition(self.f.reducefn, runs, on_key)
+        self.have_key = False
+        self.emit("output", 0, codec.pack(results))
+        return sum(len(r) for r in runs), len(results)
+
+    def send_runs(self, runs: dict[int, Any]) -> None:
+        for partition, run in runs.items():
+            self.emit("output", partition, codec.pack(run))
+
+
+def main() -> int:
+    inp = os.fdopen(3, "rb")
+    out = os.fdopen(4, "wb")
+    first = read_frame(inp)
+    if first is None:
+        return 0
+    _, functions_blob = first
+    runner = _Runner(codec.load_functions(functions_blob), out)
+    while (request := read_frame(inp)) is not None:
+        kind, partitions, inputs = request
+        started = time.monotonic()
+        runner.key, runner.have_key = None, False
+        try:
+            records_in, records_out = runner.run(kind, partitions, inputs)
+        except Exception as e:
+            key = repr(runner.key) if runner.have_key else None
+            if len(key or "") > 200:
+                key = key[:200] + "..."
+            error = "".join(traceback.format_exception_only(e)).strip()
+            runner.emit("failed", key, error, user_traceback(e))
+        else:
+            runner.emit("done", records_in, records_out, time.monotonic() - started)
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""
+The worker: connects to a server, receives the job, runs what it is told.
+
+L{WorkerSession} is the worker's side of one connection; L{run_worker}
+connects (retrying with backoff while the server is not there), runs
+sessions until the server says the job is over, and returns.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from octotwist import codec, messages
+from octotwist.errors import AuthenticationError, RemoteProtocolError
+from octotwist.messages import TaskId
+from octotwist.transport import MessageChannel, TaskClient
+from octotwist.worker import Crashed, Finished, Outcome, ProcessPool
+
+_log = Logger()
+
+
+class WorkerSession:
+    """
+    The worker's side of one connection.
+
+    @ivar ended: fires with the server's L{messages.Shutdown}, or with
+        C{None} when the connection was lost before one arrived.
+    """
+
+    def __init__(self, reactor: Any, channel: MessageChannel, name: str, processes: int) -> None:
+        self.reactor = reactor
+        self.channel = channel
+        self.name = name
+        self.processes = processes
+        self.pool: ProcessPool | None = None
+        self.welcome: messages.Welcome | None = None
+        self.ended: Deferred[messages.Shutdown | None] = Deferred()
+        self._inputs: dict[tuple[TaskId, int], list[bytes]] = {}
+        self._parts: dict[tuple[TaskId, int], list[bytes]] = {}
+        self._running: dict[tuple[TaskId, int], Callable[[], None]] = {}
+        self._heartbeat: LoopingCall | None = None
+        self._shutdown: messages.Shutdown | None = None
+
+    def message_received(self, message: messages.Message) -> None:
+        match message:
+            case messages.Welcome() if self.welcome is None:
+                self._start(message)
+            case messages.TaskInput(task, attempt, data, end):
+                key = (task, attempt)
+                if not end:
+                    self._parts.setdefault(key, []).append(data)
+                    return
+                pending = self._parts.pop(key, None)
+                blob = data if pending is None else b"".join([*pending, data])
+                self._inputs.setdefault(key, []).append(blob)
+            case messages.Assign(task, attempt):
+                self._run(task, attempt)
+            case messages.Cancel(task, attempt):
+                kill = self._running.pop((task, attempt), None)
+                if kill is not None:
+                    kill()
+            case messages.Shutdown():
+                self._shutdown = message
+                self.channel.close()
+            case _:
+                _log.warn("ignoring unexpected {kind} from the server", kind=type(message).__name__)
+
+    def _start(self, welcome: messages.Welcome) -> None:
+        self.welcome = welcome
+        self.pool = ProcessPool(self.reactor, welcome.functions, self.processes)
+        self.channel.send(
+            messages.Hello(self.name, socket.gethostname(), os.getpid(), self.processes)
+        )
+        _log.info("running job {job} with {n} processes", job=welcome.job_name, n=self.processes)
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = self.reactor
+        self._heartbeat.start(welcome.heartbeat_interval, now=False)
+
+    def _beat(self) -> None:
+        self.channel.send(messages.Heartbeat(tuple(sorted(self._running, key=str))))
+
+    def _run(self, task: TaskId, attempt: int) -> None:
+        assert self.pool is not None and self.welcome is not None
+        key = (task, attempt)
+        inputs = self._inputs.pop(key, [])
+        _log.debug("running {task} (attempt {attempt})", task=str(task), attempt=attempt)
+
+        def on_output(partition: int, blob: bytes) -> None:
+            for data, end in codec.parts(blob):
+                self.channel.send(messages.TaskOutput(task, attempt, partition, data, end))
+
+        d, kill = self.pool.run(task.kind, self.welcome.reduce_tasks, inputs, on_output)
+        self._running[key] = kill
+        d.addCallback(self._report, task, attempt)
+
+    def _report(self, outcome: Outcome, task: TaskId, attempt: int) -> None:
+        if self._running.pop((task, attempt), None) is None:
+            return  # cancelled
+        match outcome:
+            case Finished(records_in, records_out, seconds):
+                self.channel.send(
+                    messages.TaskDone(task, attempt, records_in, records_out, seconds)
+                )
+            case Crashed(key, error, tb):
+                _log.error(
+                    "{task} failed{at}: {error}",
+                    task=str(task),
+                    at=f" at key {key}" if key is not None else "",
+                    error=error,
+                )
+                self.channel.send(messages.TaskFailed(task, attempt, key, error, tb))
+
+    def connection_lost(self, reason: str) -> None:
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._running.clear()
+        stopped = self.pool.stop() if self.pool is not None else None
+        shutdown = self._shutdown
+        if stopped is None:
+            self.ended.callback(shutdown)
+        else:
+            stopped.addCallback(lambda _: self.ended.callback(shutdown))
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def run_worker(
+    reactor: Any,
+    client: TaskClient,
+    *,
+    processes: int = 1,
+    name: str | None = None,
+    wait: float = 120.0,
+) -> messages.Shutdown:
+    """
+    Work for the server until it says the job is over.
+
+    While the server cannot be reached, retry with exponential backoff (0.5 s
+    doubling to 10 s) for up to C{wait} seconds, logging each failure.  A
+    lost connection before the job is over is retried the same way.
+
+    @return: the server's final L{messages.Shutdown}.
+    @raise AuthenticationError: the server rejected our secret (not retried:
+        it will not get better).
+    @raise ConnectionError: the server stayed unreachable for C{wait} seconds.
+    """
+    name = name or default_name()
+    delay = 0.5
+    since: float | None = None
+    sessions: list[WorkerSession] = []
+
+    def accept(channel: MessageChannel) -> WorkerSession:
+        sessions.append(WorkerSession(reactor, channel, name, processes))
+        return sessions[-1]
+
+    while True:
+        try:
+            await client.connect(accept)
+        except (AuthenticationError, RemoteProtocolError):
+            raise
+        except Exception as e:
+            now = reactor.seconds()
+            since = now if since is None else since
+            if now - since >= wait:
+                raise ConnectionError(
+                    f"gave up: no server at {client.settings.connect} for {wait:.0f} s ({e})"
+                ) from None
+            _log.info(
+                "cannot reach the server at {where} ({error}); retrying in {delay:.1f} s",
+                where=client.settings.connect,
+                error=_short(e),
+                delay=delay,
+            )
+            await deferLater(reactor, delay)
+            delay = min(delay * 2, 10.0)
+            continue
+        since, delay = None, 0.5
+        shutdown = await sessions[-1].ended
+        if shutdown is not None:
+            _log.info(
+                "the server says the job is over{how}; exiting",
+                how="" if shutdown.ok else f" (it failed: {_short(Exception(shutdown.reason))})",
+            )
+            return shutdown
+        _log.warn("lost the connection to the server; reconnecting")
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,52 @@
+"""
+Small facts about Twisted endpoint strings that the core needs without
+knowing any transport: whether a server endpoint only accepts local
+connections, and the C{HOST[:PORT]} short form of a client endpoint.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from twisted.internet.endpoints import _parse  # the tokenizer behind serverFromString
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]")
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_is_local(description: str) -> bool:
+    """
+    Whether a server endpoint string accepts connections from this machine
+    only: a Unix socket, or a TCP/TLS port bound to a loopback interface.
+    A port with no C{interface=} listens on every interface: not local.
+    """
+    args, kwargs = _parse(description)
+    prefix = str(args[0]).lower() if args else ""
+    if prefix == "unix":
+        return True
+    if prefix in ("tcp", "tcp6", "ssl"):
+        interface = kwargs.get("interface") or (args[2] if len(args) > 2 else "")
+        return bool(interface) and is_loopback_host(interface)
+    return False
+
+
+def split_host_port(address: str, default_port: int) -> tuple[str, int]:
+    """C{"host"}, C{"host:port"}, C{"[::1]:port"} -> C{(host, port)}."""
+    host, port = address, default_port
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif address.count(":") == 1:
+        host, _, p = address.partition(":")
+        port = int(p)
+    return host, port

@@ -1,0 +1,68 @@
+"""
+The exceptions octotwist raises, sorted by whose fault the problem is.
+
+As in h11, the class says who has to act: the caller (L{UsageError}), the job's
+author (L{JobScriptError}, L{TaskFailedError}), a peer on the network
+(L{RemoteProtocolError}, L{AuthenticationError}) or the installation
+(L{UnknownTransportError}, L{PluginError}).
+"""
+
+from __future__ import annotations
+
+
+class OctotwistError(Exception):
+    """Base class of every error octotwist raises on purpose."""
+
+
+class UsageError(OctotwistError):
+    """The caller asked for something that cannot work (bad option, bad endpoint)."""
+
+
+class JobScriptError(OctotwistError):
+    """The job script cannot be loaded, lacks a required name, or cannot be shipped."""
+
+
+class UnknownTransportError(OctotwistError, ValueError):
+    """No installed plugin provides the transport that was asked for."""
+
+    def __init__(self, name: str, installed: list[str]) -> None:
+        self.name = name
+        self.installed = installed
+        listing = ", ".join(installed) if installed else "none"
+        super().__init__(f"unknown transport {name!r}; installed transports: {listing}")
+
+
+class PluginError(OctotwistError):
+    """A transport plugin is broken: it fails to import, or clashes with another."""
+
+
+class ProtocolError(OctotwistError):
+    """A connection broke the octotwist protocol."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something invalid; that one connection is closed."""
+
+
+class AuthenticationError(RemoteProtocolError):
+    """The peer could not prove it knows the shared secret (or we could not)."""
+
+
+class TaskFailedError(OctotwistError):
+    """
+    A user function (C{mapfn}, C{reducefn}, C{combinefn}, C{partitionfn})
+    raised, or killed the process running it, on a worker.
+
+    @ivar task: a readable name of the task (C{"map 12"}, C{"reduce 3"}).
+    @ivar key: C{repr()} of the key being processed, when known.
+    @ivar worker: the name of the worker that ran the attempt.
+    @ivar remote_traceback: the traceback text as the worker formatted it.
+    """
+
+    def __init__(self, task: str, key: str | None, worker: str, remote_traceback: str) -> None:
+        self.task = task
+        self.key = key
+        self.worker = worker
+        self.remote_traceback = remote_traceback
+        where = f"{task}" + (f", key {key}" if key is not None else "")
+        super().__init__(f"{where} failed on worker {worker}:\n{remote_traceback}")

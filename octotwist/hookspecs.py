@@ -1,0 +1,128 @@
+"""
+The pluggy hooks a transport plugin implements, and how plugins are found.
+
+A plugin is any importable module or object with C{@hookimpl} functions,
+registered under the C{octotwist} entry-point group of its distribution::
+
+    [options.entry_points]
+    octotwist =
+        mytransport = my_package.plugin
+
+The built-in transports are registered the same way, from octotwist's own
+setup.cfg.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+
+import pluggy
+
+from octotwist.errors import PluginError, UnknownTransportError
+from octotwist.transport import TaskClient, TaskServer, Transport
+
+PROJECT = "octotwist"
+ENTRY_POINT_GROUP = "octotwist"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def octotwist_transports() -> Sequence[Transport]:
+    """
+    Return the transports this plugin provides.
+
+    Called once per process, when a transport is first looked up.  Every
+    plugin's list is collected; two transports with the same name are an
+    error.
+
+    @return: a sequence of L{Transport} records.
+    """
+
+
+def plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
+    """
+    A plugin manager with octotwist's hook specs and, by default, every
+    plugin installed under the C{octotwist} entry-point group.
+
+    @raise PluginError: a plugin fails to import, naming its distribution and
+        entry point, or implements a hook octotwist does not define.
+    """
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(sys.modules[__name__])
+    if load_entry_points:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as e:
+                raise PluginError(
+                    f"transport plugin {ep.name} = {ep.value} (distribution {dist}) "
+                    f"failed to import: {type(e).__name__}: {e}"
+                ) from e
+            pm.register(plugin, name=ep.name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(str(e)) from e
+    return pm
+
+
+def transports(pm: pluggy.PluginManager | None = None) -> dict[str, Transport]:
+    """
+    Every installed transport, by name.
+
+    @raise PluginError: two plugins claim the same name, or a plugin returns
+        something that is not a valid L{Transport}.
+    """
+    pm = pm if pm is not None else plugin_manager()
+    found: dict[str, Transport] = {}
+    owners: dict[str, str] = {}
+    # Each implementation is called on its own, so that a clash names both
+    # plugins (pm.hook.octotwist_transports() would merge the results).
+    for impl in pm.hook.octotwist_transports.get_hookimpls():
+        owner = impl.plugin_name
+        for t in impl.function() or ():
+            _check_transport(t, owner)
+            if t.name in found:
+                raise PluginError(
+                    f"two plugins provide the transport {t.name!r}: "
+                    f"{owners[t.name]} and {owner}; uninstall one of them"
+                )
+            found[t.name] = t
+            owners[t.name] = owner
+    return found
+
+
+def _check_transport(t: object, owner: str) -> None:
+    if not isinstance(t, Transport):
+        raise PluginError(f"plugin {owner} returned {t!r}, not an octotwist Transport")
+    for role, base in (("server", TaskServer), ("client", TaskClient)):
+        cls = getattr(t, role)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"transport {t.name!r} ({owner}): {role} is not a {base.__name__}")
+        abstract = sorted(getattr(cls, "__abstractmethods__", ()))
+        if abstract:
+            raise PluginError(
+                f"transport {t.name!r} ({owner}): {cls.__name__} does not implement "
+                + ", ".join(abstract)
+            )
+
+
+def get_transport(name: str, pm: pluggy.PluginManager | None = None) -> Transport:
+    """
+    The installed transport called C{name}.
+
+    @raise UnknownTransportError: no plugin provides it; the message lists
+        those installed.
+    """
+    available = transports(pm)
+    try:
+        return available[name]
+    except KeyError:
+        raise UnknownTransportError(name, sorted(available)) from None

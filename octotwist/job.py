@@ -1,0 +1,168 @@
+"""
+Load a job script, check it, and get its functions ready to ship.
+
+A job script is an ordinary Python file with octo.py's module-level names:
+C{source}, C{mapfn}, C{reducefn}, and optionally C{final}, C{combinefn},
+C{partitionfn} and C{reduce_tasks} (see docs/guide.md).  It is imported on the
+server only.  Workers get the functions by value through cloudpickle, together
+with the module globals they use and any helper module that sits beside the
+script, so a worker machine never needs the script or its helpers.
+
+Every problem is reported before the server listens, as a L{JobScriptError}
+that names the script and what to change.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from octotwist import codec
+from octotwist.errors import JobScriptError
+
+_REQUIRED = ("source", "mapfn", "reducefn")
+_OPTIONAL_FUNCTIONS = ("combinefn", "partitionfn", "final")
+
+
+@dataclass(frozen=True, slots=True)
+class JobFunctions:
+    """What a worker needs to run tasks; shipped with cloudpickle."""
+
+    mapfn: Callable[[Any, Any], Any]
+    reducefn: Callable[[Any, list[Any]], tuple[Any, Any]]
+    combinefn: Callable[[Any, list[Any]], tuple[Any, Any]] | None = None
+    partitionfn: Callable[[Any, int], int] | None = None
+
+
+@dataclass(slots=True)
+class Job:
+    """A loaded, checked job script."""
+
+    name: str
+    path: Path
+    source: Any
+    functions: JobFunctions
+    final: Callable[[Any, Any], Any] | None
+    reduce_tasks: int | None
+    pickled_functions: bytes
+
+    def source_size(self) -> int | None:
+        """C{len(source)} when the source has one (for progress), else C{None}."""
+        try:
+            return len(self.source)
+        except Exception:
+            return None
+
+
+def load_job(path: str | os.PathLike[str]) -> Job:
+    """
+    Import the job script at C{path} and check it.
+
+    @raise JobScriptError: the script is missing, does not compile, raises
+        while it is imported, lacks a required name, or has a function that
+        cannot be pickled.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise JobScriptError(f"job script {str(path)!r} not found")
+    module = _import_script(path)
+    where = str(path)
+    missing = [name for name in _REQUIRED if not hasattr(module, name)]
+    if missing:
+        raise JobScriptError(
+            f"{where} does not define {', '.join(missing)}; a job script needs "
+            "module-level source, mapfn(key, value) and reducefn(key, values)"
+        )
+    source = module.source
+    if not (hasattr(source, "__iter__") and hasattr(source, "__getitem__")):
+        raise JobScriptError(
+            f"{where}: source is a {type(source).__name__}; it must be a dict or an "
+            "object with __iter__ (its keys) and __getitem__ (a key's value)"
+        )
+    functions = {}
+    for name in ("mapfn", "reducefn", *_OPTIONAL_FUNCTIONS):
+        fn = getattr(module, name, None)
+        if (name in _REQUIRED or fn is not None) and not callable(fn):
+            raise JobScriptError(f"{where}: {name} must be a function, not {type(fn).__name__}")
+        functions[name] = fn
+    reduce_tasks = getattr(module, "reduce_tasks", None)
+    if reduce_tasks is not None and not (
+        isinstance(reduce_tasks, int) and not isinstance(reduce_tasks, bool) and reduce_tasks >= 1
+    ):
+        raise JobScriptError(f"{where}: reduce_tasks must be a positive int, not {reduce_tasks!r}")
+    final = functions.pop("final")
+    job_functions = JobFunctions(**functions)
+    return Job(
+        name=path.stem,
+        path=path,
+        source=source,
+        functions=job_functions,
+        final=final,
+        reduce_tasks=reduce_tasks,
+        pickled_functions=_pickle_functions(job_functions, where),
+    )
+
+
+def _import_script(path: Path) -> Any:
+    """Run the script as a fresh module, as C{python path} would, and return it."""
+    name = "octo_job_" + "".join(c if c.isalnum() else "_" for c in path.stem)
+    directory = str(path.resolve().parent)
+    try:
+        code = compile(path.read_bytes(), str(path), "exec")
+    except SyntaxError as e:
+        raise JobScriptError(
+            f"{e.filename}:{e.lineno}: syntax error in job script: {e.msg}\n"
+            + "".join(traceback.format_exception_only(e))
+        ) from None
+    spec = importlib.util.spec_from_loader(name, loader=None, origin=str(path))
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = str(path)
+    before = set(sys.modules)
+    sys.modules[name] = module
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        exec(code, module.__dict__)
+    except Exception as e:
+        del sys.modules[name]
+        tb = traceback.format_exception(e)
+        # Drop our own frames: the user wants to see their script's lines.
+        user = [line for line in tb if "octotwist/job.py" not in line]
+        raise JobScriptError(
+            f"{path} raised {type(e).__name__} while it was loaded:\n" + "".join(user)
+        ) from None
+    # Ship the script, and helper modules it imported from its own folder, by
+    # value: workers have neither.
+    cloudpickle.register_pickle_by_value(module)
+    for mod_name in set(sys.modules) - before - {name}:
+        mod = sys.modules[mod_name]
+        mod_file = getattr(mod, "__file__", None) or ""
+        if mod_file.startswith(directory + os.sep) and "site-packages" not in mod_file:
+            cloudpickle.register_pickle_by_value(mod)
+    return module
+
+
+def _pickle_functions(functions: JobFunctions, where: str) -> bytes:
+    for name in JobFunctions.__slots__:
+        fn = getattr(functions, name)
+        if fn is None:
+            continue
+        try:
+            codec.dump_functions(fn)
+        except Exception as e:
+            raise JobScriptError(
+                f"{where}: {name} cannot be sent to workers (cloudpickle: "
+                f"{type(e).__name__}: {e}); it uses something that cannot be pickled, "
+                "such as an open file, a lock or a socket. Open such things inside "
+                "the function instead."
+            ) from None
+    return codec.dump_functions(functions)

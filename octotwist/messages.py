@@ -1,0 +1,185 @@
+"""
+The messages every transport carries, in both directions.
+
+A transport moves these objects between a worker and the server and never
+looks inside them; L{octotwist.codec} turns them into bytes and back.  They are
+frozen, slotted dataclasses so that a message cannot change after it was sent
+and a typo'd attribute fails at once.
+
+User data never appears here as Python objects: map inputs, map outputs and
+reduce outputs travel as opaque, compressed C{bytes} parts (see
+L{octotwist.shuffle}), which is what lets the server store and forward them
+without unpickling anything a user wrote.
+
+A conversation, after the transport has authenticated the peer::
+
+    server -> worker  Welcome         job name and the pickled job functions
+    worker -> server  Hello           who the worker is, how many tasks it runs at once
+    server -> worker  TaskInput*      the task's input, in parts
+    server -> worker  Assign          run this task now
+    worker -> server  TaskOutput*     the task's output, in parts, per partition
+    worker -> server  TaskDone | TaskFailed
+    worker -> server  Heartbeat       now and then, from the worker's I/O side
+    server -> worker  Cancel          drop an attempt that is no longer wanted
+    server -> worker  Shutdown        the job is over; disconnect and exit
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class TaskKind(enum.Enum):
+    MAP = "map"
+    REDUCE = "reduce"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TaskId:
+    """A task of the job: map task C{index} reads the C{index}-th source key;
+    reduce task C{index} reduces partition C{index}."""
+
+    kind: TaskKind
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.kind.value} {self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The job, sent by the server to each authenticated worker."""
+
+    job_name: str
+    functions: bytes  # cloudpickled JobFunctions; decoded only inside worker processes
+    reduce_tasks: int
+    heartbeat_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A worker introduces itself."""
+
+    name: str
+    host: str
+    pid: int
+    slots: int  # how many tasks it runs at once
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInput:
+    """One part of a task's input; C{end} closes one input blob."""
+
+    task: TaskId
+    attempt: int
+    data: bytes
+    end: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    """Start attempt C{attempt} of C{task} with the inputs sent before it."""
+
+    task: TaskId
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutput:
+    """One part of a task's output for one partition; C{end} closes one blob."""
+
+    task: TaskId
+    attempt: int
+    partition: int
+    data: bytes
+    end: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDone:
+    """The attempt finished; every output part was sent before this message."""
+
+    task: TaskId
+    attempt: int
+    records_in: int = 0
+    records_out: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    """A user function raised, or the process running it died."""
+
+    task: TaskId
+    attempt: int
+    key: str | None  # repr() of the key being processed, if known
+    error: str  # one line: exception type and message
+    traceback: str  # as formatted on the worker
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The worker is alive; C{running} lists the attempts it is working on."""
+
+    running: tuple[tuple[TaskId, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Stop working on an attempt; its output is no longer wanted."""
+
+    task: TaskId
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """The job is over (C{ok}: it succeeded); the worker disconnects and exits."""
+
+    ok: bool
+    reason: str = ""
+
+
+Message = (
+    Welcome
+    | Hello
+    | TaskInput
+    | Assign
+    | TaskOutput
+    | TaskDone
+    | TaskFailed
+    | Heartbeat
+    | Cancel
+    | Shutdown
+)
+
+MESSAGE_TYPES: tuple[type, ...] = (
+    Welcome,
+    Hello,
+    TaskInput,
+    Assign,
+    TaskOutput,
+    TaskDone,
+    TaskFailed,
+    Heartbeat,
+    Cancel,
+    Shutdown,
+)
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "Assign",
+    "Cancel",
+    "Heartbeat",
+    "Hello",
+    "Message",
+    "Shutdown",
+    "TaskDone",
+    "TaskFailed",
+    "TaskId",
+    "TaskInput",
+    "TaskKind",
+    "TaskOutput",
+    "Welcome",
+]

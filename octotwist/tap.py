@@ -1,0 +1,196 @@
+"""
+The job server as a Twisted service: C{twistd octo --script job.py}.
+
+L{Options} is shared with C{octo server}, so the two take the same flags;
+L{makeService} builds the L{JobService} that both run.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python import usage
+
+from octotwist import auth
+from octotwist.endpoints import server_is_local
+from octotwist.errors import OctotwistError, UsageError
+from octotwist.hookspecs import get_transport
+from octotwist.job import load_job
+from octotwist.server import JobOutcome, JobServer
+from octotwist.transport import ServerSettings, TaskServer
+
+_log = Logger()
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
+class Options(usage.Options):
+    """Options of the job server (C{octo server}, C{twistd octo})."""
+
+    synopsis = "[options] [SCRIPT]"
+    longdesc = (
+        "Serve a job script to workers: map tasks first, then reduce tasks, "
+        "then final() here. Start workers with `octo client HOST`."
+    )
+    optParameters = [
+        ["script", "s", None, "The job script (may also be given as the argument)."],
+        ["transport", "t", "tcp", "Transport to serve on; `octo transports` lists them."],
+        [
+            "listen",
+            "l",
+            None,
+            "Twisted endpoint to listen on, e.g. tcp:18125:interface=0.0.0.0, "
+            "ssl:18125:privateKey=key.pem, unix:/tmp/octo.sock. Default: port 18125 on "
+            "every interface with a configured secret, on 127.0.0.1 only without one.",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            f"File holding the shared secret (default: ${auth.SECRET_ENV}, else a secret "
+            "generated once and kept in ~/.config/octotwist/secret).",
+        ],
+        [
+            "output",
+            "o",
+            None,
+            "Write key<TAB>value results to this file instead of stdout "
+            "(for jobs without final()).",
+        ],
+        [
+            "reduce-tasks",
+            "r",
+            None,
+            "Number of reduce partitions (default: the job's reduce_tasks, else 8).",
+            _positive_int,
+        ],
+    ]
+
+    def parseArgs(self, script: str | None = None) -> None:
+        if script is not None:
+            if self["script"]:
+                raise usage.UsageError("give the job script once: as --script or as the argument")
+            self["script"] = script
+
+    def postOptions(self) -> None:
+        if not self["script"]:
+            raise usage.UsageError("no job script: octo server JOB.py (or --script JOB.py)")
+
+
+def listen_settings(options: Options, default_port: int) -> tuple[str, bytes]:
+    """
+    Where to listen and with which secret, applying the rule that a server
+    reachable from other machines needs a configured secret.
+
+    @raise UsageError: a non-local endpoint was asked for without one.
+    """
+    configured = auth.configured_secret(options["secret-file"])
+    listen = options["listen"]
+    if listen is None:
+        listen = f"tcp:{default_port}" + ("" if configured else ":interface=127.0.0.1")
+    elif configured is None and not server_is_local(listen):
+        raise UsageError(
+            f"refusing to listen on {listen} without a configured secret: any machine "
+            f"that can reach it could run code here. Set {auth.SECRET_ENV} or pass "
+            "--secret-file PATH (the same on the server and every client), or listen "
+            "on 127.0.0.1 only"
+        )
+    return listen, configured or auth.server_secret(None)
+
+
+class JobService(Service):
+    """
+    Serves one job; when it ends, stops listening and calls C{on_end}.
+
+    @ivar outcome: fires with the L{JobOutcome} after the server stopped
+        listening.
+    """
+
+    def __init__(self, job_server: JobServer, task_server: TaskServer, listen: str) -> None:
+        self.job_server = job_server
+        self.task_server = task_server
+        self.listen = listen
+        self.address: str | None = None
+        self.outcome: Deferred[JobOutcome] = Deferred()
+        self.listening: Deferred[str] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.task_server.listen()
+        d.addCallbacks(self._listening, self._cannot_listen)
+
+    def _listening(self, address: str) -> None:
+        self.address = address
+        _log.info(
+            "serving job {job} on {address} ({transport}); start workers with: octo client {hint}",
+            job=self.job_server.job.name,
+            address=address,
+            transport=type(self.task_server).__name__,
+            hint=_client_hint(address),
+        )
+        self.listening.callback(address)
+        self.job_server.start()
+        self.job_server.result.addCallback(self._ended)
+
+    def _cannot_listen(self, failure: Any) -> None:
+        error = f"cannot listen on {self.listen}: {failure.getErrorMessage()}"
+        _log.error("{error}", error=error)
+        self.listening.errback(failure)
+        self.outcome.callback(JobOutcome(False, error))
+
+    async def _stop_and_report(self, outcome: JobOutcome) -> None:
+        await self.task_server.stop()
+        self.outcome.callback(outcome)
+
+    def _ended(self, outcome: JobOutcome) -> None:
+        Deferred.fromCoroutine(self._stop_and_report(outcome))
+
+
+def _client_hint(address: str) -> str:
+    if address.startswith("tcp:"):
+        host, port = address[4:].replace("\\:", ":").rsplit(":", 1)
+        if host in ("0.0.0.0", "::", ""):
+            host = "SERVER_HOST"
+        return f"{host}:{port}" if port != "18125" else host
+    return f"--connect {address}"
+
+
+def build_service(options: Options, reactor: Any, output: IO[str] | None = None) -> JobService:
+    """
+    Load the job and get everything ready to listen; nothing binds yet.
+
+    @raise OctotwistError: the job script, the transport or the options are wrong.
+    """
+    job = load_job(options["script"])
+    transport = get_transport(options["transport"])
+    listen, secret = listen_settings(options, transport.default_port)
+    if output is None and options["output"]:
+        try:
+            output = open(options["output"], "w", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise UsageError(f"cannot write {options['output']!r}: {e.strerror}") from None
+    job_server = JobServer(job, reactor, reduce_tasks=options["reduce-tasks"], output=output)
+    task_server = transport.server(reactor, ServerSettings(listen, secret), job_server.accept)
+    return JobService(job_server, task_server, listen)
+
+
+def makeService(options: Options) -> JobService:
+    """The twistd entry point: stops the reactor when the job ends."""
+    from twisted.internet import reactor
+
+    try:
+        service = build_service(options, reactor)
+    except OctotwistError as e:
+        sys.stderr.write(f"octo: {e}\n")
+        raise SystemExit(2) from None
+    service.outcome.addCallback(lambda _: reactor.stop())
+    return service

@@ -1,0 +1,198 @@
+"""
+Run tasks in child processes, off the reactor thread.
+
+A worker's reactor keeps talking to the server (heartbeats, inputs, outputs)
+while user code runs in C{python -m octotwist._child} processes, one task at a
+time each.  A child that dies mid-task (a segfault, C{os._exit}, the OOM
+killer) fails that attempt with a message saying how it died, and is
+replaced, so one bad record never takes the worker down with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from octotwist._child import encode_frame
+from octotwist.messages import TaskKind
+
+_HEADER = struct.Struct("!I")
+_log = Logger()
+
+OnOutput = Callable[[int, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    records_in: int
+    records_out: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Crashed:
+    """The attempt raised (C{key}, C{error}, C{traceback}) or its process died."""
+
+    key: str | None
+    error: str
+    traceback: str
+
+
+Outcome = Finished | Crashed
+
+
+class _ChildProcess(ProcessProtocol):
+    """One child process; runs one task at a time."""
+
+    def __init__(self, pool: ProcessPool, number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self._buffer = bytearray()
+        self._on_output: OnOutput | None = None
+        self._result: Deferred[Outcome] | None = None
+        self.ended: Deferred[None] = Deferred()
+
+    @property
+    def busy(self) -> bool:
+        return self._result is not None
+
+    def run(
+        self, kind: TaskKind, partitions: int, inputs: list[bytes], on_output: OnOutput
+    ) -> Deferred[Outcome]:
+        assert self._result is None, "child is busy"
+        self._result = Deferred()
+        self._on_output = on_output
+        self.transport.writeToChild(3, encode_frame((kind.value, partitions, inputs)))
+        return self._result
+
+    def kill(self) -> None:
+        with contextlib.suppress(error.ProcessExitedAlready):
+            self.transport.signalProcess("KILL")
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != 4:
+            return
+        self._buffer += data
+        while len(self._buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buffer)
+            if len(self._buffer) < _HEADER.size + size:
+                break
+            frame = bytes(self._buffer[_HEADER.size : _HEADER.size + size])
+            del self._buffer[: _HEADER.size + size]
+            self._reply(pickle.loads(frame))
+
+    def _reply(self, reply: tuple) -> None:
+        match reply:
+            case ("output", partition, blob):
+                assert self._on_output is not None
+                self._on_output(partition, blob)
+            case ("done", records_in, records_out, seconds):
+                self._finish(Finished(records_in, records_out, seconds))
+            case ("failed", key, err, tb):
+                self._finish(Crashed(key, err, tb))
+
+    def _finish(self, outcome: Outcome) -> None:
+        d, self._result, self._on_output = self._result, None, None
+        if d is not None:
+            d.callback(outcome)
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._result is not None:
+            how = _describe_exit(reason)
+            d, self._result = self._result, None
+            d.callback(
+                Crashed(
+                    None,
+                    f"the worker process running the task died ({how})",
+                    f"worker process {self.transport.pid or '?'} {how}; the task's "
+                    "user code may have crashed the interpreter, called os._exit(), "
+                    "or run out of memory\n",
+                )
+            )
+        self.ended.callback(None)
+        self.pool._child_ended(self)
+
+
+def _describe_exit(reason: Failure) -> str:
+    value = reason.value
+    signal = getattr(value, "signal", None)
+    if signal:
+        return f"killed by signal {signal}"
+    return f"exit code {getattr(value, 'exitCode', '?')}"
+
+
+class ProcessPool:
+    """
+    C{size} child processes running the job's functions.
+
+    @param functions: the cloudpickled L{octotwist.job.JobFunctions}.
+    """
+
+    def __init__(self, reactor: IReactorProcess, functions: bytes, size: int) -> None:
+        self.reactor = reactor
+        self.functions = functions
+        self.size = size
+        self._children: list[_ChildProcess] = []
+        self._stopping = False
+        self._spawned = 0
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self._spawned += 1
+        child = _ChildProcess(self, self._spawned)
+        self.reactor.spawnProcess(
+            child,
+            sys.executable,
+            [sys.executable, "-m", "octotwist._child"],
+            env=os.environ.copy(),
+            childFDs={1: 1, 2: 2, 3: "w", 4: "r"},
+        )
+        child.transport.writeToChild(3, encode_frame(("job", self.functions)))
+        self._children.append(child)
+
+    def idle(self) -> int:
+        return sum(not c.busy for c in self._children)
+
+    def run(
+        self, kind: TaskKind, partitions: int, inputs: list[bytes], on_output: OnOutput
+    ) -> tuple[Deferred[Outcome], Callable[[], None]]:
+        """
+        Run a task in an idle child.
+
+        @return: the outcome's Deferred, and a function that kills the task.
+        @raise RuntimeError: no child is idle (the caller tracks slots).
+        """
+        for child in self._children:
+            if not child.busy:
+                return child.run(kind, partitions, inputs, on_output), child.kill
+        raise RuntimeError("no idle worker process")
+
+    def _child_ended(self, child: _ChildProcess) -> None:
+        if child in self._children:
+            self._children.remove(child)
+        if not self._stopping:
+            _log.warn("worker process {n} ended; starting another", n=child.number)
+            self._spawn()
+
+    def stop(self) -> Deferred[None]:
+        """Ask every child to exit (end of input); fires when all have."""
+        self._stopping = True
+        ended = [c.ended for c in self._children]
+        for child in self._children:
+            child.transport.closeChildFD(3)
+            if child.busy:
+                child.kill()
+        return DeferredList(ended).addCallback(lambda _: None)

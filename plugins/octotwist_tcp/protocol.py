@@ -1,0 +1,239 @@
+"""
+The TCP transport's wire protocol: 4-byte length-prefixed frames, a mutual
+challenge-response before anything is decoded, then one encoded message per
+frame.
+
+Handshake (every step is one frame of raw bytes, never unpickled)::
+
+    server -> client   MAGIC + server_nonce
+    client -> server   client_nonce + HMAC(secret, "client" + server_nonce + client_nonce)
+    server -> client   HMAC(secret, "server" + client_nonce + server_nonce)
+
+Until the handshake completes, frames are limited to L{HANDSHAKE_MAX_FRAME}
+bytes and no frame reaches the codec, so a peer without the secret can make us
+allocate at most a few hundred bytes and unpickle nothing.  A wrong proof
+closes the connection on both sides.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+
+from octotwist import auth, codec
+from octotwist.errors import AuthenticationError, RemoteProtocolError
+from octotwist.messages import Message
+from octotwist.transport import Accept, ChannelHandler, MessageChannel
+
+MAGIC = b"OCTOTWIST/1 "
+HANDSHAKE_MAX_FRAME = 256
+#: Default limit for frames after the handshake: a 4 MiB data part and its
+#: header fit many times over, as does a job's pickled functions.
+MAX_FRAME = 64 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 15.0
+
+_log = Logger()
+
+
+class State(enum.Enum):
+    AWAIT_CHALLENGE = "await challenge"  # client
+    AWAIT_RESPONSE = "await response"  # server
+    AWAIT_CONFIRM = "await confirm"  # client
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Channel(MessageChannel):
+    def __init__(self, protocol: _FramedProtocol) -> None:
+        self._protocol = protocol
+
+    @property
+    def peer(self) -> str:
+        return self._protocol.peer_name
+
+    def send(self, message: Message) -> None:
+        self._protocol.send_message(message)
+
+    def close(self) -> None:
+        self._protocol.close()
+
+
+class _FramedProtocol(Int32StringReceiver):
+    MAX_LENGTH = HANDSHAKE_MAX_FRAME
+
+    state: State
+    role = b""
+    factory: _Factory
+
+    def __init__(self) -> None:
+        self.handler: ChannelHandler | None = None
+        self.channel = _Channel(self)
+        self.closed: Deferred[None] = Deferred()
+        self._timeout: IDelayedCall | None = None
+        self.lost_reason = "connection closed"
+
+    @property
+    def peer_name(self) -> str:
+        addr = self.transport.getPeer()
+        host = getattr(addr, "host", None)
+        if host is not None:
+            return f"{addr.type.lower()}:{host}:{addr.port}"
+        return f"unix:{getattr(addr, 'name', '') or 'peer'}"
+
+    def connectionMade(self) -> None:
+        self.factory.protocols.add(self)
+        self._timeout = self.factory.reactor.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self._timeout = None
+        self.reject(f"no authentication within {HANDSHAKE_TIMEOUT:.0f} s")
+
+    def _opened(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+        self.state = State.OPEN
+        self.MAX_LENGTH = self.factory.max_frame
+        self.handler = self.factory.accept(self.channel)
+
+    def stringReceived(self, frame: bytes) -> None:
+        if self.state is State.OPEN:
+            try:
+                message = codec.decode_message(frame)
+            except RemoteProtocolError as e:
+                self.reject(str(e))
+                return
+            assert self.handler is not None
+            self.handler.message_received(message)
+        elif self.state is not State.CLOSED:
+            self.handshake_frame(frame)
+
+    def handshake_frame(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.reject(f"frame of {length} bytes is over the limit of {self.MAX_LENGTH}")
+
+    def reject(self, why: str) -> None:
+        """The peer misbehaved: say so and drop the connection now."""
+        if self.state is State.CLOSED:
+            return
+        _log.warn("closing connection from {peer}: {why}", peer=self.peer_name, why=why)
+        self.lost_reason = why
+        self.state = State.CLOSED
+        self.transport.abortConnection()
+
+    def send_message(self, message: Message) -> None:
+        if self.state is State.OPEN:
+            self.sendString(codec.encode_message(message))
+
+    def close(self) -> None:
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.factory.protocols.discard(self)
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self.state = State.CLOSED
+        if self.handler is not None:
+            handler, self.handler = self.handler, None
+            handler.connection_lost(self.lost_reason)
+        self.closed.callback(None)
+
+
+class ServerProtocol(_FramedProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.state = State.AWAIT_RESPONSE
+        self._nonce = auth.new_nonce()
+        self.sendString(MAGIC + self._nonce)
+
+    def handshake_frame(self, frame: bytes) -> None:
+        n = auth.NONCE_SIZE
+        if len(frame) != n + auth.DIGEST_SIZE:
+            self.reject("malformed authentication response")
+            return
+        client_nonce, got = frame[:n], frame[n:]
+        if not auth.check_proof(self.factory.secret, b"client", self._nonce, client_nonce, got):
+            self.reject("authentication failed (wrong secret)")
+            return
+        self.sendString(auth.proof(self.factory.secret, b"server", client_nonce, self._nonce))
+        self._opened()
+
+
+class ClientProtocol(_FramedProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready: Deferred[MessageChannel] = Deferred()
+        self._sent_proof = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.state = State.AWAIT_CHALLENGE
+
+    def handshake_frame(self, frame: bytes) -> None:
+        if self.state is State.AWAIT_CHALLENGE:
+            if not frame.startswith(MAGIC) or len(frame) != len(MAGIC) + auth.NONCE_SIZE:
+                self._fail(RemoteProtocolError("the server does not speak the octotwist protocol"))
+                return
+            self._server_nonce = frame[len(MAGIC) :]
+            self._nonce = auth.new_nonce()
+            self.state = State.AWAIT_CONFIRM
+            self._sent_proof = True
+            self.sendString(
+                self._nonce
+                + auth.proof(self.factory.secret, b"client", self._server_nonce, self._nonce)
+            )
+        elif self.state is State.AWAIT_CONFIRM:
+            if not auth.check_proof(
+                self.factory.secret, b"server", self._nonce, self._server_nonce, frame
+            ):
+                self._fail(AuthenticationError("the server did not prove it knows the secret"))
+                return
+            self._opened()
+            self.ready.callback(self.channel)
+
+    def _fail(self, error: Exception) -> None:
+        self.reject(str(error))
+        if not self.ready.called:
+            self.ready.errback(error)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        if not self.ready.called:
+            if self._sent_proof:
+                error: Exception = AuthenticationError(
+                    "the server closed the connection during authentication: "
+                    "it does not have the same secret (check --secret-file / OCTO_SECRET)"
+                )
+            else:
+                error = ConnectionError(f"connection closed before authentication: {reason.value}")
+            self.ready.errback(error)
+
+
+class _Factory(Factory):
+    noisy = False
+
+    def __init__(self, reactor: Any, secret: bytes, accept: Accept, max_frame: int) -> None:
+        self.reactor = reactor
+        self.secret = secret
+        self.accept = accept
+        self.max_frame = max_frame
+        self.protocols: set[_FramedProtocol] = set()
+
+
+class ServerFactory(_Factory):
+    protocol = ServerProtocol
+
+
+class ClientFactory(_Factory):
+    protocol = ClientProtocol

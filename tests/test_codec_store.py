@@ -1,0 +1,82 @@
+"""The codec's guard rails and the blob store's commit/discard/spill rules."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from octotwist import codec, messages
+from octotwist.errors import RemoteProtocolError
+from octotwist.messages import TaskId, TaskKind
+from octotwist.store import BlobStore
+
+M0, M1 = TaskId(TaskKind.MAP, 0), TaskId(TaskKind.MAP, 1)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        messages.Hello("w", "h", 1, 2),
+        messages.TaskOutput(M0, 1, 3, b"\x00" * 10, end=False),
+        messages.Heartbeat(((M0, 1), (M1, 2))),
+        messages.TaskFailed(M0, 1, "'k'", "E: x", "tb"),
+    ],
+)
+def test_messages_round_trip(message: messages.Message) -> None:
+    assert codec.decode_message(codec.encode_message(message)) == message
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"garbage",
+        pickle.dumps(Evil()),
+        pickle.dumps({"not": "a message"}),
+        pickle.dumps(TaskKind.MAP),
+    ],
+)
+def test_decode_rejects_anything_but_messages(data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        codec.decode_message(data)
+
+
+def test_pack_and_parts() -> None:
+    blob = codec.pack([("word", [1] * 1000)])
+    assert codec.unpack(blob) == [("word", [1] * 1000)]
+    pieces = list(codec.parts(b"x" * 10, size=4))
+    assert pieces == [(b"xxxx", False), (b"xxxx", False), (b"xx", True)]
+    assert list(codec.parts(b"", size=4)) == [(b"", True)]
+
+
+def test_store_commits_only_winning_attempts_in_task_order() -> None:
+    store = BlobStore()
+    store.add_part(M1, 1, 0, b"one-", end=False)
+    store.add_part(M1, 1, 0, b"part", end=True)
+    store.add_part(M0, 1, 0, b"zero", end=True)
+    store.add_part(M0, 2, 0, b"dup", end=True)
+    store.commit(M1, 1)
+    store.commit(M0, 1)
+    store.discard(M0, 2)
+    assert store.blobs(TaskKind.MAP, 0) == [b"zero", b"one-part"]
+    assert store.blobs(TaskKind.MAP, 1) == []
+    assert store.in_memory == len(b"zero") + len(b"one-part")
+
+
+def test_store_spills_past_its_memory_limit(tmp_path) -> None:
+    store = BlobStore(memory_limit=10, spill_dir=str(tmp_path))
+    for i in range(5):
+        t = TaskId(TaskKind.MAP, i)
+        store.add_part(t, 1, 0, bytes([65 + i]) * 6, end=True)
+        store.commit(t, 1)
+    assert store.in_memory <= 10 and store.on_disk == 24
+    assert store.blobs(TaskKind.MAP, 0) == [b"AAAAAA", b"BBBBBB", b"CCCCCC", b"DDDDDD", b"EEEEEE"]
+    store.drop(TaskKind.MAP, 0)
+    assert store.in_memory == 0 and store.on_disk == 0
+    store.close()

@@ -1,0 +1,84 @@
+"""Transports are found through the `octotwist` entry-point group, and broken
+plugins are reported with names a user can act on."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from octotwist.errors import PluginError, UnknownTransportError
+from octotwist.hookspecs import get_transport, hookimpl, plugin_manager, transports
+from octotwist.transport import TaskClient, TaskServer, Transport
+
+
+def test_tcp_is_discovered_through_its_entry_point() -> None:
+    pm = plugin_manager()
+    assert "octotwist-tcp" in dict(pm.list_name_plugin())
+    tcp = transports(pm)["tcp"]
+    assert issubclass(tcp.server, TaskServer) and issubclass(tcp.client, TaskClient)
+
+
+def test_unknown_transport_lists_the_installed_ones() -> None:
+    with pytest.raises(UnknownTransportError) as e:
+        get_transport("carrier-pigeon")
+    assert "carrier-pigeon" in str(e.value) and "tcp" in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+class _Plugin:
+    def __init__(self, *ts: Transport) -> None:
+        self.ts = ts
+
+    @hookimpl
+    def octotwist_transports(self):
+        return list(self.ts)
+
+
+def _pm_with(*plugins: object):
+    pm = plugin_manager(load_entry_points=False)
+    for i, p in enumerate(plugins):
+        pm.register(p, name=f"plugin{i}")
+    return pm
+
+
+def test_two_plugins_with_one_name_is_an_error() -> None:
+    tcp = get_transport("tcp")
+    pm = _pm_with(_Plugin(tcp), _Plugin(tcp))
+    with pytest.raises(
+        PluginError, match="two plugins provide the transport 'tcp': plugin0 and plugin1"
+    ):
+        transports(pm)
+
+
+def test_a_transport_missing_abstract_methods_is_named() -> None:
+    class HalfServer(TaskServer):
+        def listen(self):  # stop() is missing
+            raise NotImplementedError
+
+    broken = Transport("half", "d", HalfServer, get_transport("tcp").client)
+    with pytest.raises(PluginError, match="HalfServer does not implement stop"):
+        transports(_pm_with(_Plugin(broken)))
+
+
+def test_a_plugin_returning_junk_is_named() -> None:
+    with pytest.raises(PluginError, match="plugin0 returned 'tcp'"):
+        transports(_pm_with(_Plugin("tcp")))  # type: ignore[arg-type]
+
+
+def test_a_plugin_that_fails_to_import_names_its_distribution(tmp_path: Path, monkeypatch) -> None:
+    # A real installed distribution (a dist-info on sys.path) whose entry point
+    # points at a module that raises on import.
+    dist = tmp_path / "brokenplug-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplug\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[octotwist]\nbroken = brokenplug_mod\n")
+    (tmp_path / "brokenplug_mod.py").write_text(textwrap.dedent("raise RuntimeError('boom')\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError) as e:
+        plugin_manager()
+    assert "broken = brokenplug_mod (distribution brokenplug)" in str(e.value)
+    assert "RuntimeError: boom" in str(e.value)
+    sys.modules.pop("brokenplug_mod", None)

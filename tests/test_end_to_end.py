@@ -1,0 +1,416 @@
+"""
+Whole jobs through real processes: `octo run`, `octo server` + `octo client`,
+`twistd octo`, over real sockets on 127.0.0.1.  Every result is compared
+exactly with an independent computation.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import (
+    BOOKS,
+    EXAMPLES,
+    finish,
+    free_port,
+    octo,
+    parse_spaced,
+    parse_tsv,
+    start,
+    wait_for_port,
+    word_count,
+)
+
+# The seed's word count exactly as octo.py's guide wrote it (Python 3).
+SEED = """\
+import glob
+text_files = glob.glob('books/*.txt')
+def file_contents(file_name):
+    with open(file_name) as f:
+        return f.read()
+source = dict((f, file_contents(f)) for f in text_files)
+def mapfn(key, value):
+    for line in value.splitlines():
+        for word in line.split():
+            yield word.lower(), 1
+def reducefn(key, value):
+    return key, len(value)
+def final(key, value):
+    print(key, value)
+"""
+
+MAPFN = """
+def mapfn(key, value):
+    for line in value.splitlines():
+        for word in line.split():
+            yield word.lower(), 1
+"""
+
+
+def job(tmp_path: Path, body: str, name: str = "job.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def books_job(tmp_path: Path, extra: str = "", reducefn: str = "len(values)") -> Path:
+    """The seed's word count over the sample books, results as TSV (no final)."""
+    text = (
+        "import glob\n"
+        f"files = sorted(glob.glob({str(BOOKS / '*.txt')!r}))\n"
+        "source = {f: open(f).read() for f in files}\n"
+        + MAPFN
+        + f"def reducefn(key, values):\n    return key, {reducefn}\n"
+        + textwrap.dedent(extra)
+    )
+    return job(tmp_path, text)
+
+
+def test_octo_run_example(transport: str, env: dict, expected_books: Counter) -> None:
+    r = octo("run", str(EXAMPLES / "wordcount.py"), "-w", "2", "--transport", transport, env=env)
+    assert r.returncode == 0, r.stderr
+    assert parse_spaced(r.stdout) == expected_books
+    assert "finished" in r.stderr
+
+
+def test_seed_script_runs_unchanged(transport: str, env: dict, tmp_path: Path) -> None:
+    (tmp_path / "books").mkdir()
+    picked = sorted(BOOKS.glob("*.txt"))[:2]
+    for f in picked:
+        shutil.copy(f, tmp_path / "books" / f.name)
+    (tmp_path / "wordcount.py").write_text(SEED)
+    r = octo("run", "wordcount.py", "-w", "2", "--transport", transport, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert parse_spaced(r.stdout) == word_count(picked)
+
+
+def test_server_and_two_clients(
+    transport: str, env: dict, tmp_path: Path, expected_books: Counter
+) -> None:
+    script = books_job(tmp_path)
+    out = tmp_path / "result.tsv"
+    port = free_port()
+    server = start(
+        "server",
+        str(script),
+        "--transport",
+        transport,
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--output",
+        str(out),
+        env=env,
+    )
+    wait_for_port(port, server)
+    workdir = tmp_path / "elsewhere"  # clients never see the script
+    workdir.mkdir()
+    clients = [
+        start(
+            "client",
+            f"127.0.0.1:{port}",
+            "--transport",
+            transport,
+            "--name",
+            f"c{i}",
+            env=env,
+            cwd=workdir,
+        )
+        for i in range(2)
+    ]
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert "worker c0 joined" in err and "worker c1 joined" in err
+    for c in clients:
+        ccode, _, cerr = finish(c)
+        assert ccode == 0, cerr
+    assert parse_tsv(out.read_text()) == expected_books
+
+
+def test_twistd_serves_the_same_job(
+    transport: str, env: dict, tmp_path: Path, expected_books: Counter
+) -> None:
+    script = books_job(tmp_path)
+    out = tmp_path / "result.tsv"
+    port = free_port()
+    twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
+    server = start(
+        "-n",
+        "--pidfile=",
+        "--logfile=-",
+        "octo",
+        "--script",
+        str(script),
+        "--transport",
+        transport,
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--output",
+        str(out),
+        env=env,
+        cwd=tmp_path,
+        program=twistd,
+    )
+    wait_for_port(port, server)
+    client = start("client", f"localhost:{port}", "--transport", transport, "-p", "2", env=env)
+    ccode, _, cerr = finish(client)
+    code, _, err = finish(server)
+    assert ccode == 0, cerr
+    assert code == 0, err
+    assert parse_tsv(out.read_text()) == expected_books
+
+
+def test_lazy_source_is_read_as_tasks_are_handed_out(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    log = tmp_path / "access.log"
+    script = job(
+        tmp_path,
+        f"""
+        import time
+        LOG = {str(log)!r}
+        def note(what):
+            with open(LOG, "a") as f:
+                f.write(what + "\\n")
+
+        class DataSource:
+            def __init__(self, n):
+                self.n = n
+            def __iter__(self):
+                for i in range(self.n):
+                    note(f"iter {{i}}")
+                    yield i
+            def __getitem__(self, key):
+                note(f"get {{key}}")
+                return " ".join(f"w{{j}}" for j in range(key % 7 + 1))
+
+        source = DataSource(40)
+
+        def mapfn(key, value):
+            time.sleep(0.01)
+            for w in value.split():
+                yield w, 1
+
+        def reducefn(key, values):
+            return key, len(values)
+        """,
+    )
+    r = octo("run", str(script), "-w", "1", "--transport", transport, env=env)
+    assert r.returncode == 0, r.stderr
+    expected = Counter(f"w{j}" for key in range(40) for j in range(key % 7 + 1))
+    assert parse_tsv(r.stdout) == expected
+    events = log.read_text().split()
+    events = list(zip(events[::2], map(int, events[1::2]), strict=True))
+    # Every key is read exactly once, and never far ahead of its task: when
+    # key i is read, at most i + 2 keys have been drawn from the iterator.
+    assert sorted(k for e, k in events if e == "get") == list(range(40))
+    drawn = 0
+    for event, key in events:
+        if event == "iter":
+            drawn += 1
+        else:
+            assert drawn <= key + 2, f"source iterated {drawn} keys ahead of task {key}"
+
+
+def test_combinefn_partitionfn_and_reduce_tasks(
+    transport: str, env: dict, tmp_path: Path, expected_books: Counter
+) -> None:
+    script = books_job(
+        tmp_path,
+        extra="""
+        def combinefn(key, values):
+            return key, sum(values)
+        def partitionfn(key, n):
+            return 0 if key < "m" else 1
+        reduce_tasks = 2
+        """,
+        reducefn="sum(values)",
+    )
+    r = octo("run", str(script), "-w", "2", "--transport", transport, env=env)
+    assert r.returncode == 0, r.stderr
+    assert parse_tsv(r.stdout) == expected_books
+    # final order is partition order, each partition sorted by key
+    keys = [line.rsplit("\t", 1)[0] for line in r.stdout.splitlines()]
+    low = sorted(k for k in expected_books if k < "m")
+    assert keys == low + sorted(k for k in expected_books if k >= "m")
+
+
+def test_raising_mapfn_fails_the_job_with_traceback_key_and_worker(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    script = job(
+        tmp_path,
+        """
+        source = {f"doc{i}": "a b c" for i in range(5)}
+        def check(word, key):
+            if key == "doc3":
+                raise ValueError(f"cannot count {word!r}")
+        def mapfn(key, value):
+            for w in value.split():
+                check(w, key)
+                yield w, 1
+        def reducefn(key, values):
+            return key, len(values)
+        """,
+    )
+    r = octo("run", str(script), "-w", "2", "--transport", transport, env=env, timeout=60)
+    assert r.returncode == 1
+    assert "map 3 (key 'doc3') failed on worker local" in r.stderr
+    assert "ValueError: cannot count 'a'" in r.stderr
+    assert 'job.py", line 5, in check' in r.stderr  # the user's own frame
+    assert "octotwist/_child.py" not in r.stderr  # not ours
+
+
+def test_raising_reducefn_names_the_key(transport: str, env: dict, tmp_path: Path) -> None:
+    script = job(
+        tmp_path,
+        """
+        source = {"d": "apple banana cherry"}
+        def mapfn(key, value):
+            for w in value.split():
+                yield w, 1
+        def reducefn(key, values):
+            if key == "banana":
+                raise KeyError("no bananas")
+            return key, len(values)
+        reduce_tasks = 1
+        """,
+    )
+    r = octo("run", str(script), "--transport", transport, env=env, timeout=60)
+    assert r.returncode == 1
+    assert "reduce 0 (key 'banana') failed" in r.stderr and "KeyError: 'no bananas'" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("source = {}\ndef mapfn(k, v):\n  yield k, v\n", "does not define reducefn"),
+        ("source = {}\ndef mapfn(k, v)\n", "job.py:2: syntax error"),
+        (
+            "import threading\nL = threading.Lock()\nsource = {}\n"
+            "def mapfn(k, v):\n  with L:\n    yield k, v\ndef reducefn(k, v):\n  return k, v\n",
+            "mapfn cannot be sent to workers",
+        ),
+    ],
+)
+def test_broken_job_script_fails_before_listening(
+    env: dict, tmp_path: Path, body: str, message: str
+) -> None:
+    script = job(tmp_path, body)
+    r = octo(
+        "server",
+        str(script),
+        "--listen",
+        f"tcp:{free_port()}:interface=127.0.0.1",
+        env=env,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "serving" not in r.stderr
+
+
+def test_wrong_secret_is_refused_and_the_server_keeps_serving(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    script = books_job(tmp_path)
+    port = free_port()
+    server_env = dict(env, OCTO_SECRET="right-secret")
+    server = start(
+        "server",
+        str(script),
+        "--transport",
+        transport,
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--output",
+        str(tmp_path / "out"),
+        env=server_env,
+    )
+    wait_for_port(port, server)
+    bad = octo(
+        "client",
+        f"127.0.0.1:{port}",
+        "--transport",
+        transport,
+        env=dict(env, OCTO_SECRET="wrong"),
+        timeout=30,
+    )
+    assert bad.returncode == 1
+    assert "secret" in bad.stderr
+    good = octo("client", f"127.0.0.1:{port}", "--transport", transport, env=server_env)
+    assert good.returncode == 0, good.stderr
+    code, _, err = finish(server)
+    assert code == 0
+    assert "authentication failed (wrong secret)" in err and "tcp:127.0.0.1:" in err
+
+
+def test_refuses_to_listen_beyond_loopback_without_a_secret(env: dict, tmp_path: Path) -> None:
+    script = books_job(tmp_path)
+    r = octo("server", str(script), "--listen", "tcp:0", env=env, timeout=30)
+    assert r.returncode == 2
+    assert "refusing to listen on tcp:0 without a configured secret" in r.stderr
+    assert "OCTO_SECRET" in r.stderr
+
+
+def test_generated_secret_is_private_and_found_by_a_local_client(env: dict, tmp_path: Path) -> None:
+    script = books_job(tmp_path)
+    port = free_port()
+    server = start(
+        "server",
+        str(script),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "-o",
+        str(tmp_path / "o"),
+        env=env,
+    )
+    wait_for_port(port, server)
+    secret = Path(env["XDG_CONFIG_HOME"]) / "octotwist" / "secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    client = octo("client", f"localhost:{port}", env=env)
+    assert client.returncode == 0, client.stderr
+    assert finish(server)[0] == 0
+
+
+def test_client_without_a_server_retries_then_gives_up(transport: str, env: dict) -> None:
+    port = free_port()
+    env = dict(env, OCTO_SECRET="x")
+    r = octo(
+        "client", f"127.0.0.1:{port}", "--transport", transport, "--wait", "2", env=env, timeout=30
+    )
+    assert r.returncode == 1
+    assert r.stderr.count("retrying in") >= 2
+    assert "gave up" in r.stderr
+
+
+def test_client_started_before_the_server_gets_work(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    env = dict(env, OCTO_SECRET="early-bird")
+    port = free_port()
+    client = start("client", f"127.0.0.1:{port}", "--transport", transport, env=env)
+    first = client.stderr.readline()  # blocks until the client has tried once
+    assert "cannot reach the server" in first and "retrying" in first
+    script = books_job(tmp_path)
+    out = tmp_path / "out.tsv"
+    server = start(
+        "server",
+        str(script),
+        "--transport",
+        transport,
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "-o",
+        str(out),
+        env=env,
+    )
+    code, _, err = finish(server)
+    assert code == 0, err
+    ccode, _, cerr = finish(client)
+    assert ccode == 0, cerr
+    assert parse_tsv(out.read_text()) == word_count(sorted(BOOKS.glob("*.txt")))

@@ -1,0 +1,167 @@
+"""The TCP transport's handshake and framing, in memory (no sockets)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
+
+from octotwist import auth, codec, messages
+from octotwist.errors import AuthenticationError
+from octotwist_tcp.protocol import (
+    HANDSHAKE_TIMEOUT,
+    MAGIC,
+    ClientFactory,
+    ServerFactory,
+)
+
+SECRET = b"s3cret"
+
+
+class Recorder:
+    def __init__(self, channel) -> None:
+        self.channel = channel
+        self.messages: list = []
+        self.lost: list[str] = []
+
+    def message_received(self, message) -> None:
+        self.messages.append(message)
+
+    def connection_lost(self, reason: str) -> None:
+        self.lost.append(reason)
+
+
+class Accepted:
+    def __init__(self) -> None:
+        self.handlers: list[Recorder] = []
+
+    def __call__(self, channel) -> Recorder:
+        r = Recorder(channel)
+        self.handlers.append(r)
+        return r
+
+
+def frame(data: bytes) -> bytes:
+    return struct.pack("!I", len(data)) + data
+
+
+def server(secret: bytes = SECRET, max_frame: int = 1024):
+    accepted = Accepted()
+    reactor = MemoryReactorClock()
+    factory = ServerFactory(reactor, secret, accepted, max_frame)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, accepted, reactor
+
+
+def challenge_of(transport: StringTransport) -> bytes:
+    data = transport.value()
+    (n,) = struct.unpack("!I", data[:4])
+    payload = data[4 : 4 + n]
+    assert payload.startswith(MAGIC)
+    transport.clear()
+    return payload[len(MAGIC) :]
+
+
+def test_server_accepts_a_correct_proof_and_proves_itself() -> None:
+    proto, transport, accepted, _ = server()
+    server_nonce = challenge_of(transport)
+    client_nonce = auth.new_nonce()
+    proto.dataReceived(
+        frame(client_nonce + auth.proof(SECRET, b"client", server_nonce, client_nonce))
+    )
+    assert len(accepted.handlers) == 1
+    reply = transport.value()[4:]
+    assert reply == auth.proof(SECRET, b"server", client_nonce, server_nonce)
+    hello = messages.Hello("w", "h", 1, 1)
+    proto.dataReceived(frame(codec.encode_message(hello)))
+    assert accepted.handlers[0].messages == [hello]
+
+
+def test_wrong_secret_is_dropped_before_anything_is_decoded() -> None:
+    proto, transport, accepted, _ = server()
+    server_nonce = challenge_of(transport)
+    client_nonce = auth.new_nonce()
+    proto.dataReceived(
+        frame(client_nonce + auth.proof(b"wrong", b"client", server_nonce, client_nonce))
+    )
+    assert accepted.handlers == []
+    assert transport.disconnecting or transport.disconnected
+    assert transport.value() == b""  # no proof given to an impostor
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        codec.encode_message(messages.Hello("w", "h", 1, 1)),  # skips the handshake
+        b"x" * 10,
+    ],
+)
+def test_anything_but_a_proof_before_auth_is_dropped(payload: bytes) -> None:
+    proto, transport, accepted, _ = server()
+    challenge_of(transport)
+    proto.dataReceived(frame(payload))
+    assert accepted.handlers == [] and (transport.disconnecting or transport.disconnected)
+
+
+def test_big_frame_before_auth_is_refused_without_buffering_it() -> None:
+    proto, transport, accepted, _ = server()
+    challenge_of(transport)
+    proto.dataReceived(struct.pack("!I", 50_000_000) + b"x" * 100)
+    assert accepted.handlers == [] and (transport.disconnecting or transport.disconnected)
+
+
+def test_handshake_times_out() -> None:
+    _proto, transport, _accepted, reactor = server()
+    reactor.advance(HANDSHAKE_TIMEOUT + 1)
+    assert transport.disconnecting or transport.disconnected
+
+
+def authenticated_pair(client_secret: bytes = SECRET, max_frame: int = 1024):
+    server_accepted, client_accepted = Accepted(), Accepted()
+    reactor = MemoryReactorClock()
+    sf = ServerFactory(reactor, SECRET, server_accepted, max_frame)
+    cf = ClientFactory(reactor, client_secret, client_accepted, max_frame)
+    sp, cp = sf.buildProtocol(None), cf.buildProtocol(None)
+    pump = connect(sp, makeFakeServer(sp), cp, makeFakeClient(cp))
+    return sp, cp, pump, server_accepted, client_accepted
+
+
+def test_client_and_server_authenticate_each_other_and_talk() -> None:
+    _sp, cp, pump, server_accepted, client_accepted = authenticated_pair()
+    ready = []
+    cp.ready.addCallback(ready.append)
+    pump.flush()
+    assert len(ready) == 1 and len(server_accepted.handlers) == 1
+    ready[0].send(messages.Hello("w", "h", 1, 2))
+    server_accepted.handlers[0].channel.send(messages.Shutdown(True))
+    pump.flush()
+    assert server_accepted.handlers[0].messages == [messages.Hello("w", "h", 1, 2)]
+    assert client_accepted.handlers[0].messages == [messages.Shutdown(True)]
+
+
+def test_client_with_the_wrong_secret_gets_an_authentication_error() -> None:
+    _sp, cp, pump, server_accepted, _ = authenticated_pair(client_secret=b"nope")
+    errors = []
+    cp.ready.addErrback(errors.append)
+    pump.flush()
+    assert server_accepted.handlers == []
+    assert errors and errors[0].check(AuthenticationError)
+    assert "same secret" in str(errors[0].value)
+
+
+def test_malformed_and_oversized_frames_after_auth_close_that_connection() -> None:
+    sp, _cp, pump, server_accepted, _ = authenticated_pair(max_frame=100)
+    pump.flush()
+    handler = server_accepted.handlers[0]
+    sp.dataReceived(frame(b"not a pickle"))
+    pump.flush()
+    assert handler.lost and "malformed message" in handler.lost[0]
+    sp2, _cp2, pump2, accepted2, _ = authenticated_pair(max_frame=100)
+    pump2.flush()
+    sp2.dataReceived(struct.pack("!I", 101) + b"x" * 101)
+    pump2.flush()
+    assert accepted2.handlers[0].lost and "over the limit" in accepted2.handlers[0].lost[0]
