@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import struct
 import sys
 import time
@@ -77,6 +78,21 @@ class _Runner:
     def emit(self, *reply: Any) -> None:
         write_frame(self.out, reply)
 
+    def handle(self, kind: str, partitions: int, inputs: list[bytes]) -> None:
+        """Run one task and report how it went."""
+        started = time.monotonic()
+        self.key, self.have_key = None, False
+        try:
+            records_in, records_out = self.run(kind, partitions, inputs)
+        except Exception as e:
+            key = repr(self.key) if self.have_key else None
+            if key is not None and len(key) > 200:
+                key = key[:200] + "..."
+            error = "".join(traceback.format_exception_only(e)).strip()
+            self.emit("failed", key, error, user_traceback(e))
+        else:
+            self.emit("done", records_in, records_out, time.monotonic() - started)
+
     def run(self, kind: str, partitions: int, inputs: list[bytes]) -> tuple[int, int]:
         if kind == "map":
             key, value = codec.unpack(inputs[0])
@@ -103,28 +119,19 @@ class _Runner:
 
 
 def main() -> int:
-    inp = os.fdopen(3, "rb")
-    out = os.fdopen(4, "wb")
-    first = read_frame(inp)
-    if first is None:
-        return 0
-    _, functions_blob = first
-    runner = _Runner(codec.load_functions(functions_blob), out)
-    while (request := read_frame(inp)) is not None:
-        kind, partitions, inputs = request
-        started = time.monotonic()
-        runner.key, runner.have_key = None, False
-        try:
-            records_in, records_out = runner.run(kind, partitions, inputs)
-        except Exception as e:
-            key = repr(runner.key) if runner.have_key else None
-            if len(key or "") > 200:
-                key = key[:200] + "..."
-            error = "".join(traceback.format_exception_only(e)).strip()
-            runner.emit("failed", key, error, user_traceback(e))
-        else:
-            runner.emit("done", records_in, records_out, time.monotonic() - started)
-        out.flush()
+    # A Ctrl-C in the terminal reaches the whole process group; the parent
+    # decides when we stop (it closes our input), so a task is never cut short
+    # with a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with os.fdopen(3, "rb") as inp, os.fdopen(4, "wb") as out:
+        first = read_frame(inp)
+        if first is None:
+            return 0
+        _, functions_blob = first
+        runner = _Runner(codec.load_functions(functions_blob), out)
+        while (request := read_frame(inp)) is not None:
+            runner.handle(*request)
+            out.flush()
     return 0
 
 

@@ -8,15 +8,15 @@ over); 1 the job failed; 2 bad usage, a bad job script or a bad option.
 
 from __future__ import annotations
 
-import getopt
 import secrets
 import sys
 from typing import Any, TextIO
 
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import react
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.task import deferLater, react
 from twisted.logger import (
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -26,45 +26,34 @@ from twisted.python import usage
 
 from octotwist import auth, tap
 from octotwist.client import run_worker
-from octotwist.errors import AuthenticationError, OctotwistError, RemoteProtocolError
+from octotwist.errors import (
+    AuthenticationError,
+    OctotwistError,
+    RemoteProtocolError,
+    UsageError,
+)
 from octotwist.hookspecs import get_transport, transports
 from octotwist.job import load_job
 from octotwist.server import JobServer
-from octotwist.transport import ClientSettings, ServerSettings
+from octotwist.transport import ClientSettings, ServerSettings, Transport
+
+_log = Logger()
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class _Verbosity:
-    """Adds -q/-v, and lets options follow positional arguments (C{octo run job.py -w 2})."""
-
     optFlags = [
         ["quiet", "q", "Log warnings and errors only."],
         ["verbose", "v", "Log every task."],
     ]
-
-    def parseOptions(self, options: list[str] | None = None) -> None:
-        args = sys.argv[1:] if options is None else options
-        try:
-            opts, positional = getopt.gnu_getopt(args, self.shortOpt, self.longOpt)
-        except getopt.GetoptError as e:
-            raise usage.UsageError(str(e)) from None
-        ordered: list[str] = []
-        for opt, value in opts:
-            takes_value = (
-                f"{opt[2:]}=" in self.longOpt
-                if opt.startswith("--")
-                else f"{opt[1]}:" in self.shortOpt
-            )
-            ordered += [opt, value] if takes_value else [opt]
-        super().parseOptions([*ordered, "--", *positional])  # type: ignore[misc]
 
 
 class ServerOptions(_Verbosity, tap.Options):
     pass
 
 
-class ClientOptions(_Verbosity, usage.Options):
+class ClientOptions(_Verbosity, tap.InterspersedOptions):
     synopsis = "[options] [HOST[:PORT]]"
     longdesc = (
         "Work for an octo server: fetch its job, run the tasks it hands out, "
@@ -87,7 +76,7 @@ class ClientOptions(_Verbosity, usage.Options):
             "else the local server's).",
         ],
         ["name", "n", None, "Worker name in the server's logs (default HOST:PID)."],
-        ["wait", "w", 120.0, "Seconds to keep retrying while the server is unreachable.", float],
+        ["wait", None, 120.0, "Seconds to keep retrying while the server is unreachable.", float],
     ]
 
     def parseArgs(self, address: str | None = None) -> None:
@@ -95,8 +84,27 @@ class ClientOptions(_Verbosity, usage.Options):
             raise usage.UsageError("give HOST[:PORT] or --connect, not both")
         self["address"] = address or "localhost"
 
+    def endpoint(self, transport: Transport) -> str:
+        """The client endpoint string, checked.
 
-class RunOptions(_Verbosity, usage.Options):
+        @raise UsageError: it is malformed.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import clientFromString
+
+        try:
+            connect = self["connect"] or transport.client.address_to_endpoint(self["address"])
+            clientFromString(reactor, connect)
+        except ValueError as e:
+            given = self["connect"] or self["address"]
+            raise UsageError(
+                f"cannot connect to {given!r}: {e} (give HOST, HOST:PORT, or --connect "
+                "with an endpoint such as tcp:HOST:18125 or unix:/tmp/octo.sock)"
+            ) from None
+        return connect
+
+
+class RunOptions(_Verbosity, tap.InterspersedOptions):
     synopsis = "[options] SCRIPT"
     longdesc = "Run a job on this machine: a server and local worker processes, one command."
     optParameters = [
@@ -166,8 +174,8 @@ async def _serve(reactor: Any, options: ServerOptions) -> int:
 
 async def _work(reactor: Any, options: ClientOptions) -> int:
     transport = get_transport(options["transport"])
-    secret = auth.client_secret(options["secret-file"])
-    connect = options["connect"] or transport.client.address_to_endpoint(options["address"])
+    connect = options.endpoint(transport)
+    secret = await _client_secret(reactor, options)
     client = transport.client(reactor, ClientSettings(connect, secret))
     try:
         shutdown = await run_worker(
@@ -183,15 +191,36 @@ async def _work(reactor: Any, options: ClientOptions) -> int:
     return EXIT_OK if shutdown.ok else EXIT_FAILED
 
 
+async def _client_secret(reactor: Any, options: ClientOptions) -> bytes:
+    """
+    The configured secret, or the one a local server generates.  A client
+    may start before its server: then wait (up to C{--wait}) for the server
+    to create it.
+    """
+    if auth.configured_secret(options["secret-file"]) is not None:
+        return auth.client_secret(options["secret-file"])
+    path = auth.default_secret_path()
+    waited = 0.0
+    while not path.exists() and waited < options["wait"]:
+        if waited == 0:
+            _log.info(
+                "no secret configured and none in {path} yet; waiting for a local "
+                "server to create it (or set {env} / --secret-file)",
+                path=str(path),
+                env=auth.SECRET_ENV,
+            )
+        await deferLater(reactor, 0.5)
+        waited += 0.5
+    return auth.client_secret(None)
+
+
 async def _run(reactor: Any, options: RunOptions) -> int:
     job = load_job(options["script"])
     transport = get_transport(options["transport"])
     # Server and workers share a fresh secret that never touches disk, on a
     # loopback port the kernel picks.
     secret = secrets.token_urlsafe(32).encode()
-    output = None
-    if options["output"]:
-        output = open(options["output"], "w", encoding="utf-8")  # noqa: SIM115
+    output = tap.open_output(options["output"], job)
     job_server = JobServer(job, reactor, reduce_tasks=options["reduce-tasks"], output=output)
     task_server = transport.server(
         reactor, ServerSettings("tcp:0:interface=127.0.0.1", secret), job_server.accept
@@ -247,7 +276,19 @@ def _guarded(reactor: Any, action: Any, options: usage.Options) -> Deferred[None
         except OctotwistError as e:
             sys.stderr.write(f"octo: {e}\n")
             code = EXIT_USAGE
+        except CancelledError:
+            code = EXIT_FAILED  # interrupted, see below
         if code:
             raise SystemExit(code)
 
-    return ensureDeferred(go())
+    done = ensureDeferred(go())
+
+    def interrupted() -> None:
+        # The reactor is stopping before the command finished (SIGTERM,
+        # Ctrl-C): say so, and exit non-zero rather than 0.
+        if not done.called:
+            sys.stderr.write("octo: interrupted\n")
+            done.cancel()
+
+    reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+    return done

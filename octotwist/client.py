@@ -78,7 +78,12 @@ class WorkerSession:
         self.channel.send(
             messages.Hello(self.name, socket.gethostname(), os.getpid(), self.processes)
         )
-        _log.info("running job {job} with {n} processes", job=welcome.job_name, n=self.processes)
+        _log.info(
+            "running job {job} with {n} process{es}",
+            job=welcome.job_name,
+            n=self.processes,
+            es="" if self.processes == 1 else "es",
+        )
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
         self._heartbeat.start(welcome.heartbeat_interval, now=False)

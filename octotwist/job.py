@@ -82,6 +82,11 @@ def load_job(path: str | os.PathLike[str]) -> Job:
             "module-level source, mapfn(key, value) and reducefn(key, values)"
         )
     source = module.source
+    if isinstance(source, (list, tuple, str, bytes, range)):
+        raise JobScriptError(
+            f"{where}: source is a {type(source).__name__}, whose items are not keys; "
+            "make it a dict (for a list of items: source = dict(enumerate(items)))"
+        )
     if not (hasattr(source, "__iter__") and hasattr(source, "__getitem__")):
         raise JobScriptError(
             f"{where}: source is a {type(source).__name__}; it must be a dict or an "

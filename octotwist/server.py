@@ -106,10 +106,11 @@ class JobServer:
 
     def start(self) -> None:
         """Begin: log progress now and then; finish at once for an empty job."""
+        maps = self.scheduler.counts(TaskKind.MAP).total
         _log.info(
             "job {job}: {maps} map tasks, {reduces} reduce tasks; waiting for workers",
             job=self.job.name,
-            maps=self.scheduler.counts(TaskKind.MAP).total or "?",
+            maps="an unknown number of" if maps is None else maps,
             reduces=self.reduce_tasks,
         )
         if self._progress_interval > 0:
@@ -140,10 +141,11 @@ class JobServer:
         self._sessions[name] = session
         self.scheduler.handle(WorkerJoined(name, hello.slots))
         _log.info(
-            "worker {worker} joined from {peer} ({slots} processes)",
+            "worker {worker} joined from {peer} ({slots} process{es})",
             worker=name,
             peer=session.channel.peer,
             slots=hello.slots,
+            es="" if hello.slots == 1 else "es",
         )
         self._dispatch()
         return name
@@ -154,7 +156,7 @@ class JobServer:
         if name is None or self._sessions.get(name) is not session:
             return
         del self._sessions[name]
-        if self.scheduler.done:
+        if self.finished:
             return
         lost = self.scheduler.running(name)
         self.scheduler.handle(WorkerLeft(name))
@@ -198,6 +200,8 @@ class JobServer:
 
     def _dispatch(self) -> None:
         """Give every worker with a free slot as much work as it can take."""
+        if self.finished:
+            return
         for name, session in list(self._sessions.items()):
             while not self.scheduler.done:
                 assignment = self.scheduler.next_assignment(name)
@@ -208,7 +212,7 @@ class JobServer:
                 except _SourceError as e:
                     self._fail(str(e))
                     return
-        if self._sessions or self._waiting_logged or self.scheduler.done:
+        if self._sessions or self._waiting_logged:
             return
         self._waiting_logged = True
         _log.info("no workers connected; waiting for one")

@@ -7,11 +7,15 @@ L{makeService} builds the L{JobService} that both run.
 
 from __future__ import annotations
 
+import atexit
+import getopt
+import os
 import sys
 from typing import IO, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -19,7 +23,7 @@ from octotwist import auth
 from octotwist.endpoints import server_is_local
 from octotwist.errors import OctotwistError, UsageError
 from octotwist.hookspecs import get_transport
-from octotwist.job import load_job
+from octotwist.job import Job, load_job
 from octotwist.server import JobOutcome, JobServer
 from octotwist.transport import ServerSettings, TaskServer
 
@@ -33,7 +37,36 @@ def _positive_int(value: str) -> int:
     return n
 
 
-class Options(usage.Options):
+class InterspersedOptions(usage.Options):
+    """
+    Options that may come after positional arguments, as in C{octo run job.py
+    -w 2} (Twisted's parser stops at the first positional argument).
+    """
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        args = sys.argv[1:] if options is None else options
+        try:
+            opts, positional = getopt.gnu_getopt(args, self.shortOpt, self.longOpt)
+        except getopt.GetoptError as e:
+            raise usage.UsageError(str(e)) from None
+        ordered: list[str] = []
+        for opt, value in opts:
+            if opt.startswith("--"):
+                takes_value = f"{opt[2:]}=" in self.longOpt
+            else:
+                takes_value = f"{opt[1]}:" in self.shortOpt
+            ordered += [opt, value] if takes_value else [opt]
+        super().parseOptions([*ordered, "--", *positional])
+
+    def opt_version(self) -> None:
+        """Display octotwist's version and exit."""
+        from octotwist import __version__
+
+        print(f"octotwist {__version__}")
+        sys.exit(0)
+
+
+class Options(InterspersedOptions):
     """Options of the job server (C{octo server}, C{twistd octo})."""
 
     synopsis = "[options] [SCRIPT]"
@@ -95,6 +128,8 @@ def listen_settings(options: Options, default_port: int) -> tuple[str, bytes]:
     """
     configured = auth.configured_secret(options["secret-file"])
     listen = options["listen"]
+    if listen is not None:
+        check_server_endpoint(listen)
     if listen is None:
         listen = f"tcp:{default_port}" + ("" if configured else ":interface=127.0.0.1")
     elif configured is None and not server_is_local(listen):
@@ -107,6 +142,21 @@ def listen_settings(options: Options, default_port: int) -> tuple[str, bytes]:
     return listen, configured or auth.server_secret(None)
 
 
+def check_server_endpoint(description: str) -> None:
+    """
+    @raise UsageError: C{description} is not a server endpoint string.
+    """
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:
+        raise UsageError(
+            f"--listen {description}: {e} (examples: tcp:18125:interface=127.0.0.1, "
+            "unix:/tmp/octo.sock, ssl:18125:privateKey=key.pem:certKey=cert.pem)"
+        ) from None
+
+
 class JobService(Service):
     """
     Serves one job; when it ends, stops listening and calls C{on_end}.
@@ -115,10 +165,13 @@ class JobService(Service):
         listening.
     """
 
-    def __init__(self, job_server: JobServer, task_server: TaskServer, listen: str) -> None:
+    def __init__(
+        self, job_server: JobServer, task_server: TaskServer, listen: str, transport_name: str
+    ) -> None:
         self.job_server = job_server
         self.task_server = task_server
         self.listen = listen
+        self.transport_name = transport_name
         self.address: str | None = None
         self.outcome: Deferred[JobOutcome] = Deferred()
         self.listening: Deferred[str] = Deferred()
@@ -130,21 +183,21 @@ class JobService(Service):
 
     def _listening(self, address: str) -> None:
         self.address = address
+        self.job_server.result.addCallback(self._ended)
         _log.info(
-            "serving job {job} on {address} ({transport}); start workers with: octo client {hint}",
+            "serving job {job} on {address}; start workers with: octo client {hint}",
             job=self.job_server.job.name,
             address=address,
-            transport=type(self.task_server).__name__,
-            hint=_client_hint(address),
+            hint=_client_hint(address, self.transport_name),
         )
         self.listening.callback(address)
         self.job_server.start()
-        self.job_server.result.addCallback(self._ended)
 
     def _cannot_listen(self, failure: Any) -> None:
         error = f"cannot listen on {self.listen}: {failure.getErrorMessage()}"
         _log.error("{error}", error=error)
         self.listening.errback(failure)
+        self.listening.addErrback(lambda _: None)  # reported above
         self.outcome.callback(JobOutcome(False, error))
 
     async def _stop_and_report(self, outcome: JobOutcome) -> None:
@@ -155,13 +208,14 @@ class JobService(Service):
         Deferred.fromCoroutine(self._stop_and_report(outcome))
 
 
-def _client_hint(address: str) -> str:
+def _client_hint(address: str, transport: str) -> str:
+    flag = "" if transport == "tcp" else f"--transport {transport} "
     if address.startswith("tcp:"):
         host, port = address[4:].replace("\\:", ":").rsplit(":", 1)
         if host in ("0.0.0.0", "::", ""):
             host = "SERVER_HOST"
-        return f"{host}:{port}" if port != "18125" else host
-    return f"--connect {address}"
+        return flag + (f"{host}:{port}" if port != "18125" else host)
+    return f"{flag}--connect {address}"
 
 
 def build_service(options: Options, reactor: Any, output: IO[str] | None = None) -> JobService:
@@ -173,14 +227,34 @@ def build_service(options: Options, reactor: Any, output: IO[str] | None = None)
     job = load_job(options["script"])
     transport = get_transport(options["transport"])
     listen, secret = listen_settings(options, transport.default_port)
-    if output is None and options["output"]:
-        try:
-            output = open(options["output"], "w", encoding="utf-8")  # noqa: SIM115
-        except OSError as e:
-            raise UsageError(f"cannot write {options['output']!r}: {e.strerror}") from None
+    if output is None:
+        output = open_output(options["output"], job)
     job_server = JobServer(job, reactor, reduce_tasks=options["reduce-tasks"], output=output)
     task_server = transport.server(reactor, ServerSettings(listen, secret), job_server.accept)
-    return JobService(job_server, task_server, listen)
+    return JobService(job_server, task_server, listen, transport.name)
+
+
+def open_output(path: str | None, job: Job) -> IO[str] | None:
+    """
+    The file C{--output} names, or C{None} for stdout.  A job with C{final()}
+    writes its own results, so C{--output} is ignored there (with a warning),
+    rather than leaving an empty file behind.
+
+    @raise UsageError: the file cannot be created.
+    """
+    if not path:
+        return None
+    if job.final is not None:
+        _log.warn(
+            "--output {path} is ignored: job {job} defines final(), which handles the results",
+            path=path,
+            job=job.name,
+        )
+        return None
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot write {path!r}: {e.strerror}") from None
 
 
 def makeService(options: Options) -> JobService:
@@ -192,5 +266,19 @@ def makeService(options: Options) -> JobService:
     except OctotwistError as e:
         sys.stderr.write(f"octo: {e}\n")
         raise SystemExit(2) from None
-    service.outcome.addCallback(lambda _: reactor.stop())
+    service.outcome.addCallback(_stop_twistd, reactor)
     return service
+
+
+def _stop_twistd(outcome: JobOutcome, reactor: Any) -> None:
+    if not outcome.ok:
+        # twistd has no way to set its exit status; this runs after it has
+        # cleaned up (pid file, final log line), as the interpreter exits.
+        atexit.register(_exit_failed)
+    reactor.stop()
+
+
+def _exit_failed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

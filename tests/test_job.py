@@ -59,6 +59,10 @@ def test_helpers_beside_the_script_travel_by_value(tmp_path: Path) -> None:
         ("source = {}\ndef mapfn(k, v): pass\n", "does not define reducefn"),
         ("def mapfn(k, v): pass\ndef reducefn(k, v): pass\n", "does not define source"),
         ("source = 3\ndef mapfn(k, v): pass\ndef reducefn(k, v): pass\n", "source is a int"),
+        (
+            "source = ['a', 'b']\ndef mapfn(k, v): pass\ndef reducefn(k, v): pass\n",
+            r"source is a list.*dict\(enumerate\(items\)\)",
+        ),
         ("source = {}\nmapfn = 1\ndef reducefn(k, v): pass\n", "mapfn must be a function"),
         (GOOD + "reduce_tasks = 0\n", "reduce_tasks must be a positive int"),
         ("source = {}\ndef mapfn(k, v)\n    pass\n", "job.py:2: syntax error"),
