@@ -430,8 +430,17 @@ def test_twistd_exits_non_zero_when_the_job_fails(env: dict, tmp_path: Path) -> 
     port = free_port()
     twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
     server = start(
-        "-n", "--pidfile=", "--logfile=-", "octo", "--script", str(script),
-        "--listen", f"tcp:{port}:interface=127.0.0.1", env=env, cwd=tmp_path, program=twistd,
+        "-n",
+        "--pidfile=",
+        "--logfile=-",
+        "octo",
+        "--script",
+        str(script),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        env=env,
+        cwd=tmp_path,
+        program=twistd,
     )
     wait_for_port(port, server)
     client = octo("client", f"localhost:{port}", env=env)
@@ -449,7 +458,14 @@ def test_port_in_use_is_one_clear_line(env: dict, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = octo("server", str(script), "--listen", f"tcp:{port}:interface=127.0.0.1", env=env, timeout=30)
+        r = octo(
+            "server",
+            str(script),
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            env=env,
+            timeout=30,
+        )
     assert r.returncode == 1
     assert f"cannot listen on tcp:{port}:interface=127.0.0.1" in r.stderr
     assert "Traceback" not in r.stderr and "Unhandled" not in r.stderr
@@ -458,15 +474,22 @@ def test_port_in_use_is_one_clear_line(env: dict, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["server", "JOB", "--listen", "foo:bar"], "--listen foo:bar: Unknown endpoint type: 'foo'"),
+        (
+            ["server", "JOB", "--listen", "foo:bar"],
+            "--listen foo:bar: Unknown endpoint type: 'foo'",
+        ),
         (["client", "localhost:notaport"], "cannot connect to 'localhost:notaport'"),
         (["client", "--connect", "foo:bar"], "cannot connect to 'foo:bar'"),
         (["run", "JOB", "-w", "0"], "must be at least 1"),
     ],
 )
-def test_bad_arguments_are_usage_errors(env: dict, tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_arguments_are_usage_errors(
+    env: dict, tmp_path: Path, args: list[str], message: str
+) -> None:
     script = str(books_job(tmp_path))
-    r = octo(*[script if a == "JOB" else a for a in args], env=dict(env, OCTO_SECRET="x"), timeout=30)
+    r = octo(
+        *[script if a == "JOB" else a for a in args], env=dict(env, OCTO_SECRET="x"), timeout=30
+    )
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
@@ -497,7 +520,15 @@ def test_client_waits_for_a_local_server_to_create_the_secret(env: dict, tmp_pat
     client = start("client", f"127.0.0.1:{port}", env=env)
     assert "waiting for a local server to create it" in client.stderr.readline()
     out = tmp_path / "out.tsv"
-    server = start("server", str(books_job(tmp_path)), "--listen", f"tcp:{port}:interface=127.0.0.1", "-o", str(out), env=env)
+    server = start(
+        "server",
+        str(books_job(tmp_path)),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "-o",
+        str(out),
+        env=env,
+    )
     assert finish(server)[0] == 0
     code, _, err = finish(client)
     assert code == 0, err
