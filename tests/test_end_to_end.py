@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -533,3 +534,61 @@ def test_client_waits_for_a_local_server_to_create_the_secret(env: dict, tmp_pat
     code, _, err = finish(client)
     assert code == 0, err
     assert parse_tsv(out.read_text()) == word_count(sorted(BOOKS.glob("*.txt")))
+
+
+SLOW_JOB = """
+import time
+source = {i: f"w{i % 5} w{i % 3}" for i in range(30)}
+def mapfn(key, value):
+    time.sleep(0.1)
+    for w in value.split():
+        yield w, 1
+def reducefn(key, values):
+    return key, len(values)
+"""
+
+
+def test_a_client_killed_mid_job_loses_nothing(transport: str, env: dict, tmp_path: Path) -> None:
+    script = job(tmp_path, SLOW_JOB)
+    port = free_port()
+    out = tmp_path / "out.tsv"
+    server = start(
+        "server", str(script), "--transport", transport,
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "-o", str(out), env=env,
+    )  # fmt: skip
+    wait_for_port(port, server)
+    doomed = start("client", f"127.0.0.1:{port}", "--transport", transport, "-p", "2", env=env)
+    assert "running job" in doomed.stderr.readline()
+    time.sleep(0.5)  # it is in the middle of its tasks now
+    doomed.kill()
+    doomed.wait()
+    survivor = octo("client", f"127.0.0.1:{port}", "--transport", transport, env=env)
+    assert survivor.returncode == 0, survivor.stderr
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert "running tasks go back in the queue" in err
+    expected = Counter(w for i in range(30) for w in (f"w{i % 5}", f"w{i % 3}"))
+    assert parse_tsv(out.read_text()) == expected
+
+
+def test_a_task_that_kills_its_process_fails_the_job_clearly(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    script = job(
+        tmp_path,
+        """
+        import os
+        source = {"fine": "a", "fatal": "b"}
+        def mapfn(key, value):
+            if key == "fatal":
+                os._exit(3)
+            yield value, 1
+        def reducefn(key, values):
+            return key, len(values)
+        """,
+    )
+    r = octo("run", str(script), "--transport", transport, env=env, timeout=60)
+    assert r.returncode == 1
+    assert (
+        "map 1" in r.stderr and "the worker process running the task died (exit code 3)" in r.stderr
+    )
