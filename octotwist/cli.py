@@ -112,7 +112,9 @@ class RunOptions(_Verbosity, tap.InterspersedOptions):
         ["transport", "t", "tcp", "Transport between the server and the workers."],
         ["output", "o", None, "Write key<TAB>value results here instead of stdout."],
         ["reduce-tasks", "r", None, "Number of reduce partitions.", tap._positive_int],
+        *tap.FAULT_PARAMETERS,
     ]
+    optFlags = tap.FAULT_FLAGS
 
     def parseArgs(self, script: str) -> None:
         self["script"] = script
@@ -221,7 +223,13 @@ async def _run(reactor: Any, options: RunOptions) -> int:
     # loopback port the kernel picks.
     secret = secrets.token_urlsafe(32).encode()
     output = tap.open_output(options["output"], job)
-    job_server = JobServer(job, reactor, reduce_tasks=options["reduce-tasks"], output=output)
+    job_server = JobServer(
+        job,
+        reactor,
+        reduce_tasks=options["reduce-tasks"],
+        output=output,
+        policy=tap.fault_policy(options),
+    )
     task_server = transport.server(
         reactor, ServerSettings("tcp:0:interface=127.0.0.1", secret), job_server.accept
     )

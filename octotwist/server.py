@@ -22,15 +22,17 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from octotwist import codec, messages
-from octotwist.errors import OctotwistError, RemoteProtocolError
+from octotwist.errors import OctotwistError, RemoteProtocolError, UsageError
 from octotwist.job import Job
 from octotwist.messages import TaskId, TaskKind
 from octotwist.scheduler import (
     NO_WORK,
     AttemptFailed,
     AttemptSucceeded,
+    Heard,
     Phase,
     Scheduler,
+    Tick,
     Verdict,
     WorkerJoined,
     WorkerLeft,
@@ -42,7 +44,29 @@ _log = Logger()
 
 #: Reduce partitions when neither the job nor the command line says.
 DEFAULT_REDUCE_TASKS = 8
-HEARTBEAT_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class FaultPolicy:
+    """
+    How the server copes with failing workers (docs/guide.md, "What happens
+    when things fail").
+
+    @ivar max_attempts: attempts a task gets before the job fails (Hadoop's 4).
+    @ivar heartbeat: seconds between a worker's heartbeats.
+    @ivar task_timeout: seconds a worker may be silent before its tasks are
+        handed to others (its lease).
+    @ivar skip_bad_records: skip a map task that failed every attempt, and
+        report its key, instead of failing the job.
+    @ivar backup_after: seconds a task must run before an idle worker gets a
+        backup copy of it; C{None} turns backup tasks off.
+    """
+
+    max_attempts: int = 4
+    heartbeat: float = 2.0
+    task_timeout: float = 30.0
+    skip_bad_records: bool = False
+    backup_after: float | None = 10.0
 
 
 @dataclass
@@ -73,6 +97,7 @@ class JobServer:
     @param reactor: for timers.
     @param reduce_tasks: partitions, overriding the job's C{reduce_tasks}.
     @param output: where results go when the job has no C{final()}.
+    @param policy: retries, leases and backup tasks.
     """
 
     def __init__(
@@ -83,6 +108,7 @@ class JobServer:
         reduce_tasks: int | None = None,
         output: IO[str] | None = None,
         store: BlobStore | None = None,
+        policy: FaultPolicy | None = None,
         progress_interval: float = 10.0,
     ) -> None:
         self.job = job
@@ -90,14 +116,30 @@ class JobServer:
         self.reduce_tasks = reduce_tasks or job.reduce_tasks or DEFAULT_REDUCE_TASKS
         self.output = output if output is not None else sys.stdout
         self.store = store if store is not None else BlobStore()
-        self.scheduler = Scheduler(job.source, self.reduce_tasks, total=job.source_size())
+        self.policy = policy = policy or FaultPolicy()
+        if policy.task_timeout <= policy.heartbeat:
+            raise UsageError(
+                f"--task-timeout ({policy.task_timeout:g} s) must be longer than "
+                f"--heartbeat ({policy.heartbeat:g} s)"
+            )
+        self.scheduler = Scheduler(
+            job.source,
+            self.reduce_tasks,
+            total=job.source_size(),
+            max_attempts=policy.max_attempts,
+            lease=policy.task_timeout,
+            skip_bad_records=policy.skip_bad_records,
+            backup_after=policy.backup_after,
+        )
         self.result: Deferred[JobOutcome] = Deferred()
         self._sessions: dict[str, _WorkerSession] = {}
         self._all_sessions: set[_WorkerSession] = set()
         self._started = reactor.seconds()
         self._welcome = messages.Welcome(
-            job.name, job.pickled_functions, self.reduce_tasks, HEARTBEAT_INTERVAL
+            job.name, job.pickled_functions, self.reduce_tasks, policy.heartbeat
         )
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = reactor
         self._outcome: JobOutcome | None = None
         self._progress = LoopingCall(self._log_progress)
         self._progress.clock = reactor
@@ -115,6 +157,7 @@ class JobServer:
         )
         if self._progress_interval > 0:
             self._progress.start(self._progress_interval, now=False)
+        self._ticker.start(min(1.0, self.policy.heartbeat), now=True)
         self._check_done()
 
     # Called by transports.
@@ -140,6 +183,7 @@ class JobServer:
             name = f"{hello.name}#{n}"
         self._sessions[name] = session
         self.scheduler.handle(WorkerJoined(name, hello.slots))
+        self.scheduler.handle(Heard(name, self.reactor.seconds()))
         _log.info(
             "worker {worker} joined from {peer} ({slots} process{es})",
             worker=name,
@@ -162,6 +206,7 @@ class JobServer:
         self.scheduler.handle(WorkerLeft(name))
         for task, attempt in lost:
             self.store.discard(task, attempt)
+        self._cancel()
         _log.warn(
             "worker {worker} left ({reason}); {n} running tasks go back in the queue",
             worker=name,
@@ -169,6 +214,15 @@ class JobServer:
             n=len(lost),
         )
         self._dispatch()
+
+    def heard(self, name: str) -> None:
+        self.scheduler.handle(Heard(name, self.reactor.seconds()))
+
+    def task_output(self, name: str, msg: messages.TaskOutput) -> None:
+        # Output of a cancelled or expired attempt can never count: drop it
+        # now rather than store it.
+        if self.scheduler.is_live(name, msg.task, msg.attempt):
+            self.store.add_part(msg.task, msg.attempt, msg.partition, msg.data, msg.end)
 
     def task_done(self, name: str, msg: messages.TaskDone) -> None:
         verdict = self.scheduler.handle(AttemptSucceeded(name, msg.task, msg.attempt))
@@ -179,22 +233,46 @@ class JobServer:
         self._after_change()
 
     def task_failed(self, name: str, msg: messages.TaskFailed) -> None:
+        live = self.scheduler.is_live(name, msg.task, msg.attempt)
         self.scheduler.handle(
             AttemptFailed(name, msg.task, msg.attempt, msg.key, msg.error, msg.traceback)
         )
         self.store.discard(msg.task, msg.attempt)
-        _log.error(
-            "{task} failed on worker {worker}{at}: {error}",
-            task=str(msg.task),
-            worker=name,
-            at=f" at key {msg.key}" if msg.key is not None else "",
-            error=msg.error,
-        )
+        if live:
+            _log.error(
+                "{task} attempt {attempt} failed on worker {worker}{at}: {error}",
+                task=str(msg.task),
+                attempt=msg.attempt,
+                worker=name,
+                at=f" at key {msg.key}" if msg.key is not None else "",
+                error=msg.error,
+            )
         self._after_change()
+
+    def _tick(self) -> None:
+        self.scheduler.handle(Tick(self.reactor.seconds()))
+        self._after_change()
+
+    def _cancel(self) -> None:
+        """Carry out the scheduler's cancellations."""
+        for c in self.scheduler.cancellations():
+            self.store.discard(c.task, c.attempt)
+            session = self._sessions.get(c.worker)
+            if session is not None:
+                session.channel.send(messages.Cancel(c.task, c.attempt))
+            if not self.scheduler.done:
+                _log.info(
+                    "cancelled {task} attempt {attempt} on {worker}: {why}",
+                    task=str(c.task),
+                    attempt=c.attempt,
+                    worker=c.worker,
+                    why=c.why,
+                )
 
     # Decisions.
 
     def _after_change(self) -> None:
+        self._cancel()
         if not self._check_done():
             self._dispatch()
 
@@ -207,6 +285,12 @@ class JobServer:
                 assignment = self.scheduler.next_assignment(name)
                 if assignment is NO_WORK:
                     break
+                if assignment.backup:
+                    _log.info(
+                        "{task} is slow; running a backup copy on {worker}",
+                        task=str(assignment.task),
+                        worker=name,
+                    )
                 try:
                     self._send_task(session, assignment.task, assignment.attempt, assignment.key)
                 except _SourceError as e:
@@ -245,9 +329,11 @@ class JobServer:
             f = self.scheduler.failure
             assert f is not None
             where = f"{f.task}" + (f" (key {f.key})" if f.key is not None else "")
+            workers = ", ".join(dict.fromkeys(f.workers))
             self._fail(
                 f"{where} failed on worker {f.worker} after {f.attempts} "
-                f"attempt{'s' if f.attempts != 1 else ''}: {f.error}\n{f.traceback}"
+                f"attempt{'s' if f.attempts != 1 else ''} (on {workers}): "
+                f"{f.error}\n{f.traceback}"
             )
             return True
         return False
@@ -269,6 +355,14 @@ class JobServer:
             return
         if self.job.final is None:
             self.output.flush()
+        for record in self.scheduler.skipped:
+            _log.warn(
+                "skipped {task} (key {key}): it failed {n} attempts; last error: {error}",
+                task=str(record.task),
+                key=record.key,
+                n=record.attempts,
+                error=record.error,
+            )
         self._end(JobOutcome(True, None, results, self.reactor.seconds() - self._started))
 
     def _fail(self, error: str) -> None:
@@ -279,8 +373,9 @@ class JobServer:
         if self._outcome is not None:
             return
         self._outcome = outcome
-        if self._progress.running:
-            self._progress.stop()
+        for timer in (self._progress, self._ticker):
+            if timer.running:
+                timer.stop()
         outcome.stats = self.stats()
         if outcome.ok:
             _log.info(
@@ -289,9 +384,10 @@ class JobServer:
                 n=outcome.results,
                 t=outcome.seconds,
             )
+        # Workers hang up when they read this; the transport closes whatever
+        # is left when it stops (TaskServer.stop).
         for session in list(self._all_sessions):
             session.channel.send(messages.Shutdown(outcome.ok, outcome.error or ""))
-            session.channel.close()
         self.store.close()
         self.result.callback(outcome)
 
@@ -304,6 +400,10 @@ class JobServer:
             "reduce": {"done": r.done, "running": r.running, "total": r.total},
             "workers": sorted(self._sessions),
             "elapsed": self.reactor.seconds() - self._started,
+            "skipped": [
+                {"task": str(r.task), "key": r.key, "error": r.error, "attempts": r.attempts}
+                for r in self.scheduler.skipped
+            ],
         }
 
     def _log_progress(self) -> None:
@@ -344,14 +444,16 @@ class _WorkerSession:
     def _handle(self, message: messages.Message) -> None:
         if self.server.finished:
             return
+        if self.name is not None:
+            self.server.heard(self.name)
         match message:
             case messages.Hello() if self.name is None:
                 self.name = self.server.joined(self, message)
             case _ if self.name is None:
                 raise RemoteProtocolError(f"expected Hello, got {type(message).__name__}")
-            case messages.TaskOutput(task, attempt, partition, data, end):
+            case messages.TaskOutput(task, _, partition):
                 self._check_partition(task, partition)
-                self.server.store.add_part(task, attempt, partition, data, end)
+                self.server.task_output(self.name, message)
             case messages.TaskDone():
                 self.server.task_done(self.name, message)
             case messages.TaskFailed():

@@ -24,7 +24,7 @@ from octotwist.endpoints import server_is_local
 from octotwist.errors import OctotwistError, UsageError
 from octotwist.hookspecs import get_transport
 from octotwist.job import Job, load_job
-from octotwist.server import JobOutcome, JobServer
+from octotwist.server import FaultPolicy, JobOutcome, JobServer
 from octotwist.transport import ServerSettings, TaskServer
 
 _log = Logger()
@@ -35,6 +35,67 @@ def _positive_int(value: str) -> int:
     if n < 1:
         raise ValueError("must be at least 1")
     return n
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise ValueError("must be more than 0")
+    return x
+
+
+_DEFAULT_POLICY = FaultPolicy()
+
+#: What to do about failing workers; shared by every command that runs a server.
+FAULT_PARAMETERS = [
+    [
+        "max-attempts",
+        None,
+        _DEFAULT_POLICY.max_attempts,
+        "Attempts a task gets before the job fails.",
+        _positive_int,
+    ],
+    [
+        "task-timeout",
+        None,
+        _DEFAULT_POLICY.task_timeout,
+        "Seconds a worker may be silent before its tasks go to others.",
+        _positive_float,
+    ],
+    [
+        "heartbeat",
+        None,
+        _DEFAULT_POLICY.heartbeat,
+        "Seconds between a worker's heartbeats.",
+        _positive_float,
+    ],
+    [
+        "backup-after",
+        None,
+        _DEFAULT_POLICY.backup_after,
+        "Seconds a task runs before an idle worker gets a backup copy of it (0: never).",
+        float,
+    ],
+]
+FAULT_FLAGS = [
+    [
+        "skip-bad-records",
+        None,
+        "Complete the job without the keys whose map task failed every attempt "
+        "(and name them), instead of failing it.",
+    ],
+]
+
+
+def fault_policy(options: usage.Options) -> FaultPolicy:
+    """The L{FaultPolicy} the options ask for."""
+    return FaultPolicy(
+        max_attempts=options["max-attempts"],
+        heartbeat=options["heartbeat"],
+        task_timeout=options["task-timeout"],
+        skip_bad_records=bool(options["skip-bad-records"]),
+        backup_after=options["backup-after"] or None,
+    )
 
 
 class InterspersedOptions(usage.Options):
@@ -106,7 +167,9 @@ class Options(InterspersedOptions):
             "Number of reduce partitions (default: the job's reduce_tasks, else 8).",
             _positive_int,
         ],
+        *FAULT_PARAMETERS,
     ]
+    optFlags = FAULT_FLAGS
 
     def parseArgs(self, script: str | None = None) -> None:
         if script is not None:
@@ -229,7 +292,13 @@ def build_service(options: Options, reactor: Any, output: IO[str] | None = None)
     listen, secret = listen_settings(options, transport.default_port)
     if output is None:
         output = open_output(options["output"], job)
-    job_server = JobServer(job, reactor, reduce_tasks=options["reduce-tasks"], output=output)
+    job_server = JobServer(
+        job,
+        reactor,
+        reduce_tasks=options["reduce-tasks"],
+        output=output,
+        policy=fault_policy(options),
+    )
     task_server = transport.server(reactor, ServerSettings(listen, secret), job_server.accept)
     return JobService(job_server, task_server, listen, transport.name)
 

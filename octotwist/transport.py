@@ -126,7 +126,11 @@ class TaskServer(ABC):
 
     @abstractmethod
     def stop(self) -> Deferred[None]:
-        """Stop listening and close every connection; fires when done."""
+        """
+        Stop listening and close every connection; fires when done.  Peers
+        that were sent a L{messages.Shutdown} hang up by themselves: give them
+        a few seconds to, so that the Shutdown is never lost to a reset.
+        """
 
 
 class TaskClient(ABC):

@@ -59,6 +59,7 @@ class _ChildProcess(ProcessProtocol):
     def __init__(self, pool: ProcessPool, number: int) -> None:
         self.pool = pool
         self.number = number
+        self.killed = False  # on purpose: a cancelled task
         self._buffer = bytearray()
         self._on_output: OnOutput | None = None
         self._result: Deferred[Outcome] | None = None
@@ -78,6 +79,7 @@ class _ChildProcess(ProcessProtocol):
         return self._result
 
     def kill(self) -> None:
+        self.killed = True
         with contextlib.suppress(error.ProcessExitedAlready):
             self.transport.signalProcess("KILL")
 
@@ -107,6 +109,7 @@ class _ChildProcess(ProcessProtocol):
         d, self._result, self._on_output = self._result, None, None
         if d is not None:
             d.callback(outcome)
+        self.pool._next()
 
     def processEnded(self, reason: Failure) -> None:
         if self._result is not None:
@@ -133,6 +136,22 @@ def _describe_exit(reason: Failure) -> str:
     return f"exit code {getattr(value, 'exitCode', '?')}"
 
 
+@dataclass(slots=True)
+class _Queued:
+    kind: TaskKind
+    partitions: int
+    inputs: list[bytes]
+    on_output: OnOutput
+    result: Deferred[Outcome]
+    child: _ChildProcess | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.child is not None:
+            self.child.kill()
+
+
 class ProcessPool:
     """
     C{size} child processes running the job's functions.
@@ -145,6 +164,7 @@ class ProcessPool:
         self.functions = functions
         self.size = size
         self._children: list[_ChildProcess] = []
+        self._queue: list[_Queued] = []
         self._stopping = False
         self._spawned = 0
         for _ in range(size):
@@ -163,29 +183,43 @@ class ProcessPool:
         child.transport.writeToChild(3, encode_frame(("job", self.functions)))
         self._children.append(child)
 
-    def idle(self) -> int:
-        return sum(not c.busy for c in self._children)
-
     def run(
         self, kind: TaskKind, partitions: int, inputs: list[bytes], on_output: OnOutput
     ) -> tuple[Deferred[Outcome], Callable[[], None]]:
         """
-        Run a task in an idle child.
+        Run a task in the next idle child (it waits for one if none is idle:
+        a cancelled task's child is replaced before it can take another).
 
-        @return: the outcome's Deferred, and a function that kills the task.
-        @raise RuntimeError: no child is idle (the caller tracks slots).
+        @return: the outcome's Deferred, and a function that cancels the task
+            (killing its child if it has started).
         """
-        for child in self._children:
-            if not child.busy:
-                return child.run(kind, partitions, inputs, on_output), child.kill
-        raise RuntimeError("no idle worker process")
+        job = _Queued(kind, partitions, inputs, on_output, Deferred())
+        self._queue.append(job)
+        self._next()
+        return job.result, job.cancel
+
+    def _next(self) -> None:
+        """Start queued tasks on idle children."""
+        while self._queue and not self._stopping:
+            child = next((c for c in self._children if not c.busy and not c.killed), None)
+            if child is None:
+                return
+            job = self._queue.pop(0)
+            if job.cancelled:
+                continue
+            job.child = child
+            child.run(job.kind, job.partitions, job.inputs, job.on_output).chainDeferred(job.result)
 
     def _child_ended(self, child: _ChildProcess) -> None:
         if child in self._children:
             self._children.remove(child)
         if not self._stopping:
-            _log.warn("worker process {n} ended; starting another", n=child.number)
+            if child.killed:
+                _log.debug("worker process {n} stopped (task cancelled)", n=child.number)
+            else:
+                _log.warn("worker process {n} ended; starting another", n=child.number)
             self._spawn()
+            self._next()
 
     def stop(self) -> Deferred[None]:
         """Ask every child to exit (end of input); fires when all have."""

@@ -11,9 +11,13 @@ from octotwist.scheduler import (
     Assignment,
     AttemptFailed,
     AttemptSucceeded,
+    Cancellation,
+    Heard,
     InvalidEvent,
     Phase,
     Scheduler,
+    SkippedRecord,
+    Tick,
     Verdict,
     WorkerJoined,
     WorkerLeft,
@@ -206,3 +210,145 @@ def test_bad_parameters() -> None:
         Scheduler([], reduce_tasks=0)
     with pytest.raises(ValueError):
         Scheduler([], reduce_tasks=1, max_attempts=0)
+
+
+# Fault tolerance: leases, retries, skipping, backup tasks.
+
+
+def joined(s: Scheduler, *workers: str, now: float = 0.0) -> None:
+    for w in workers:
+        s.handle(WorkerJoined(w))
+        s.handle(Heard(w, now))
+
+
+def test_a_silent_worker_loses_its_attempts_after_its_lease() -> None:
+    s = Scheduler(["a", "b"], reduce_tasks=1, lease=10)
+    joined(s, "w1", "w2")
+    a = s.next_assignment("w1")
+    s.handle(Tick(5))
+    s.handle(Heard("w2", 5))
+    assert s.cancellations() == []
+    s.handle(Tick(10.5))  # w1 silent since 0, w2 heard at 5
+    assert s.cancellations() == [Cancellation("w1", a.task, 1, "worker silent for over 10 s")]
+    assert s.next_assignment("w1") is NO_WORK  # suspect: no new work
+    assert s.next_assignment("w2") == Assignment(M(0), 2, "a")  # requeued first
+    # w1 wakes up (SIGCONT) and reports its stale attempt: discarded, no error.
+    s.handle(Heard("w1", 11))
+    assert s.handle(AttemptSucceeded("w1", M(0), 1)) is Verdict.DISCARDED
+    assert s.next_assignment("w1") == Assignment(M(1), 1, "b")  # trusted again
+
+
+def test_an_expired_attempt_that_fails_late_costs_nothing() -> None:
+    s = Scheduler(["a"], reduce_tasks=1, lease=1, max_attempts=1)
+    joined(s, "w1", "w2")
+    s.next_assignment("w1")
+    s.handle(Heard("w2", 2))
+    s.handle(Tick(2))
+    s.handle(Heard("w1", 3))
+    assert s.handle(AttemptFailed("w1", M(0), 1, None, "E", "tb")) is None
+    assert s.phase is Phase.MAPPING
+
+
+def test_retries_go_to_another_worker_when_there_is_one() -> None:
+    s = Scheduler(["a", "b"], reduce_tasks=1, max_attempts=3)
+    joined(s, "w1", "w2")
+    a = s.next_assignment("w1")
+    s.handle(AttemptFailed("w1", a.task, 1, "'a'", "E", "tb"))
+    # w1 asks again: map 0 failed on it and w2 exists, so w1 gets map 1.
+    assert s.next_assignment("w1").task == M(1)
+    assert s.next_assignment("w2") == Assignment(M(0), 2, "a")
+
+
+def test_a_lone_worker_retries_its_own_failures() -> None:
+    s = Scheduler(["a"], reduce_tasks=1, max_attempts=2)
+    joined(s, "w1")
+    s.handle(AttemptFailed("w1", M(0), s.next_assignment("w1").attempt, None, "E", "tb"))
+    assert s.next_assignment("w1") == Assignment(M(0), 2, "a")
+
+
+def test_job_fails_after_max_attempts_naming_every_worker() -> None:
+    s = Scheduler(["a"], reduce_tasks=1, max_attempts=3)
+    joined(s, "w1", "w2", "w3")
+    for worker in ("w1", "w2", "w3"):
+        a = s.next_assignment(worker)
+        assert a is not NO_WORK, worker
+        s.handle(AttemptFailed(worker, a.task, a.attempt, "'a'", "ValueError: x", "tb"))
+    assert s.phase is Phase.FAILED
+    assert s.failure.attempts == 3 and s.failure.workers == ("w1", "w2", "w3")
+
+
+def test_skip_bad_records_completes_without_the_bad_key() -> None:
+    s = Scheduler(["good", "bad"], reduce_tasks=1, max_attempts=2, skip_bad_records=True)
+    joined(s, "w1", "w2")
+    good = s.next_assignment("w1")
+    bad = s.next_assignment("w2")
+    s.handle(AttemptSucceeded("w1", good.task, good.attempt))
+    s.handle(AttemptFailed("w2", bad.task, bad.attempt, "'bad'", "E: 1", "tb"))
+    retry = s.next_assignment("w1")
+    assert retry.task == bad.task
+    s.handle(AttemptFailed("w1", retry.task, retry.attempt, "'bad'", "E: 2", "tb"))
+    assert s.phase is Phase.REDUCING
+    assert s.skipped == [SkippedRecord(M(1), "'bad'", "E: 2", 2)]
+
+
+def test_reduce_failures_are_never_skipped() -> None:
+    s = Scheduler(["a"], reduce_tasks=1, max_attempts=1, skip_bad_records=True)
+    joined(s, "w1")
+    m = s.next_assignment("w1")
+    s.handle(AttemptSucceeded("w1", m.task, m.attempt))
+    r = s.next_assignment("w1")
+    s.handle(AttemptFailed("w1", r.task, r.attempt, "'k'", "E", "tb"))
+    assert s.phase is Phase.FAILED
+
+
+def test_idle_worker_gets_a_backup_of_a_slow_task_and_the_first_success_wins() -> None:
+    s = Scheduler(["a", "b"], reduce_tasks=1, backup_after=5)
+    joined(s, "fast", "slow")
+    s.handle(Tick(0))
+    a = s.next_assignment("fast")
+    b = s.next_assignment("slow")
+    s.handle(Tick(1))
+    s.handle(AttemptSucceeded("fast", a.task, a.attempt))  # took 1 s
+    assert s.next_assignment("fast") is NO_WORK  # b has run 1 s only
+    s.handle(Tick(4))
+    assert s.next_assignment("fast") is NO_WORK  # not yet past max(5, 2 x 1)
+    s.handle(Tick(6))
+    backup = s.next_assignment("fast")
+    assert backup == Assignment(b.task, 2, "b", backup=True)
+    assert s.next_assignment("slow") is NO_WORK  # its one slot is busy
+    assert s.handle(AttemptSucceeded("fast", b.task, 2)) is Verdict.ACCEPTED
+    assert s.cancellations() == [Cancellation("slow", b.task, 1, "another attempt finished first")]
+    assert s.handle(AttemptSucceeded("slow", b.task, 1)) is Verdict.DISCARDED
+    assert s.phase is Phase.REDUCING
+
+
+def test_no_backup_copies_without_backup_after_or_with_work_pending() -> None:
+    s = Scheduler(["a", "b", "c"], reduce_tasks=1, backup_after=None)
+    joined(s, "w1", "w2")
+    s.next_assignment("w1")
+    s.handle(Tick(100))
+    assert s.next_assignment("w2").task == M(1)  # new work before any backup
+    s.handle(AttemptSucceeded("w2", M(1), 1))
+    assert s.next_assignment("w2").task == M(2)
+    s.handle(AttemptSucceeded("w2", M(2), 1))
+    assert s.next_assignment("w2") is NO_WORK  # backups are off
+
+
+def test_ending_the_job_cancels_whatever_still_runs() -> None:
+    s = Scheduler(["a", "b"], reduce_tasks=1)
+    joined(s, "w1", "w2")
+    a = s.next_assignment("w1")
+    b = s.next_assignment("w2")
+    s.handle(AttemptFailed("w1", a.task, a.attempt, None, "E", "tb"))
+    assert s.cancellations() == [Cancellation("w2", b.task, 1, "the job is failed")]
+    assert not s.is_live("w2", b.task, 1)
+
+
+def test_when_every_worker_has_failed_a_task_any_of_them_may_retry_it() -> None:
+    s = Scheduler(["a"], reduce_tasks=1, max_attempts=4)
+    joined(s, "w1", "w2")
+    a = s.next_assignment("w1")
+    s.handle(AttemptFailed("w1", a.task, a.attempt, None, "E", "tb"))
+    b = s.next_assignment("w2")
+    s.handle(AttemptFailed("w2", b.task, b.attempt, None, "E", "tb"))
+    assert s.next_assignment("w1") == Assignment(M(0), 3, "a")

@@ -8,9 +8,17 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort
 
 from octotwist.transport import Accept, MessageChannel, TaskClient, TaskServer
-from octotwist_tcp.protocol import MAX_FRAME, ClientFactory, ClientProtocol, ServerFactory
+from octotwist_tcp.protocol import (
+    MAX_FRAME,
+    ClientFactory,
+    ClientProtocol,
+    ServerFactory,
+    State,
+)
 
-#: Seconds to wait for connections to flush and close when the server stops.
+#: When the server stops: seconds to wait for peers to hang up, then to
+#: close their connections ourselves, then to abort what still lingers.
+PEER_CLOSE_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 10.0
 
 
@@ -51,8 +59,14 @@ class TCPTaskServer(TaskServer):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        """Stop listening, then close each connection once what was sent on it
-        (the final Shutdown, say) is written; abort any that linger."""
+        """
+        Stop listening; let each authenticated peer close first (it does so
+        when it reads the final Shutdown), then close what is left.
+
+        Closing our end first while a peer is still sending (a heartbeat,
+        say) would leave unread bytes on our socket; the kernel then resets
+        the connection, and the peer may lose the Shutdown we just wrote.
+        """
         if self._port is not None:
             port, self._port = self._port, None
             await maybeDeferred(port.stopListening)
@@ -60,12 +74,22 @@ class TCPTaskServer(TaskServer):
             return
         protocols = list(self._factory.protocols)
         for protocol in protocols:
-            protocol.transport.loseConnection()
+            if protocol.state is not State.OPEN:
+                protocol.transport.loseConnection()
         closed = DeferredList([p.closed for p in protocols])
-        timer = self.reactor.callLater(CLOSE_TIMEOUT, _abort_all, protocols)
+        timers = [
+            self.reactor.callLater(PEER_CLOSE_TIMEOUT, _close_all, protocols),
+            self.reactor.callLater(CLOSE_TIMEOUT, _abort_all, protocols),
+        ]
         await closed
-        if timer.active():
-            timer.cancel()
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+
+
+def _close_all(protocols: list) -> None:
+    for protocol in protocols:
+        protocol.transport.loseConnection()
 
 
 def _abort_all(protocols: list) -> None:

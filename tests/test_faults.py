@@ -1,0 +1,223 @@
+"""
+Workers die, stall, or fail, and the job still finishes with the exact answer
+(or fails after exactly --max-attempts attempts, saying where and why).
+Real processes on 127.0.0.1; each trial varies its timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import finish, free_port, parse_tsv, start, wait_for_port
+from test_end_to_end import job
+
+N = 24
+
+# Map tasks take a while, and so do reduce tasks, so that a kill can land in
+# either phase.  The words and their counts are known in advance.
+SLOWISH = f"""
+import time
+source = {{i: " ".join(f"w{{(i * j) % 11}}" for j in range(1, 8)) for i in range({N})}}
+def mapfn(key, value):
+    time.sleep(0.08)
+    for w in value.split():
+        yield w, 1
+def reducefn(key, values):
+    time.sleep(0.12)
+    return key, len(values)
+reduce_tasks = 4
+"""
+EXPECTED = Counter(f"w{(i * j) % 11}" for i in range(N) for j in range(1, 8))
+
+FAST_LEASE = ["--heartbeat", "0.3", "--task-timeout", "2"]
+
+
+def serve(transport: str, env: dict, tmp_path: Path, script: Path, *extra: str):
+    port = free_port()
+    out = tmp_path / "out.tsv"
+    server = start(
+        "server", str(script), "--transport", transport, "-o", str(out),
+        "--listen", f"tcp:{port}:interface=127.0.0.1", *FAST_LEASE, *extra, env=env,
+    )  # fmt: skip
+    wait_for_port(port, server)
+    return server, port, out
+
+
+def client(transport: str, env: dict, port: int, *extra: str):
+    return start("client", f"127.0.0.1:{port}", "--transport", transport, *extra, env=env)
+
+
+def wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if needle in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"never saw {needle!r}")
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+@pytest.mark.parametrize("trial", range(5))
+@pytest.mark.parametrize("phase", ["map", "reduce"])
+def test_kill_9_a_worker_client(
+    transport: str, env: dict, tmp_path: Path, phase: str, trial: int
+) -> None:
+    server, port, out = serve(transport, env, tmp_path, job(tmp_path, SLOWISH))
+    victim = client(transport, env, port, "-p", "2", "-v")
+    wait_for_line(victim, f"running {phase} ")
+    time.sleep(random.Random(trial).uniform(0, 0.15))
+    victim.kill()
+    victim.wait()
+    survivor = client(transport, env, port, "-p", "2")
+    assert finish(survivor)[0] == 0
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert parse_tsv(out.read_text()) == EXPECTED
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_kill_9_a_task_process(transport: str, env: dict, tmp_path: Path, trial: int) -> None:
+    # The process running user code dies: that attempt fails, the task is
+    # retried, the worker replaces the process and carries on.
+    phase = ("map", "reduce")[trial % 2]
+    server, port, out = serve(transport, env, tmp_path, job(tmp_path, SLOWISH))
+    worker = client(transport, env, port, "-p", "2", "-v")
+    wait_for_line(worker, f"running {phase} ")
+    time.sleep(random.Random(trial).uniform(0, 0.1))
+    os.kill(children(worker.pid)[trial % 2], signal.SIGKILL)
+    assert finish(worker)[0] == 0
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert "the worker process running the task died (killed by signal 9)" in err
+    assert parse_tsv(out.read_text()) == EXPECTED
+
+
+def test_a_stalled_worker_loses_its_tasks_and_its_late_results_do_not_count(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    server, port, out = serve(transport, env, tmp_path, job(tmp_path, SLOWISH))
+    stalled = client(transport, env, port, "-p", "2", "-v")
+    wait_for_line(stalled, "running map ")
+    frozen = [stalled.pid, *children(stalled.pid)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    survivor = client(transport, env, port)
+    time.sleep(3)  # past the 2 s lease: its tasks go to the survivor
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError):  # a task process may be gone
+            os.kill(pid, signal.SIGCONT)  # its stale results now arrive
+    assert finish(survivor)[0] == 0
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert "worker silent for over 2 s" in err
+    assert finish(stalled)[0] == 0
+    assert parse_tsv(out.read_text()) == EXPECTED
+
+
+BAD_KEY = """
+source = {f"doc{i}": f"a b doc{i}" for i in range(6)}
+def mapfn(key, value):
+    if key == "doc4":
+        raise ValueError("doc4 is unreadable")
+    for w in value.split():
+        yield w, 1
+def reducefn(key, values):
+    return key, len(values)
+"""
+
+
+def test_a_failing_map_fails_the_job_after_exactly_max_attempts(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    server, port, _ = serve(transport, env, tmp_path, job(tmp_path, BAD_KEY), "--max-attempts", "3")
+    workers = [client(transport, env, port, "--name", f"w{i}") for i in range(2)]
+    code, _, err = finish(server)
+    assert code == 1
+    assert err.count("ValueError: doc4 is unreadable") >= 3
+    assert len([line for line in err.splitlines() if "map 4 attempt" in line]) == 3
+    assert "map 4 (key 'doc4') failed on worker" in err and "after 3 attempts (on w" in err
+    for w in workers:
+        assert finish(w)[0] == 1  # told the job failed
+
+
+def test_skip_bad_records_completes_and_names_the_key(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    server, port, out = serve(
+        transport,
+        env,
+        tmp_path,
+        job(tmp_path, BAD_KEY),
+        "--max-attempts",
+        "2",
+        "--skip-bad-records",
+    )
+    w = client(transport, env, port, "-p", "2")
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert finish(w)[0] == 0
+    assert "skipped map 4 (key 'doc4'): it failed 2 attempts" in err
+    expected = Counter(w for i in range(6) if i != 4 for w in ("a", "b", f"doc{i}"))
+    assert parse_tsv(out.read_text()) == expected
+
+
+def test_a_record_that_kills_its_process_is_blamed_after_the_cap(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    script = job(
+        tmp_path,
+        BAD_KEY.replace('raise ValueError("doc4 is unreadable")', "import os; os._exit(1)"),
+    )
+    server, port, out = serve(
+        transport, env, tmp_path, script, "--max-attempts", "3", "--skip-bad-records"
+    )
+    workers = [client(transport, env, port, "-p", "2") for _ in range(2)]
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert "skipped map 4 (key 'doc4'): it failed 3 attempts" in err
+    assert "died (exit code 1)" in err
+    for w in workers:  # the workers survived their crashing processes
+        assert finish(w)[0] == 0
+    expected = Counter(w for i in range(6) if i != 4 for w in ("a", "b", f"doc{i}"))
+    assert parse_tsv(out.read_text()) == expected
+
+
+def test_backup_tasks_overtake_a_slow_worker(transport: str, env: dict, tmp_path: Path) -> None:
+    script = job(
+        tmp_path,
+        """
+        import os, time
+        source = {i: f"x y{i % 2}" for i in range(6)}
+        def mapfn(key, value):
+            # The slow worker would take a minute per task.
+            time.sleep(60 if os.environ.get("SLOW_WORKER") else 0.05)
+            for w in value.split():
+                yield w, 1
+        def reducefn(key, values):
+            return key, len(values)
+        """,
+    )
+    server, port, out = serve(transport, env, tmp_path, script, "--backup-after", "0.5")
+    slow = client(transport, dict(env, SLOW_WORKER="1"), port, "-v")
+    wait_for_line(slow, "running map 0")
+    fast = client(transport, env, port)
+    code, _, err = finish(server, timeout=40)  # far less than the slow worker's minute
+    assert code == 0, err
+    assert "map 0 is slow; running a backup copy on" in err
+    assert "cancelled map 0 attempt 1" in err
+    assert parse_tsv(out.read_text()) == Counter({"x": 6, "y0": 3, "y1": 3})
+    assert finish(fast)[0] == 0 and finish(slow)[0] == 0
