@@ -12,6 +12,7 @@ lines), tells every worker to shut down, and fires L{JobServer.result}.
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -349,8 +350,6 @@ class JobServer:
                         results += 1
                 self.store.drop(TaskKind.REDUCE, partition)
         except Exception as e:
-            import traceback
-
             self._fail("final() raised:\n" + "".join(traceback.format_exception(e)))
             return
         if self.job.final is None:

@@ -7,6 +7,7 @@ exactly with an independent computation.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import textwrap
 import time
@@ -70,6 +71,15 @@ def books_job(tmp_path: Path, extra: str = "", reducefn: str = "len(values)") ->
         + textwrap.dedent(extra)
     )
     return job(tmp_path, text)
+
+
+def start_twistd(script: Path, *args: str, env: dict) -> subprocess.Popen[str]:
+    """C{twistd -n octo --script SCRIPT ARGS...}, in the script's directory."""
+    twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
+    return start(
+        "-n", "--pidfile=", "--logfile=-", "octo", "--script", str(script), *args,
+        env=env, cwd=script.parent, program=twistd,
+    )  # fmt: skip
 
 
 def test_octo_run_example(transport: str, env: dict, expected_books: Counter) -> None:
@@ -138,14 +148,8 @@ def test_twistd_serves_the_same_job(
     script = books_job(tmp_path)
     out = tmp_path / "result.tsv"
     port = free_port()
-    twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
-    server = start(
-        "-n",
-        "--pidfile=",
-        "--logfile=-",
-        "octo",
-        "--script",
-        str(script),
+    server = start_twistd(
+        script,
         "--transport",
         transport,
         "--listen",
@@ -153,8 +157,6 @@ def test_twistd_serves_the_same_job(
         "--output",
         str(out),
         env=env,
-        cwd=tmp_path,
-        program=twistd,
     )
     wait_for_port(port, server)
     client = start("client", f"localhost:{port}", "--transport", transport, "-p", "2", env=env)
@@ -429,20 +431,7 @@ def test_twistd_exits_non_zero_when_the_job_fails(env: dict, tmp_path: Path) -> 
         """,
     )
     port = free_port()
-    twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
-    server = start(
-        "-n",
-        "--pidfile=",
-        "--logfile=-",
-        "octo",
-        "--script",
-        str(script),
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
-        env=env,
-        cwd=tmp_path,
-        program=twistd,
-    )
+    server = start_twistd(script, "--listen", f"tcp:{port}:interface=127.0.0.1", env=env)
     wait_for_port(port, server)
     client = octo("client", f"localhost:{port}", env=env)
     code, out, err = finish(server)
