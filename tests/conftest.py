@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,14 +63,30 @@ def octo(
     )
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_processes() -> Iterator[None]:
+    """Kill whatever a test started and left running (say, after it failed)."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def start(
     *args: str, env: dict[str, str], cwd: Path | str | None = None, program: str | None = None
 ) -> subprocess.Popen[str]:
     """Start C{octo ARGS...} (or another program) in the background."""
     argv = [program, *args] if program else [sys.executable, "-m", "octotwist", *args]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    _started.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import finish, parse_tsv
+from conftest import finish, parse_tsv, start
 from test_end_to_end import job
 from test_faults import EXPECTED, SLOWISH, wait_for_line
 
@@ -69,12 +69,8 @@ def two_hosts() -> Iterator[tuple[str, str, str]]:
 
 
 def in_ns(ns: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "octotwist", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return start(
+        "netns", "exec", ns, sys.executable, "-m", "octotwist", *args, env=env, program="ip"
     )
 
 
