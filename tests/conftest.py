@@ -74,7 +74,10 @@ def _reap_processes() -> Iterator[None]:
         proc = _started.pop()
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def start(
