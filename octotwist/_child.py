@@ -47,9 +47,7 @@ def read_frame(stream: BinaryIO) -> Any:
 
 
 def write_frame(stream: BinaryIO, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=5)
-    stream.write(_HEADER.pack(len(data)))
-    stream.write(data)
+    stream.write(encode_frame(obj))
 
 
 def encode_frame(obj: Any) -> bytes:

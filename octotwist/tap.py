@@ -25,7 +25,7 @@ from octotwist.errors import OctotwistError, UsageError
 from octotwist.hookspecs import get_transport
 from octotwist.job import Job, load_job
 from octotwist.server import FaultPolicy, JobOutcome, JobServer
-from octotwist.transport import ServerSettings, TaskServer
+from octotwist.transport import ServerSettings, TaskServer, Transport
 
 _log = Logger()
 
@@ -182,7 +182,7 @@ class Options(InterspersedOptions):
             raise usage.UsageError("no job script: octo server JOB.py (or --script JOB.py)")
 
 
-def listen_settings(options: Options, default_port: int) -> tuple[str, bytes]:
+def listen_settings(options: Options, transport: Transport) -> tuple[str, bytes]:
     """
     Where to listen and with which secret, applying the rule that a server
     reachable from other machines needs a configured secret.
@@ -191,11 +191,11 @@ def listen_settings(options: Options, default_port: int) -> tuple[str, bytes]:
     """
     configured = auth.configured_secret(options["secret-file"])
     listen = options["listen"]
-    if listen is not None:
-        check_server_endpoint(listen)
     if listen is None:
-        listen = f"tcp:{default_port}" + ("" if configured else ":interface=127.0.0.1")
-    elif configured is None and not server_is_local(listen):
+        listen = transport.default_listen(local_only=configured is None)
+    else:
+        check_server_endpoint(listen)
+    if configured is None and not server_is_local(listen):
         raise UsageError(
             f"refusing to listen on {listen} without a configured secret: any machine "
             f"that can reach it could run code here. Set {auth.SECRET_ENV} or pass "
@@ -289,7 +289,7 @@ def build_service(options: Options, reactor: Any, output: IO[str] | None = None)
     """
     job = load_job(options["script"])
     transport = get_transport(options["transport"])
-    listen, secret = listen_settings(options, transport.default_port)
+    listen, secret = listen_settings(options, transport)
     if output is None:
         output = open_output(options["output"], job)
     job_server = JobServer(
