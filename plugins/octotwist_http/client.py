@@ -1,0 +1,550 @@
+"""
+The HTTP transport's client, on treq with its own connection pool.
+
+L{HTTPTaskClient.connect} opens a session (the handshake in
+L{octotwist_http.wire}) and returns a L{_ClientChannel}, which keeps exactly
+one long poll open for what the server sends, and sends what the core sends
+in order, one upload at a time, several frames per upload.  A poll or an
+upload that fails on the network is tried again once (frames are numbered,
+so nothing is delivered twice); a second failure, or any refusal from the
+server, loses the channel, and the core reconnects with a new session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import itertools
+import re
+import urllib.parse
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import ssl
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.task import cooperate, deferLater
+from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from octotwist import auth, codec
+from octotwist.endpoints import split_host_port
+from octotwist.errors import (
+    AuthenticationError,
+    OctotwistError,
+    RemoteProtocolError,
+    UsageError,
+)
+from octotwist.messages import Message
+from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskClient
+from octotwist_http import wire
+
+_log = Logger()
+
+#: Seconds to wait for a TCP (and TLS) connection.
+CONNECT_TIMEOUT = 15.0
+#: Seconds the client asks the server to hold a poll; the request itself
+#: times out L{POLL_SLACK} seconds later.
+POLL_WAIT = 25
+POLL_SLACK = 20.0
+#: Seconds an upload or a small request may take before its answer starts.
+REQUEST_TIMEOUT = 120.0
+#: Network failures in a row a poll or an upload survives (tried again).
+RETRIES = 1
+
+_OPEN, _CLOSING, _CLOSED = "open", "closing", "closed"
+
+
+@implementer(IBodyProducer)
+class _FramesProducer:
+    """A request body made of frames, written one frame at a time as the socket drains."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self._frames = frames
+        self.length = wire.body_length(frames)
+        self._task: Any = None
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        self._task = cooperate(self._write(consumer))
+        return self._task.whenDone().addCallback(lambda _: None)
+
+    def _write(self, consumer: Any) -> Iterator[None]:
+        for frame in self._frames:
+            consumer.write(wire.frame_header(frame))
+            consumer.write(frame)
+            yield None
+
+    def pauseProducing(self) -> None:
+        self._task.pause()
+
+    def resumeProducing(self) -> None:
+        self._task.resume()
+
+    def stopProducing(self) -> None:
+        with contextlib.suppress(Exception):  # already finished
+            self._task.stop()
+
+
+class _Lost(Exception):
+    """The channel cannot go on; the message says why."""
+
+
+async def _text(response: Any, limit: int = 2000) -> str:
+    try:
+        body = await response.content()
+    except Exception:
+        return ""
+    return body[:limit].decode("utf-8", "replace").strip()
+
+
+def _refusal(what: str, code: int, text: str) -> str:
+    return f"the server refused {what}: {code} {text or '(no reason given)'}"
+
+
+class _ClientChannel(MessageChannel):
+    """The worker's side of one session."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        http: Any,
+        pool: HTTPConnectionPool,
+        base: str,
+        session: str,
+        key: bytes,
+    ) -> None:
+        self._reactor = reactor
+        self._http = http
+        self._pool = pool
+        self._base = base
+        self._session = session
+        self._key = key
+        self._seq = itertools.count()
+        self.handler: ChannelHandler | None = None
+        self.state = _OPEN
+        # worker -> server: _out[0] is frame number _out_next
+        self._out: deque[bytes] = deque()
+        self._out_next = 0
+        self._posting: Deferred[None] | None = None
+        self._drained: list[Deferred[None]] = []
+        # server -> worker
+        self._in_next = 0
+        self._polling: Deferred[None] | None = None
+        self._poll_request: Deferred[Any] | None = None
+
+    @property
+    def peer(self) -> str:
+        return self._base
+
+    def start(self) -> None:
+        self._polling = ensureDeferred(self._poll_loop())
+        self._polling.addErrback(self._crashed, "polling")
+
+    # Sending.
+
+    def send(self, message: Message) -> None:
+        if self.state is not _OPEN:
+            return
+        self._out.append(codec.encode_message(message))
+        if self._posting is None:
+            self._posting = ensureDeferred(self._post_loop())
+            self._posting.addErrback(self._crashed, "sending")
+
+    async def _post_loop(self) -> None:
+        try:
+            while self._out and self.state is not _CLOSED:
+                count = wire.take_batch(self._out)
+                frames = list(itertools.islice(self._out, count))
+                await self._upload(frames, self._out_next)
+                for _ in range(count):
+                    self._out.popleft()
+                self._out_next += count
+        except _Lost as e:
+            self._finish(str(e))
+        except CancelledError:
+            pass
+        finally:
+            self._posting = None
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    async def _upload(self, frames: list[bytes], first: int) -> None:
+        target = f"session/{self._session}/messages?first={first}"
+        for attempt in itertools.count():
+            try:
+                response = await self._request(
+                    b"POST", target, data=_FramesProducer(frames), timeout=REQUEST_TIMEOUT
+                )
+            except CancelledError:
+                raise
+            except Exception as e:
+                if self.state is _CLOSED:
+                    raise CancelledError() from None
+                if attempt >= RETRIES:
+                    raise _Lost(f"sending to the server failed: {_describe(e)}") from None
+                _log.debug("upload failed ({error}); trying again", error=_describe(e))
+                continue
+            if response.code == 204:
+                await _text(response)
+                return
+            raise _Lost(_refusal("our messages", response.code, await _text(response)))
+
+    def _request(
+        self, method: bytes, target: str, data: Any = None, timeout: float | None = None
+    ) -> Deferred[Any]:
+        seq = next(self._seq)
+        credentials = wire.request_credentials(
+            self._key, method, target.encode("ascii"), self._session, seq
+        )
+        headers = Headers({b"Authorization": [credentials]})
+        if data is not None:
+            headers.setRawHeaders(b"Content-Type", [b"application/octet-stream"])
+        return self._http.request(
+            method.decode("ascii"),
+            self._base + "octo/" + target,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            unbuffered=True,
+            timeout=timeout,
+            reactor=self._reactor,
+        )
+
+    # Receiving.
+
+    async def _poll_loop(self) -> None:
+        failures = 0
+        while self.state is _OPEN:
+            target = f"session/{self._session}/messages?ack={self._in_next}&wait={POLL_WAIT}"
+            try:
+                self._poll_request = self._request(b"GET", target, timeout=POLL_WAIT + POLL_SLACK)
+                response = await self._poll_request
+                if response.code == 200:
+                    await self._read_frames(response)
+                elif response.code == 204:
+                    await _text(response)
+                else:
+                    text = await _text(response)
+                    if self.state is _OPEN:
+                        self._finish(_refusal("a poll", response.code, text))
+                    return
+                failures = 0
+            except CancelledError:
+                return
+            except _Lost as e:
+                self._finish(str(e))
+                return
+            except Exception as e:
+                if self.state is not _OPEN:
+                    return
+                failures += 1
+                if failures > RETRIES:
+                    self._finish(f"polling the server failed: {_describe(e)}")
+                    return
+                _log.debug("poll failed ({error}); polling again", error=_describe(e))
+                await deferLater(self._reactor, 0.2)
+            finally:
+                self._poll_request = None
+
+    async def _read_frames(self, response: Any) -> None:
+        first = response.headers.getRawHeaders(wire.FIRST_HEADER, [b""])[0]
+        if first != b"%d" % self._in_next:
+            raise _Lost(f"the server sent frames from {first!r}, expected {self._in_next}")
+        parser = wire.FrameParser(wire.MAX_FRAME)
+        received = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal received
+            received += len(data)
+            try:
+                frames = list(parser.feed(data))
+            except wire.FramingError as e:
+                raise _Lost(f"the server sent a bad body: {e}") from None
+            for frame in frames:
+                try:
+                    message = codec.decode_message(frame)
+                except RemoteProtocolError as e:
+                    raise _Lost(str(e)) from None
+                self._in_next += 1
+                if self.handler is not None:
+                    self.handler.message_received(message)
+
+        self._poll_request = _treq().collect(response, collect)
+        await self._poll_request
+        if parser.pending or (isinstance(response.length, int) and received != response.length):
+            raise ConnectionError("the poll response was cut short")
+
+    # Closing.
+
+    def close(self) -> None:
+        if self.state is _OPEN:
+            self.state = _CLOSING
+            d = ensureDeferred(self._close())
+            d.addErrback(self._crashed, "closing")
+
+    async def _close(self) -> None:
+        """Send what is queued, hang up the session, then report the channel closed."""
+        if self._posting is not None:
+            drained: Deferred[None] = Deferred()
+            self._drained.append(drained)
+            await drained
+        if self.state is _CLOSED:
+            return
+        try:
+            response = await self._request(
+                b"DELETE", f"session/{self._session}", timeout=CONNECT_TIMEOUT
+            )
+            await _text(response)
+        except Exception as e:
+            _log.debug("could not hang up cleanly: {error}", error=_describe(e))
+        self._finish("connection closed")
+
+    def _finish(self, reason: str) -> None:
+        """End the channel (once): stop requests, close the pool, tell the core."""
+        if self.state is _CLOSED:
+            return
+        self.state = _CLOSED
+        for d in (self._poll_request, self._posting):
+            if d is not None and not d.called:
+                d.cancel()
+        handler, self.handler = self.handler, None
+        ensureDeferred(self._release(reason, handler)).addErrback(self._crashed, "closing")
+
+    async def _release(self, reason: str, handler: ChannelHandler | None) -> None:
+        # Let the poll loop end first, so that its connection is back in the
+        # pool (or aborted) before the pool closes what it holds.
+        polling = self._polling
+        if polling is not None and not polling.called:
+            polling.addTimeout(CONNECT_TIMEOUT, self._reactor)
+            with contextlib.suppress(Exception):
+                await polling
+        await self._pool.closeCachedConnections()
+        if handler is not None:
+            handler.connection_lost(reason)
+
+    def _crashed(self, failure: Any, doing: str) -> None:
+        _log.failure("bug while {doing}", failure, doing=doing)
+        self._finish(f"internal error while {doing}: {failure.getErrorMessage()}")
+        return None
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a network error; treq wraps the real cause in a list."""
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return "; ".join(_describe(r.value) for r in reasons)
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _tls_problem(e: BaseException) -> BaseException | None:
+    """The TLS error behind a failed request, if that is what failed."""
+    for reason in getattr(e, "reasons", None) or ():
+        found = _tls_problem(reason.value)
+        if found is not None:
+            return found
+    module = type(e).__module__
+    if module.startswith(("OpenSSL", "service_identity")):
+        return e
+    return None
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\s.+?\s-----END CERTIFICATE-----", re.DOTALL)
+
+
+def load_ca_file(path: str) -> Any:
+    """
+    The trust root for C{--ca-file PATH}: every certificate in that PEM file.
+
+    @raise UsageError: the file cannot be read or holds no certificate.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"--ca-file {path}: cannot read it: {e.strerror}") from None
+    blocks = _PEM_CERT.findall(data)
+    if not blocks:
+        raise UsageError(
+            f"--ca-file {path}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it"
+        )
+    try:
+        certificates = [ssl.Certificate.loadPEM(block) for block in blocks]
+    except Exception as e:
+        raise UsageError(f"--ca-file {path}: not a valid certificate: {e}") from None
+    return ssl.trustRootFromCertificates(certificates)
+
+
+class HTTPTaskClient(TaskClient):
+    """
+    Connects to C{settings.connect}, an C{http://} or C{https://} URL (see
+    L{address_to_endpoint}).  C{settings.options["ca-file"]} names the CA
+    certificates an https server's certificate must chain to; without it,
+    the system's trusted CAs are used.  The host name is always checked.
+    """
+
+    default_port = wire.DEFAULT_PORT
+
+    def __init__(self, reactor: Any, settings: Any) -> None:
+        super().__init__(reactor, settings)
+        ca_file = (settings.options or {}).get("ca-file")
+        self._trust = load_ca_file(ca_file) if ca_file else None
+
+    @classmethod
+    def address_to_endpoint(cls, address: str) -> str:
+        """
+        C{http://HOST:PORT/} and C{https://HOST:PORT/} (a path is allowed,
+        for a server behind a proxy; a URL without a port uses 80 or 443),
+        or C{HOST[:PORT]}, which means C{http://HOST:PORT/} with port
+        L{default_port}.  Returns the URL, normalized to end with C{/}.
+
+        @raise ValueError: anything else; the message says what is expected.
+        """
+        text = address.strip()
+        expected = "give http://HOST:PORT/, https://HOST:PORT/ or HOST[:PORT]"
+        if "://" in text:
+            parts = urllib.parse.urlsplit(text)
+            scheme = parts.scheme.lower()
+            if scheme not in ("http", "https"):
+                raise ValueError(f"the http transport speaks http:// and https://, not {scheme}://")
+            try:
+                port = parts.port
+            except ValueError:
+                raise ValueError(f"bad port in {text!r}; {expected}") from None
+            host = parts.hostname
+            if not host or parts.query or parts.fragment or parts.username:
+                raise ValueError(f"{text!r} is not a server URL; {expected}")
+            path = parts.path if parts.path.endswith("/") else parts.path + "/"
+            return f"{scheme}://{_url_host(host)}{f':{port}' if port else ''}{path}"
+        if text.split(":", 1)[0] in ("tcp", "tls", "ssl", "unix") or "=" in text or "/" in text:
+            raise ValueError(f"{text!r} is not an HTTP address; {expected}")
+        try:
+            host, port = split_host_port(text, cls.default_port)
+        except ValueError:
+            raise ValueError(f"bad port in {text!r}; {expected}") from None
+        if not host or not 0 < port < 65536 or any(c.isspace() for c in host):
+            raise ValueError(f"{text!r} is not a HOST[:PORT]; {expected}")
+        return f"http://{_url_host(host)}:{port}/"
+
+    def connect(self, accept: Accept) -> Deferred[MessageChannel]:
+        return Deferred.fromCoroutine(self._connect(accept))
+
+    async def _connect(self, accept: Accept) -> MessageChannel:
+        base = self.address_to_endpoint(self.settings.connect)
+        pool = HTTPConnectionPool(self.reactor, persistent=True)
+        pool.maxPersistentPerHost = 4
+        # Twisted would send a failed GET again with the same token, which
+        # the server refuses as a replay; the channel retries with a new one.
+        pool.retryAutomatically = False
+        policy = (
+            BrowserLikePolicyForHTTPS(trustRoot=self._trust)
+            if self._trust is not None
+            else BrowserLikePolicyForHTTPS()
+        )
+        agent = Agent(
+            self.reactor, contextFactory=policy, pool=pool, connectTimeout=CONNECT_TIMEOUT
+        )
+        http = _treq().client.HTTPClient(agent)
+        try:
+            return await self._open(http, pool, base, accept)
+        except BaseException as e:
+            await pool.closeCachedConnections()
+            problem = _tls_problem(e)
+            if problem is not None:
+                raise _tls_error(base, problem) from None
+            if isinstance(e, (OctotwistError, ConnectionError, CancelledError)):
+                raise
+            if isinstance(e, Exception):
+                raise ConnectionError(_connect_error(base, e)) from None
+            raise
+
+    async def _open(
+        self, http: Any, pool: HTTPConnectionPool, base: str, accept: Accept
+    ) -> MessageChannel:
+        secret = self.settings.secret
+        url = base + "octo/session"
+        kwargs = {"allow_redirects": False, "timeout": REQUEST_TIMEOUT, "reactor": self.reactor}
+        first = await http.request("POST", url, **kwargs)
+        await _text(first)
+        if first.code == 503:
+            raise ConnectionError(f"the server at {base} is shutting down")
+        challenge_header = first.headers.getRawHeaders(b"WWW-Authenticate", [None])[0]
+        params = wire.parse_credentials(challenge_header) or {}
+        challenge = bytes.fromhex(params.get("challenge", "")) if _is_hex(params) else b""
+        if first.code != 401 or len(challenge) != wire.CHALLENGE_SIZE:
+            raise RemoteProtocolError(
+                f"{base} is not an octo server (it answered {first.code} to POST {url} "
+                "without an octo challenge); check the URL and the port"
+            )
+        cnonce = auth.new_nonce()
+        headers = Headers({b"Authorization": [wire.session_credentials(secret, challenge, cnonce)]})
+        second = await http.request("POST", url, headers=headers, **kwargs)
+        text = await _text(second)
+        if second.code == 401:
+            raise AuthenticationError(
+                f"the server refused our secret ({text}): it does not have the same "
+                f"secret (check --secret-file / {auth.SECRET_ENV})"
+            )
+        if second.code == 503:
+            raise ConnectionError(f"the server at {base} is shutting down")
+        sid = second.headers.getRawHeaders(wire.SESSION_HEADER, [b""])[0].decode("ascii", "replace")
+        proof = second.headers.getRawHeaders(wire.PROOF_HEADER, [b""])[0].decode("ascii", "replace")
+        if second.code != 201 or not sid:
+            raise RemoteProtocolError(f"{base} answered {second.code} to a session request: {text}")
+        expected = wire.server_proof(secret, challenge, cnonce).hex()
+        if not hmac.compare_digest(expected.encode(), proof.encode()):
+            raise AuthenticationError("the server did not prove it knows the secret")
+        key = wire.session_key(secret, challenge, cnonce)
+        channel = _ClientChannel(self.reactor, http, pool, base, sid, key)
+        channel.handler = accept(channel)
+        channel.start()
+        return channel
+
+
+def _treq() -> Any:
+    """treq, imported on first use: the plugin loads without it (octotwist[http])."""
+    try:
+        import treq
+        import treq.client
+    except ImportError:
+        raise UsageError(
+            "the http transport's client needs treq: pip install 'octotwist[http]'"
+        ) from None
+    return treq
+
+
+def _is_hex(params: dict[str, str]) -> bool:
+    value = params.get("challenge", "")
+    return bool(re.fullmatch(r"[0-9a-fA-F]+", value)) and len(value) % 2 == 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _connect_error(base: str, e: Exception) -> str:
+    text = _describe(e)
+    if base.startswith("http:") and getattr(e, "reasons", None):
+        # Connected, then closed without an answer: an https server (or no
+        # HTTP server at all) on that port.
+        text += "; the server closed the connection without answering: if it serves https, "
+        text += "use an https:// URL"
+    return text
+
+
+def _tls_error(base: str, problem: BaseException) -> Exception:
+    detail = _describe(problem)
+    host = urllib.parse.urlsplit(base).hostname
+    if "certificate verify failed" in detail or "VerificationError" in detail:
+        return AuthenticationError(
+            f"cannot verify the TLS certificate of {host} ({detail}): if the server's "
+            "certificate is self-signed or from a private CA, pass that CA's certificate "
+            "with --ca-file PATH; the certificate must also name the host in the URL"
+        )
+    return RemoteProtocolError(
+        f"TLS with {host} failed ({detail}); does the server listen with ssl: (https)?"
+    )
