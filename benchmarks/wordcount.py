@@ -1,35 +1,55 @@
 """
-Word count: octotwist against a plain single-process Python loop, in one run.
+Word count: octotwist against the anchors, in one invocation.
 
-    python benchmarks/wordcount.py [CORPUS_DIR] [--runs 3] [--workers 2]
+    python benchmarks/wordcount.py CORPUS_DIR [--runs 3] [--quick] [--small-tasks 10000]
 
-CORPUS_DIR defaults to the bundled sample (examples/books); for the 150 MB
-benchmark corpus, build it with `python ../shared/corpus/build.py DIR`.
-Every figure is the median of --runs whole-process runs, and every row
-carries its ratio to the baseline measured in this same invocation (the
-machines we run on are shared and noisy: compare ratios, not seconds).
-Each run's result is checked against the baseline's; a mismatch fails loudly.
+Build the 150 MB corpus with `python3 ../shared/corpus/build.py DIR`
+(`--target-bytes N` for other sizes).  Rows, all on the same files with the
+seed's mapfn/reducefn:
+
+  1. baseline: one process, plain Python, dict-of-lists shuffle;
+  2. `octo run -w 2`, no combiner;
+  3. `octo run -w 2` with combinefn (sum; reducefn sums too);
+  4. multiprocessing.Pool(2), hand-written map + combine;
+  5. per installed transport: `octo server` + 2 `octo client -p 1` processes.
+
+Every figure is the median of --runs whole-process runs; every row carries its
+ratio to the baseline measured in this same invocation (the machines we run
+on are shared and noisy: compare ratios, not seconds).  Peak RSS is sampled
+every 20 ms: "server" is the process that serves the job (for `octo run`, the
+one process holding the server and the local worker's reactor; the task
+processes are not in it), "tree" is the largest sum over the whole process
+tree.  Each run's result is checked against the baseline's; a mismatch exits
+non-zero.  --small-tasks N times N one-pair map tasks through one server and 2
+workers and prints tasks per second.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
-# The seed's mapfn/reducefn over every .txt file of a directory; the
-# directory comes from the environment so that the same script serves every row.
+# The seed's mapfn/reducefn over the files listed in $CORPUS_LIST; the list
+# comes from the environment so that the same script serves every row.
 JOB = """\
-import glob, os
-text_files = sorted(glob.glob(os.path.join(os.environ["CORPUS_DIR"], "*.txt")))
+import os
+with open(os.environ["CORPUS_LIST"]) as f:
+    text_files = f.read().split("\\n")
 
 class Files:
     # lazy: the server reads a file when its map task is handed out
@@ -52,6 +72,14 @@ def reducefn(key, value):
     return key, len(value)
 """
 
+COMBINE = """
+def combinefn(key, values):
+    return key, sum(values)
+
+def reducefn(key, values):
+    return key, sum(values)
+"""
+
 BASELINE = """\
 import sys
 from collections import defaultdict
@@ -67,18 +95,147 @@ with open(sys.argv[2], "w") as out:
         out.write(f"{rk}\\t{rv}\\n")
 """
 
+# The best one can write by hand: each process maps whole files and sums per
+# word as it goes (the combine); the parent adds up the per-file tables.
+POOL = """\
+import sys
+from collections import defaultdict
+from multiprocessing import Pool
+sys.path.insert(0, sys.argv[1])
+import job
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run a command; return (wall seconds, CPU seconds of it and its children)."""
+def count(name):
+    sums = defaultdict(int)
+    for k, v in job.mapfn(name, job.source[name]):
+        sums[k] += v
+    return sums
+
+if __name__ == "__main__":
+    total = defaultdict(int)
+    with Pool(2) as pool:
+        for sums in pool.imap_unordered(count, list(job.source), chunksize=4):
+            for k, v in sums.items():
+                total[k] += v
+    with open(sys.argv[2], "w") as out:
+        for k in sorted(total):
+            out.write(f"{k}\\t{total[k]}\\n")
+"""
+
+SMALL = """\
+import os
+source = {i: i for i in range(int(os.environ["SMALL_TASKS"]))}
+
+def mapfn(key, value):
+    yield value % 100, 1
+
+def reducefn(key, values):
+    return key, len(values)
+"""
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float
+    server_rss: int  # bytes
+    tree_rss: int
+
+
+@dataclass
+class Row:
+    name: str
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in self.samples)
+
+
+class RssWatch(threading.Thread):
+    """Samples the RSS of a process tree until told to stop."""
+
+    def __init__(self, roots: list[int], server: int) -> None:
+        super().__init__(daemon=True)
+        self.roots, self.server = roots, server
+        self.tree_peak = self.server_peak = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.02):
+            parents: dict[int, int] = {}
+            rss: dict[int, int] = {}
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parents[int(entry)] = int(fields[1])
+                rss[int(entry)] = int(fields[21]) * PAGE
+            tree = set(self.roots)
+            grew = True
+            while grew:
+                more = {p for p, pp in parents.items() if pp in tree} - tree
+                grew = bool(more)
+                tree |= more
+            self.tree_peak = max(self.tree_peak, sum(rss.get(p, 0) for p in tree))
+            try:
+                with open(f"/proc/{self.server}/status") as f:
+                    hwm = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+                if hwm:
+                    self.server_peak = max(self.server_peak, int(hwm.group(1)) * 1024)
+            except OSError:
+                pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"FAILED: the server exited early:\n{proc.stderr.read()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    sys.exit(f"FAILED: nothing listens on port {port} after {timeout} s")
+
+
+def run_once(commands: list[list[str]], env: dict[str, str], port: int | None = None) -> Sample:
+    """
+    Run C{commands[0]} (the server, or the only process) and then the rest
+    (clients, once C{port} listens); time it all, sample RSS, check exit codes.
+    """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    r = subprocess.run(argv, env=env, capture_output=True, text=True)
+    procs = [subprocess.Popen(commands[0], env=env, stderr=subprocess.PIPE, text=True)]
+    watch = RssWatch([procs[0].pid], procs[0].pid)
+    watch.start()
+    if len(commands) > 1:
+        assert port is not None
+        wait_for_port(port, procs[0])
+        for argv in commands[1:]:
+            procs.append(subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL, text=True))
+            watch.roots.append(procs[-1].pid)
+    _, err = procs[0].communicate()
+    for p in procs[1:]:
+        p.wait(timeout=60)
     wall = time.perf_counter() - started
+    watch.stopped.set()
+    watch.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if r.returncode != 0:
-        sys.exit(f"FAILED: {' '.join(argv)}\n{r.stderr}")
+    for argv, p in zip(commands, procs, strict=True):
+        if p.returncode != 0:
+            sys.exit(f"FAILED ({p.returncode}): {' '.join(argv)}\n{err}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
+    run_once.stderr = err  # type: ignore[attr-defined]
+    return Sample(wall, cpu, watch.server_peak, watch.tree_peak)
 
 
 def read_result(path: Path) -> dict[str, str]:
@@ -90,68 +247,205 @@ def read_result(path: Path) -> dict[str, str]:
     return result
 
 
+def octo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "octotwist", *args]
+
+
+def transport_rows(
+    work: Path, env: dict[str, str], job: Path, out: Path
+) -> dict[str, tuple[list[list[str]], dict[str, str], int]]:
+    """One row per installed transport: server + 2 clients (1 process each)."""
+    from octotwist.hookspecs import transports
+
+    try:
+        from octotwist.hookspecs import conformance_setup
+    except ImportError:
+        conformance_setup = None
+    rows = {}
+    for name in sorted(transports()):
+        port = free_port()
+        setup = None
+        if conformance_setup is not None:
+            try:
+                setup = conformance_setup(name, work / f"setup-{name}")
+            except Exception as e:
+                print(f"note: transport {name} skipped: its test setup failed ({e})")
+                continue
+        listen = (setup.listen if setup else "tcp:{port}:interface=127.0.0.1").format(port=port)
+        address = (setup.address if setup else "127.0.0.1:{port}").format(port=port)
+        server = octo(
+            "server",
+            str(job),
+            "--transport",
+            name,
+            "--listen",
+            listen,
+            "-o",
+            str(out),
+            *(setup.server_args if setup else []),
+        )
+        client = octo(
+            "client",
+            address,
+            "--transport",
+            name,
+            "-p",
+            "1",
+            *(setup.client_args if setup else []),
+        )
+        row_env = dict(env, **(setup.env if setup else {}))
+        rows[f"{name}: octo server + 2 clients"] = ([server, client, client], row_env, port)
+    return rows
+
+
+def pick_files(corpus: Path, limit: int | None) -> list[Path]:
+    files = sorted(corpus.glob("*.txt"))
+    if limit is None:
+        return files
+    chosen, size = [], 0
+    for f in files:
+        if size >= limit:
+            break
+        chosen.append(f)
+        size += f.stat().st_size
+    return chosen
+
+
+def small_tasks(n: int, work: Path, env: dict[str, str]) -> None:
+    """N one-pair map tasks: tasks per second through one server, 2 workers."""
+    (work / "small.py").write_text(SMALL)
+    out = work / "small.tsv"
+    env = dict(env, SMALL_TASKS=str(n))
+    expected = {str(k): str(v) for k, v in Counter(i % 100 for i in range(n)).items()}
+    port = free_port()
+    setups = {
+        "octo run -w 2": ([octo("run", str(work / "small.py"), "-w", "2", "-o", str(out))], None),
+        "tcp: octo server + 2 clients": (
+            [
+                octo(
+                    "server",
+                    str(work / "small.py"),
+                    "--transport",
+                    "tcp",
+                    "--listen",
+                    f"tcp:{port}:interface=127.0.0.1",
+                    "-o",
+                    str(out),
+                ),
+                *[octo("client", f"127.0.0.1:{port}", "-p", "1")] * 2,
+            ],
+            port,
+        ),
+    }
+    print(f"\n{n} map tasks of one pair each (job time as the server logs it):")
+    for name, (commands, p) in setups.items():
+        sample = run_once(commands, env, p)
+        m = re.search(r"finished: \d+ results in ([\d.]+) s", run_once.stderr)  # type: ignore[attr-defined]
+        if read_result(out) != expected:
+            sys.exit(f"MISMATCH: {name} gave a wrong small-task result")
+        job_s = float(m.group(1)) if m else sample.wall
+        print(f"  {name:32} {job_s:6.2f} s  {n / job_s:8.0f} tasks/s  (wall {sample.wall:.2f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("corpus", nargs="?", default=str(ROOT / "examples" / "books"))
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="10 MB of the corpus, 1 run")
+    ap.add_argument("--rows", default="", help="comma-separated substrings: only these rows")
+    ap.add_argument("--small-tasks", type=int, default=0, metavar="N")
     a = ap.parse_args()
     corpus = Path(a.corpus).resolve()
-    files = sorted(corpus.glob("*.txt"))
-    size = sum(f.stat().st_size for f in files)
+    files = pick_files(corpus, 10_000_000 if a.quick else None)
+    runs = 1 if a.quick else a.runs
     if not files:
         sys.exit(f"no .txt files in {corpus}")
+    size = sum(f.stat().st_size for f in files)
     with tempfile.TemporaryDirectory(prefix="octo-bench-") as tmp:
         work = Path(tmp)
+        (work / "files.txt").write_text("\n".join(str(f) for f in files))
         (work / "job.py").write_text(JOB)
+        (work / "combine").mkdir()
+        (work / "combine" / "job.py").write_text(JOB + COMBINE)
         (work / "baseline.py").write_text(BASELINE)
-        env = dict(os.environ, CORPUS_DIR=str(corpus), XDG_CONFIG_HOME=str(work / "config"))
-        rows = {
-            "baseline: one process, dict-of-lists": [
-                sys.executable,
-                str(work / "baseline.py"),
-                str(work),
-                str(work / "out.tsv"),
-            ],
-            f"octo run -w {a.workers}": [
-                sys.executable,
-                "-m",
-                "octotwist",
-                "run",
-                str(work / "job.py"),
-                "-w",
-                str(a.workers),
-                "-q",
-                "-o",
-                str(work / "out.tsv"),
-            ],
+        (work / "pool.py").write_text(POOL)
+        out = work / "out.tsv"
+        env = dict(
+            os.environ,
+            CORPUS_LIST=str(work / "files.txt"),
+            XDG_CONFIG_HOME=str(work / "config"),
+            PYTHONUNBUFFERED="1",
+        )
+        env.pop("OCTO_SECRET", None)
+        rows: dict[str, tuple[list[list[str]], dict[str, str], int | None]] = {
+            "baseline: one process, dict-of-lists": (
+                [[sys.executable, str(work / "baseline.py"), str(work), str(out)]],
+                env,
+                None,
+            ),
+            "octo run -w 2": (
+                [octo("run", str(work / "job.py"), "-w", "2", "-q", "-o", str(out))],
+                env,
+                None,
+            ),
+            "octo run -w 2, combinefn": (
+                [octo("run", str(work / "combine" / "job.py"), "-w", "2", "-q", "-o", str(out))],
+                env,
+                None,
+            ),
+            "multiprocessing.Pool(2), hand combine": (
+                [[sys.executable, str(work / "pool.py"), str(work), str(out)]],
+                env,
+                None,
+            ),
         }
+        rows.update(transport_rows(work, env, work / "job.py", out))
+        wanted = [w for w in a.rows.split(",") if w]
+        if wanted:
+            rows = {
+                k: v
+                for i, (k, v) in enumerate(rows.items())
+                if i == 0 or any(w in k for w in wanted)
+            }
         print(
             f"corpus: {corpus} ({len(files)} files, {size / 2**20:.1f} MiB); "
-            f"median of {a.runs} runs; {os.cpu_count()} CPUs"
+            f"median of {runs} runs; {os.cpu_count()} CPUs"
         )
         reference: dict[str, str] | None = None
-        medians: dict[str, tuple[float, float]] = {}
-        for name, argv in rows.items():
-            walls, cpus = [], []
-            for _ in range(a.runs):
-                wall, cpu = timed(argv, env)
-                walls.append(wall)
-                cpus.append(cpu)
-                result = read_result(work / "out.tsv")
+        results: list[Row] = []
+        for name, (commands, row_env, port) in rows.items():
+            row = Row(name)
+            for _ in range(runs):
+                if out.exists():
+                    out.unlink()
+                row.samples.append(run_once(commands, row_env, port))
+                result = read_result(out)
                 if reference is None:
                     reference = result
                 elif result != reference:
                     sys.exit(f"MISMATCH: {name} gave a different result from the baseline")
-            medians[name] = (statistics.median(walls), statistics.median(cpus))
-        base_wall = medians[next(iter(rows))][0]
-        print(f"{'':40} {'wall s':>8} {'cpu s':>8} {'ratio':>7}")
-        for name, (wall, cpu) in medians.items():
-            print(f"{name:40} {wall:8.2f} {cpu:8.2f} {wall / base_wall:6.2f}x")
+            results.append(row)
+            print(f"  done: {name}", file=sys.stderr)
+        base = results[0].median("wall")
+        pool = next((r.median("wall") for r in results if "Pool" in r.name), None)
+        print(f"{'':40} {'wall s':>7} {'cpu s':>7} {'ratio':>7} {'server':>9} {'tree':>9}")
+        for row in results:
+            wall = row.median("wall")
+            extra = ""
+            if "combinefn" in row.name and pool:
+                extra = f"  ({wall / pool:.2f}x the Pool(2) combine)"
+            server_mib = row.median("server_rss") / 2**20
+            tree_mib = row.median("tree_rss") / 2**20
+            print(
+                f"{row.name:40} {wall:7.2f} {row.median('cpu'):7.2f} {wall / base:6.2f}x "
+                f"{server_mib:5.0f} MiB {tree_mib:5.0f} MiB{extra}"
+            )
         assert reference is not None
-        print(f"results identical across all runs: {len(reference)} distinct words")
+        print(f"results identical across all rows and runs: {len(reference)} distinct words")
+        if a.small_tasks:
+            small_tasks(a.small_tasks, work, env)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,9 @@ class WorkerSession:
         self.welcome = welcome
         self.pool = ProcessPool(self.reactor, welcome.functions, self.processes)
         self.channel.send(
-            messages.Hello(self.name, socket.gethostname(), os.getpid(), self.processes)
+            messages.Hello(
+                self.name, socket.gethostname(), os.getpid(), self.processes, self.processes
+            )
         )
         _log.info(
             "running job {job} with {n} process{es}",

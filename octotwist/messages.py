@@ -65,6 +65,9 @@ class Hello:
     host: str
     pid: int
     slots: int  # how many tasks it runs at once
+    # How many more it wants queued, so that a process never waits for the
+    # network between two tasks; they count as running for the scheduler.
+    prefetch: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -183,7 +183,7 @@ class JobServer:
             n += 1
             name = f"{hello.name}#{n}"
         self._sessions[name] = session
-        self.scheduler.handle(WorkerJoined(name, hello.slots))
+        self.scheduler.handle(WorkerJoined(name, hello.slots + hello.prefetch))
         self.scheduler.handle(Heard(name, self.reactor.seconds()))
         _log.info(
             "worker {worker} joined from {peer} ({slots} process{es})",
@@ -345,9 +345,10 @@ class JobServer:
         try:
             for partition in range(self.reduce_tasks):
                 for blob in self.store.blobs(TaskKind.REDUCE, partition):
-                    for key, value in codec.unpack(blob):
+                    keys, values = codec.unpack(blob)
+                    for key, value in zip(keys, values, strict=True):
                         final(key, value)
-                        results += 1
+                    results += len(keys)
                 self.store.drop(TaskKind.REDUCE, partition)
         except Exception as e:
             self._fail("final() raised:\n" + "".join(traceback.format_exception(e)))

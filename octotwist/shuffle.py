@@ -3,14 +3,31 @@ The shuffle, without I/O: partition map output, group it, combine it, and
 merge it back together for the reducers.
 
 Map side (L{MapOutput}): the pairs one map task yields are grouped by key in
-memory, reduced by C{combinefn} when the job has one, split by partition and
-sorted by key into I{runs}: lists of C{(key, values)}.  A task whose output
-outgrows a bound emits its runs early (a spill) and starts again, so a worker's
-memory is bounded by the bound, not by the task.
+memory, reduced by C{combinefn} when the job has one, and split by partition
+into I{runs}.  A task whose output outgrows a bound emits its runs early (a
+spill) and starts again, so a worker's memory is bounded by the bound, not by
+the task.
 
 Reduce side (L{merge_runs}, L{reduce_partition}): a partition's runs, in map
-task order, are merged into one group per key; C{reducefn} runs once per key in
-key order.
+task order, are merged into one group per key (a dict, then one sort of the
+distinct keys); C{reducefn} runs once per key in key order.
+
+Why it is shaped like this (docs/performance.md): a word count's map output is
+tens of millions of C{(word, 1)} pairs, and a Python statement per pair costs
+as much as the user's C{mapfn}.  So when every value in a chunk of pairs is
+the same value, the chunk's keys are counted in C (C{collections.Counter}),
+and the value travels once per run instead of once per pair.  A run is
+C{(keys, values, counts)}:
+
+  - C{values == (v,)}, a 1-tuple: key C{i} has C{counts[i]} copies of C{v};
+  - otherwise C{values[i]} is key C{i}'s value repeated C{counts[i]} times,
+    or, when C{counts[i] == 0}, the list of key C{i}'s values.
+
+Counting is used only when it cannot change what C{reducefn} sees: every value
+has the same type, one of int, str, bytes, bool, None, whose equal values are
+indistinguishable (C{1 == True == 1.0} and C{0.0 == -0.0} are not), and equal
+to the buffer's value.  Any other chunk makes the rest of the spill group pair
+by pair, keeping each key's values in the order they were yielded.
 
 Partitioning is stable across processes and machines: L{stable_hash} never
 uses the built-in C{hash()}, which is salted per process for C{str}.
@@ -20,18 +37,32 @@ from __future__ import annotations
 
 import pickle
 import zlib
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from operator import itemgetter
 from typing import Any
 
 Key = Any
-Run = list[tuple[Key, list[Any]]]
+#: C{(keys, values, counts)}; see the module docstring.
+Run = tuple[list[Key], list[Any] | tuple[Any], list[int]]
 PartitionFn = Callable[[Key, int], int]
 CombineFn = Callable[[Key, list[Any]], tuple[Key, Any]]
 ReduceFn = Callable[[Key, list[Any]], tuple[Key, Any]]
 
-#: Values held by one L{MapOutput} before it spills its runs.
+#: Values held by one L{MapOutput} (a counted key holds one) before it spills.
 DEFAULT_SPILL_VALUES = 2_000_000
+
+#: Pairs taken from a mapfn at a time.
+CHUNK = 65_536
+
+#: Value types whose equal values are indistinguishable to a reducefn.
+_INTERCHANGEABLE = frozenset({int, str, bytes, bool, type(None)})
+
+_UNSET: Any = object()
+_first = itemgetter(0)
+_second_item = itemgetter(1)
+_STR_SEED = zlib.crc32(b"s")
 
 
 def _canonical(key: Key) -> bytes:
@@ -68,11 +99,29 @@ def default_partition(key: Key, n: int) -> int:
     return stable_hash(key) % n
 
 
-def _sorted_items(groups: dict[Key, list[Any]]) -> Run:
+def _default_partitions(keys: list[Key], n: int) -> list[int]:
+    """L{default_partition} of each key; one C-speed pass when all are C{str}."""
+    if set(map(type, keys)) <= {str}:
+        try:
+            return [zlib.crc32(k.encode(), _STR_SEED) % n for k in keys]
+        except UnicodeEncodeError:  # a lone surrogate: the general path handles it
+            pass
+    return [zlib.crc32(_canonical(k)) % n for k in keys]
+
+
+def _sorted_keys(keys: list[Key]) -> list[Key]:
     try:
-        return sorted(groups.items())
+        return sorted(keys)
     except TypeError:  # keys of mixed types: keep first-seen order
-        return list(groups.items())
+        return keys
+
+
+def _pair(item: Any) -> tuple[Key, Any]:
+    try:
+        k, v = item
+    except (TypeError, ValueError):
+        raise TypeError(f"mapfn must yield (key, value) pairs, got {item!r}") from None
+    return k, v
 
 
 class MapOutput:
@@ -93,11 +142,22 @@ class MapOutput:
         spill_values: int = DEFAULT_SPILL_VALUES,
     ) -> None:
         self.partitions = partitions
-        self.partitionfn = partitionfn or default_partition
+        self.partitionfn = partitionfn
         self.combinefn = combinefn
         self.spill_values = spill_values
         self.records = 0
-        self._groups: defaultdict[Key, list[Any]] = defaultdict(list)
+        self._reset()
+
+    def _reset(self) -> None:
+        # Either counting (every value so far is the one value self._one:
+        # key -> count in self._counts) or ordered (key -> values in
+        # self._lists); once a chunk needs the ordered path, the rest of the
+        # spill takes it too.
+        self._one: Any = None
+        self._counts: dict[Key, int] = {}
+        self._lists: dict[Key, list[Any]] = {}
+        self._listed = 0  # values held in _lists
+        self._ordered = False
 
     def add_all(self, pairs: Iterable[tuple[Key, Any]]) -> Iterator[dict[int, Run]]:
         """
@@ -106,42 +166,108 @@ class MapOutput:
 
         @raise TypeError: an item is not a C{(key, value)} pair.
         """
-        groups = self._groups
-        held = 0
-        for pair in pairs:
-            try:
-                k, v = pair
-            except (TypeError, ValueError):
-                raise TypeError(f"mapfn must yield (key, value) pairs, got {pair!r}") from None
-            groups[k].append(v)
-            held += 1
-            if held >= self.spill_values:
-                self.records += held
-                held = 0
+        it = iter(pairs)
+        size = max(1, min(CHUNK, self.spill_values))
+        while chunk := list(islice(it, size)):
+            self.records += len(chunk)
+            if self._ordered or not self._count(chunk):
+                self._append(chunk)
+            if len(self._counts) + self._listed >= self.spill_values:
                 yield self.drain()
-                groups = self._groups
-        self.records += held
+
+    def _count(self, chunk: list[Any]) -> bool:
+        """
+        Add a chunk by counting its keys in C, when all its values are one
+        value (of an interchangeable type) and the same as the buffer's;
+        C{False} when the chunk needs the ordered path.
+        """
+        try:
+            # Checks in C; a bad item leaves it to the ordered path to complain.
+            if set(map(len, chunk)) != {2}:
+                return False
+            values = set(map(_second_item, chunk))
+            if len(values) != 1:
+                return False
+            types = set(map(type, map(_second_item, chunk)))
+            if len(types) != 1 or not types <= _INTERCHANGEABLE:
+                return False
+            (one,) = values
+            counts = self._counts
+            if counts and not (type(self._one) is type(one) and self._one == one):
+                return False
+            chunk_counts = Counter(map(_first, chunk))
+        except (TypeError, IndexError, KeyError):
+            return False
+        self._one = one
+        if counts:
+            get = counts.get
+            for k, c in chunk_counts.items():
+                counts[k] = get(k, 0) + c
+        else:
+            self._counts = dict(chunk_counts)
+        return True
+
+    def _append(self, chunk: list[Any]) -> None:
+        """Add a chunk pair by pair, keeping the order of each key's values."""
+        lists = self._lists
+        if not self._ordered:
+            self._ordered = True
+            one = self._one
+            for k, c in self._counts.items():
+                lists[k] = [one] * c
+                self._listed += c
+            self._counts = {}
+        for item in chunk:
+            k, v = _pair(item)
+            values = lists.get(k)
+            if values is None:
+                lists[k] = [v]
+            else:
+                values.append(v)
+        self._listed += len(chunk)
 
     def drain(self) -> dict[int, Run]:
-        """Combine, partition and sort what is buffered; empty the buffer."""
-        groups, self._groups = self._groups, defaultdict(list)
+        """Combine and partition what is buffered; empty the buffer."""
+        one, counts, lists = self._one, self._counts, self._lists
+        self._reset()
+        combined: dict[Key, Any] | None = None
         if self.combinefn is not None:
             combine = self.combinefn
-            groups = {k: [_second(combine(k, vs), "combinefn")] for k, vs in groups.items()}
-        split: dict[int, dict[Key, list[Any]]] = {}
+            combined = {k: _second(combine(k, [one] * c), "combinefn") for k, c in counts.items()}
+            for k, vs in lists.items():
+                combined[k] = _second(combine(k, vs), "combinefn")
+        keys = list(combined if combined is not None else counts or lists)
+        runs: dict[int, Run] = {}
+        for p, ks in self._split(keys).items():
+            if combined is not None:
+                runs[p] = (ks, list(map(combined.__getitem__, ks)), [1] * len(ks))
+            elif counts:
+                runs[p] = (ks, (one,), list(map(counts.__getitem__, ks)))
+            else:
+                runs[p] = (ks, list(map(lists.__getitem__, ks)), [0] * len(ks))
+        return runs
+
+    def _split(self, keys: list[Key]) -> dict[int, list[Key]]:
+        """The keys of each partition, in partition order."""
         n = self.partitions
-        partition = self.partitionfn
-        for k, vs in groups.items():
-            p = partition(k, n)
-            if not (isinstance(p, int) and 0 <= p < n):
-                raise ValueError(
-                    f"partitionfn({k!r}, {n}) returned {p!r}; it must return an int in range({n})"
-                )
+        if self.partitionfn is None:
+            where = _default_partitions(keys, n)
+        else:
+            where = [self.partitionfn(k, n) for k in keys]
+            for k, p in zip(keys, where, strict=True):
+                if not (isinstance(p, int) and 0 <= p < n):
+                    raise ValueError(
+                        f"partitionfn({k!r}, {n}) returned {p!r}; "
+                        f"it must return an int in range({n})"
+                    )
+        split: dict[int, list[Key]] = {}
+        for k, p in zip(keys, where, strict=True):
             bucket = split.get(p)
             if bucket is None:
-                bucket = split[p] = {}
-            bucket[k] = vs
-        return {p: _sorted_items(g) for p, g in sorted(split.items())}
+                split[p] = [k]
+            else:
+                bucket.append(k)
+        return {p: split[p] for p in sorted(split)}
 
 
 def _second(pair: Any, fname: str) -> Any:
@@ -152,35 +278,80 @@ def _second(pair: Any, fname: str) -> Any:
     return value
 
 
-def merge_runs(runs: Iterable[Run]) -> Run:
+def merge_runs(runs: Iterable[Run]) -> Iterator[tuple[Key, list[Any]]]:
     """
-    Merge a partition's runs (in map task order) into one group per key.
-    Values keep the order of the runs, and each run's order within a key.
+    Merge a partition's runs (in map task order) into one group per key, in
+    key order.  Values keep the order of the runs, and each run's order
+    within a key.
+
+    While every run is counted with the same value, only counts are added up;
+    the first run that is not turns them into lists, in order.
     """
-    groups: defaultdict[Key, list[Any]] = defaultdict(list)
-    for run in runs:
-        for k, vs in run:
-            groups[k].extend(vs)
-    return _sorted_items(groups)
+    counted: dict[Key, int] = {}
+    one: Any = _UNSET
+    groups: dict[Key, list[Any]] = {}
+    listing = False
+    for keys, values, counts in runs:
+        if type(values) is tuple:
+            (v,) = values
+            if not listing and (one is _UNSET or (type(one) is type(v) and one == v)):
+                one = v
+                if counted:
+                    get = counted.get
+                    for k, c in zip(keys, counts, strict=True):
+                        counted[k] = get(k, 0) + c
+                else:
+                    counted = dict(zip(keys, counts, strict=True))
+                continue
+            values = [v] * len(keys)
+        listing = True
+        if counted:
+            groups = {k: [one] * c for k, c in counted.items()}
+            counted = {}
+        get = groups.get
+        for k, v, c in zip(keys, values, counts, strict=True):
+            if c == 1:
+                have = get(k)
+                if have is None:
+                    groups[k] = [v]
+                else:
+                    have.append(v)
+                continue
+            vs = [v] * c if c else v
+            have = get(k)
+            if have is None:
+                groups[k] = vs
+            else:
+                have += vs
+    if counted:
+        for k in _sorted_keys(list(counted)):
+            yield k, [one] * counted[k]
+    else:
+        for k in _sorted_keys(list(groups)):
+            yield k, groups.pop(k)
 
 
 def reduce_partition(
-    reducefn: ReduceFn, runs: Iterable[Run], on_key: Callable[[Key], None] | None = None
-) -> list[tuple[Key, Any]]:
+    reducefn: ReduceFn, runs: Iterable[Run], current: list[Any] | None = None
+) -> tuple[list[Key], list[Any]]:
     """
     Run C{reducefn} once per key of a partition, in key order.
 
-    @param on_key: called with each key before C{reducefn} sees it, so that a
-        failure can name the key it failed on.
+    @param current: if given, C{current[0]} is set to each key before
+        C{reducefn} sees it, so that a failure can name the key it failed on.
+    @return: the results, as two lists: keys and values.
     """
-    out = []
+    where = current if current is not None else [None]
+    out_keys: list[Key] = []
+    out_values: list[Any] = []
+    add_key, add_value = out_keys.append, out_values.append
     for k, vs in merge_runs(runs):
-        if on_key is not None:
-            on_key(k)
+        where[0] = k
         result = reducefn(k, vs)
         try:
             rk, rv = result
         except (TypeError, ValueError):
             raise TypeError(f"reducefn must return a (key, value) pair, got {result!r}") from None
-        out.append((rk, rv))
-    return out
+        add_key(rk)
+        add_value(rv)
+    return out_keys, out_values

@@ -49,51 +49,127 @@ def test_partitions_spread_keys() -> None:
     assert min(sizes.values()) > 1000  # about 1250 each
 
 
-def test_map_output_groups_sorts_and_partitions() -> None:
+def groups(run) -> dict:
+    """A run as {key: values}, whichever form it travels in."""
+    keys, values, counts = run
+    if type(values) is tuple:
+        values = list(values) * len(keys)
+    return {k: ([v] * c if c else v) for k, v, c in zip(keys, values, counts, strict=True)}
+
+
+def test_map_output_groups_and_partitions() -> None:
     out = MapOutput(2, partitionfn=lambda k, n: 0 if k < "m" else 1)
     spills = list(out.add_all([("z", 1), ("a", 2), ("z", 3), ("b", 4)]))
     assert spills == []
-    assert out.drain() == {0: [("a", [2]), ("b", [4])], 1: [("z", [1, 3])]}
+    runs = out.drain()
+    assert {p: groups(r) for p, r in runs.items()} == {0: {"a": [2], "b": [4]}, 1: {"z": [1, 3]}}
     assert out.records == 4
+
+
+def test_equal_values_travel_as_counts() -> None:
+    out = MapOutput(1)
+    list(out.add_all([("b", 1), ("a", 1), ("b", 1)]))
+    keys, values, counts = out.drain()[0]
+    assert values == (1,)
+    assert dict(zip(keys, counts, strict=True)) == {"a": 1, "b": 2}
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("a", 1), ("a", True), ("a", 1.0)],  # equal, but a reducefn can tell them apart
+        [("a", 0.0), ("a", -0.0)],
+        [("a", 2), ("b", 1), ("a", 1), ("a", 2)],  # order within a key
+        [("a", [1]), ("a", [1])],  # unhashable
+        [("a", (1,)), ("a", (True,))],
+    ],
+)
+def test_values_reach_the_reducer_exactly_as_yielded(pairs) -> None:
+    expected: dict = {}
+    for k, v in pairs:
+        expected.setdefault(k, []).append(v)
+    for chunk in (1, 2, 1000):
+        out = MapOutput(1, spill_values=chunk)
+        runs = [s[0] for s in out.add_all(pairs)]
+        runs += list(out.drain().values())
+        merged = dict(merge_runs(runs))
+        assert merged == expected
+        for k in expected:  # types too, not just equality
+            assert [(type(v), repr(v)) for v in merged[k]] == [
+                (type(v), repr(v)) for v in expected[k]
+            ]
+
+
+def test_counting_then_ordered_chunks_keep_order(monkeypatch) -> None:
+    monkeypatch.setattr("octotwist.shuffle.CHUNK", 2)
+    pairs = [("a", 1), ("b", 1), ("a", 2), ("a", 1), ("b", "x"), ("a", 1)]
+    out = MapOutput(1)
+    assert list(out.add_all(pairs)) == []
+    assert groups(out.drain()[0]) == {"a": [1, 2, 1, 1], "b": [1, "x"]}
+
+
+def test_merge_mixes_counted_and_listed_runs_in_run_order() -> None:
+    runs = [
+        (["a", "b"], (1,), [2, 1]),
+        (["a"], [[5, 1]], [0]),
+        (["a", "c"], (1,), [1, 3]),
+        (["b"], (True,), [1]),
+    ]
+    assert list(merge_runs(runs)) == [("a", [1, 1, 5, 1, 1]), ("b", [1, True]), ("c", [1, 1, 1])]
 
 
 def test_combiner_runs_per_key() -> None:
     out = MapOutput(1, combinefn=lambda k, vs: (k, sum(vs)))
     list(out.add_all([("a", 1), ("a", 1), ("b", 5)]))
-    assert out.drain() == {0: [("a", [2]), ("b", [5])]}
+    assert groups(out.drain()[0]) == {"a": [2], "b": [5]}
 
 
 def test_spills_when_the_buffer_is_full_and_merges_back() -> None:
-    pairs = [(w, 1) for w in "abcabcabca"]
+    pairs = [(w, i) for i, w in enumerate("abcabcabca")]
     out = MapOutput(1, spill_values=4)
     runs = [spill[0] for spill in out.add_all(pairs)]
     runs.append(out.drain()[0])
     assert len(runs) == 3
-    merged = merge_runs(runs)
-    assert merged == [("a", [1] * 4), ("b", [1] * 3), ("c", [1] * 3)]
+    merged = list(merge_runs(runs))
+    assert merged == [("a", [0, 3, 6, 9]), ("b", [1, 4, 7]), ("c", [2, 5, 8])]
 
 
 def test_unsortable_keys_keep_first_seen_order() -> None:
     out = MapOutput(1, partitionfn=lambda k, n: 0)
     list(out.add_all([("a", 1), (1, 2), ("a", 3)]))
-    assert out.drain() == {0: [("a", [1, 3]), (1, [2])]}
+    assert groups(out.drain()[0]) == {"a": [1, 3], 1: [2]}
+    assert list(merge_runs([out.drain().get(0, ([], [], []))])) == []
+    assert [k for k, _ in merge_runs([(["a", 1], [[1, 3], [2]], [0, 0])])] == ["a", 1]
+
+
+def test_default_partition_fast_path_matches_stable_hash() -> None:
+    words = ["the", "ünïcödé", "", "x" * 300, "\ud800lone"]
+    out = MapOutput(5)
+    list(out.add_all([(w, 1) for w in words]))
+    for p, (keys, _, _) in out.drain().items():
+        assert all(default_partition(k, 5) == p for k in keys)
 
 
 def test_bad_pairs_and_partitions_say_what_is_wrong() -> None:
     with pytest.raises(TypeError, match="mapfn must yield"):
         list(MapOutput(1).add_all(["oops"]))
+    with pytest.raises(TypeError, match="mapfn must yield"):
+        list(MapOutput(1).add_all([("a", 1, 2)]))
     bad = MapOutput(2, partitionfn=lambda k, n: 5)
     list(bad.add_all([("a", 1)]))
     with pytest.raises(ValueError, match=r"partitionfn\('a', 2\) returned 5"):
         bad.drain()
     with pytest.raises(TypeError, match="reducefn must return"):
-        reduce_partition(lambda k, vs: 3, [[("a", [1])]])
+        reduce_partition(lambda k, vs: 3, [(["a"], [[1]], [0])])
 
 
 def test_reduce_merges_runs_in_order_and_reports_keys() -> None:
-    seen = []
+    current = [None]
     result = reduce_partition(
-        lambda k, vs: (k, vs), [[("b", [1]), ("a", [2])], [("a", [3])]], seen.append
+        lambda k, vs: (k, vs), [(["b", "a"], [[1], [2]], [0, 0]), (["a"], [3], [1])], current
     )
-    assert result == [("a", [2, 3]), ("b", [1])]
-    assert seen == ["a", "b"]
+    assert result == (["a", "b"], [[2, 3], [1]])
+    assert current == ["b"]
+    with pytest.raises(ZeroDivisionError):
+        reduce_partition(lambda k, vs: (k, 1 / 0), [(["x"], (1,), [1])], current)
+    assert current == ["x"]
