@@ -1,0 +1,461 @@
+"""
+The SSH transport's server: a Conch SSH server whose only service is the
+C{octo} subsystem.
+
+Who may log in (SSH user authentication, before anything is decoded):
+
+  - with C{--authorized-keys PATH}: exactly the keys in that OpenSSH
+    authorized_keys file (re-read when it changes), nothing else;
+  - without it: a client that proves the shared secret, by sending as its
+    SSH password C{HMAC-SHA256(secret, "octo-ssh client" || session id)}
+    (L{octotwist_ssh.channel.client_password}).  The password is bound to
+    this SSH session, so a recorded one is useless elsewhere.  This is what
+    makes C{octo run -t ssh} and a no-flags C{octo server}/C{octo client} on
+    one machine work.
+
+User names: C{octo} (what C{octo client} sends unless the address says
+C{USER@HOST}) and the name of the account running the server (what
+C{ssh HOST} sends by default).  Any other user is refused.
+
+Shells, commands, port forwarding and every other subsystem are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hmac
+import struct
+from typing import Any
+
+from twisted.conch import error as conch_error
+from twisted.conch.avatar import ConchUser
+from twisted.conch.interfaces import IConchUser
+from twisted.conch.ssh import common
+from twisted.conch.ssh.connection import SSHConnection
+from twisted.conch.ssh.factory import SSHFactory
+from twisted.conch.ssh.keys import BadKeyError, Key
+from twisted.conch.ssh.transport import (
+    DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
+    DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+    SSHServerTransport,
+)
+from twisted.conch.ssh.userauth import SSHUserAuthServer
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials, ISSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from octotwist.transport import TaskServer
+from octotwist_ssh import keys
+from octotwist_ssh.channel import (
+    MACS,
+    SUBSYSTEM,
+    ConchLogging,
+    FramedChannel,
+    State,
+    client_password,
+    hello_frame,
+)
+
+#: When the server stops: seconds to wait for peers to hang up, then to
+#: close their connections ourselves, then to abort what still lingers.
+PEER_CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 10.0
+#: Seconds a connection may take to authenticate (Conch's default is 10 hours).
+LOGIN_TIMEOUT = 30.0
+#: The user name C{octo client} logs in as.
+DEFAULT_USER = "octo"
+
+_log = Logger()
+
+
+def allowed_users() -> frozenset[str]:
+    """C{octo} and the account running the server."""
+    users = {DEFAULT_USER}
+    with contextlib.suppress(KeyError, OSError):  # no login name (some containers)
+        users.add(getpass.getuser())
+    return frozenset(users)
+
+
+def _check_user(username: bytes, users: frozenset[str]) -> str:
+    name = username.decode("utf-8", "replace")
+    if name not in users:
+        raise UnauthorizedLogin(
+            f"unknown user {name!r} (this server accepts {', '.join(sorted(users))})"
+        )
+    return name
+
+
+# Credentials
+
+
+class ISessionProof(ICredentials):
+    """A password that must equal L{client_password} for this SSH session."""
+
+
+@implementer(ISessionProof)
+class SessionProof:
+    def __init__(self, username: bytes, password: bytes, session_id: bytes) -> None:
+        self.username = username
+        self.password = password
+        self.session_id = session_id
+
+
+@implementer(ICredentialsChecker)
+class SecretChecker:
+    """Accepts a client that proves the shared secret for its session."""
+
+    credentialInterfaces = (ISessionProof,)
+
+    def __init__(self, secret: bytes, users: frozenset[str]) -> None:
+        self._secret = secret
+        self._users = users
+
+    def requestAvatarId(self, credentials: SessionProof) -> str:
+        user = _check_user(credentials.username, self._users)
+        expected = client_password(self._secret, credentials.session_id)
+        if not hmac.compare_digest(expected, credentials.password):
+            raise UnauthorizedLogin(
+                "wrong shared secret (the client's OCTO_SECRET / --secret-file differs "
+                "from the server's)"
+            )
+        return user
+
+
+@implementer(ICredentialsChecker)
+class KeyChecker:
+    """Accepts the keys of an authorized_keys file, for the allowed users."""
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(self, authorized: keys.AuthorizedKeys, users: frozenset[str]) -> None:
+        self._authorized = authorized
+        self._users = users
+
+    def requestAvatarId(self, credentials: Any) -> str:
+        user = _check_user(credentials.username, self._users)
+        try:
+            key = Key.fromString(credentials.blob)
+        except (BadKeyError, ValueError):
+            raise UnauthorizedLogin("unreadable public key") from None
+        fp = keys.fingerprint(key)
+        if key not in self._authorized:
+            raise UnauthorizedLogin(f"key {fp} is not in {self._authorized.path}")
+        if not credentials.signature:
+            raise conch_error.ValidPublicKey()  # "yes, prove you hold it"
+        if not key.verify(credentials.signature, credentials.sigData):
+            raise UnauthorizedLogin(f"bad signature for key {fp}")
+        return user
+
+
+# Avatar and channel
+
+
+@implementer(IRealm)
+class _Realm:
+    def __init__(self, server: SSHTaskServer) -> None:
+        self.server = server
+
+    def requestAvatar(self, avatar_id: str, mind: Any, *interfaces: Any) -> tuple:
+        if IConchUser not in interfaces:
+            raise NotImplementedError("only SSH users log in here")
+        return IConchUser, _Avatar(avatar_id, self.server), lambda: None
+
+
+class _Avatar(ConchUser):
+    """A logged-in worker: it may open session channels, nothing else."""
+
+    def __init__(self, username: str, server: SSHTaskServer) -> None:
+        super().__init__()
+        self.username = username
+        self.server = server
+        self.channelLookup[b"session"] = ServerChannel
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
+        return 0  # no port forwarding, no keepalive tricks
+
+
+class ServerChannel(FramedChannel):
+    """A session channel that only opens the C{octo} subsystem."""
+
+    avatar: _Avatar
+    _eof_early = False
+
+    def request_subsystem(self, data: bytes) -> int:
+        name, _ = common.getNS(data)
+        if name != SUBSYSTEM or self.state is not State.PENDING:
+            _log.warn(
+                "refused subsystem {name!r} from {peer} (only {ours!r} is served)",
+                name=name.decode("utf-8", "replace"),
+                peer=self.peer_name,
+                ours=SUBSYSTEM.decode(),
+            )
+            return 0
+        self._user = self.avatar.username
+        # Start after the reply to this request has gone out, so the
+        # hello is the first thing the client sees on the channel.
+        self.avatar.server.reactor.callLater(0, self._start)
+        return 1
+
+    def _start(self) -> None:
+        if self.state is not State.PENDING:
+            return
+        server = self.avatar.server
+        session_id = self.conn.transport.sessionID
+        self.send_frame(hello_frame(server.settings.secret, session_id))
+        if self._eof_early:
+            # `ssh -s HOST octo < /dev/null`, a user checking access: the
+            # hello is all there is to say.
+            self.close_gracefully()
+            return
+        _log.debug("{peer} opened the octo subsystem", peer=self.peer_name)
+        self.open_messages(server.accept)
+
+    def eofReceived(self) -> None:
+        if self.state is State.PENDING and self._user:
+            self._eof_early = True  # _start sends the hello, then closes
+            return
+        super().eofReceived()
+
+    def request_exec(self, data: bytes) -> int:
+        return self._refuse("a command")
+
+    def request_shell(self, data: bytes) -> int:
+        return self._refuse("a shell")
+
+    def _refuse(self, what: str) -> int:
+        _log.warn(
+            "refused {what} to {peer}: this server only runs the octo subsystem (ssh -s)",
+            what=what,
+            peer=self.peer_name,
+        )
+        return 0
+
+    def end_stream(self) -> None:
+        # An exit status before EOF lets OpenSSH exit 0 rather than 255.
+        self.conn.sendRequest(self, b"exit-status", struct.pack(">L", 0))
+
+
+# Transport and factory
+
+
+class _UserAuthServer(ConchLogging, SSHUserAuthServer):
+    """Conch's user authentication, plus the session-bound secret and logging."""
+
+    loginTimeout = LOGIN_TIMEOUT
+    interfaceToMethod = {
+        ISSHPrivateKey: b"publickey",
+        ISessionProof: b"password",
+    }
+
+    def serviceStarted(self) -> None:
+        self.clock = self.transport.factory.reactor
+        super().serviceStarted()
+
+    def auth_password(self, packet: bytes) -> Deferred:
+        password = common.getNS(packet[1:])[0]
+        credentials = SessionProof(self.user, password, self.transport.sessionID)
+        d = self.portal.login(credentials, None, IConchUser)
+        return d.addErrback(self._ebPassword)
+
+    def _ebBadAuth(self, reason: Failure) -> None:
+        if self.method != b"none" and reason.check(UnauthorizedLogin, conch_error.ConchError):
+            _log.warn(
+                "refused SSH login from {peer} as {user!r} ({method}): {why}",
+                peer=self.transport.peer_name,
+                user=(self.user or b"").decode("utf-8", "replace"),
+                method=self.method.decode("ascii", "replace"),
+                why=reason.getErrorMessage(),
+            )
+        super()._ebBadAuth(reason)
+
+
+class _ServerTransport(ConchLogging, SSHServerTransport):
+    supportedMACs = MACS
+    factory: _Factory
+
+    def connectionMade(self) -> None:
+        self.closed: Deferred[None] = Deferred()
+        self.factory.connections.add(self)
+        # Conch times out user authentication, but not a peer that never
+        # finishes the key exchange: bound the whole login here.
+        self._login_timer = self.factory.reactor.callLater(LOGIN_TIMEOUT, self._login_timeout)
+        super().connectionMade()
+
+    def _login_timeout(self) -> None:
+        if getattr(self, "avatar", None) is None:
+            _log.warn(
+                "dropping SSH connection from {peer}: no login within {seconds:.0f} s",
+                peer=self.peer_name,
+                seconds=LOGIN_TIMEOUT,
+            )
+            self.transport.abortConnection()
+
+    @property
+    def peer_name(self) -> str:
+        addr = self.transport.getPeer()
+        host = getattr(addr, "host", None)
+        return f"{host}:{addr.port}" if host is not None else "unix"
+
+    def channels(self) -> list[FramedChannel]:
+        service = self.service
+        if isinstance(service, SSHConnection):
+            return [c for c in service.channels.values() if isinstance(c, FramedChannel)]
+        return []
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        refused = reasonCode in (
+            DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
+            DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+        )
+        _log.emit(
+            LogLevel.warn if refused else LogLevel.info,
+            "SSH client {peer} disconnected: {why}",
+            peer=self.peer_name,
+            why=description.decode("utf-8", "replace"),
+        )
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.connections.discard(self)
+        if self._login_timer.active():
+            self._login_timer.cancel()
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.closed.callback(None)
+
+
+class _Connection(ConchLogging, SSHConnection):
+    pass
+
+
+class _Factory(ConchLogging, SSHFactory):
+    protocol = _ServerTransport
+    services = {b"ssh-userauth": _UserAuthServer, b"ssh-connection": _Connection}
+    noisy = False
+
+    def __init__(self, reactor: Any, host_key: Key, portal: Portal) -> None:
+        self.reactor = reactor
+        self.portal = portal
+        self.publicKeys = {host_key.sshType(): host_key.public()}
+        self.privateKeys = {host_key.sshType(): host_key}
+        self.primes = None  # fixed DH groups and curve25519 only: no moduli file needed
+        self.connections: set[_ServerTransport] = set()
+
+
+# The TaskServer
+
+
+class SSHTaskServer(TaskServer):
+    """
+    Listens on C{settings.listen} (any stream server endpoint string) and
+    speaks SSH there.  Options (C{settings.options}): C{host-key},
+    C{authorized-keys}; see the module docstring and docs/ssh.md.
+    """
+
+    _port: IListeningPort | None = None
+    _factory: _Factory | None = None
+
+    def listen(self) -> Deferred[str]:
+        try:
+            factory = self._make_factory()
+            endpoint = serverFromString(self.reactor, self.settings.listen)
+        except Exception as e:
+            return fail(e)
+        self._factory = factory
+        d = endpoint.listen(factory)
+        d.addCallback(self._listening)
+        return d
+
+    def _make_factory(self) -> _Factory:
+        options = dict(self.settings.options)
+        host_key, key_path = keys.load_host_key(options.get("host-key"))
+        self.host_key_fingerprint = keys.fingerprint(host_key)
+        users = allowed_users()
+        authorized_path = options.get("authorized-keys")
+        checker: KeyChecker | SecretChecker
+        if authorized_path:
+            authorized = keys.AuthorizedKeys(authorized_path)
+            checker = KeyChecker(authorized, users)
+            how = f"keys in {authorized.path}"
+        else:
+            checker = SecretChecker(self.settings.secret, users)
+            how = "the shared secret (no --authorized-keys given)"
+        portal = Portal(_Realm(self), [checker])
+        _log.info(
+            "SSH host key {fingerprint} ({path}); clients log in as {users} with {how}",
+            fingerprint=self.host_key_fingerprint,
+            path=str(key_path),
+            users=" or ".join(sorted(users)),
+            how=how,
+        )
+        return _Factory(self.reactor, host_key, portal)
+
+    def _listening(self, port: IListeningPort) -> str:
+        self._port = port
+        addr = port.getHost()
+        pin = f"?host-key-fingerprint={self.host_key_fingerprint}"
+        if isinstance(addr, IPv6Address):
+            address = f"ssh://[{addr.host}]:{addr.port}{pin}"
+        elif isinstance(addr, IPv4Address):
+            address = f"ssh://{addr.host}:{addr.port}{pin}"
+        elif isinstance(addr, UNIXAddress):
+            name = addr.name.decode() if isinstance(addr.name, bytes) else addr.name
+            address = f"unix:{name}"
+        else:
+            address = str(addr)
+        _log.info(
+            "workers trust this server with: --host-key-fingerprint {fingerprint}",
+            fingerprint=self.host_key_fingerprint,
+        )
+        return address
+
+    def stop(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        """
+        Stop listening; let each worker hang up first (it does when it reads
+        the final Shutdown), then close what is left, then abort.
+
+        As with TCP, closing first while a worker still sends would make the
+        kernel reset the connection, and the worker could lose the Shutdown.
+        """
+        if self._port is not None:
+            port, self._port = self._port, None
+            await maybeDeferred(port.stopListening)
+        if self._factory is None:
+            return
+        connections = list(self._factory.connections)
+        for connection in connections:
+            if not any(c.handler is not None for c in connection.channels()):
+                connection.transport.loseConnection()
+        closed = DeferredList([c.closed for c in connections])
+        timers = [
+            self.reactor.callLater(PEER_CLOSE_TIMEOUT, _close_all, connections),
+            self.reactor.callLater(CLOSE_TIMEOUT, _abort_all, connections),
+        ]
+        await closed
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+
+
+def _close_all(connections: list[_ServerTransport]) -> None:
+    for connection in connections:
+        for channel in connection.channels():
+            channel.close_gracefully()
+        connection.transport.loseConnection()
+
+
+def _abort_all(connections: list[_ServerTransport]) -> None:
+    for connection in connections:
+        connection.transport.abortConnection()

@@ -1,0 +1,564 @@
+"""
+The SSH transport: its pieces in memory (framing, addresses, key files),
+then whole jobs and refusals through real processes on 127.0.0.1, with keys
+generated here, and a real OpenSSH client opening the C{octo} subsystem.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import (
+    EXAMPLES,
+    finish,
+    free_port,
+    octo,
+    parse_spaced,
+    parse_tsv,
+    start,
+    wait_for_port,
+)
+from test_end_to_end import books_job, start_twistd
+
+from octotwist.hookspecs import conformance_setup, get_transport
+from octotwist.transport import TaskClient, TaskServer
+from octotwist_ssh import keys
+from octotwist_ssh.channel import (
+    HIGH_WATER,
+    MAGIC,
+    PROOF_SIZE,
+    FramedChannel,
+    FrameDecoder,
+    FrameTooLarge,
+    client_password,
+    hello_frame,
+    session_proof,
+)
+from octotwist_ssh.client import DEFAULT_PORT, SSHTaskClient, parse_address
+
+SSH = shutil.which("ssh")
+needs_openssh = pytest.mark.skipif(SSH is None, reason="no OpenSSH client (ssh) installed")
+
+
+# In memory: discovery, interface, framing
+
+
+def test_discovered_with_its_options() -> None:
+    t = get_transport("ssh")
+    assert issubclass(t.server, TaskServer) and issubclass(t.client, TaskClient)
+    assert not getattr(t.server, "__abstractmethods__", None)
+    assert not getattr(t.client, "__abstractmethods__", None)
+    assert {o.name for o in t.server_options} == {"host-key", "authorized-keys"}
+    assert {o.name for o in t.client_options} == {
+        "identity",
+        "identity-passphrase-file",
+        "known-hosts",
+        "host-key-fingerprint",
+    }
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 4096])
+def test_frames_survive_any_split(step: int) -> None:
+    frames = [b"", b"x", os.urandom(5000), b"end"]
+    stream = b"".join(struct.pack(">I", len(f)) + f for f in frames)
+    decoder = FrameDecoder(max_frame=10_000)
+    got = []
+    for i in range(0, len(stream), step):
+        got += decoder.feed(stream[i : i + step])
+    assert got == frames
+
+
+def test_oversized_frame_is_refused_before_it_arrives() -> None:
+    decoder = FrameDecoder(max_frame=256)
+    with pytest.raises(FrameTooLarge, match="257 bytes"):
+        decoder.feed(struct.pack(">I", 257))
+
+
+class _Connection:
+    """What a channel calls on its SSH connection, recorded."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.ended: list[str] = []
+
+    def sendData(self, channel: object, data: bytes) -> None:
+        self.data.append(bytes(data))
+
+    def sendEOF(self, channel: object) -> None:
+        self.ended.append("eof")
+
+    def sendClose(self, channel: object) -> None:
+        self.ended.append("close")
+
+
+def test_channel_sends_within_the_window_and_drains_before_closing() -> None:
+    conn = _Connection()
+    channel = FramedChannel(remoteWindow=10, remoteMaxPacket=4, conn=conn)
+    big = os.urandom(HIGH_WATER + 1)
+    channel.send_frame(b"hello")
+    channel.send_frame(big)
+    # Never past the window, nor the peer's largest packet.
+    assert sum(map(len, conn.data)) == 10 and max(map(len, conn.data)) == 4
+    waiting = channel.writable()
+    assert not waiting.called  # more than HIGH_WATER queued
+    channel.close_gracefully()
+    assert conn.ended == []  # not before everything is sent
+    channel.remoteMaxPacket = 1 << 20
+    channel.addWindowBytes(len(big) + 100)
+    assert waiting.called
+    wire = b"".join(conn.data)
+    assert FrameDecoder(len(big)).feed(wire) == [b"hello", big]
+    assert conn.ended == ["eof", "close"]
+
+
+def test_proofs_are_bound_to_secret_role_and_session() -> None:
+    a = session_proof(b"s", b"server", b"session-1")
+    assert len(a) == PROOF_SIZE
+    assert a != session_proof(b"s", b"server", b"session-2")
+    assert a != session_proof(b"t", b"server", b"session-1")
+    assert a != session_proof(b"s", b"client", b"session-1")
+    assert hello_frame(b"s", b"session-1") == MAGIC + a
+    assert client_password(b"s", b"x") == session_proof(b"s", b"client", b"x").hex().encode()
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoint", "host", "port", "user"),
+    [
+        ("127.0.0.1:2222", "tcp:127.0.0.1:2222", "127.0.0.1", 2222, "octo"),
+        ("example.org", f"tcp:example.org:{DEFAULT_PORT}", "example.org", DEFAULT_PORT, "octo"),
+        ("alice@h:22", "tcp:h:22", "h", 22, "alice"),
+        ("[::1]:2222", "tcp:\\:\\:1:2222", "::1", 2222, "octo"),
+        ("ssh://bob@h:7/", "tcp:h:7", "h", 7, "bob"),
+        ("tcp:h:2222", "tcp:h:2222", "h", 2222, "octo"),
+        ("unix:/tmp/s", "unix:/tmp/s", "/tmp/s", None, "octo"),
+    ],
+)
+def test_address_forms(text: str, endpoint: str, host: str, port: int | None, user: str) -> None:
+    a = parse_address(text)
+    assert (a.endpoint, a.host, a.port, a.user) == (endpoint, host, port, user)
+
+
+def test_address_carries_a_pinned_fingerprint() -> None:
+    fp = keys.fingerprint(keys.generate_ed25519())
+    a = parse_address(f"ssh://127.0.0.1:5?host-key-fingerprint={fp}")
+    assert a.fingerprints == (fp,)
+    assert SSHTaskClient.address_to_endpoint("127.0.0.1:5") == "ssh://127.0.0.1:5"
+    assert SSHTaskClient.address_to_endpoint("al@h") == f"ssh://al@h:{DEFAULT_PORT}"
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("h:port", "bad port"),
+        ("h:70000", "out of range"),
+        ("ssh://h:1?color=red", "unknown parameter"),
+        ("ssh://h:1?host-key-fingerprint=MD5:aa", "not a SHA256 fingerprint"),
+        ("@h", "empty user"),
+        ("", "empty"),
+    ],
+)
+def test_bad_addresses_say_what_is_wrong(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        SSHTaskClient.address_to_endpoint(text)
+
+
+def test_fingerprint_is_openssh_s(tmp_path: Path) -> None:
+    keygen = shutil.which("ssh-keygen")
+    if keygen is None:
+        pytest.skip("no ssh-keygen")
+    key = keys.generate_ed25519()
+    keys.write_private_key(key, tmp_path / "k")
+    shown = subprocess.run(
+        [keygen, "-lf", str(tmp_path / "k.pub")], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
+    assert shown == keys.fingerprint(key)
+    assert keys.normalize_fingerprint(shown + "=") == shown
+
+
+def test_known_hosts_matching(tmp_path: Path) -> None:
+    key, other = keys.generate_ed25519(), keys.generate_ed25519()
+    path = tmp_path / "known_hosts"
+
+    def check(line: str) -> None:
+        path.write_text(line + "\n")
+        keys.check_known_hosts(str(path), "127.0.0.1", 2222, key)
+
+    check(f"[127.0.0.1]:2222 {keys.public_line(key)}")
+    check(f"127.0.0.1 {keys.public_line(key)}")  # host-only lines pin any port
+    check(f"other,[127.0.0.*]:2222 {keys.public_line(key)}")
+    with pytest.raises(keys.HostKeyError, match=r"MISMATCH.*ssh-keygen -R"):
+        check(f"[127.0.0.1]:2222 {keys.public_line(other)}")
+    with pytest.raises(keys.HostKeyError, match=r"not in .*add this line"):
+        check(f"[127.0.0.1]:2223 {keys.public_line(key)}")
+    with pytest.raises(keys.HostKeyError, match="not in"):
+        check(f"!127.0.0.1,127.0.0.* {keys.public_line(key)}")
+    with pytest.raises(keys.HostKeyError, match="@revoked"):
+        check(f"@revoked * {keys.public_line(key)}")
+
+
+def test_hashed_known_hosts_line(tmp_path: Path) -> None:
+    keygen = shutil.which("ssh-keygen")
+    if keygen is None:
+        pytest.skip("no ssh-keygen")
+    key = keys.generate_ed25519()
+    path = tmp_path / "known_hosts"
+    path.write_text(f"[127.0.0.1]:2222 {keys.public_line(key)}\n")
+    subprocess.run([keygen, "-H", "-f", str(path)], capture_output=True, check=True)
+    assert path.read_text().startswith("|1|")
+    keys.check_known_hosts(str(path), "127.0.0.1", 2222, key)
+
+
+def test_authorized_keys_skip_lines_with_options(tmp_path: Path) -> None:
+    plain, restricted = keys.generate_ed25519(), keys.generate_rsa(2048)
+    path = tmp_path / "authorized_keys"
+    path.write_text(
+        "# workers\n"
+        f"{keys.public_line(plain, 'w1')}\n"
+        f'from="10.0.0.1",no-pty {keys.public_line(restricted)}\n'
+        "garbage\n"
+    )
+    authorized = keys.AuthorizedKeys(str(path))
+    assert plain in authorized
+    assert restricted not in authorized
+    path.write_text(keys.public_line(restricted) + "\n")  # re-read on change
+    assert restricted in authorized and plain not in authorized
+
+
+# Real processes
+
+
+def make_key(path: Path, kind: str = "ed25519", passphrase: bytes | None = None) -> keys.Key:
+    key = keys.generate_ed25519() if kind == "ed25519" else keys.generate_rsa(2048)
+    keys.write_private_key(key, path, passphrase=passphrase)
+    return key
+
+
+class Peers:
+    """A host key, good client keys listed in authorized_keys, and a stranger's key."""
+
+    def __init__(self, d: Path) -> None:
+        d.mkdir(exist_ok=True)
+        self.dir = d
+        self.host = d / "host"
+        self.host_key = make_key(self.host)
+        self.fingerprint = keys.fingerprint(self.host_key)
+        self.ed25519 = d / "id_ed25519"
+        self.rsa = d / "id_rsa"
+        self.protected = d / "id_protected"
+        self.passphrase = d / "passphrase"
+        self.passphrase.write_text("correct horse\n")
+        self.stranger = d / "id_stranger"
+        good = [
+            make_key(self.ed25519),
+            make_key(self.rsa, "rsa"),
+            make_key(self.protected, passphrase=b"correct horse"),
+        ]
+        make_key(self.stranger)
+        self.authorized = d / "authorized_keys"
+        self.authorized.write_text("".join(keys.public_line(k) + "\n" for k in good))
+
+    def server_args(self) -> list[str]:
+        return ["--host-key", str(self.host), "--authorized-keys", str(self.authorized)]
+
+    def known_hosts(self, port: int, key: keys.Key | None = None, host: str = "127.0.0.1") -> Path:
+        path = self.dir / f"known_hosts_{port}"
+        path.write_text(f"[{host}]:{port} {keys.public_line(key or self.host_key)}\n")
+        return path
+
+
+@pytest.fixture
+def peers_ssh(tmp_path: Path) -> Peers:
+    return Peers(tmp_path / "keys")
+
+
+def start_server(script: Path, port: int, env: dict, *extra: str) -> subprocess.Popen[str]:
+    """C{octo server -t ssh}; results go to a file unless C{extra} says where (a
+    full stdout pipe nobody reads would stall the server)."""
+    if "--output" not in extra:
+        extra = (*extra, "--output", str(script.with_suffix(".tsv")))
+    server = start(
+        "server", str(script), "-t", "ssh", "--listen", f"tcp:{port}:interface=127.0.0.1",
+        *extra, env=env,
+    )  # fmt: skip
+    wait_for_port(port, server)
+    return server
+
+
+def client(port: int, env: dict, *extra: str, name: str = "w") -> subprocess.Popen[str]:
+    return start("client", f"127.0.0.1:{port}", "-t", "ssh", "--name", name, *extra, env=env)
+
+
+def gated_books_job(tmp_path: Path, gate: Path) -> Path:
+    """The books job, whose map tasks wait until C{gate} exists."""
+    return books_job(
+        tmp_path,
+        f"""
+        import os, time
+        _count = mapfn
+        def mapfn(key, value):
+            while not os.path.exists({str(gate)!r}):
+                time.sleep(0.05)
+            yield from _count(key, value)
+        """,
+    )
+
+
+def wait_for_log(proc: subprocess.Popen[str], needles: list[str], timeout: float = 60) -> str:
+    """Read C{proc}'s stderr until every needle has appeared; return what was read."""
+    seen = ""
+    fd = proc.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    while not all(n in seen for n in needles):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"never logged {needles}:\n{seen}")
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"exited before logging {needles}:\n{seen}")
+            seen += chunk.decode()
+    return seen
+
+
+def test_wrong_key_is_refused_and_the_server_serves_others(
+    env: dict, tmp_path: Path, peers_ssh: Peers, expected_books: Counter
+) -> None:
+    gate = tmp_path / "gate"
+    script = gated_books_job(tmp_path, gate)
+    out = tmp_path / "result.tsv"
+    port = free_port()
+    server = start_server(script, port, env, *peers_ssh.server_args(), "--output", str(out))
+    pin = ["--host-key-fingerprint", peers_ssh.fingerprint]
+    code, _, err = finish(client(port, env, "--identity", str(peers_ssh.stranger), *pin))
+    assert code == 1, err
+    stranger = keys.fingerprint(keys.Key.fromFile(str(peers_ssh.stranger)))
+    assert f"refused the key {stranger}" in err and "--authorized-keys" in err
+    # Garbage, and a connection that says nothing, hurt no one.
+    with socket.create_connection(("127.0.0.1", port)) as junk:
+        junk.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(8192))
+        junk.settimeout(30)
+        while junk.recv(65536):
+            pass  # the server hangs up
+    silent = socket.create_connection(("127.0.0.1", port))
+    # Workers log in with ed25519, RSA, and a passphrase-protected key.
+    good = [
+        client(port, env, "--identity", str(peers_ssh.ed25519), *pin, name="ed"),
+        client(port, env, "--identity", str(peers_ssh.rsa), *pin, name="rsa"),
+        client(
+            port, env, "--identity", str(peers_ssh.protected),
+            "--identity-passphrase-file", str(peers_ssh.passphrase), *pin, name="prot",
+        ),
+    ]  # fmt: skip
+    log = wait_for_log(server, [f"worker {n} joined" for n in ("ed", "rsa", "prot")])
+    gate.touch()
+    code, _, err = finish(server)  # stopping, it hangs up on the silent one
+    silent.close()
+    err = log + err
+    assert code == 0, err
+    assert "refused SSH login from 127.0.0.1" in err and f"key {stranger} is not in" in err
+    for c in good:
+        ccode, _, cerr = finish(c)
+        assert ccode == 0, cerr
+    assert parse_tsv(out.read_text()) == expected_books
+
+
+def test_changed_host_key_is_refused_with_how_to_trust_it(
+    env: dict, tmp_path: Path, peers_ssh: Peers
+) -> None:
+    port = free_port()
+    server = start_server(books_job(tmp_path), port, env, *peers_ssh.server_args())
+    identity = ["--identity", str(peers_ssh.ed25519)]
+    old = keys.generate_ed25519()
+    known = peers_ssh.known_hosts(port, old)
+    started = time.monotonic()
+    code, _, err = finish(client(port, env, *identity, "--known-hosts", str(known)))
+    assert code == 1, err
+    assert "HOST KEY MISMATCH" in err and f"ssh-keygen -R '[127.0.0.1]:{port}'" in err
+    assert f"--host-key-fingerprint {peers_ssh.fingerprint}" in err
+    code, _, err = finish(
+        client(port, env, *identity, "--host-key-fingerprint", keys.fingerprint(old))
+    )
+    assert code == 1, err
+    assert "HOST KEY MISMATCH" in err and peers_ssh.fingerprint in err
+    assert time.monotonic() - started < 60  # refused, never retried or prompted
+    server.kill()
+
+
+def test_unknown_host_is_refused_without_hanging(
+    env: dict, tmp_path: Path, peers_ssh: Peers
+) -> None:
+    port = free_port()
+    server = start_server(books_job(tmp_path), port, env, *peers_ssh.server_args())
+    identity = ["--identity", str(peers_ssh.ed25519)]
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    code, _, err = finish(client(port, env, *identity, "--known-hosts", str(empty)), timeout=60)
+    assert code == 1, err
+    assert "is not in" in err and f"[127.0.0.1]:{port} ssh-ed25519 " in err
+    # No pin at all, and a server that cannot prove our secret: refused too.
+    stranger_env = {**env, "OCTO_SECRET": "not the server's"}
+    code, _, err = finish(client(port, stranger_env, *identity), timeout=60)
+    assert code == 1, err
+    assert "is not trusted" in err and f"--host-key-fingerprint {peers_ssh.fingerprint}" in err
+    # ...while the right known_hosts file lets the worker in.
+    known = peers_ssh.known_hosts(port)
+    code, _, err = finish(client(port, stranger_env, *identity, "--known-hosts", str(known)))
+    assert code == 0, err
+    assert finish(server)[0] == 0
+
+
+def test_shared_secret_without_keys(env: dict, tmp_path: Path, expected_books: Counter) -> None:
+    """No keys anywhere: the generated secret logs in, and proves the host."""
+    script = books_job(tmp_path)
+    out = tmp_path / "result.tsv"
+    port = free_port()
+    server = start_server(script, port, env, "--output", str(out))
+    workers = [client(port, env, name=f"c{i}") for i in range(2)]
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert "with the shared secret" in err
+    assert "worker c0 joined" in err and "worker c1 joined" in err
+    for w in workers:
+        assert finish(w)[0] == 0
+    assert parse_tsv(out.read_text()) == expected_books
+    host_key = Path(env["XDG_CONFIG_HOME"]) / "octotwist" / "ssh_host_ed25519_key"
+    assert host_key.stat().st_mode & 0o777 == 0o600
+    assert keys.fingerprint(keys.Key.fromFile(str(host_key))) in err
+
+
+def test_wrong_secret_is_refused(env: dict, tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(books_job(tmp_path), port, env)
+    wrong = {**env, "OCTO_SECRET": "not the server's"}
+    host_key = Path(env["XDG_CONFIG_HOME"]) / "octotwist" / keys.DEFAULT_HOST_KEY_NAME
+    fp = keys.fingerprint(keys.Key.fromFile(str(host_key)))
+    code, _, err = finish(client(port, wrong, "--host-key-fingerprint", fp), timeout=60)
+    assert code == 1, err
+    assert "rejected our shared secret" in err
+    server.kill()
+    _, _, serr = finish(server)
+    assert "wrong shared secret" in serr
+
+
+def test_octo_run_needs_no_options(env: dict, expected_books: Counter) -> None:
+    r = octo("run", str(EXAMPLES / "wordcount.py"), "-w", "2", "-t", "ssh", env=env)
+    assert r.returncode == 0, r.stderr
+    assert parse_spaced(r.stdout) == expected_books
+
+
+def test_twistd_serves_over_ssh(
+    env: dict, tmp_path: Path, peers_ssh: Peers, expected_books: Counter
+) -> None:
+    script = books_job(tmp_path)
+    out = tmp_path / "result.tsv"
+    port = free_port()
+    server = start_twistd(
+        script, "--transport", "ssh", "--listen", f"tcp:{port}:interface=127.0.0.1",
+        "--output", str(out), *peers_ssh.server_args(), env=env,
+    )  # fmt: skip
+    wait_for_port(port, server)
+    known = peers_ssh.known_hosts(port, host="localhost")  # the name the client uses
+    worker = start(
+        "client", f"localhost:{port}", "-t", "ssh", "-p", "2",
+        "--identity", str(peers_ssh.rsa), "--known-hosts", str(known), env=env,
+    )  # fmt: skip
+    ccode, _, cerr = finish(worker)
+    code, _, err = finish(server)
+    assert ccode == 0, cerr
+    assert code == 0, err
+    assert parse_tsv(out.read_text()) == expected_books
+
+
+def test_ssh_agent_signs_for_a_protected_key(
+    env: dict, tmp_path: Path, peers_ssh: Peers, expected_books: Counter
+) -> None:
+    agent, add = shutil.which("ssh-agent"), shutil.which("ssh-add")
+    if agent is None or add is None:
+        pytest.skip("no ssh-agent / ssh-add")
+    sock = tmp_path / "agent.sock"
+    start("-D", "-a", str(sock), env=env, program=agent)
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f"#!/bin/sh\ncat {peers_ssh.passphrase}\n")
+    askpass.chmod(0o700)
+    agent_env = {**env, "SSH_AUTH_SOCK": str(sock)}
+    deadline = time.monotonic() + 10
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    subprocess.run(
+        [add, str(peers_ssh.protected)],
+        env={**agent_env, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"},
+        stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=30,
+    )  # fmt: skip
+    gate = tmp_path / "gate"
+    script = gated_books_job(tmp_path, gate)
+    out = tmp_path / "result.tsv"
+    port = free_port()
+    server = start_server(script, port, env, *peers_ssh.server_args(), "--output", str(out))
+    pin = ["--host-key-fingerprint", peers_ssh.fingerprint]
+    # Without the agent the protected key cannot be used: a clear usage error.
+    code, _, err = finish(client(port, env, "--identity", str(peers_ssh.protected), *pin))
+    assert code == 2 and "--identity-passphrase-file" in err and "ssh-add" in err
+    workers = [
+        client(port, agent_env, "--identity", str(peers_ssh.protected), *pin, name="given"),
+        client(port, agent_env, *pin, name="any"),  # no --identity: the agent's keys
+    ]
+    log = wait_for_log(server, ["worker given joined", "worker any joined"])
+    gate.touch()
+    code, _, err = finish(server)
+    assert code == 0, log + err
+    for w in workers:
+        assert finish(w)[0] == 0
+    assert parse_tsv(out.read_text()) == expected_books
+
+
+@needs_openssh
+def test_openssh_opens_the_octo_subsystem(env: dict, tmp_path: Path, peers_ssh: Peers) -> None:
+    port = free_port()
+    server = start_server(books_job(tmp_path), port, env, *peers_ssh.server_args())
+    known = peers_ssh.known_hosts(port)
+
+    def ssh(*args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                SSH, "-F", "/dev/null", "-s", "-p", str(port), "-i", str(peers_ssh.ed25519),
+                "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", *args,
+            ],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    proc = ssh("-l", "octo", "127.0.0.1", "octo")
+    try:
+        (length,) = struct.unpack(">I", proc.stdout.read(4))
+        hello = proc.stdout.read(length)
+        assert length == len(MAGIC) + PROOF_SIZE and hello.startswith(MAGIC)
+        proc.stdin.close()  # EOF: the server ends the session cleanly
+        assert proc.wait(timeout=30) == 0, proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    # An unknown user is refused.
+    bad = ssh("-l", "nobody", "127.0.0.1", "octo")
+    _, err = bad.communicate(timeout=30)
+    assert bad.returncode == 255 and b"Permission denied" in err
+    server.kill()
+    _, _, serr = finish(server)
+    assert "unknown user 'nobody'" in serr
+
+
+def test_test_setup_hook(tmp_path: Path) -> None:
+    setup = conformance_setup("ssh", tmp_path)
+    assert "--authorized-keys" in setup.server_args and "--identity" in setup.client_args
+    assert conformance_setup("tcp", tmp_path / "tcp").server_args == []
