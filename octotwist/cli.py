@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import secrets
 import sys
-from typing import Any, TextIO
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.task import deferLater, react
@@ -34,7 +36,9 @@ from octotwist.errors import (
 )
 from octotwist.hookspecs import get_transport, transports
 from octotwist.job import load_job
+from octotwist.progress import LiveProgress, LogSink
 from octotwist.server import JobServer
+from octotwist.status import StatusPage
 from octotwist.transport import ClientSettings, ServerSettings, Transport
 
 _log = Logger()
@@ -78,6 +82,11 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
         ["name", "n", None, "Worker name in the server's logs (default HOST:PID)."],
         ["wait", None, 120.0, "Seconds to keep retrying while the server is unreachable.", float],
     ]
+    _transport_parameters, _transport_flags = tap.transport_parameters(
+        "client", tap._own_names(optParameters, []) | {"quiet", "verbose"}
+    )
+    optParameters += _transport_parameters
+    optFlags = _transport_flags
 
     def parseArgs(self, address: str | None = None) -> None:
         if address is not None and self["connect"]:
@@ -89,19 +98,14 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
 
         @raise UsageError: it is malformed.
         """
-        from twisted.internet import reactor
-        from twisted.internet.endpoints import clientFromString
-
+        given = self["connect"] or self["address"]
         try:
-            connect = self["connect"] or transport.client.address_to_endpoint(self["address"])
-            clientFromString(reactor, connect)
+            return transport.client.address_to_endpoint(given)
         except ValueError as e:
-            given = self["connect"] or self["address"]
             raise UsageError(
                 f"cannot connect to {given!r}: {e} (give HOST, HOST:PORT, or --connect "
                 "with an endpoint such as tcp:HOST:18125 or unix:/tmp/octo.sock)"
             ) from None
-        return connect
 
 
 class RunOptions(_Verbosity, tap.InterspersedOptions):
@@ -112,6 +116,7 @@ class RunOptions(_Verbosity, tap.InterspersedOptions):
         ["transport", "t", "tcp", "Transport between the server and the workers."],
         ["output", "o", None, "Write key<TAB>value results here instead of stdout."],
         ["reduce-tasks", "r", None, "Number of reduce partitions.", tap._positive_int],
+        tap.WEB_PARAMETER,
         *tap.FAULT_PARAMETERS,
     ]
     optFlags = tap.FAULT_FLAGS
@@ -139,7 +144,7 @@ class Options(usage.Options):
             raise usage.UsageError("which command? octo run|server|client|transports")
 
 
-def _start_logging(options: usage.Options, stream: TextIO = sys.stderr) -> None:
+def _start_logging(options: usage.Options, sink: LogSink) -> None:
     level = LogLevel.info
     if options.get("quiet"):
         level = LogLevel.warn
@@ -158,8 +163,7 @@ def _start_logging(options: usage.Options, stream: TextIO = sys.stderr) -> None:
         failure = event.get("log_failure")
         if failure is not None:
             text += "\n" + failure.getTraceback()
-        stream.write(f"octo: {text}\n")
-        stream.flush()
+        sink.write(f"octo: {text}")
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     globalLogBeginner.beginLoggingTo(
@@ -167,8 +171,22 @@ def _start_logging(options: usage.Options, stream: TextIO = sys.stderr) -> None:
     )
 
 
+#: Where log lines go (through the live progress display while it is up).
+_sink = LogSink()
+
+
+def _show_progress(job_server: JobServer, reactor: Any, options: usage.Options) -> bool:
+    """Start live progress bars when a person is watching; say whether we did."""
+    if not LiveProgress.wanted(_sink.stream, bool(options.get("quiet"))):
+        return False
+    LiveProgress(job_server, reactor, _sink).start()
+    return True
+
+
 async def _serve(reactor: Any, options: ServerOptions) -> int:
     service = tap.build_service(options, reactor)
+    if _show_progress(service.job_server, reactor, options):
+        service.job_server.log_progress = False
     service.startService()
     outcome = await service.outcome
     return EXIT_OK if outcome.ok else EXIT_FAILED
@@ -177,8 +195,9 @@ async def _serve(reactor: Any, options: ServerOptions) -> int:
 async def _work(reactor: Any, options: ClientOptions) -> int:
     transport = get_transport(options["transport"])
     connect = options.endpoint(transport)
+    transport_options = tap.transport_options(options, transport, "client")
     secret = await _client_secret(reactor, options)
-    client = transport.client(reactor, ClientSettings(connect, secret))
+    client = transport.client(reactor, ClientSettings(connect, secret, transport_options))
     try:
         shutdown = await run_worker(
             reactor,
@@ -230,11 +249,30 @@ async def _run(reactor: Any, options: RunOptions) -> int:
         output=output,
         policy=tap.fault_policy(options),
     )
+    private = tempfile.TemporaryDirectory(prefix="octo-run-")
     task_server = transport.server(
-        reactor, ServerSettings("tcp:0:interface=127.0.0.1", secret), job_server.accept
+        reactor,
+        ServerSettings(
+            transport.local_listen(Path(private.name)),
+            secret,
+            tap.transport_options(usage.Options(), transport, "server"),
+            status=StatusPage(job_server.status),
+        ),
+        job_server.accept,
     )
+    web_port = None
+    if options["web"] is not None:
+        tap.check_server_endpoint(options["web"], "--web")
+        web_port = await tap.serve_status(job_server, options["web"])
+    if _show_progress(job_server, reactor, options):
+        job_server.log_progress = False
     address = await task_server.listen()
-    client = transport.client(reactor, ClientSettings(address, secret))
+    client = transport.client(
+        reactor,
+        ClientSettings(
+            address, secret, tap.transport_options(usage.Options(), transport, "client")
+        ),
+    )
     worker = ensureDeferred(
         run_worker(reactor, client, processes=options["workers"], name="local", wait=10.0)
     )
@@ -242,6 +280,9 @@ async def _run(reactor: Any, options: RunOptions) -> int:
     outcome = await job_server.result
     await worker
     await task_server.stop()
+    if web_port is not None:
+        await web_port.stopListening()
+    private.cleanup()
     if output is not None:
         output.close()
     return EXIT_OK if outcome.ok else EXIT_FAILED
@@ -267,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command == "transports":
             sys.exit(_list_transports())
-        _start_logging(sub)
+        _start_logging(sub, _sink)
         action = {"run": _run, "server": _serve, "client": _work}[command]
         react(_guarded, (action, sub))
     except OctotwistError as e:

@@ -45,7 +45,10 @@ class RemoteProtocolError(ProtocolError):
 
 
 class AuthenticationError(RemoteProtocolError):
-    """The peer could not prove it knows the shared secret (or we could not)."""
+    """
+    The peer could not prove who it is (the shared secret, a key, its user
+    id), or it refused our proof.  Not retried: the message says what to fix.
+    """
 
 
 class TaskFailedError(OctotwistError):

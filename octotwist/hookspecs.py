@@ -17,11 +17,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 
 import pluggy
 
 from octotwist.errors import PluginError, UnknownTransportError
-from octotwist.transport import TaskClient, TaskServer, Transport
+from octotwist.transport import TaskClient, TaskServer, TestSetup, Transport
 
 PROJECT = "octotwist"
 ENTRY_POINT_GROUP = "octotwist"
@@ -40,6 +41,19 @@ def octotwist_transports() -> Sequence[Transport]:
     error.
 
     @return: a sequence of L{Transport} records.
+    """
+
+
+@hookspec(firstresult=True)
+def octotwist_test_setup(transport: str, directory: Path) -> TestSetup | None:
+    """
+    Prepare what the conformance tests need to run C{transport}'s server
+    and clients as real processes (keys, certificates, known hosts), under
+    C{directory}; return C{None} for a transport this plugin does not
+    provide.  A transport that needs nothing beyond the shared secret need
+    not implement this hook.
+
+    @return: the extra arguments and environment, or C{None}.
     """
 
 
@@ -126,3 +140,15 @@ def get_transport(name: str, pm: pluggy.PluginManager | None = None) -> Transpor
         return available[name]
     except KeyError:
         raise UnknownTransportError(name, sorted(available)) from None
+
+
+def conformance_setup(
+    transport: str, directory: Path, pm: pluggy.PluginManager | None = None
+) -> TestSetup:
+    """
+    What the tests need to run C{transport} for real: the answer of the
+    plugins' C{octotwist_test_setup} hook, or an empty L{TestSetup} when
+    no plugin needs anything.
+    """
+    pm = pm if pm is not None else plugin_manager()
+    return pm.hook.octotwist_test_setup(transport=transport, directory=directory) or TestSetup()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -45,6 +46,8 @@ _log = Logger()
 
 #: Reduce partitions when neither the job nor the command line says.
 DEFAULT_REDUCE_TASKS = 8
+#: Failed attempts the status page keeps (the newest).
+MAX_FAILURES_SHOWN = 50
 
 
 @dataclass(frozen=True)
@@ -140,12 +143,28 @@ class JobServer:
             job.name, job.pickled_functions, self.reduce_tasks, policy.heartbeat
         )
         self._ticker = LoopingCall(self._tick)
+        self._last_tick: float | None = None
         self._ticker.clock = reactor
         self._outcome: JobOutcome | None = None
         self._progress = LoopingCall(self._log_progress)
         self._progress.clock = reactor
         self._progress_interval = progress_interval
         self._waiting_logged = False
+        #: Log a progress line every C{progress_interval} seconds (turned off
+        #: while live progress bars show the same).
+        self.log_progress = True
+        #: Failed attempts, newest last (for the status page); bounded.
+        self.failures: deque[dict[str, Any]] = deque(maxlen=MAX_FAILURES_SHOWN)
+        self.bytes_received = 0
+        self._finishing: list[Callable[[], None]] = []
+
+    def before_final(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} once, just before the results go to C{final()} (or
+        the output): a live progress display must stop drawing before the
+        job's own output starts.
+        """
+        self._finishing.append(callback)
 
     def start(self) -> None:
         """Begin: log progress now and then; finish at once for an empty job."""
@@ -156,7 +175,7 @@ class JobServer:
             maps="an unknown number of" if maps is None else maps,
             reduces=self.reduce_tasks,
         )
-        if self._progress_interval > 0:
+        if self._progress_interval > 0 and self.log_progress:
             self._progress.start(self._progress_interval, now=False)
         self._ticker.start(min(1.0, self.policy.heartbeat), now=True)
         self._check_done()
@@ -240,6 +259,17 @@ class JobServer:
         )
         self.store.discard(msg.task, msg.attempt)
         if live:
+            self.failures.append(
+                {
+                    "task": str(msg.task),
+                    "attempt": msg.attempt,
+                    "worker": name,
+                    "key": None if msg.key is None else str(msg.key),
+                    "error": msg.error,
+                    "traceback": msg.traceback,
+                    "elapsed": round(self.reactor.seconds() - self._started, 3),
+                }
+            )
             _log.error(
                 "{task} attempt {attempt} failed on worker {worker}{at}: {error}",
                 task=str(msg.task),
@@ -251,7 +281,19 @@ class JobServer:
         self._after_change()
 
     def _tick(self) -> None:
-        self.scheduler.handle(Tick(self.reactor.seconds()))
+        now = self.reactor.seconds()
+        last, self._last_tick = self._last_tick, now
+        if last is not None and now - last > self.policy.heartbeat + 1.0:
+            # Our own reactor was blocked (a slow source read, say): the
+            # workers' heartbeats sit unread in socket buffers, so their
+            # silence says nothing about them.  Count them as heard.
+            _log.warn(
+                "the server was busy for {t:.1f} s; not holding it against the workers",
+                t=now - last,
+            )
+            for name in self._sessions:
+                self.scheduler.handle(Heard(name, now))
+        self.scheduler.handle(Tick(now))
         self._after_change()
 
     def _cancel(self) -> None:
@@ -324,6 +366,9 @@ class JobServer:
         if self.finished:
             return True
         if self.scheduler.phase is Phase.FINISHED:
+            callbacks, self._finishing = self._finishing, []
+            for callback in callbacks:
+                callback()
             self._finish_ok()
             return True
         if self.scheduler.phase is Phase.FAILED:
@@ -406,6 +451,61 @@ class JobServer:
             ],
         }
 
+    def status(self) -> dict[str, Any]:
+        """
+        Everything the status page and the progress display show, as
+        JSON-ready data (the schema is in docs/status.md).
+        """
+        now = self.reactor.seconds()
+        elapsed = now - self._started
+        outcome = self._outcome
+        phases = {}
+        for kind in TaskKind:
+            c = self.scheduler.counts(kind)
+            phases[kind.value] = {
+                "total": c.total,
+                "done": c.done,
+                "running": c.running,
+                "pending": c.pending,
+            }
+        workers = []
+        for name, session in sorted(self._sessions.items()):
+            hello = session.hello
+            running = self.scheduler.running(name) if not self.scheduler.done else []
+            workers.append(
+                {
+                    "name": name,
+                    "host": hello.host if hello else None,
+                    "pid": hello.pid if hello else None,
+                    "peer": session.channel.peer,
+                    "processes": hello.slots if hello else None,
+                    "running": [f"{task} attempt {attempt}" for task, attempt in running],
+                    "tasks_done": session.tasks_done,
+                    "last_heard": round(now - session.last_heard, 3),
+                }
+            )
+        done = sum(p["done"] for p in phases.values())
+        return {
+            "job": self.job.name,
+            "phase": self.scheduler.phase.value,
+            "ok": None if outcome is None else outcome.ok,
+            "error": None if outcome is None else outcome.error,
+            "elapsed": round(outcome.seconds if outcome else elapsed, 3),
+            "map": phases["map"],
+            "reduce": phases["reduce"],
+            "workers": workers,
+            "failures": list(self.failures),
+            "skipped": [
+                {"task": str(r.task), "key": str(r.key), "error": r.error, "attempts": r.attempts}
+                for r in self.scheduler.skipped
+            ],
+            "throughput": {
+                "tasks_per_second": round(done / elapsed, 3) if elapsed > 0 else 0.0,
+                "bytes_received": self.bytes_received,
+                "bytes_per_second": round(self.bytes_received / elapsed) if elapsed > 0 else 0,
+            },
+        }
+
     def _log_progress(self) -> None:
         s = self.stats()
         _log.info(
@@ -431,6 +531,9 @@ class _WorkerSession:
         self.server = server
         self.channel = channel
         self.name: str | None = None
+        self.hello: messages.Hello | None = None
+        self.last_heard = server.reactor.seconds()
+        self.tasks_done = 0
 
     def message_received(self, message: messages.Message) -> None:
         try:
@@ -444,17 +547,21 @@ class _WorkerSession:
     def _handle(self, message: messages.Message) -> None:
         if self.server.finished:
             return
+        self.last_heard = self.server.reactor.seconds()
         if self.name is not None:
             self.server.heard(self.name)
         match message:
             case messages.Hello() if self.name is None:
+                self.hello = message
                 self.name = self.server.joined(self, message)
             case _ if self.name is None:
                 raise RemoteProtocolError(f"expected Hello, got {type(message).__name__}")
             case messages.TaskOutput(task, _, partition):
                 self._check_partition(task, partition)
+                self.server.bytes_received += len(message.data)
                 self.server.task_output(self.name, message)
             case messages.TaskDone():
+                self.tasks_done += 1
                 self.server.task_done(self.name, message)
             case messages.TaskFailed():
                 self.server.task_failed(self.name, message)

@@ -16,16 +16,19 @@ from typing import IO, Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from octotwist import auth
 from octotwist.endpoints import server_is_local
 from octotwist.errors import OctotwistError, UsageError
-from octotwist.hookspecs import get_transport
+from octotwist.hookspecs import get_transport, transports
 from octotwist.job import Job, load_job
 from octotwist.server import FaultPolicy, JobOutcome, JobServer
-from octotwist.transport import ServerSettings, TaskServer, Transport
+from octotwist.status import StatusPage
+from octotwist.transport import Option, ServerSettings, TaskServer, Transport
 
 _log = Logger()
 
@@ -84,6 +87,88 @@ FAULT_FLAGS = [
         "Complete the job without the keys whose map task failed every attempt "
         "(and name them), instead of failing it.",
     ],
+]
+
+
+def _installed_options(side: str) -> dict[str, tuple[Option, list[str]]]:
+    """Every installed transport's options for C{side}, by name, with their owners."""
+    try:
+        available = transports()
+    except OctotwistError:
+        return {}  # reported when the transport is looked up
+    found: dict[str, tuple[Option, list[str]]] = {}
+    for name, t in sorted(available.items()):
+        for option in t.server_options if side == "server" else t.client_options:
+            found.setdefault(option.name, (option, []))[1].append(name)
+    return found
+
+
+def transport_parameters(side: str, taken: set[str]) -> tuple[list[list], list[list]]:
+    """
+    The C{optParameters} and C{optFlags} that the installed transports add
+    to a command, C{side} being C{"server"} or C{"client"}; names in
+    C{taken} (the command's own options) are left out.
+
+    Every transport's options are declared, so that C{--help} lists them
+    all; L{transport_options} then rejects those the chosen transport does
+    not have.  Their defaults are applied there too, so that C{None} here
+    means "not given".
+    """
+    parameters: list[list] = []
+    flags: list[list] = []
+    for name, (option, owners) in _installed_options(side).items():
+        if name in taken:
+            continue
+        help = f"{option.help} [{', '.join(owners)}]"
+        if option.flag:
+            flags.append([name, None, help])
+        else:
+            parameters.append([name, None, None, help, option.coerce])
+    return parameters, flags
+
+
+def transport_options(options: usage.Options, transport: Transport, side: str) -> dict[str, Any]:
+    """
+    The values of C{transport}'s own options, defaults applied, for its
+    L{ServerSettings} or L{ClientSettings}.
+
+    @raise UsageError: an option of another transport was given.
+    """
+    own = {
+        o.name: o
+        for o in (transport.server_options if side == "server" else transport.client_options)
+    }
+    values: dict[str, Any] = {}
+    for name, (_, owners) in _installed_options(side).items():
+        given = options.get(name)
+        if name in own:
+            option = own[name]
+            values[name] = (
+                bool(given) if option.flag else (option.default if given is None else given)
+            )
+        elif given:
+            raise UsageError(
+                f"--{name} is an option of the {' and '.join(owners)} transport"
+                f"{'s' if len(owners) > 1 else ''}, not of {transport.name} "
+                f"(choose it with --transport {owners[0]})"
+            )
+    for name, option in own.items():
+        values.setdefault(name, option.default)
+    return values
+
+
+def _own_names(parameters: list[list], flags: list[list]) -> set[str]:
+    return {p[0] for p in parameters} | {f[0] for f in flags} | {"help", "version"}
+
+
+#: The status page, shared by every command that runs a server.
+WEB_PARAMETER = [
+    "web",
+    None,
+    None,
+    "Serve the live status page (HTML at /, JSON at /status.json) on this endpoint, "
+    "e.g. tcp:8080:interface=127.0.0.1. It needs no secret and shows keys and tracebacks: "
+    "keep it on a trusted network. The http transport also serves it on its own port.",
 ]
 
 
@@ -167,9 +252,15 @@ class Options(InterspersedOptions):
             "Number of reduce partitions (default: the job's reduce_tasks, else 8).",
             _positive_int,
         ],
+        WEB_PARAMETER,
         *FAULT_PARAMETERS,
     ]
     optFlags = FAULT_FLAGS
+    _transport_parameters, _transport_flags = transport_parameters(
+        "server", _own_names(optParameters, optFlags) | {"quiet", "verbose", "web"}
+    )
+    optParameters += _transport_parameters
+    optFlags = optFlags + _transport_flags
 
     def parseArgs(self, script: str | None = None) -> None:
         if script is not None:
@@ -205,7 +296,7 @@ def listen_settings(options: Options, transport: Transport) -> tuple[str, bytes]
     return listen, configured or auth.server_secret(None)
 
 
-def check_server_endpoint(description: str) -> None:
+def check_server_endpoint(description: str, option: str = "--listen") -> None:
     """
     @raise UsageError: C{description} is not a server endpoint string.
     """
@@ -215,7 +306,7 @@ def check_server_endpoint(description: str) -> None:
         serverFromString(reactor, description)
     except Exception as e:
         raise UsageError(
-            f"--listen {description}: {e} (examples: tcp:18125:interface=127.0.0.1, "
+            f"{option} {description}: {e} (examples: tcp:18125:interface=127.0.0.1, "
             "unix:/tmp/octo.sock, ssl:18125:privateKey=key.pem:certKey=cert.pem)"
         ) from None
 
@@ -229,20 +320,36 @@ class JobService(Service):
     """
 
     def __init__(
-        self, job_server: JobServer, task_server: TaskServer, listen: str, transport_name: str
+        self,
+        job_server: JobServer,
+        task_server: TaskServer,
+        listen: str,
+        transport_name: str,
+        web: str | None = None,
     ) -> None:
         self.job_server = job_server
         self.task_server = task_server
         self.listen = listen
         self.transport_name = transport_name
+        self.web = web
         self.address: str | None = None
+        self._web_port: Any = None
         self.outcome: Deferred[JobOutcome] = Deferred()
         self.listening: Deferred[str] = Deferred()
 
     def startService(self) -> None:
         super().startService()
+        Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        if self.web is not None:
+            try:
+                self._web_port = await serve_status(self.job_server, self.web)
+            except Exception as e:
+                self._cannot_listen(Failure(e), self.web)
+                return
         d = self.task_server.listen()
-        d.addCallbacks(self._listening, self._cannot_listen)
+        d.addCallbacks(self._listening, self._cannot_listen, errbackArgs=(self.listen,))
 
     def _listening(self, address: str) -> None:
         self.address = address
@@ -256,15 +363,19 @@ class JobService(Service):
         self.listening.callback(address)
         self.job_server.start()
 
-    def _cannot_listen(self, failure: Any) -> None:
-        error = f"cannot listen on {self.listen}: {failure.getErrorMessage()}"
+    def _cannot_listen(self, failure: Any, where: str) -> None:
+        error = f"cannot listen on {where}: {failure.getErrorMessage()}"
         _log.error("{error}", error=error)
         self.listening.errback(failure)
         self.listening.addErrback(lambda _: None)  # reported above
+        if self._web_port is not None:
+            self._web_port.stopListening()
         self.outcome.callback(JobOutcome(False, error))
 
     async def _stop_and_report(self, outcome: JobOutcome) -> None:
         await self.task_server.stop()
+        if self._web_port is not None:
+            await self._web_port.stopListening()
         self.outcome.callback(outcome)
 
     def _ended(self, outcome: JobOutcome) -> None:
@@ -299,8 +410,36 @@ def build_service(options: Options, reactor: Any, output: IO[str] | None = None)
         output=output,
         policy=fault_policy(options),
     )
-    task_server = transport.server(reactor, ServerSettings(listen, secret), job_server.accept)
-    return JobService(job_server, task_server, listen, transport.name)
+    if options["web"] is not None:
+        check_server_endpoint(options["web"], "--web")
+    settings = ServerSettings(
+        listen,
+        secret,
+        transport_options(options, transport, "server"),
+        status=StatusPage(job_server.status),
+    )
+    task_server = transport.server(reactor, settings, job_server.accept)
+    return JobService(job_server, task_server, listen, transport.name, options["web"])
+
+
+async def serve_status(job_server: JobServer, endpoint: str) -> IListeningPort:
+    """Serve C{job_server}'s status page on C{endpoint} (C{--web})."""
+    from twisted.internet import reactor
+    from twisted.web.server import Site
+
+    site = Site(StatusPage(job_server.status))
+    site.noisy = False
+    port = await serverFromString(reactor, endpoint).listen(site)
+    _log.info("status page at {url}", url=_url(port, endpoint))
+    return port
+
+
+def _url(port: IListeningPort, endpoint: str) -> str:
+    host = port.getHost()
+    if not hasattr(host, "port"):
+        return endpoint
+    name = host.host if host.host not in ("0.0.0.0", "::", "") else "localhost"
+    return f"http://{name if ':' not in name else f'[{name}]'}:{host.port}/"
 
 
 def open_output(path: str | None, job: Job) -> IO[str] | None:

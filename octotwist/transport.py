@@ -24,15 +24,19 @@ same, started by L{TaskClient.connect}.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorCore
 
 from octotwist.endpoints import split_host_port
 from octotwist.messages import Message
+
+if TYPE_CHECKING:
+    from twisted.web.resource import IResource
 
 
 class MessageChannel(ABC):
@@ -55,6 +59,20 @@ class MessageChannel(ABC):
     def close(self) -> None:
         """Close the connection after what was sent has been written."""
 
+    def writable(self) -> Deferred[None]:
+        """
+        Backpressure: fires once what was sent so far is on its way (the
+        transport's own buffer is below its high-water mark), or at once if
+        the connection is gone.  The core waits on it between the parts of a
+        large blob, so that a 200 MB blob never sits whole in a transport's
+        buffer, and memory stays bounded by a few parts per connection.
+
+        The default fires at once: no flow control.  A transport over a
+        Twisted stream transport implements it with a push producer (see
+        the TCP plugin's C{_Flow}).
+        """
+        return succeed(None)
+
 
 class ChannelHandler(Protocol):
     """What the core attaches to each channel (implemented by the core)."""
@@ -76,12 +94,18 @@ class ServerSettings:
 
     @ivar listen: a Twisted server endpoint string (C{"tcp:18125"}).
     @ivar secret: the shared secret peers must prove they know.
-    @ivar options: transport-specific options, by name.
+    @ivar options: the values of the transport's L{Transport.server_options},
+        by option name (C{"host-key"}); an option not given has its default.
+    @ivar status: the live status page, a C{twisted.web} resource whose
+        children are C{b""} (the HTML page) and C{b"status.json"}.  A
+        transport that speaks HTTP serves it on its own port for every path
+        that is not its own; others ignore it.
     """
 
     listen: str
     secret: bytes
     options: Mapping[str, Any] = field(default_factory=dict)
+    status: IResource | None = None
 
 
 @dataclass(frozen=True)
@@ -89,9 +113,13 @@ class ClientSettings:
     """
     What a L{TaskClient} is told.
 
-    @ivar connect: a Twisted client endpoint string (C{"tcp:host:18125"}).
+    @ivar connect: what L{TaskClient.address_to_endpoint} returned for the
+        address the user gave, or what the server's L{TaskServer.listen}
+        returned (C{octo run}): a Twisted client endpoint string for the
+        built-in transports, the transport's own form for others.
     @ivar secret: the shared secret to prove.
-    @ivar options: transport-specific options, by name.
+    @ivar options: the values of the transport's L{Transport.client_options},
+        by option name; an option not given has its default.
     """
 
     connect: str
@@ -151,14 +179,26 @@ class TaskClient(ABC):
     @classmethod
     def address_to_endpoint(cls, address: str) -> str:
         """
-        Turn the short form a user types (C{octo client HOST[:PORT]}) into a
-        client endpoint string.  Strings that already name an endpoint
-        type (contain C{"="} or start with a known prefix) pass unchanged.
+        Turn what a user typed (C{octo client HOST[:PORT]}, or C{--connect
+        ENDPOINT}) into the L{ClientSettings.connect} string.
+
+        This default turns C{HOST[:PORT]} into C{tcp:HOST:PORT} and passes
+        strings that already name an endpoint type (contain C{"="} or start
+        with a known prefix) through, after checking them with
+        C{clientFromString}.  Override it for other address forms (URLs).
+
+        @raise ValueError: the address is malformed; the message says why.
         """
         if address.split(":", 1)[0] in ("tcp", "tls", "ssl", "unix") or "=" in address:
-            return address
-        host, port = split_host_port(address, cls.default_port)
-        return f"tcp:{_escape(host)}:{port}"
+            endpoint = address
+        else:
+            host, port = split_host_port(address, cls.default_port)
+            endpoint = f"tcp:{_escape(host)}:{port}"
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import clientFromString
+
+        clientFromString(reactor, endpoint)  # raises ValueError when malformed
+        return endpoint
 
     @abstractmethod
     def connect(self, accept: Accept) -> Deferred[MessageChannel]:
@@ -176,6 +216,61 @@ def _escape(host: str) -> str:
 
 
 @dataclass(frozen=True)
+class Option:
+    """
+    A command-line option a transport adds to C{octo server} / C{twistd
+    octo} (in L{Transport.server_options}) or to C{octo client} (in
+    L{Transport.client_options}): C{--NAME VALUE}, or C{--NAME} for a flag.
+
+    Its value reaches the transport as C{settings.options[name]}.
+
+    @ivar name: the long option name without dashes (C{"host-key"}).
+    @ivar help: one line for C{--help}.
+    @ivar default: the value when the option is not given.
+    @ivar coerce: turns the string typed into the value (C{int}, say); it
+        raises C{ValueError} for a bad one.
+    @ivar flag: the option takes no value; its value is C{True} when given.
+    """
+
+    name: str
+    help: str
+    default: Any = None
+    coerce: Callable[[str], Any] | None = None
+    flag: bool = False
+
+
+@dataclass
+class TestSetup:
+    """
+    What the conformance kit (L{octotwist.testing}) needs to run a
+    transport's server and clients as real processes.  A plugin returns one
+    from its C{octotwist_test_setup} hook; every field has a default that
+    suits a transport on TCP authenticated by the shared secret.
+
+    @ivar server_args: appended to C{octo server} / C{twistd octo}.
+    @ivar client_args: appended to C{octo client}.
+    @ivar env: added to the environment of both.
+    @ivar listen: the C{--listen} endpoint, C{{port}} standing for a free port.
+    @ivar address: the address C{octo client} is given, likewise.
+    @ivar refused_client_args: arguments with which a client presents
+        credentials the server must refuse (besides a wrong shared secret,
+        which the kit always tries).
+    @ivar refused_server_args: arguments with which the server must refuse
+        the client's usual credentials.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    server_args: list[str] = field(default_factory=list)
+    client_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    listen: str = "tcp:{port}:interface=127.0.0.1"
+    address: str = "127.0.0.1:{port}"
+    refused_client_args: list[str] = field(default_factory=list)
+    refused_server_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Transport:
     """
     What a plugin's C{octotwist_transports} hook returns, one per transport.
@@ -185,6 +280,8 @@ class Transport:
     @ivar server: the L{TaskServer} subclass.
     @ivar client: the L{TaskClient} subclass.
     @ivar default_port: the port C{octo server} listens on by default.
+    @ivar server_options: options this transport adds to C{octo server}.
+    @ivar client_options: options this transport adds to C{octo client}.
     """
 
     name: str
@@ -192,7 +289,23 @@ class Transport:
     server: type[TaskServer]
     client: type[TaskClient]
     default_port: int = 18125
+    server_options: Sequence[Option] = ()
+    client_options: Sequence[Option] = ()
 
     def default_listen(self, local_only: bool) -> str:
+        """
+        Where C{octo server} listens without C{--listen}: C{default_port} on
+        every interface, or on 127.0.0.1 only when C{local_only} (no secret
+        is configured).  A transport that does not listen on TCP overrides
+        this in a subclass of L{Transport}.
+        """
         interface = ":interface=127.0.0.1" if local_only else ""
         return f"tcp:{self.default_port}{interface}"
+
+    def local_listen(self, directory: Path) -> str:
+        """
+        Where C{octo run} listens, for workers on this machine only: a port
+        the kernel picks on 127.0.0.1.  C{directory} is private to the run
+        and removed after it (for a Unix socket, say).
+        """
+        return "tcp:0:interface=127.0.0.1"

@@ -4,6 +4,11 @@ C{octo} commands, and helpers to run them as real processes.
 
 C{OCTO_TRANSPORT} picks the transport (the tox matrix sets it); when it is
 unset, transport-dependent tests run once per installed transport.
+
+A transport may need more than the shared secret (SSH keys, say): its
+plugin's C{octotwist_test_setup} hook prepares them, and L{octo} and L{start}
+append the arguments it returned to every C{server} or C{client} command
+that names that transport with C{--transport}.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from octotwist.hookspecs import transports
+from octotwist.hookspecs import conformance_setup, transports
+from octotwist.transport import TestSetup
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -43,6 +49,68 @@ def env(tmp_path: Path) -> dict[str, str]:
     return e
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """
+    Under C{OCTO_TRANSPORT=NAME} (one env of the tox matrix), run what
+    concerns that transport: the tests that take C{transport}, the
+    conformance kit, and C{test_NAME.py}.  Tests that do not depend on the
+    transport run once, in the tcp env (or when C{OCTO_TRANSPORT} is unset).
+    """
+    chosen = os.environ.get("OCTO_TRANSPORT")
+    if not chosen:
+        return
+    names = set(transports())
+    keep, drop = [], []
+    for item in items:
+        file = item.path.name
+        own = file.removeprefix("test_").removesuffix(".py")
+        if own in names:
+            wanted = own == chosen
+        else:
+            wanted = (
+                chosen == "tcp" or "transport" in item.fixturenames or file == "test_conformance.py"
+            )
+        (keep if wanted else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+_setups: dict[str, TestSetup] = {}
+
+
+@pytest.fixture(autouse=True)
+def peers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestSetup | None]:
+    """The current transport's L{TestSetup} (for tests that take C{transport})."""
+    if "transport" not in request.fixturenames:
+        yield None
+        return
+    name = request.getfixturevalue("transport")
+    directory = tmp_path / "peers"
+    directory.mkdir()
+    _setups[name] = setup = conformance_setup(name, directory)
+    try:
+        yield setup
+    finally:
+        _setups.clear()
+
+
+def _with_peer_args(args: tuple[str, ...], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """C{args} plus what the named transport's test setup asks for."""
+    if "--transport" not in args:
+        return list(args), env
+    setup = _setups.get(args[args.index("--transport") + 1])
+    if setup is None:
+        return list(args), env
+    if args[0] == "client":
+        extra = setup.client_args
+    elif args[0] == "server" or "octo" in args:  # octo server, twistd ... octo
+        extra = setup.server_args
+    else:
+        extra = []
+    return [*args, *extra], {**env, **setup.env}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,8 +121,9 @@ def octo(
     *args: str, env: dict[str, str], cwd: Path | str | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run C{octo ARGS...} to completion."""
+    argv, env = _with_peer_args(args, env)
     return subprocess.run(
-        [sys.executable, "-m", "octotwist", *args],
+        [sys.executable, "-m", "octotwist", *argv],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -84,7 +153,8 @@ def start(
     *args: str, env: dict[str, str], cwd: Path | str | None = None, program: str | None = None
 ) -> subprocess.Popen[str]:
     """Start C{octo ARGS...} (or another program) in the background."""
-    argv = [program, *args] if program else [sys.executable, "-m", "octotwist", *args]
+    args_, env = _with_peer_args(args, env)
+    argv = [program, *args_] if program else [sys.executable, "-m", "octotwist", *args_]
     proc = subprocess.Popen(
         argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

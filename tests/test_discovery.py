@@ -82,3 +82,35 @@ def test_a_plugin_that_fails_to_import_names_its_distribution(tmp_path: Path, mo
     assert "broken = brokenplug_mod (distribution brokenplug)" in str(e.value)
     assert "RuntimeError: boom" in str(e.value)
     sys.modules.pop("brokenplug_mod", None)
+
+
+def test_the_built_in_transports_are_all_discovered() -> None:
+    pm = plugin_manager()
+    plugins = dict(pm.list_name_plugin())
+    for dist_name, name in [("octotwist-tcp", "tcp"), ("octotwist-http", "http"),
+                            ("octotwist-ssh", "ssh")]:  # fmt: skip
+        assert dist_name in plugins
+        assert transports(pm)[name].name == name
+
+
+def test_transport_options_are_listed_with_their_transport(env: dict) -> None:
+    from conftest import octo
+
+    server = octo("server", "--help", env=env)
+    assert server.returncode == 0
+    assert "--host-key" in server.stdout and "[ssh]" in server.stdout
+    client = octo("client", "--help", env=env)
+    assert "--identity" in client.stdout and "--ca-file" in client.stdout
+
+
+def test_an_option_of_another_transport_is_a_usage_error(env: dict, tmp_path: Path) -> None:
+    from conftest import octo
+
+    script = tmp_path / "job.py"
+    script.write_text("source = {1: 2}\ndef mapfn(k, v):\n    yield k, v\n"
+                      "def reducefn(k, vs):\n    return k, vs\n")  # fmt: skip
+    r = octo("server", str(script), "--host-key", "key", env=env, timeout=30)
+    assert r.returncode == 2
+    assert "--host-key is an option of the ssh transport, not of tcp" in r.stderr
+    r = octo("client", "--ca-file", "ca.pem", "--wait", "1", env=env, timeout=30)
+    assert r.returncode == 2 and "--ca-file is an option of the http transport" in r.stderr

@@ -221,3 +221,34 @@ def test_backup_tasks_overtake_a_slow_worker(transport: str, env: dict, tmp_path
     assert "cancelled map 0 attempt 1" in err
     assert parse_tsv(out.read_text()) == Counter({"x": 6, "y0": 3, "y1": 3})
     assert finish(fast)[0] == 0 and finish(slow)[0] == 0
+
+
+BLOCKING_SOURCE = """
+import time
+class Slow(dict):
+    def __getitem__(self, key):
+        if key == 5:
+            time.sleep(3.5)  # blocks the server's reactor past --task-timeout 2
+        return dict.__getitem__(self, key)
+source = Slow({i: "a b" for i in range(8)})
+def mapfn(key, value):
+    time.sleep(0.3)
+    for w in value.split():
+        yield w, 1
+def reducefn(key, values):
+    return key, len(values)
+"""
+
+
+def test_a_blocked_server_does_not_blame_its_workers(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    """Heartbeats that sat unread while the server was blocked still count."""
+    server, port, out = serve(transport, env, tmp_path, job(tmp_path, BLOCKING_SOURCE))
+    worker = client(transport, env, port, "-p", "2")
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert "the server was busy" in err
+    assert "worker silent" not in err and "left" not in err
+    assert finish(worker)[0] == 0
+    assert parse_tsv(out.read_text()) == {"a": 8, "b": 8}

@@ -20,15 +20,16 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from octotwist import auth, codec
 from octotwist.errors import AuthenticationError, RemoteProtocolError
+from octotwist.framing import FrameReceiver
 from octotwist.messages import Message
 from octotwist.transport import Accept, ChannelHandler, MessageChannel
 
@@ -64,8 +65,44 @@ class _Channel(MessageChannel):
     def close(self) -> None:
         self._protocol.close()
 
+    def writable(self) -> Deferred[None]:
+        return self._protocol.flow.writable()
 
-class _FramedProtocol(Int32StringReceiver):
+
+@implementer(IPushProducer)
+class _Flow:
+    """
+    Tells senders when the connection's write buffer has drained: Twisted
+    pauses a registered streaming producer when the buffer passes its
+    high-water mark and resumes it once it is written out.  (A separate
+    object: the receiver already uses its own pauseProducing for reading.)
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._waiting: list[Deferred[None]] = []
+
+    def writable(self) -> Deferred[None]:
+        if not self.paused:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+class _FramedProtocol(FrameReceiver):
     MAX_LENGTH = HANDSHAKE_MAX_FRAME
 
     state: State
@@ -76,6 +113,8 @@ class _FramedProtocol(Int32StringReceiver):
         self.handler: ChannelHandler | None = None
         self.channel = _Channel(self)
         self.closed: Deferred[None] = Deferred()
+        self.flow = _Flow()
+        self._producing = False
         self._timeout: IDelayedCall | None = None
         self.lost_reason = "connection closed"
 
@@ -89,6 +128,8 @@ class _FramedProtocol(Int32StringReceiver):
 
     def connectionMade(self) -> None:
         self.factory.protocols.add(self)
+        self.transport.registerProducer(self.flow, True)
+        self._producing = True
         self._timeout = self.factory.reactor.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
 
     def _handshake_timeout(self) -> None:
@@ -137,10 +178,20 @@ class _FramedProtocol(Int32StringReceiver):
     def close(self) -> None:
         if self.state is not State.CLOSED:
             self.state = State.CLOSED
-            self.transport.loseConnection()
+            self.lose_connection()
+
+    def lose_connection(self) -> None:
+        """Close once what was written is sent, whatever the state."""
+        # A transport does not close while a producer is registered.
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+        self.flow.resumeProducing()
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.protocols.discard(self)
+        self.flow.stopProducing()
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self.state = State.CLOSED

@@ -75,7 +75,7 @@ class TCPTaskServer(TaskServer):
         protocols = list(self._factory.protocols)
         for protocol in protocols:
             if protocol.state is not State.OPEN:
-                protocol.transport.loseConnection()
+                protocol.lose_connection()
         closed = DeferredList([p.closed for p in protocols])
         timers = [
             self.reactor.callLater(PEER_CLOSE_TIMEOUT, _close_all, protocols),
@@ -89,7 +89,7 @@ class TCPTaskServer(TaskServer):
 
 def _close_all(protocols: list) -> None:
     for protocol in protocols:
-        protocol.transport.loseConnection()
+        protocol.lose_connection()
 
 
 def _abort_all(protocols: list) -> None:

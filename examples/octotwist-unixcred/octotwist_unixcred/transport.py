@@ -1,0 +1,176 @@
+"""
+The unixcred transport: octotwist messages in 4-byte length-prefixed frames
+over a Unix-domain socket.
+
+Authentication is the kernel's: each side reads the other's user id from
+the socket (C{SO_PEERCRED}) as soon as it connects.  The server drops a
+peer whose user id it does not allow without reading from it, and
+otherwise sends one C{ACCEPTED} frame; the client checks that the server
+runs as its own user (or root) and waits for that frame before it hands
+the channel to the core.  After that, every frame is one message encoded
+by L{octotwist.codec}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from octotwist import codec
+from octotwist.errors import AuthenticationError, RemoteProtocolError
+from octotwist.framing import FrameReceiver
+from octotwist.messages import Message
+from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskClient, TaskServer
+
+ACCEPTED = b"octotwist-unixcred/1 accepted"
+MAX_FRAME = 64 * 1024 * 1024
+
+_log = Logger()
+
+
+def default_socket() -> str:
+    """Where the server listens, and clients connect, unless told otherwise."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/octotwist-{os.getuid()}"
+    os.makedirs(runtime, mode=0o700, exist_ok=True)
+    return os.path.join(runtime, "octotwist.sock")
+
+
+def peer_uid(transport: Any) -> int:
+    """The user id of the process at the other end of a Unix socket."""
+    sock = transport.getHandle()
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+class Connection(FrameReceiver, MessageChannel):
+    """One connection, either side; it is also the channel the core sees."""
+
+    MAX_LENGTH = MAX_FRAME
+
+    def __init__(self, accept: Accept, allowed: set[int], is_server: bool) -> None:
+        self.accept = accept
+        self.allowed = allowed
+        self.is_server = is_server
+        self.handler: ChannelHandler | None = None
+        self.ready: Deferred[MessageChannel] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+        self.uid: int | None = None
+
+    @property
+    def peer(self) -> str:
+        return f"unix:uid={self.uid}"
+
+    def connectionMade(self) -> None:
+        self.uid = peer_uid(self.transport)
+        if self.uid not in self.allowed:
+            self.refuse(f"user id {self.uid} is not allowed")
+        elif self.is_server:
+            self.sendString(ACCEPTED)
+            self.handler = self.accept(self)
+
+    def stringReceived(self, frame: bytes) -> None:
+        if self.handler is None:  # a client, waiting to be accepted
+            if frame != ACCEPTED:
+                self.refuse("the server does not speak unixcred")
+                return
+            self.handler = self.accept(self)
+            self.ready.callback(self)
+            return
+        try:
+            message = codec.decode_message(frame)
+        except RemoteProtocolError as e:
+            self.refuse(str(e))
+            return
+        self.handler.message_received(message)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.refuse(f"a frame of {length} bytes is over the limit of {self.MAX_LENGTH}")
+
+    def refuse(self, why: str) -> None:
+        _log.warn("closing connection from {peer}: {why}", peer=self.peer, why=why)
+        self.transport.abortConnection()
+
+    def send(self, message: Message) -> None:
+        if self.connected:
+            self.sendString(codec.encode_message(message))
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.handler is not None:
+            handler, self.handler = self.handler, None
+            handler.connection_lost(str(reason.value) if reason else "connection closed")
+        elif not self.ready.called:
+            self.ready.errback(
+                AuthenticationError(
+                    f"the server (user id {self.uid}) closed the connection: it does not allow "
+                    f"our user id {os.getuid()} (it takes --allow-uid)"
+                )
+            )
+        self.closed.callback(None)
+
+
+class UnixCredServer(TaskServer):
+    """Listens on a C{unix:} endpoint; allows the users C{--allow-uid} names."""
+
+    _port: IListeningPort | None = None
+
+    def listen(self) -> Deferred[str]:
+        if not self.settings.listen.startswith("unix:"):
+            return fail(ValueError("unixcred listens on unix: endpoints, e.g. unix:/tmp/octo.sock"))
+        option = self.settings.options.get("allow-uid")
+        allowed = {int(u) for u in option.split(",")} if option else {os.getuid()}
+        self.connections: set[Connection] = set()
+
+        def build() -> Connection:
+            connection = Connection(self.accept, allowed, is_server=True)
+            self.connections.add(connection)
+            connection.closed.addCallback(lambda _: self.connections.discard(connection))
+            return connection
+
+        d = serverFromString(self.reactor, self.settings.listen).listen(Factory.forProtocol(build))
+        return d.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> str:
+        self._port = port
+        return f"unix:{os.fsdecode(port.getHost().name)}"
+
+    async def _stop(self) -> None:
+        if self._port is not None:
+            await self._port.stopListening()
+        # Unlike TCP, closing a Unix socket never discards what the peer has
+        # yet to read, so there is no need to wait for peers to hang up.
+        for connection in list(self.connections):
+            connection.transport.loseConnection()
+        await DeferredList([c.closed for c in self.connections])
+
+    def stop(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+
+class UnixCredClient(TaskClient):
+    """Connects to a C{unix:} endpoint; trusts a server of our own user (or root)."""
+
+    @classmethod
+    def address_to_endpoint(cls, address: str) -> str:
+        if address in ("", "localhost"):
+            return f"unix:{default_socket()}"
+        if not address.startswith("unix:"):
+            raise ValueError("unixcred connects to unix:PATH (a Unix socket), not to a host")
+        return address
+
+    def connect(self, accept: Accept) -> Deferred[MessageChannel]:
+        factory = Factory.forProtocol(lambda: Connection(accept, {os.getuid(), 0}, False))
+        d = clientFromString(self.reactor, self.settings.connect).connect(factory)
+        return d.addCallback(lambda connection: connection.ready)

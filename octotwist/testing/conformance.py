@@ -1,0 +1,239 @@
+"""
+The conformance scenarios every transport must pass, as pytest tests.
+
+A transport author runs them against their transport with::
+
+    # tests/test_conformance.py
+    from octotwist.testing.conformance import *  # noqa: F403
+
+    $ pytest --octo-transport NAME         # or OCTO_TRANSPORT=NAME pytest
+
+Each test starts real C{octo server} / C{octo client} processes over the
+transport (set up by its plugin's C{octotwist_test_setup} hook) and checks
+the exact result against an independent computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+from octotwist.testing.harness import Octo, connect_raw, wait_for_text
+
+__all__ = [
+    "test_5000_tiny_tasks",
+    "test_a_200_mb_blob",
+    "test_a_client_killed_mid_task_loses_nothing",
+    "test_bad_credentials_are_refused",
+    "test_clean_shutdown",
+    "test_garbage_from_a_peer_does_not_disturb_the_job",
+    "test_word_count_with_two_clients",
+]
+
+#: The seed's word count, reading the corpus files itself (lazily).
+WORDCOUNT = """
+import glob
+files = sorted(glob.glob({pattern!r}))
+class Files(dict):
+    def __getitem__(self, path):
+        with open(path) as f:
+            return f.read()
+source = Files.fromkeys(files)
+def mapfn(key, value):
+    for line in value.splitlines():
+        for word in line.split():
+            yield word.lower(), 1
+def reducefn(key, values):
+    return key, len(values)
+reduce_tasks = 3
+"""
+
+
+def write_job(directory: Path, body: str, name: str = "job.py") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def make_corpus(directory: Path, files: int = 6, words: int = 30_000) -> Counter[str]:
+    """Deterministic text files under C{directory}; returns the expected count."""
+    import random
+
+    rng = random.Random(1854)
+    vocabulary = [f"Word{i}" if i % 7 == 0 else f"word{i}" for i in range(3000)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for n in range(files):
+        lines = (" ".join(rng.choices(vocabulary, k=12)) for _ in range(words // 12))
+        (directory / f"part{n}.txt").write_text("\n".join(lines) + "\n")
+    expected: Counter[str] = Counter()
+    for path in sorted(directory.glob("*.txt")):
+        expected.update(w.lower() for w in path.read_text().split())
+    return expected
+
+
+def results(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, value = line.rsplit("\t", 1)
+        assert key not in out, f"key {key!r} written twice"
+        out[key] = value
+    return out
+
+
+def _wordcount(octo: Octo) -> tuple[Path, Counter[str]]:
+    expected = make_corpus(octo.directory / "corpus")
+    script = write_job(
+        octo.directory, WORDCOUNT.format(pattern=str(octo.directory / "corpus/*.txt"))
+    )
+    return script, expected
+
+
+def test_word_count_with_two_clients(octo: Octo) -> None:
+    script, expected = _wordcount(octo)
+    out = octo.directory / "out.tsv"
+    server = octo.server(script, "-o", str(out))
+    clients = [octo.client(server, "--name", f"c{i}") for i in range(2)]
+    assert server.wait() == 0, server.err()
+    for c in clients:
+        assert c.wait() == 0, c.err()
+    assert "worker c0 joined" in server.err() and "worker c1 joined" in server.err()
+    assert results(out) == {k: str(v) for k, v in expected.items()}
+
+
+BLOB = """
+import hashlib, random
+source = {{"blob": {size}}}
+def mapfn(key, size):
+    yield key, random.Random(7).randbytes(size)
+def reducefn(key, values):
+    (blob,) = values
+    return key, "%d %s" % (len(blob), hashlib.sha256(blob).hexdigest())
+reduce_tasks = 1
+"""
+BLOB_SIZE = 200 * 10**6
+
+
+def test_a_200_mb_blob(octo: Octo) -> None:
+    """A 200 MB map output (incompressible) travels worker -> server -> worker."""
+    import random
+
+    script = write_job(octo.directory, BLOB.format(size=BLOB_SIZE))
+    out = octo.directory / "out.tsv"
+    server = octo.server(script, "-o", str(out), "--task-timeout", "120")
+    client = octo.client(server)
+    assert server.wait(300) == 0, server.err()
+    assert client.wait() == 0, client.err()
+    digest = hashlib.sha256(random.Random(7).randbytes(BLOB_SIZE)).hexdigest()
+    assert results(out) == {"blob": f"{BLOB_SIZE} {digest}"}
+
+
+TINY = """
+source = {i: i * i for i in range(5000)}
+def mapfn(key, value):
+    yield key % 10, value
+def reducefn(key, values):
+    return key, sum(values)
+reduce_tasks = 2
+"""
+
+
+def test_5000_tiny_tasks(octo: Octo) -> None:
+    script = write_job(octo.directory, TINY)
+    out = octo.directory / "out.tsv"
+    server = octo.server(script, "-o", str(out))
+    clients = [octo.client(server, "-p", "2") for _ in range(2)]
+    assert server.wait(300) == 0, server.err()
+    for c in clients:
+        assert c.wait() == 0, c.err()
+    expected = {str(d): str(sum(i * i for i in range(5000) if i % 10 == d)) for d in range(10)}
+    assert results(out) == expected
+
+
+SLOW = """
+import time
+source = {i: "a b c d%d" % (i % 5) for i in range(16)}
+def mapfn(key, value):
+    time.sleep(0.3)
+    for w in value.split():
+        yield w, 1
+def reducefn(key, values):
+    return key, len(values)
+reduce_tasks = 2
+"""
+SLOW_EXPECTED = {
+    k: str(v) for k, v in Counter(w for i in range(16) for w in f"a b c d{i % 5}".split()).items()
+}
+FAST_LEASE = ["--heartbeat", "0.3", "--task-timeout", "3"]
+
+
+def test_a_client_killed_mid_task_loses_nothing(octo: Octo) -> None:
+    script = write_job(octo.directory, SLOW)
+    out = octo.directory / "out.tsv"
+    server = octo.server(script, "-o", str(out), *FAST_LEASE)
+    doomed = octo.client(server, "--name", "doomed", "-p", "2", "-v")
+    wait_for_text(doomed, "running map")
+    doomed.kill()
+    survivor = octo.client(server, "--name", "survivor")
+    assert server.wait() == 0, server.err()
+    assert survivor.wait() == 0, survivor.err()
+    assert "worker doomed left" in server.err()
+    assert results(out) == SLOW_EXPECTED
+
+
+def test_bad_credentials_are_refused(octo: Octo) -> None:
+    """A client with the wrong credentials is refused; the server goes on serving."""
+    script = write_job(octo.directory, SLOW)
+    out = octo.directory / "out.tsv"
+    refusing = bool(octo.setup.refused_server_args)
+    server = octo.server(script, "-o", str(out), refused=refusing)
+    intruder = octo.client(server, "--wait", "5", refused=not refusing)
+    assert intruder.wait(60) != 0
+    assert "Traceback" not in intruder.err(), intruder.err()
+    assert server.popen.poll() is None, "the server died of a refused client"
+    assert "joined" not in server.err()
+    if refusing:  # the server refuses everyone: nothing more to check
+        return
+    good = octo.client(server)
+    assert good.wait() == 0, good.err()
+    assert server.wait() == 0, server.err()
+    assert results(out) == SLOW_EXPECTED
+
+
+def test_garbage_from_a_peer_does_not_disturb_the_job(octo: Octo) -> None:
+    script = write_job(octo.directory, SLOW)
+    out = octo.directory / "out.tsv"
+    server = octo.server(script, "-o", str(out))
+    garbage = [
+        b"\x00" * 64,
+        b"\xff\xff\xff\xff" + b"x" * 100,
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x16\x03",
+    ]
+    for junk in garbage:
+        with connect_raw(server.listen) as s:
+            s.sendall(junk + bytes(range(256)) * 4)
+            time.sleep(0.1)
+    good = octo.client(server)
+    assert good.wait() == 0, good.err()
+    assert server.wait() == 0, server.err()
+    assert results(out) == SLOW_EXPECTED
+    assert "Traceback" not in server.err(), server.err()
+
+
+def test_clean_shutdown(octo: Octo) -> None:
+    """When the job ends, the server and its clients exit 0, promptly and quietly."""
+    script = write_job(octo.directory, TINY.replace("5000", "50"))
+    out = octo.directory / "out.tsv"
+    server = octo.server(script, "-o", str(out))
+    clients = [octo.client(server) for _ in range(2)]
+    assert server.wait(120) == 0, server.err()
+    ended = time.monotonic()
+    for c in clients:
+        assert c.wait(30) == 0, c.err()
+    assert time.monotonic() - ended < 15, "clients lingered after the job ended"
+    for p in (server, *clients):
+        assert "Traceback" not in p.err() and "Unhandled" not in p.err(), p.err()
+    assert "the server says the job is over" in clients[0].err()
