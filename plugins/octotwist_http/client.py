@@ -53,6 +53,8 @@ POLL_WAIT = 25
 POLL_SLACK = 20.0
 #: Seconds an upload or a small request may take before its answer starts.
 REQUEST_TIMEOUT = 120.0
+#: Bytes per second an upload may crawl at before it times out.
+SLOW_LINK = 100 * 1024
 #: Network failures in a row a poll or an upload survives (tried again).
 RETRIES = 1
 
@@ -164,6 +166,7 @@ class _ClientChannel(MessageChannel):
                     self._out.popleft()
                 self._out_next += count
         except _Lost as e:
+            self._posting = None  # running: _finish must not cancel it
             self._finish(str(e))
         except CancelledError:
             pass
@@ -175,10 +178,12 @@ class _ClientChannel(MessageChannel):
 
     async def _upload(self, frames: list[bytes], first: int) -> None:
         target = f"session/{self._session}/messages?first={first}"
+        # The answer comes once the whole body is up: allow for slow links.
+        timeout = REQUEST_TIMEOUT + wire.body_length(frames) / SLOW_LINK
         for attempt in itertools.count():
             try:
                 response = await self._request(
-                    b"POST", target, data=_FramesProducer(frames), timeout=REQUEST_TIMEOUT
+                    b"POST", target, data=_FramesProducer(frames), timeout=timeout
                 )
             except CancelledError:
                 raise

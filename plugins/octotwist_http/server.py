@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import itertools
+import urllib.parse
 from collections import deque
 from io import BytesIO
 from typing import Any
@@ -346,7 +347,9 @@ class _Hub:
         self.challenges = wire.Challenges()
         self.sessions: dict[str, _ServerSession] = {}
         self._forget: dict[str, IDelayedCall] = {}
-        self.stopping = False
+        #: False once the server has stopped taking new sessions.
+        self.accepting = True
+        self._idle: list[Deferred[None]] = []
 
     def _challenge_header(self) -> dict[bytes, bytes]:
         challenge = self.challenges.mint(self.reactor.seconds())
@@ -411,7 +414,7 @@ class _Hub:
     def _admit_create(
         self, credentials: dict[str, str] | None, length: int | None, peer: str
     ) -> _Admission:
-        if self.stopping:
+        if not self.accepting:
             raise _Reject(http.SERVICE_UNAVAILABLE, "the server is shutting down")
         if credentials is None:
             # The first step of every handshake: no log.
@@ -447,6 +450,19 @@ class _Hub:
 
     def ended(self, session: _ServerSession) -> None:
         self._forget[session.id] = self.reactor.callLater(ENDED_LINGER, self._drop, session.id)
+        if self._idle and not self.live():
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        """Fires when no session is live any more."""
+        d: Deferred[None] = Deferred()
+        if self.live():
+            self._idle.append(d)
+        else:
+            d.callback(None)
+        return d
 
     def _drop(self, sid: str) -> None:
         self._forget.pop(sid, None)
@@ -677,7 +693,11 @@ class HTTPTaskServer(TaskServer):
             return f"{scheme}://[{addr.host}]:{addr.port}/"
         if isinstance(addr, IPv4Address):
             return f"{scheme}://{addr.host}:{addr.port}/"
-        return f"{scheme}+unix://{addr}/"
+        # A Unix socket serves a reverse proxy in front of it; this is the
+        # usual way to write its URL, for the log.
+        name = getattr(addr, "name", b"")
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        return f"{scheme}+unix://{urllib.parse.quote(name, safe='')}/"
 
     def stop(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -691,17 +711,19 @@ class HTTPTaskServer(TaskServer):
         """
         hub, site = self._hub, self._site
         if hub is not None:
-            hub.stopping = True
-            sessions = hub.live()
-            if sessions:
-                timer = self.reactor.callLater(PEER_CLOSE_TIMEOUT, _end_all, sessions)
-                await DeferredList([s.done for s in sessions])
-                if timer.active():
-                    timer.cancel()
-            hub.shutdown()
+            # A worker that arrives now still gets a session: the core tells
+            # it the job is over, so it exits instead of retrying.
+            timer = self.reactor.callLater(PEER_CLOSE_TIMEOUT, lambda: _end_all(hub.live()))
+            await hub.idle()
+            if timer.active():
+                timer.cancel()
+            hub.accepting = False
         if self._port is not None:
             port, self._port = self._port, None
             await maybeDeferred(port.stopListening)
+        if hub is not None:
+            _end_all(hub.live())
+            hub.shutdown()
         if site is not None and site.channels:
             channels = list(site.channels)
             for channel in channels:
