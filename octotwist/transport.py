@@ -257,6 +257,8 @@ class TestSetup:
         which the kit always tries).
     @ivar refused_server_args: arguments with which the server must refuse
         the client's usual credentials.
+    @ivar uses_secret: whether a client with the wrong shared secret (and
+        its usual arguments otherwise) must be refused.
     """
 
     __test__ = False  # not a pytest test class
@@ -268,6 +270,7 @@ class TestSetup:
     address: str = "127.0.0.1:{port}"
     refused_client_args: list[str] = field(default_factory=list)
     refused_server_args: list[str] = field(default_factory=list)
+    uses_secret: bool = True
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from conftest import (
     word_count,
 )
 
+from octotwist.transport import TestSetup
+
 # The seed's word count exactly as octo.py's guide wrote it (Python 3).
 SEED = """\
 import glob
@@ -318,8 +320,10 @@ def test_broken_job_script_fails_before_listening(
 
 
 def test_wrong_secret_is_refused_and_the_server_keeps_serving(
-    transport: str, env: dict, tmp_path: Path
+    transport: str, env: dict, tmp_path: Path, peers: TestSetup
 ) -> None:
+    if not peers.uses_secret or peers.refused_client_args:
+        pytest.skip(f"{transport} authenticates with keys: see test_bad_credentials_are_refused")
     script = books_job(tmp_path)
     port = free_port()
     server_env = dict(env, OCTO_SECRET="right-secret")

@@ -184,22 +184,36 @@ def test_a_client_killed_mid_task_loses_nothing(octo: Octo) -> None:
 
 
 def test_bad_credentials_are_refused(octo: Octo) -> None:
-    """A client with the wrong credentials is refused; the server goes on serving."""
+    """
+    A client with wrong credentials (a wrong shared secret, and the setup's
+    C{refused_client_args}) is refused, and the server goes on serving; a
+    server started with C{refused_server_args} refuses the usual client.
+    """
+    setup = octo.setup
+    if not (setup.uses_secret or setup.refused_client_args or setup.refused_server_args):
+        raise AssertionError(f"{octo.transport}'s test setup gives no way to be refused")
     script = write_job(octo.directory, SLOW)
-    out = octo.directory / "out.tsv"
-    refusing = bool(octo.setup.refused_server_args)
-    server = octo.server(script, "-o", str(out), refused=refusing)
-    intruder = octo.client(server, "--wait", "5", refused=not refusing)
-    assert intruder.wait(60) != 0
-    assert "Traceback" not in intruder.err(), intruder.err()
-    assert server.popen.poll() is None, "the server died of a refused client"
-    assert "joined" not in server.err()
-    if refusing:  # the server refuses everyone: nothing more to check
-        return
-    good = octo.client(server)
-    assert good.wait() == 0, good.err()
-    assert server.wait() == 0, server.err()
-    assert results(out) == SLOW_EXPECTED
+    if setup.refused_server_args:
+        refusing = octo.server(script, "-o", str(octo.directory / "none.tsv"), refused=True)
+        client = octo.client(refusing, "--wait", "5")
+        assert client.wait(60) != 0, client.err()
+        assert "Traceback" not in client.err(), client.err()
+        assert refusing.popen.poll() is None, "the server died of a refused client"
+        assert "joined" not in refusing.err()
+        refusing.kill()
+        refusing.wait()
+    if setup.uses_secret or setup.refused_client_args:
+        out = octo.directory / "out.tsv"
+        server = octo.server(script, "-o", str(out))
+        intruder = octo.client(server, "--wait", "5", refused=True)
+        assert intruder.wait(60) != 0, intruder.err()
+        assert "Traceback" not in intruder.err(), intruder.err()
+        assert server.popen.poll() is None, "the server died of a refused client"
+        assert "joined" not in server.err()
+        good = octo.client(server)
+        assert good.wait() == 0, good.err()
+        assert server.wait() == 0, server.err()
+        assert results(out) == SLOW_EXPECTED
 
 
 def test_garbage_from_a_peer_does_not_disturb_the_job(octo: Octo) -> None:

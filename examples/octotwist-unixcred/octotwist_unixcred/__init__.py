@@ -60,4 +60,5 @@ def octotwist_test_setup(transport: str, directory: Path) -> TestSetup | None:
         address=f"unix:{sock}",
         # A server that allows only another user refuses us.
         refused_server_args=["--allow-uid", str(os.getuid() + 4242)],
+        uses_secret=False,  # the kernel vouches for the user; there is no secret
     )
