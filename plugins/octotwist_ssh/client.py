@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -541,6 +542,16 @@ class SSHTaskClient(TaskClient):
         )
         if options.get("identity-passphrase-file") and not identity:
             raise UsageError("--identity-passphrase-file needs --identity")
+
+    @classmethod
+    def needs_secret(cls, options: Mapping[str, Any]) -> bool:
+        """
+        Whether this client cannot work without the shared secret.  With
+        C{--identity} it can: the secret, if there is one, is still offered
+        to a server without C{--authorized-keys}.  (For the CLI, once the
+        core asks; see docs/ssh.md.)
+        """
+        return not options.get("identity")
 
     @classmethod
     def address_to_endpoint(cls, address: str) -> str:

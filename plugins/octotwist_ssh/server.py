@@ -26,6 +26,7 @@ import contextlib
 import getpass
 import hmac
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.conch import error as conch_error
@@ -363,6 +364,16 @@ class SSHTaskServer(TaskServer):
 
     _port: IListeningPort | None = None
     _factory: _Factory | None = None
+
+    @classmethod
+    def needs_secret(cls, options: Mapping[str, Any]) -> bool:
+        """
+        Whether peers authenticate with the shared secret: not when the
+        server has C{--authorized-keys}, so such a server may listen beyond
+        loopback without a configured secret.  (For the CLI, once the core
+        asks; see docs/ssh.md.)
+        """
+        return not options.get("authorized-keys")
 
     def listen(self) -> Deferred[str]:
         try:
