@@ -95,6 +95,7 @@ def octotwist_test_setup(transport: str, directory: Path) -> TestSetup | None:
         ],
         refused_client_args=["--identity", str(directory / "id_stranger")],
         refused_server_args=["--authorized-keys", str(others)],
+        uses_secret=False,  # with --authorized-keys, only keys count
     )
 
 
