@@ -124,11 +124,14 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
     blob = os.urandom(options.mb * 10**6)
     results = {}
     for name in names:
+        config = tempfile.mkdtemp(prefix="octo-transfer-config-")
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve", name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            # Keys a transport generates on first use stay out of ~/.config.
+            env=dict(os.environ, XDG_CONFIG_HOME=config),
         )
         try:
             address = server.stdout.readline().strip()
@@ -138,6 +141,7 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
         finally:
             server.stdin.close()
             server.wait(timeout=30)
+            shutil.rmtree(config, ignore_errors=True)
         results[name] = statistics.median(rates)
         print(
             f"{name:6} {results[name]:8.1f} MiB/s  (median of {options.runs}: "

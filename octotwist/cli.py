@@ -196,7 +196,10 @@ async def _work(reactor: Any, options: ClientOptions) -> int:
     transport = get_transport(options["transport"])
     connect = options.endpoint(transport)
     transport_options = tap.transport_options(options, transport, "client")
-    secret = await _client_secret(reactor, options)
+    if transport.client.needs_secret(transport_options):
+        secret = await _client_secret(reactor, options)
+    else:
+        secret = _secret_if_any(options)
     client = transport.client(reactor, ClientSettings(connect, secret, transport_options))
     try:
         shutdown = await run_worker(
@@ -210,6 +213,15 @@ async def _work(reactor: Any, options: ClientOptions) -> int:
         sys.stderr.write(f"octo: {e}\n")
         return EXIT_FAILED
     return EXIT_OK if shutdown.ok else EXIT_FAILED
+
+
+def _secret_if_any(options: ClientOptions) -> bytes:
+    """The configured or local secret, for a client that can do without one."""
+    if auth.configured_secret(options["secret-file"]) is not None:
+        return auth.client_secret(options["secret-file"])
+    if auth.default_secret_path().exists():
+        return auth.client_secret(None)
+    return b""
 
 
 async def _client_secret(reactor: Any, options: ClientOptions) -> bytes:

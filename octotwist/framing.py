@@ -9,8 +9,9 @@ copied about 32 times over.  This one appends to a C{bytearray} and copies
 each frame out once; C{sendString} hands the prefix and the frame to the
 transport separately instead of concatenating them.
 
-Transport plugins use it for their wire format (the TCP and SSH transports,
-the example plugin); it has nothing octotwist-specific in it.
+Transport plugins over Twisted stream connections use it for their wire
+format (the TCP transport, the example plugin); it has nothing
+octotwist-specific in it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import getopt
 import os
+import shlex
 import sys
 from typing import IO, Any
 
@@ -281,12 +282,17 @@ def listen_settings(options: Options, transport: Transport) -> tuple[str, bytes]
     @raise UsageError: a non-local endpoint was asked for without one.
     """
     configured = auth.configured_secret(options["secret-file"])
+    # Without a configured secret, only a server whose peers prove
+    # themselves otherwise (keys) may be reachable from other machines.
+    guarded = configured is not None or not transport.server.needs_secret(
+        transport_options(options, transport, "server")
+    )
     listen = options["listen"]
     if listen is None:
-        listen = transport.default_listen(local_only=configured is None)
+        listen = transport.default_listen(local_only=not guarded)
     else:
         check_server_endpoint(listen)
-    if configured is None and not server_is_local(listen):
+    if not guarded and not server_is_local(listen):
         raise UsageError(
             f"refusing to listen on {listen} without a configured secret: any machine "
             f"that can reach it could run code here. Set {auth.SECRET_ENV} or pass "
@@ -389,7 +395,7 @@ def _client_hint(address: str, transport: str) -> str:
         if host in ("0.0.0.0", "::", ""):
             host = "SERVER_HOST"
         return flag + (f"{host}:{port}" if port != "18125" else host)
-    return f"{flag}--connect {address}"
+    return f"{flag}--connect {shlex.quote(address)}"
 
 
 def build_service(options: Options, reactor: Any, output: IO[str] | None = None) -> JobService:

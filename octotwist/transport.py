@@ -142,6 +142,16 @@ class TaskServer(ABC):
         self.settings = settings
         self.accept = accept
 
+    @classmethod
+    def needs_secret(cls, options: Mapping[str, Any]) -> bool:
+        """
+        Whether peers prove themselves with the shared secret, given this
+        transport's server options.  A server that authenticates them
+        otherwise (SSH keys, say) returns C{False}: it may then listen
+        beyond loopback without a configured secret.
+        """
+        return True
+
     @abstractmethod
     def listen(self) -> Deferred[str]:
         """
@@ -175,6 +185,15 @@ class TaskClient(ABC):
     def __init__(self, reactor: IReactorCore, settings: ClientSettings) -> None:
         self.reactor = reactor
         self.settings = settings
+
+    @classmethod
+    def needs_secret(cls, options: Mapping[str, Any]) -> bool:
+        """
+        Whether this client cannot work without the shared secret, given
+        this transport's client options.  When it can (it has a key to log
+        in with, say), C{octo client} does not wait for a secret to appear.
+        """
+        return True
 
     @classmethod
     def address_to_endpoint(cls, address: str) -> str:

@@ -435,6 +435,35 @@ def test_shared_secret_without_keys(env: dict, tmp_path: Path, expected_books: C
     assert keys.fingerprint(keys.Key.fromFile(str(host_key))) in err
 
 
+def test_keys_alone_need_no_secret(
+    env: dict, tmp_path: Path, peers_ssh: Peers, expected_books: Counter
+) -> None:
+    """
+    With --authorized-keys the server may listen on every interface without
+    a configured secret, and a worker with --identity needs none either
+    (each has its own, empty config directory).
+    """
+    script = books_job(tmp_path)
+    out = tmp_path / "result.tsv"
+    port = free_port()
+    server = start(
+        "server", str(script), "-t", "ssh", "--listen", f"tcp:{port}",
+        *peers_ssh.server_args(), "--output", str(out), env=env,
+    )  # fmt: skip
+    wait_for_port(port, server)
+    worker_env = dict(env, XDG_CONFIG_HOME=str(tmp_path / "worker-config"))
+    worker = start(
+        "client", f"127.0.0.1:{port}", "-t", "ssh", "--identity", str(peers_ssh.ed25519),
+        "--host-key-fingerprint", peers_ssh.fingerprint, "--wait", "10", env=worker_env,
+    )  # fmt: skip
+    code, _, err = finish(server)
+    assert code == 0, err
+    wcode, _, werr = finish(worker)
+    assert wcode == 0, werr
+    assert "no shared secret" not in werr and "waiting for a local server" not in werr
+    assert parse_tsv(out.read_text()) == expected_books
+
+
 def test_wrong_secret_is_refused(env: dict, tmp_path: Path) -> None:
     port = free_port()
     server = start_server(books_job(tmp_path), port, env)
