@@ -102,10 +102,7 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
         try:
             return transport.client.address_to_endpoint(given)
         except ValueError as e:
-            raise UsageError(
-                f"cannot connect to {given!r}: {e} (give HOST, HOST:PORT, or --connect "
-                "with an endpoint such as tcp:HOST:18125 or unix:/tmp/octo.sock)"
-            ) from None
+            raise UsageError(f"cannot connect to {given!r}: {e}") from None
 
 
 class RunOptions(_Verbosity, tap.InterspersedOptions):

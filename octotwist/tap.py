@@ -395,6 +395,8 @@ def _client_hint(address: str, transport: str) -> str:
         if host in ("0.0.0.0", "::", ""):
             host = "SERVER_HOST"
         return flag + (f"{host}:{port}" if port != "18125" else host)
+    if "://" in address and not address.startswith("http+unix"):
+        return flag + shlex.quote(address)  # a URL the transport's client takes as it is
     return f"{flag}--connect {shlex.quote(address)}"
 
 

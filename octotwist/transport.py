@@ -208,15 +208,21 @@ class TaskClient(ABC):
 
         @raise ValueError: the address is malformed; the message says why.
         """
-        if address.split(":", 1)[0] in ("tcp", "tls", "ssl", "unix") or "=" in address:
-            endpoint = address
-        else:
-            host, port = split_host_port(address, cls.default_port)
-            endpoint = f"tcp:{_escape(host)}:{port}"
         from twisted.internet import reactor
         from twisted.internet.endpoints import clientFromString
 
-        clientFromString(reactor, endpoint)  # raises ValueError when malformed
+        try:
+            if address.split(":", 1)[0] in ("tcp", "tls", "ssl", "unix") or "=" in address:
+                endpoint = address
+            else:
+                host, port = split_host_port(address, cls.default_port)
+                endpoint = f"tcp:{_escape(host)}:{port}"
+            clientFromString(reactor, endpoint)
+        except ValueError as e:
+            raise ValueError(
+                f"{e} (give HOST, HOST:PORT, or an endpoint such as tcp:HOST:"
+                f"{cls.default_port} or unix:/tmp/octo.sock)"
+            ) from None
         return endpoint
 
     @abstractmethod

@@ -33,9 +33,10 @@ __all__ = [
     "test_word_count_with_two_clients",
 ]
 
-#: The seed's word count, reading the corpus files itself (lazily).
+#: The seed's word count, reading the corpus files itself (lazily).  Map
+#: tasks wait for the gate file, so that both clients join before any ends.
 WORDCOUNT = """
-import glob
+import glob, os, time
 files = sorted(glob.glob({pattern!r}))
 class Files(dict):
     def __getitem__(self, path):
@@ -43,6 +44,8 @@ class Files(dict):
             return f.read()
 source = Files.fromkeys(files)
 def mapfn(key, value):
+    while not os.path.exists({gate!r}):
+        time.sleep(0.05)
     for line in value.splitlines():
         for word in line.split():
             yield word.lower(), 1
@@ -83,19 +86,17 @@ def results(path: Path) -> dict[str, str]:
     return out
 
 
-def _wordcount(octo: Octo) -> tuple[Path, Counter[str]]:
-    expected = make_corpus(octo.directory / "corpus")
-    script = write_job(
-        octo.directory, WORDCOUNT.format(pattern=str(octo.directory / "corpus/*.txt"))
-    )
-    return script, expected
-
-
 def test_word_count_with_two_clients(octo: Octo) -> None:
-    script, expected = _wordcount(octo)
+    expected = make_corpus(octo.directory / "corpus")
+    gate = octo.directory / "gate"
+    pattern = str(octo.directory / "corpus" / "*.txt")
+    script = write_job(octo.directory, WORDCOUNT.format(pattern=pattern, gate=str(gate)))
     out = octo.directory / "out.tsv"
     server = octo.server(script, "-o", str(out))
     clients = [octo.client(server, "--name", f"c{i}") for i in range(2)]
+    wait_for_text(server, "worker c0 joined")
+    wait_for_text(server, "worker c1 joined")
+    gate.touch()
     assert server.wait() == 0, server.err()
     for c in clients:
         assert c.wait() == 0, c.err()
@@ -239,10 +240,16 @@ def test_garbage_from_a_peer_does_not_disturb_the_job(octo: Octo) -> None:
 
 def test_clean_shutdown(octo: Octo) -> None:
     """When the job ends, the server and its clients exit 0, promptly and quietly."""
-    script = write_job(octo.directory, TINY.replace("5000", "50"))
+    expected = make_corpus(octo.directory / "corpus", files=2, words=2000)
+    gate = octo.directory / "gate"
+    pattern = str(octo.directory / "corpus" / "*.txt")
+    script = write_job(octo.directory, WORDCOUNT.format(pattern=pattern, gate=str(gate)))
     out = octo.directory / "out.tsv"
     server = octo.server(script, "-o", str(out))
-    clients = [octo.client(server) for _ in range(2)]
+    clients = [octo.client(server, "--name", f"c{i}") for i in range(2)]
+    wait_for_text(server, "worker c0 joined")
+    wait_for_text(server, "worker c1 joined")
+    gate.touch()
     assert server.wait(120) == 0, server.err()
     ended = time.monotonic()
     for c in clients:
@@ -250,4 +257,5 @@ def test_clean_shutdown(octo: Octo) -> None:
     assert time.monotonic() - ended < 15, "clients lingered after the job ended"
     for p in (server, *clients):
         assert "Traceback" not in p.err() and "Unhandled" not in p.err(), p.err()
-    assert "the server says the job is over" in clients[0].err()
+        assert "the server says the job is over" in p.err() or p is server
+    assert results(out) == {k: str(v) for k, v in expected.items()}
