@@ -195,41 +195,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Wait until the server has logged C{text} (any endpoint: tcp:, unix:, ...)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if text in path.read_text():
+            return
         if proc.poll() is not None:
-            sys.exit(f"FAILED: the server exited early:\n{proc.stderr.read()}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+            sys.exit(f"FAILED: the server exited early:\n{path.read_text()}")
         time.sleep(0.02)
-    sys.exit(f"FAILED: nothing listens on port {port} after {timeout} s")
+    sys.exit(f"FAILED: the server did not say {text!r} within {timeout} s")
 
 
-def run_once(commands: list[list[str]], env: dict[str, str], port: int | None = None) -> Sample:
+def run_once(commands: list[list[str]], env: dict[str, str], logs: Path) -> Sample:
     """
     Run C{commands[0]} (the server, or the only process) and then the rest
-    (clients, once C{port} listens); time it all, sample RSS, check exit codes.
+    (clients, once the server serves); time it all, sample RSS, check exit codes.
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    procs = [subprocess.Popen(commands[0], env=env, stderr=subprocess.PIPE, text=True)]
+    log = logs / "server.err"
+    with open(log, "w") as err_file:
+        procs = [subprocess.Popen(commands[0], env=env, stderr=err_file, text=True)]
     watch = RssWatch([procs[0].pid], procs[0].pid)
     watch.start()
-    if len(commands) > 1:
-        assert port is not None
-        wait_for_port(port, procs[0])
-        for argv in commands[1:]:
-            procs.append(subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL, text=True))
-            watch.roots.append(procs[-1].pid)
-    _, err = procs[0].communicate()
-    for p in procs[1:]:
-        p.wait(timeout=60)
+    try:
+        if len(commands) > 1:
+            wait_for_text(log, "serving job", procs[0])
+            for argv in commands[1:]:
+                procs.append(subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL))
+                watch.roots.append(procs[-1].pid)
+        for p in procs:
+            p.wait(timeout=1800)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     wall = time.perf_counter() - started
     watch.stopped.set()
     watch.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    err = log.read_text()
     for argv, p in zip(commands, procs, strict=True):
         if p.returncode != 0:
             sys.exit(f"FAILED ({p.returncode}): {' '.join(argv)}\n{err}")
@@ -269,7 +276,7 @@ def transport_rows(
             try:
                 setup = conformance_setup(name, work / f"setup-{name}")
             except Exception as e:
-                print(f"note: transport {name} skipped: its test setup failed ({e})")
+                print(f"note: transport {name} skipped: its test setup failed ({e})", flush=True)
                 continue
         listen = (setup.listen if setup else "tcp:{port}:interface=127.0.0.1").format(port=port)
         address = (setup.address if setup else "127.0.0.1:{port}").format(port=port)
@@ -337,14 +344,17 @@ def small_tasks(n: int, work: Path, env: dict[str, str]) -> None:
             port,
         ),
     }
-    print(f"\n{n} map tasks of one pair each (job time as the server logs it):")
-    for name, (commands, p) in setups.items():
-        sample = run_once(commands, env, p)
+    print(f"\n{n} map tasks of one pair each (job time as the server logs it):", flush=True)
+    for name, (commands, _) in setups.items():
+        sample = run_once(commands, env, work)
         m = re.search(r"finished: \d+ results in ([\d.]+) s", run_once.stderr)  # type: ignore[attr-defined]
         if read_result(out) != expected:
             sys.exit(f"MISMATCH: {name} gave a wrong small-task result")
         job_s = float(m.group(1)) if m else sample.wall
-        print(f"  {name:32} {job_s:6.2f} s  {n / job_s:8.0f} tasks/s  (wall {sample.wall:.2f} s)")
+        print(
+            f"  {name:32} {job_s:6.2f} s  {n / job_s:8.0f} tasks/s  (wall {sample.wall:.2f} s)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -415,22 +425,24 @@ def main() -> None:
         )
         reference: dict[str, str] | None = None
         results: list[Row] = []
-        for name, (commands, row_env, port) in rows.items():
+        for name, (commands, row_env, _) in rows.items():
             row = Row(name)
             for _ in range(runs):
                 if out.exists():
                     out.unlink()
-                row.samples.append(run_once(commands, row_env, port))
+                row.samples.append(run_once(commands, row_env, work))
                 result = read_result(out)
                 if reference is None:
                     reference = result
                 elif result != reference:
                     sys.exit(f"MISMATCH: {name} gave a different result from the baseline")
             results.append(row)
-            print(f"  done: {name}", file=sys.stderr)
+            print(f"  done: {name}", file=sys.stderr, flush=True)
         base = results[0].median("wall")
         pool = next((r.median("wall") for r in results if "Pool" in r.name), None)
-        print(f"{'':40} {'wall s':>7} {'cpu s':>7} {'ratio':>7} {'server':>9} {'tree':>9}")
+        print(
+            f"{'':40} {'wall s':>7} {'cpu s':>7} {'ratio':>7} {'server':>9} {'tree':>9}", flush=True
+        )
         for row in results:
             wall = row.median("wall")
             extra = ""
@@ -443,7 +455,10 @@ def main() -> None:
                 f"{server_mib:5.0f} MiB {tree_mib:5.0f} MiB{extra}"
             )
         assert reference is not None
-        print(f"results identical across all rows and runs: {len(reference)} distinct words")
+        print(
+            f"results identical across all rows and runs: {len(reference)} distinct words",
+            flush=True,
+        )
         if a.small_tasks:
             small_tasks(a.small_tasks, work, env)
 
