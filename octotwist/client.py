@@ -17,9 +17,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from octotwist import codec, messages
+from octotwist import messages
 from octotwist.errors import AuthenticationError, RemoteProtocolError
 from octotwist.messages import TaskId
+from octotwist.outbox import Outbox
 from octotwist.transport import MessageChannel, TaskClient
 from octotwist.worker import Crashed, Finished, Outcome, ProcessPool
 
@@ -37,6 +38,7 @@ class WorkerSession:
     def __init__(self, reactor: Any, channel: MessageChannel, name: str, processes: int) -> None:
         self.reactor = reactor
         self.channel = channel
+        self.outbox = Outbox(channel)
         self.name = name
         self.processes = processes
         self.pool: ProcessPool | None = None
@@ -100,8 +102,9 @@ class WorkerSession:
         _log.debug("running {task} (attempt {attempt})", task=str(task), attempt=attempt)
 
         def on_output(partition: int, blob: bytes) -> None:
-            for data, end in codec.parts(blob):
-                self.channel.send(messages.TaskOutput(task, attempt, partition, data, end))
+            self.outbox.send_blob(
+                blob, lambda data, end: messages.TaskOutput(task, attempt, partition, data, end)
+            )
 
         d, kill = self.pool.run(task.kind, self.welcome.reduce_tasks, inputs, on_output)
         self._running[key] = kill
@@ -112,9 +115,7 @@ class WorkerSession:
             return  # cancelled
         match outcome:
             case Finished(records_in, records_out, seconds):
-                self.channel.send(
-                    messages.TaskDone(task, attempt, records_in, records_out, seconds)
-                )
+                self.outbox.send(messages.TaskDone(task, attempt, records_in, records_out, seconds))
             case Crashed(key, error, tb):
                 _log.error(
                     "{task} failed{at}: {error}",
@@ -122,9 +123,10 @@ class WorkerSession:
                     at=f" at key {key}" if key is not None else "",
                     error=error,
                 )
-                self.channel.send(messages.TaskFailed(task, attempt, key, error, tb))
+                self.outbox.send(messages.TaskFailed(task, attempt, key, error, tb))
 
     def connection_lost(self, reason: str) -> None:
+        self.outbox.clear()
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         self._running.clear()

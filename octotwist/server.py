@@ -27,6 +27,7 @@ from octotwist import codec, messages
 from octotwist.errors import OctotwistError, RemoteProtocolError, UsageError
 from octotwist.job import Job
 from octotwist.messages import TaskId, TaskKind
+from octotwist.outbox import Outbox
 from octotwist.scheduler import (
     NO_WORK,
     AttemptFailed,
@@ -302,7 +303,7 @@ class JobServer:
             self.store.discard(c.task, c.attempt)
             session = self._sessions.get(c.worker)
             if session is not None:
-                session.channel.send(messages.Cancel(c.task, c.attempt))
+                session.outbox.send(messages.Cancel(c.task, c.attempt))
             if not self.scheduler.done:
                 _log.info(
                     "cancelled {task} attempt {attempt} on {worker}: {why}",
@@ -354,9 +355,10 @@ class JobServer:
         else:
             blobs = self.store.blobs(TaskKind.MAP, task.index)
         for blob in blobs:
-            for data, end in codec.parts(blob):
-                session.channel.send(messages.TaskInput(task, attempt, data, end))
-        session.channel.send(messages.Assign(task, attempt))
+            session.outbox.send_blob(
+                blob, lambda data, end: messages.TaskInput(task, attempt, data, end)
+            )
+        session.outbox.send(messages.Assign(task, attempt))
 
     @property
     def finished(self) -> bool:
@@ -432,7 +434,8 @@ class JobServer:
         # Workers hang up when they read this; the transport closes whatever
         # is left when it stops (TaskServer.stop).
         for session in list(self._all_sessions):
-            session.channel.send(messages.Shutdown(outcome.ok, outcome.error or ""))
+            session.outbox.clear()  # task inputs nobody needs any more
+            session.outbox.send(messages.Shutdown(outcome.ok, outcome.error or ""))
         self.store.close()
         self.result.callback(outcome)
 
@@ -530,6 +533,7 @@ class _WorkerSession:
     def __init__(self, server: JobServer, channel: MessageChannel) -> None:
         self.server = server
         self.channel = channel
+        self.outbox = Outbox(channel)
         self.name: str | None = None
         self.hello: messages.Hello | None = None
         self.last_heard = server.reactor.seconds()
@@ -576,4 +580,5 @@ class _WorkerSession:
             raise RemoteProtocolError(f"{task}: output for partition {partition} out of range")
 
     def connection_lost(self, reason: str) -> None:
+        self.outbox.clear()
         self.server.left(self, reason)
