@@ -283,7 +283,14 @@ async def _run(reactor: Any, options: RunOptions) -> int:
         ),
     )
     worker = ensureDeferred(
-        run_worker(reactor, client, processes=options["workers"], name="local", wait=10.0)
+        run_worker(
+            reactor,
+            client,
+            processes=options["workers"],
+            name="local",
+            wait=10.0,
+            task_lines=False,  # the server's progress says it all; -v shows them
+        )
     )
     job_server.start()
     outcome = await job_server.result

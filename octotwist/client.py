@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from octotwist import messages
 from octotwist.errors import AuthenticationError, RemoteProtocolError
@@ -35,7 +35,15 @@ class WorkerSession:
         C{None} when the connection was lost before one arrived.
     """
 
-    def __init__(self, reactor: Any, channel: MessageChannel, name: str, processes: int) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        channel: MessageChannel,
+        name: str,
+        processes: int,
+        task_lines: bool = True,
+    ) -> None:
+        self.task_lines = task_lines
         self.reactor = reactor
         self.channel = channel
         self.outbox = Outbox(channel)
@@ -115,6 +123,15 @@ class WorkerSession:
             return  # cancelled
         match outcome:
             case Finished(records_in, records_out, seconds):
+                # One line per task: what this worker is doing, at a glance.
+                _log.emit(
+                    LogLevel.info if self.task_lines else LogLevel.debug,
+                    "{task} done in {seconds:.2f} s ({n_in} in, {n_out} out)",
+                    task=str(task) if attempt == 1 else f"{task} attempt {attempt}",
+                    seconds=seconds,
+                    n_in=_records(records_in),
+                    n_out=_records(records_out),
+                )
                 self.outbox.send(messages.TaskDone(task, attempt, records_in, records_out, seconds))
             case Crashed(key, error, tb):
                 _log.error(
@@ -138,6 +155,10 @@ class WorkerSession:
             stopped.addCallback(lambda _: self.ended.callback(shutdown))
 
 
+def _records(n: int) -> str:
+    return f"{n:,} record{'s' if n != 1 else ''}"
+
+
 def default_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -149,6 +170,7 @@ async def run_worker(
     processes: int = 1,
     name: str | None = None,
     wait: float = 120.0,
+    task_lines: bool = True,
 ) -> messages.Shutdown:
     """
     Work for the server until it says the job is over.
@@ -157,6 +179,7 @@ async def run_worker(
     doubling to 10 s) for up to C{wait} seconds, logging each failure.  A
     lost connection before the job is over is retried the same way.
 
+    @param task_lines: log a line as each task ends (else only with -v).
     @return: the server's final L{messages.Shutdown}.
     @raise AuthenticationError: the server rejected our secret (not retried:
         it will not get better).
@@ -168,7 +191,7 @@ async def run_worker(
     sessions: list[WorkerSession] = []
 
     def accept(channel: MessageChannel) -> WorkerSession:
-        sessions.append(WorkerSession(reactor, channel, name, processes))
+        sessions.append(WorkerSession(reactor, channel, name, processes, task_lines))
         return sessions[-1]
 
     while True:

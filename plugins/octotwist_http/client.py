@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.task import cooperate, deferLater
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -130,7 +130,9 @@ class _ClientChannel(MessageChannel):
         self.state = _OPEN
         # worker -> server: _out[0] is frame number _out_next
         self._out: deque[bytes] = deque()
+        self._out_bytes = 0  # in _out
         self._out_next = 0
+        self._writers: list[Deferred[None]] = []  # waiting in writable()
         self._posting: Deferred[None] | None = None
         self._drained: list[Deferred[None]] = []
         # server -> worker
@@ -151,7 +153,9 @@ class _ClientChannel(MessageChannel):
     def send(self, message: Message) -> None:
         if self.state is not _OPEN:
             return
-        self._out.append(codec.encode_message(message))
+        frame = codec.encode_message(message)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
         if self._posting is None:
             self._posting = ensureDeferred(self._post_loop())
             self._posting.addErrback(self._crashed, "sending")
@@ -163,8 +167,9 @@ class _ClientChannel(MessageChannel):
                 frames = list(itertools.islice(self._out, count))
                 await self._upload(frames, self._out_next)
                 for _ in range(count):
-                    self._out.popleft()
+                    self._out_bytes -= len(self._out.popleft())
                 self._out_next += count
+                self._release_writers()
         except _Lost as e:
             self._posting = None  # running: _finish must not cancel it
             self._finish(str(e))
@@ -174,6 +179,21 @@ class _ClientChannel(MessageChannel):
             self._posting = None
             waiters, self._drained = self._drained, []
             for d in waiters:
+                d.callback(None)
+            self._release_writers()
+
+    def writable(self) -> Deferred[None]:
+        """Backpressure: wait while more than a batch is queued for upload."""
+        if self.state is not _OPEN or self._out_bytes < wire.BATCH_BYTES:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._writers.append(d)
+        return d
+
+    def _release_writers(self) -> None:
+        if self._out_bytes < wire.BATCH_BYTES or self.state is not _OPEN:
+            writers, self._writers = self._writers, []
+            for d in writers:
                 d.callback(None)
 
     async def _upload(self, frames: list[bytes], first: int) -> None:
@@ -314,6 +334,7 @@ class _ClientChannel(MessageChannel):
         if self.state is _CLOSED:
             return
         self.state = _CLOSED
+        self._release_writers()
         for d in (self._poll_request, self._posting):
             if d is not None and not d.called:
                 d.cancel()
