@@ -173,3 +173,22 @@ def test_reduce_merges_runs_in_order_and_reports_keys() -> None:
     with pytest.raises(ZeroDivisionError):
         reduce_partition(lambda k, vs: (k, 1 / 0), [(["x"], (1,), [1])], current)
     assert current == ["x"]
+
+
+def test_equal_values_that_are_not_one_object_are_still_counted() -> None:
+    big = [10**6 + 0 * i for i in range(3)]  # equal ints, three separate objects
+    pairs = [("a", big[0]), ("b", big[1]), ("a", big[2]), ("c", "x")]
+    out = MapOutput(1)
+    assert list(out.add_all(pairs[:3])) == []
+    keys, values, counts = out.drain()[0]
+    assert values == (10**6,) and dict(zip(keys, counts, strict=True)) == {"a": 2, "b": 1}
+    out = MapOutput(1)
+    list(out.add_all(pairs))
+    assert out.records == 4
+    assert groups(out.drain()[0]) == {"a": [10**6, 10**6], "b": [10**6], "c": ["x"]}
+
+
+def test_a_bad_pair_is_named_on_the_counting_path() -> None:
+    out = MapOutput(1)
+    with pytest.raises(TypeError, match=r"mapfn must yield \(key, value\) pairs, got 'abc'"):
+        list(out.add_all([("a", 1), ("b", 1), "abc"]))
