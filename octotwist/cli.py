@@ -8,6 +8,7 @@ over); 1 the job failed; 2 bad usage, a bad job script or a bad option.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import tempfile
@@ -49,7 +50,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 class _Verbosity:
     optFlags = [
         ["quiet", "q", "Log warnings and errors only."],
-        ["verbose", "v", "Log every task."],
+        ["verbose", "v", "Log more: each task as it starts."],
     ]
 
 
@@ -127,14 +128,22 @@ class TransportsOptions(usage.Options):
 
 
 class Options(usage.Options):
-    synopsis = "octo run|server|client|transports [options]"
-    longdesc = "octotwist: MapReduce for a handful of machines, octo.py's way."
+    # Subcommands' usage lines read "Usage: octo client [options] ...".
+    synopsis = "Usage: octo"
+    longdesc = (
+        "octotwist: MapReduce for a handful of machines, octo.py's way. "
+        "Commands: octo run|server|client|transports; octo COMMAND --help for each."
+    )
     subCommands = [
         ["run", None, RunOptions, "Run a job here: server plus local workers."],
         ["server", None, ServerOptions, "Serve a job to workers."],
         ["client", None, ClientOptions, "Work for a server."],
         ["transports", None, TransportsOptions, "List the installed transports."],
     ]
+
+    def opt_version(self) -> None:
+        """Display octotwist's version and exit."""
+        tap.InterspersedOptions.opt_version(self)  # type: ignore[arg-type]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
@@ -297,7 +306,7 @@ async def _run(reactor: Any, options: RunOptions) -> int:
     await worker
     await task_server.stop()
     if web_port is not None:
-        await web_port.stopListening()
+        await tap.stop_status(web_port, reactor)
     private.cleanup()
     if output is not None:
         output.close()
@@ -312,6 +321,17 @@ def _list_transports() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the C{octo} console script."""
+    try:
+        _main(argv)
+    except BrokenPipeError:
+        # Our output went to a pipe that closed (octo server --help | head):
+        # not an error of ours.  Keep Python from complaining as it exits.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_OK)
+
+
+def _main(argv: list[str] | None) -> None:
     options = Options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)

@@ -24,7 +24,6 @@ from rich.progress import (
     Progress,
     TaskID,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from twisted.internet.task import LoopingCall
@@ -65,13 +64,15 @@ class LiveProgress:
         self.sink = sink
         self.console = Console(file=sink.stream, highlight=False)
         self.progress = Progress(
-            TextColumn("{task.description:7}"),
-            BarColumn(),
+            TextColumn("{task.description:6}"),
+            # Colours that differ on a 16-colour terminal too.
+            BarColumn(
+                bar_width=24, style="bright_black", complete_style="green", finished_style="green"
+            ),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
             TextColumn("eta"),
-            TimeRemainingColumn(),
+            TimeRemainingColumn(compact=True),
             console=self.console,
             auto_refresh=False,
             redirect_stdout=False,
@@ -105,12 +106,14 @@ class LiveProgress:
             if p["done"] or p["running"]:
                 self.progress.start_task(task)
             info = f"{p['running']} running"
-            if phase == active:
+            if phase == active and self.console.width >= 100:
                 info += (
                     f" · {workers} worker{'s' if workers != 1 else ''}"
                     f" · {rate['tasks_per_second']:.1f} tasks/s"
                     f" · {rate['bytes_per_second'] / 2**20:.1f} MiB/s"
                 )
+            elif phase == active:  # an 80-column terminal
+                info += f" · {workers}w · {rate['tasks_per_second']:.0f}/s"
             self.progress.update(task, completed=p["done"], total=p["total"], info=info)
         self.progress.refresh()
 

@@ -210,7 +210,8 @@ _PAGE = """<!DOCTYPE html>
 <body><main id="main">
 {main}
 </main>
-<footer><p><a href="status.json">status.json</a> &middot; octotwist</p></footer>
+<footer><p><span id="contact"></span><a href="status.json">status.json</a>
+&middot; octotwist</p></footer>
 <script>{script}</script>
 </body></html>
 """
@@ -253,8 +254,11 @@ _SCRIPT = """
       document.title = "octo: " + document.getElementById("job").textContent +
         " (" + document.getElementById("phase").textContent + ")";
       delay = REFRESH_MS;
+      document.getElementById("contact").textContent = "";
     }).catch(function () {
       delay = Math.min(delay * 2, 10000);
+      document.getElementById("contact").textContent =
+        "Lost contact with the server (has the job ended?); trying again. ";
     }).then(function () { setTimeout(poll, delay); });
   }
   setTimeout(poll, delay);

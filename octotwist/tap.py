@@ -18,6 +18,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -381,7 +382,7 @@ class JobService(Service):
     async def _stop_and_report(self, outcome: JobOutcome) -> None:
         await self.task_server.stop()
         if self._web_port is not None:
-            await self._web_port.stopListening()
+            await stop_status(self._web_port, self.job_server.reactor)
         self.outcome.callback(outcome)
 
     def _ended(self, outcome: JobOutcome) -> None:
@@ -396,7 +397,10 @@ def _client_hint(address: str, transport: str) -> str:
             host = "SERVER_HOST"
         return flag + (f"{host}:{port}" if port != "18125" else host)
     if "://" in address and not address.startswith("http+unix"):
-        return flag + shlex.quote(address)  # a URL the transport's client takes as it is
+        # A URL the transport's client takes as it is.
+        for anywhere in ("//0.0.0.0:", "//[::]:"):
+            address = address.replace(anywhere, "//SERVER_HOST:")
+        return flag + shlex.quote(address)
     return f"{flag}--connect {shlex.quote(address)}"
 
 
@@ -440,6 +444,17 @@ async def serve_status(job_server: JobServer, endpoint: str) -> IListeningPort:
     port = await serverFromString(reactor, endpoint).listen(site)
     _log.info("status page at {url}", url=_url(port, endpoint))
     return port
+
+
+#: Seconds the status page stays up after the job, so that an open page
+#: fetches how it ended.
+STATUS_LINGER = 3.0
+
+
+async def stop_status(port: IListeningPort, reactor: Any) -> None:
+    """Stop serving the status page, a moment after the job ended."""
+    await deferLater(reactor, STATUS_LINGER)
+    await port.stopListening()
 
 
 def _url(port: IListeningPort, endpoint: str) -> str:

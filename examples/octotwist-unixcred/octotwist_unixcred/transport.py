@@ -111,7 +111,7 @@ class Connection(FrameReceiver, MessageChannel):
         if self.handler is not None:
             handler, self.handler = self.handler, None
             handler.connection_lost(str(reason.value) if reason else "connection closed")
-        elif not self.ready.called:
+        elif not self.is_server and not self.ready.called:
             self.ready.errback(
                 AuthenticationError(
                     f"the server (user id {self.uid}) closed the connection: it does not allow "
