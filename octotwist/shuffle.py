@@ -35,6 +35,8 @@ uses the built-in C{hash()}, which is salted per process for C{str}.
 
 from __future__ import annotations
 
+import builtins
+import inspect
 import pickle
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -254,10 +256,7 @@ class MapOutput:
         self._reset()
         combined: dict[Key, Any] | None = None
         if self.combinefn is not None:
-            combine = self.combinefn
-            combined = {k: _second(combine(k, [one] * c), "combinefn") for k, c in counts.items()}
-            for k, vs in lists.items():
-                combined[k] = _second(combine(k, vs), "combinefn")
+            combined = self._combine(one, counts, lists)
         keys = list(combined if combined is not None else counts or lists)
         runs: dict[int, Run] = {}
         for p, ks in self._split(keys).items():
@@ -268,6 +267,33 @@ class MapOutput:
             else:
                 runs[p] = (ks, list(map(lists.__getitem__, ks)), [0] * len(ks))
         return runs
+
+    def _combine(
+        self, one: Any, counts: dict[Key, int], lists: dict[Key, list[Any]]
+    ) -> dict[Key, Any]:
+        """
+        C{combinefn} once per buffered key, as documented: its value replaces
+        the key's list (counted keys get C{[one] * count}).  The result is
+        unpacked in the loop rather than by a helper: one call per key less.
+        """
+        combine = self.combinefn
+        assert combine is not None
+        combined: dict[Key, Any] = {}
+        if counts and type(one) is int and _is_plain_sum(combine):
+            # sum([one] * c) is one * c, an int either way: the same value
+            # the call would return, without a Python call per key.
+            combined = dict(zip(counts, map(one.__mul__, counts.values()), strict=True))
+            counts = {}
+        for k, c in counts.items():
+            result = combine(k, [one] * c)
+            try:
+                _, combined[k] = result
+            except (TypeError, ValueError):
+                _second(result, "combinefn")
+                raise
+        for k, vs in lists.items():
+            combined[k] = _second(combine(k, vs), "combinefn")
+        return combined
 
     def _split(self, keys: list[Key]) -> dict[int, list[Key]]:
         """The keys of each partition, in partition order."""
@@ -290,6 +316,37 @@ class MapOutput:
             else:
                 bucket.append(k)
         return {p: split[p] for p in sorted(split)}
+
+
+def _sum_combiner(key: Key, values: list[Any]) -> tuple[Key, Any]:
+    return key, sum(values)
+
+
+def _is_plain_sum(fn: Any) -> bool:
+    """
+    Whether C{fn} is exactly C{return key, sum(values)} with the built-in
+    C{sum}, whatever its argument names: the word count's combiner, which a
+    counted key lets us compute in C (L{MapOutput._combine}).  Compares code,
+    not names, so anything else (a print, a default, a closure) is called.
+    """
+    code = getattr(fn, "__code__", None)
+    ref = _sum_combiner.__code__
+    if code is None or getattr(fn, "__defaults__", None) or getattr(fn, "__closure__", None):
+        return False
+    # co_flags also records __future__ imports, which change nothing here.
+    plain = inspect.CO_OPTIMIZED | inspect.CO_NEWLOCALS
+    if (code.co_code, code.co_consts, code.co_names, code.co_argcount) != (
+        ref.co_code,
+        ref.co_consts,
+        ref.co_names,
+        ref.co_argcount,
+    ) or code.co_flags & 0xFFFF != plain or code.co_kwonlyargcount or code.co_posonlyargcount:
+        return False
+    found = fn.__globals__.get("sum", _UNSET)
+    if found is _UNSET:
+        scope = fn.__globals__.get("__builtins__", builtins)
+        found = scope.get("sum") if isinstance(scope, dict) else getattr(scope, "sum", None)
+    return found is sum
 
 
 def _second(pair: Any, fname: str) -> Any:

@@ -192,3 +192,32 @@ def test_a_bad_pair_is_named_on_the_counting_path() -> None:
     out = MapOutput(1)
     with pytest.raises(TypeError, match=r"mapfn must yield \(key, value\) pairs, got 'abc'"):
         list(out.add_all([("a", 1), ("b", 1), "abc"]))
+
+
+def _sum_combiner(key, values):
+    return key, sum(values)
+
+
+def _sum_combiner_called(key, values):
+    total = sum(values)
+    return key, total
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("a", 1), ("b", 1), ("a", 1)],
+        [("a", 3), ("b", 3), ("a", 3)],
+        [("a", True), ("b", True), ("a", True)],  # sum of bools is an int: called
+        [("a", 1), ("b", 2), ("a", 1)],  # not counted: called
+    ],
+)
+def test_a_plain_sum_combiner_gives_what_calling_it_gives(pairs) -> None:
+    runs = []
+    for fn in (_sum_combiner, _sum_combiner_called):
+        out = MapOutput(2, combinefn=fn)
+        assert list(out.add_all(pairs)) == []
+        runs.append(out.drain())
+    assert runs[0] == runs[1]
+    for run in runs[0].values():
+        assert [type(v) for v in run[1]] == [int] * len(run[0])
