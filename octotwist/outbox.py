@@ -11,7 +11,7 @@ holds the blob plus a part or two, however large the blob.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -46,7 +46,15 @@ class Outbox:
         Send C{blob} as parts, C{message(data, end)} each, waiting for the
         channel to drain between parts.
         """
-        self._enqueue(message(data, end) for data, end in codec.parts(blob))
+        self.send_blobs((blob,), message)
+
+    def send_blobs(self, blobs: Iterable[bytes], message: PartMessage) -> None:
+        """
+        Send each of C{blobs} as L{send_blob} does, taking the next blob from
+        C{blobs} only when the previous one is sent (a lazy iterable keeps
+        memory down to one blob).
+        """
+        self._enqueue(message(data, end) for blob in blobs for data, end in codec.parts(blob))
 
     def clear(self) -> None:
         """Forget what is queued (the job is over, or the peer is gone)."""

@@ -354,10 +354,9 @@ class JobServer:
                 raise _SourceError(f"reading source[{key!r}] raised {type(e).__name__}: {e}") from e
         else:
             blobs = self.store.blobs(TaskKind.MAP, task.index)
-        for blob in blobs:
-            session.outbox.send_blob(
-                blob, lambda data, end: messages.TaskInput(task, attempt, data, end)
-            )
+        session.outbox.send_blobs(
+            blobs, lambda data, end: messages.TaskInput(task, attempt, data, end)
+        )
         session.outbox.send(messages.Assign(task, attempt))
 
     @property

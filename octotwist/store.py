@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from octotwist.messages import TaskId, TaskKind
@@ -75,10 +76,15 @@ class BlobStore:
             self._release(ref)
         self._drop_parts(task, attempt)
 
-    def blobs(self, kind: TaskKind, partition: int) -> list[bytes]:
-        """The committed blobs of C{partition}, in task order."""
+    def blobs(self, kind: TaskKind, partition: int) -> Iterator[bytes]:
+        """
+        The committed blobs of C{partition}, in task order, each read (from
+        the spill file, say) only as it is reached: a reduce task's input is
+        sent one blob at a time, never gathered whole in memory.
+        """
         by_task = self._committed[kind].get(partition, {})
-        return [self._get(ref) for index in sorted(by_task) for ref in by_task[index]]
+        refs = [ref for index in sorted(by_task) for ref in by_task[index]]
+        return (self._get(ref) for ref in refs)
 
     def drop(self, kind: TaskKind, partition: int) -> None:
         """Forget a partition's committed blobs (they have been consumed)."""
