@@ -335,12 +335,18 @@ def _is_plain_sum(fn: Any) -> bool:
         return False
     # co_flags also records __future__ imports, which change nothing here.
     plain = inspect.CO_OPTIMIZED | inspect.CO_NEWLOCALS
-    if (code.co_code, code.co_consts, code.co_names, code.co_argcount) != (
-        ref.co_code,
-        ref.co_consts,
-        ref.co_names,
-        ref.co_argcount,
-    ) or code.co_flags & 0xFFFF != plain or code.co_kwonlyargcount or code.co_posonlyargcount:
+    if (
+        (code.co_code, code.co_consts, code.co_names, code.co_argcount)
+        != (
+            ref.co_code,
+            ref.co_consts,
+            ref.co_names,
+            ref.co_argcount,
+        )
+        or code.co_flags & 0xFFFF != plain
+        or code.co_kwonlyargcount
+        or code.co_posonlyargcount
+    ):
         return False
     found = fn.__globals__.get("sum", _UNSET)
     if found is _UNSET:
