@@ -390,18 +390,21 @@ class JobService(Service):
 
 
 def _client_hint(address: str, transport: str) -> str:
+    """What a worker types to reach a server that listens on C{address}."""
     flag = "" if transport == "tcp" else f"--transport {transport} "
     if address.startswith("tcp:"):
         host, port = address[4:].replace("\\:", ":").rsplit(":", 1)
         if host in ("0.0.0.0", "::", ""):
             host = "SERVER_HOST"
         return flag + (f"{host}:{port}" if port != "18125" else host)
-    if "://" in address and not address.startswith("http+unix"):
-        # A URL the transport's client takes as it is.
-        for anywhere in ("//0.0.0.0:", "//[::]:"):
-            address = address.replace(anywhere, "//SERVER_HOST:")
-        return flag + shlex.quote(address)
-    return f"{flag}--connect {shlex.quote(address)}"
+    for anywhere in ("//0.0.0.0:", "//[::]:"):  # a URL bound to every interface
+        address = address.replace(anywhere, "//SERVER_HOST:")
+    try:
+        get_transport(transport).client.address_to_endpoint(address)
+    except (ValueError, OctotwistError):
+        # Not an address a client connects to (a socket behind a proxy, say).
+        return f"{flag}ADDRESS (this server listens on {address})"
+    return flag + shlex.quote(address)
 
 
 def build_service(options: Options, reactor: Any, output: IO[str] | None = None) -> JobService:
