@@ -24,7 +24,7 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import _parse, serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPullProducer
 from twisted.logger import Logger
@@ -140,8 +140,10 @@ class _ServerSession(MessageChannel):
         # server -> worker: _out[0] is frame number _out_base; frames below
         # _sent_upto have been written in some poll response.
         self._out: deque[bytes] = deque()
+        self._out_bytes = 0  # in _out
         self._out_base = 0
         self._sent_upto = 0
+        self._writers: list[Deferred[None]] = []  # waiting in writable()
         # worker -> server
         self._in_next = 0
         self._upload: _Upload | None = None
@@ -161,11 +163,31 @@ class _ServerSession(MessageChannel):
     def send(self, message: Message) -> None:
         if self.ended is not None or self.closing:
             return
-        self._out.append(codec.encode_message(message))
+        frame = codec.encode_message(message)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
         if self._parked is not None:
             request, self._parked = self._parked, None
             self._cancel_hold()
             self._answer_frames(request)
+
+    def writable(self) -> Deferred[None]:
+        """
+        Backpressure: wait while more than a batch in flight and a batch
+        ready are unacknowledged, so that the core hands us a large blob a
+        part at a time instead of all at once.
+        """
+        if self.ended is not None or self.closing or self._out_bytes < 2 * wire.BATCH_BYTES:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._writers.append(d)
+        return d
+
+    def _release_writers(self) -> None:
+        if self.ended is not None or self._out_bytes < 2 * wire.BATCH_BYTES:
+            writers, self._writers = self._writers, []
+            for d in writers:
+                d.callback(None)
 
     def close(self) -> None:
         if self.ended is None and not self.closing:
@@ -182,8 +204,9 @@ class _ServerSession(MessageChannel):
                 f"{self._sent_upto} are the ones in flight",
             )
         while self._out_base < ack:
-            self._out.popleft()
+            self._out_bytes -= len(self._out.popleft())
             self._out_base += 1
+        self._release_writers()
         if self._parked is not None:  # the worker gave up on it: answer it empty
             old, self._parked = self._parked, None
             self._cancel_hold()
@@ -297,6 +320,8 @@ class _ServerSession(MessageChannel):
         self._cancel_hold()
         self._upload = None
         self._out.clear()
+        self._out_bytes = 0
+        self._release_writers()
         if self._parked is not None:
             request, self._parked = self._parked, None
             _finish(request, http.GONE, f"session ended: {reason}")
