@@ -84,7 +84,7 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
         ["wait", None, 120.0, "Seconds to keep retrying while the server is unreachable.", float],
     ]
     _transport_parameters, _transport_flags = tap.transport_parameters(
-        "client", tap._own_names(optParameters, []) | {"quiet", "verbose"}
+        "client", tap.own_option_names(optParameters, []) | {"quiet", "verbose"}
     )
     optParameters += _transport_parameters
     optFlags = _transport_flags

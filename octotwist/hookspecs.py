@@ -14,6 +14,7 @@ setup.cfg.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -87,6 +88,16 @@ def plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
     return pm
 
 
+@functools.cache
+def installed_plugins() -> pluggy.PluginManager:
+    """
+    L{plugin_manager} with every installed plugin, built once per process:
+    reading the entry points is file I/O, and a command looks transports up
+    several times as it starts (its options, then the transport itself).
+    """
+    return plugin_manager()
+
+
 def transports(pm: pluggy.PluginManager | None = None) -> dict[str, Transport]:
     """
     Every installed transport, by name.
@@ -94,7 +105,7 @@ def transports(pm: pluggy.PluginManager | None = None) -> dict[str, Transport]:
     @raise PluginError: two plugins claim the same name, or a plugin returns
         something that is not a valid L{Transport}.
     """
-    pm = pm if pm is not None else plugin_manager()
+    pm = pm if pm is not None else installed_plugins()
     found: dict[str, Transport] = {}
     owners: dict[str, str] = {}
     # Each implementation is called on its own, so that a clash names both
@@ -150,5 +161,5 @@ def conformance_setup(
     plugins' C{octotwist_test_setup} hook, or an empty L{TestSetup} when
     no plugin needs anything.
     """
-    pm = pm if pm is not None else plugin_manager()
+    pm = pm if pm is not None else installed_plugins()
     return pm.hook.octotwist_test_setup(transport=transport, directory=directory) or TestSetup()

@@ -422,7 +422,7 @@ class JobServer:
         for timer in (self._progress, self._ticker):
             if timer.running:
                 timer.stop()
-        outcome.stats = self.stats()
+        outcome.stats = self.status()
         if outcome.ok:
             _log.info(
                 "job {job} finished: {n} results in {t:.2f} s",
@@ -437,21 +437,6 @@ class JobServer:
             session.outbox.send(messages.Shutdown(outcome.ok, outcome.error or ""))
         self.store.close()
         self.result.callback(outcome)
-
-    def stats(self) -> dict[str, Any]:
-        m = self.scheduler.counts(TaskKind.MAP)
-        r = self.scheduler.counts(TaskKind.REDUCE)
-        return {
-            "phase": self.scheduler.phase.value,
-            "map": {"done": m.done, "running": m.running, "total": m.total},
-            "reduce": {"done": r.done, "running": r.running, "total": r.total},
-            "workers": sorted(self._sessions),
-            "elapsed": self.reactor.seconds() - self._started,
-            "skipped": [
-                {"task": str(r.task), "key": r.key, "error": r.error, "attempts": r.attempts}
-                for r in self.scheduler.skipped
-            ],
-        }
 
     def status(self) -> dict[str, Any]:
         """
@@ -509,7 +494,7 @@ class JobServer:
         }
 
     def _log_progress(self) -> None:
-        s = self.stats()
+        s = self.status()
         _log.info(
             "{phase}: map {md}/{mt}, reduce {rd}/{rt}, {w} workers, {t:.0f}s",
             phase=s["phase"],

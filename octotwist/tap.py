@@ -159,7 +159,8 @@ def transport_options(options: usage.Options, transport: Transport, side: str) -
     return values
 
 
-def _own_names(parameters: list[list], flags: list[list]) -> set[str]:
+def own_option_names(parameters: list[list], flags: list[list]) -> set[str]:
+    """The long names a command's own options take (a transport cannot take them)."""
     return {p[0] for p in parameters} | {f[0] for f in flags} | {"help", "version"}
 
 
@@ -259,7 +260,7 @@ class Options(InterspersedOptions):
     ]
     optFlags = FAULT_FLAGS
     _transport_parameters, _transport_flags = transport_parameters(
-        "server", _own_names(optParameters, optFlags) | {"quiet", "verbose", "web"}
+        "server", own_option_names(optParameters, optFlags) | {"quiet", "verbose", "web"}
     )
     optParameters += _transport_parameters
     optFlags = optFlags + _transport_flags
