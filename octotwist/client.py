@@ -19,6 +19,7 @@ from twisted.logger import Logger, LogLevel
 
 from octotwist import messages
 from octotwist.errors import AuthenticationError, RemoteProtocolError
+from octotwist.machine import machine_id
 from octotwist.messages import TaskId
 from octotwist.outbox import Outbox
 from octotwist.transport import MessageChannel, TaskClient
@@ -87,7 +88,12 @@ class WorkerSession:
         self.pool = ProcessPool(self.reactor, welcome.functions, self.processes)
         self.channel.send(
             messages.Hello(
-                self.name, socket.gethostname(), os.getpid(), self.processes, self.processes
+                self.name,
+                socket.gethostname(),
+                os.getpid(),
+                self.processes,
+                prefetch=self.processes,
+                machine=machine_id(),
             )
         )
         _log.info(

@@ -41,6 +41,7 @@ COMPRESSION_LEVEL = 1
 
 _compressor = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
+_PICKLE_5 = bytes([pickle.PROTO[0], 5])
 
 _MESSAGE_NAMES = frozenset(t.__name__ for t in messages.MESSAGE_TYPES) | {
     "TaskId",
@@ -79,13 +80,23 @@ def decode_message(data: bytes) -> messages.Message:
     return message
 
 
-def pack(obj: Any) -> bytes:
-    """Pickle and compress user data (one blob)."""
-    return _compressor.compress(pickle.dumps(obj, protocol=5))
+def pack(obj: Any, compress: bool = True) -> bytes:
+    """
+    Pickle user data into one blob, compressed unless C{compress} is false
+    (for a peer on the same machine, where copying is cheaper than zstd).
+    """
+    data = pickle.dumps(obj, protocol=5)
+    return _compressor.compress(data) if compress else data
 
 
 def unpack(blob: bytes) -> Any:
-    """Inverse of L{pack}."""
+    """
+    Inverse of L{pack}, either way: a pickle of protocol 5 starts with
+    C{PROTO 5} (C{0x80 0x05}), a zstd frame with its magic number
+    (C{0x28 0xb5 0x2f 0xfd}), so the blob says which it is.
+    """
+    if blob[:2] == _PICKLE_5:
+        return pickle.loads(blob)
     return pickle.loads(_decompressor.decompress(blob))
 
 

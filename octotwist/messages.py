@@ -68,6 +68,9 @@ class Hello:
     # How many more it wants queued, so that a process never waits for the
     # network between two tasks; they count as running for the scheduler.
     prefetch: int = 0
+    # octotwist.machine.machine_id() of the worker's machine: a server on the
+    # same machine sends it map inputs uncompressed.
+    machine: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from octotwist import codec, messages
 from octotwist.errors import OctotwistError, RemoteProtocolError, UsageError
 from octotwist.job import Job
+from octotwist.machine import same_machine
 from octotwist.messages import TaskId, TaskKind
 from octotwist.outbox import Outbox
 from octotwist.scheduler import (
@@ -349,7 +350,7 @@ class JobServer:
         if task.kind is TaskKind.MAP:
             try:
                 value = self.job.source[key]
-                blobs = [codec.pack((key, value))]
+                blobs = [codec.pack((key, value), compress=not session.same_machine)]
             except Exception as e:
                 raise _SourceError(f"reading source[{key!r}] raised {type(e).__name__}: {e}") from e
         else:
@@ -522,6 +523,11 @@ class _WorkerSession:
         self.hello: messages.Hello | None = None
         self.last_heard = server.reactor.seconds()
         self.tasks_done = 0
+
+    @property
+    def same_machine(self) -> bool:
+        """Whether the worker runs on this machine (its inputs go uncompressed)."""
+        return self.hello is not None and same_machine(self.hello.machine)
 
     def message_received(self, message: messages.Message) -> None:
         try:

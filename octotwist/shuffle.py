@@ -215,7 +215,10 @@ class MapOutput:
             else:
                 return 0, _UNSET
         self.records += n
-        taken = 0
+        # Every pair taken adds one to a count, so the pairs taken are the
+        # growth of the counts' sum: one C pass per chunk over the distinct
+        # keys instead of an addition per pair in the loop.
+        before = sum(counts.values())
         get = counts.get
         one_type = type(one)
         for item in items:
@@ -224,10 +227,11 @@ class MapOutput:
             except (TypeError, ValueError):
                 raise TypeError(f"mapfn must yield (key, value) pairs, got {item!r}") from None
             if v is not one and not (type(v) is one_type and v == one):
+                taken = sum(counts.values()) - before
                 self.records += taken
                 return n + taken + 1, item
             counts[k] = get(k, 0) + 1
-            taken += 1
+        taken = sum(counts.values()) - before
         self.records += taken
         return n + taken, _UNSET
 

@@ -11,12 +11,14 @@ replaced, so one bad record never takes the worker down with it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pickle
 import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList
@@ -29,6 +31,7 @@ from octotwist._child import encode_frame
 from octotwist.messages import TaskKind
 
 _HEADER = struct.Struct("!I")
+_PIPE_SIZE = 1024 * 1024
 _log = Logger()
 
 OnOutput = Callable[[int, bytes], None]
@@ -128,6 +131,22 @@ class _ChildProcess(ProcessProtocol):
         self.pool._child_ended(self)
 
 
+def _widen_pipes(process: Any) -> None:
+    """
+    Give the pipes to and from a child 1 MiB of buffer instead of Linux's
+    64 KiB: a map task's input is a whole source value, and each wake-up of
+    the reactor or the child moves 16 times as much of it.  Where the
+    system does not allow it (not Linux, a lower C{pipe-max-size}), the
+    default stays.
+    """
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None:
+        return
+    for pipe in process.pipes.values():
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe.fileno(), set_size, _PIPE_SIZE)
+
+
 def _describe_exit(reason: Failure) -> str:
     value = reason.value
     signal = getattr(value, "signal", None)
@@ -180,6 +199,7 @@ class ProcessPool:
             env=os.environ.copy(),
             childFDs={1: 1, 2: 2, 3: "w", 4: "r"},
         )
+        _widen_pipes(child.transport)
         child.transport.writeToChild(3, encode_frame(("job", self.functions)))
         self._children.append(child)
 
