@@ -115,6 +115,7 @@ class RunOptions(_Verbosity, tap.InterspersedOptions):
         ["output", "o", None, "Write key<TAB>value results here instead of stdout."],
         ["reduce-tasks", "r", None, "Number of reduce partitions.", tap._positive_int],
         tap.WEB_PARAMETER,
+        tap.MEMORY_PARAMETER,
         *tap.FAULT_PARAMETERS,
     ]
     optFlags = tap.FAULT_FLAGS
@@ -265,8 +266,19 @@ async def _run(reactor: Any, options: RunOptions) -> int:
         reactor,
         reduce_tasks=options["reduce-tasks"],
         output=output,
+        store=tap.blob_store(options),
         policy=tap.fault_policy(options),
     )
+    try:
+        return await _serve_locally(reactor, options, job_server, transport, secret)
+    finally:
+        job_server.output.abort()  # nothing to take back if it was committed
+
+
+async def _serve_locally(
+    reactor: Any, options: RunOptions, job_server: JobServer, transport: Transport, secret: bytes
+) -> int:
+    """The rest of L{_run}: a server on a private address, and the local workers."""
     private = tempfile.TemporaryDirectory(prefix="octo-run-")
     task_server = transport.server(
         reactor,
@@ -308,8 +320,6 @@ async def _run(reactor: Any, options: RunOptions) -> int:
     if web_port is not None:
         await tap.stop_status(web_port, reactor)
     private.cleanup()
-    if output is not None:
-        output.close()
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 

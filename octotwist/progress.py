@@ -15,20 +15,15 @@ bars are up, so they scroll above the bars instead of tearing them.
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from twisted.internet.task import LoopingCall
 
 from octotwist.server import JobServer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import TaskID
 
 #: Seconds between redraws.
 REDRAW_INTERVAL = 0.25
@@ -60,6 +55,17 @@ class LiveProgress:
     """
 
     def __init__(self, job_server: JobServer, reactor: Any, sink: LogSink) -> None:
+        # rich is imported only here: most runs (logs to a file, --quiet)
+        # never draw a bar, and it costs every command 20 ms to import.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
         self.job_server = job_server
         self.sink = sink
         self.console = Console(file=sink.stream, highlight=False)

@@ -195,8 +195,10 @@ class _Task:
     failures: int = 0
     running: dict[int, str] = field(default_factory=dict)  # live attempt -> worker
     started: dict[int, float] = field(default_factory=dict)  # live attempt -> when
-    abandoned: set[int] = field(default_factory=set)  # cancelled attempts
-    failed_on: list[str] = field(default_factory=list)
+    # Immutable, so that the many tasks that never need one share the empty
+    # one: a 1.5 GB job has thousands of tasks and these are rarely set.
+    abandoned: frozenset[int] = frozenset()  # cancelled attempts
+    failed_on: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -328,7 +330,7 @@ class Scheduler:
                     return None
                 self._forget(task, attempt)
                 task.failures += 1
-                task.failed_on.append(worker)
+                task.failed_on += (worker,)
                 if key is None and task_id.kind is TaskKind.MAP:
                     key = _short_repr(task.key)  # e.g. the process died: we know it
                 if task.failures < self.max_attempts:
@@ -378,6 +380,10 @@ class Scheduler:
         """Whether output from this attempt may still count."""
         w = self._workers.get(worker)
         return w is not None and (task, attempt) in w.running
+
+    def is_done(self, task: TaskId) -> bool:
+        """Whether C{task} has succeeded (its output counts)."""
+        return self._task(task).status is TaskStatus.DONE
 
     @property
     def done(self) -> bool:
@@ -441,7 +447,7 @@ class Scheduler:
     def _cancel_all(self, task: _Task, why: str) -> None:
         for attempt, worker in list(task.running.items()):
             self._forget(task, attempt)
-            task.abandoned.add(attempt)
+            task.abandoned |= {attempt}
             self._cancellations.append(Cancellation(worker, task.id, attempt, why))
 
     def _expire_leases(self) -> None:
@@ -452,7 +458,7 @@ class Scheduler:
             for task_id, attempt in sorted(w.running, key=str):
                 task = self._task(task_id)
                 self._forget(task, attempt)
-                task.abandoned.add(attempt)
+                task.abandoned |= {attempt}
                 self._cancellations.append(
                     Cancellation(
                         w.name, task_id, attempt, f"worker silent for over {self.lease:g} s"

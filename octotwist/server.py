@@ -11,12 +11,11 @@ lines), tells every worker to shut down, and fires L{JobServer.result}.
 
 from __future__ import annotations
 
-import sys
 import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -29,6 +28,7 @@ from octotwist.job import Job
 from octotwist.machine import same_machine
 from octotwist.messages import TaskId, TaskKind
 from octotwist.outbox import Outbox
+from octotwist.output import Results, stdout
 from octotwist.scheduler import (
     NO_WORK,
     AttemptFailed,
@@ -86,15 +86,6 @@ class JobOutcome:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def write_lines(stream: IO[str]) -> Callable[[Any, Any], None]:
-    """A C{final()} that writes C{key<TAB>value} lines to C{stream}."""
-
-    def final(key: Any, value: Any) -> None:
-        stream.write(f"{key}\t{value}\n")
-
-    return final
-
-
 class JobServer:
     """
     Runs one job for whichever workers connect.
@@ -102,7 +93,9 @@ class JobServer:
     @param job: the loaded job.
     @param reactor: for timers.
     @param reduce_tasks: partitions, overriding the job's C{reduce_tasks}.
-    @param output: where results go when the job has no C{final()}.
+    @param output: where results go when the job has no C{final()}
+        (standard output by default); it is committed or aborted as the
+        job ends.
     @param policy: retries, leases and backup tasks.
     """
 
@@ -112,7 +105,7 @@ class JobServer:
         reactor: IReactorTime,
         *,
         reduce_tasks: int | None = None,
-        output: IO[str] | None = None,
+        output: Results | None = None,
         store: BlobStore | None = None,
         policy: FaultPolicy | None = None,
         progress_interval: float = 10.0,
@@ -120,7 +113,7 @@ class JobServer:
         self.job = job
         self.reactor = reactor
         self.reduce_tasks = reduce_tasks or job.reduce_tasks or DEFAULT_REDUCE_TASKS
-        self.output = output if output is not None else sys.stdout
+        self.output = output if output is not None else stdout()
         self.store = store if store is not None else BlobStore()
         self.policy = policy = policy or FaultPolicy()
         if policy.task_timeout <= policy.heartbeat:
@@ -158,6 +151,8 @@ class JobServer:
         #: Failed attempts, newest last (for the status page); bounded.
         self.failures: deque[dict[str, Any]] = deque(maxlen=MAX_FAILURES_SHOWN)
         self.bytes_received = 0
+        self._results = 0  # written so far
+        self._written = 0  # partitions written (to an output that takes early writes)
         self._finishing: list[Callable[[], None]] = []
 
     def before_final(self, callback: Callable[[], None]) -> None:
@@ -250,6 +245,12 @@ class JobServer:
         verdict = self.scheduler.handle(AttemptSucceeded(name, msg.task, msg.attempt))
         if verdict is Verdict.ACCEPTED:
             self.store.commit(msg.task, msg.attempt)
+            if msg.task.kind is TaskKind.REDUCE:
+                # Its input is no longer needed (an attempt still sending it
+                # holds what it reads).
+                self.store.drop(TaskKind.MAP, msg.task.index)
+                if self.output.early and self.job.final is None:
+                    self._write_results(upto=self._reduces_done_in_order())
         else:
             self.store.discard(msg.task, msg.attempt)
         self._after_change()
@@ -386,22 +387,38 @@ class JobServer:
             return True
         return False
 
+    def _reduces_done_in_order(self) -> int:
+        """How many partitions, counting from 0, have their reduce done."""
+        n = self._written
+        while n < self.reduce_tasks and self.scheduler.is_done(TaskId(TaskKind.REDUCE, n)):
+            n += 1
+        return n
+
+    def _write_results(self, upto: int) -> None:
+        """
+        Write partitions C{self._written} to C{upto} (exclusive) to the
+        output, in order, and forget them.  Called as reduce tasks finish
+        when the output takes early writes (L{Results.early}), so that the
+        last reduce is followed by one partition's writing, not all of them.
+        """
+        for partition in range(self._written, upto):
+            task = TaskId(TaskKind.REDUCE, partition)
+            for blob in self.store.outputs(task):
+                keys, values = codec.unpack(blob)
+                self.output.write(keys, values)
+                self._results += len(keys)
+            self.store.forget(task)
+        self._written = max(self._written, upto)
+
     def _finish_ok(self) -> None:
-        final = self.job.final or write_lines(self.output)
-        results = 0
         try:
-            for partition in range(self.reduce_tasks):
-                for blob in self.store.blobs(TaskKind.REDUCE, partition):
-                    keys, values = codec.unpack(blob)
-                    for key, value in zip(keys, values, strict=True):
-                        final(key, value)
-                    results += len(keys)
-                self.store.drop(TaskKind.REDUCE, partition)
+            if self.job.final is None:
+                self._write_results(upto=self.reduce_tasks)
+            else:
+                self._call_final(self.job.final)
         except Exception as e:
             self._fail("final() raised:\n" + "".join(traceback.format_exception(e)))
             return
-        if self.job.final is None:
-            self.output.flush()
         for record in self.scheduler.skipped:
             _log.warn(
                 "skipped {task} (key {key}): it failed {n} attempts; last error: {error}",
@@ -410,7 +427,17 @@ class JobServer:
                 n=record.attempts,
                 error=record.error,
             )
-        self._end(JobOutcome(True, None, results, self.reactor.seconds() - self._started))
+        self._end(JobOutcome(True, None, self._results, self.reactor.seconds() - self._started))
+
+    def _call_final(self, final: Callable[[Any, Any], Any]) -> None:
+        for partition in range(self.reduce_tasks):
+            task = TaskId(TaskKind.REDUCE, partition)
+            for blob in self.store.outputs(task):
+                keys, values = codec.unpack(blob)
+                for key, value in zip(keys, values, strict=True):
+                    final(key, value)
+                self._results += len(keys)
+            self.store.forget(task)
 
     def _fail(self, error: str) -> None:
         _log.error("job {job} failed: {error}", job=self.job.name, error=error)
@@ -424,6 +451,12 @@ class JobServer:
             if timer.running:
                 timer.stop()
         outcome.stats = self.status()
+        try:
+            self.output.commit() if outcome.ok else self.output.abort()
+        except OSError as e:  # a full disk, say: the results are not there
+            outcome = JobOutcome(False, f"cannot write the results: {e}", 0, outcome.seconds)
+            self._outcome = outcome
+            _log.error("job {job} failed: {error}", job=self.job.name, error=outcome.error)
         if outcome.ok:
             _log.info(
                 "job {job} finished: {n} results in {t:.2f} s",

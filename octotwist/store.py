@@ -12,23 +12,44 @@ from __future__ import annotations
 
 import os
 import tempfile
+from array import array
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from octotwist.messages import TaskId, TaskKind
 
-DEFAULT_MEMORY_LIMIT = 128 * 1024 * 1024
+#: Bytes of blobs held in memory before the spill file (C{--memory-limit}).
+#: Small on purpose: blobs wait for their reduce task and are read once, in
+#: order, so the page cache serves spilled ones about as well, and the
+#: server's memory stays flat however large the job (docs/performance.md).
+DEFAULT_MEMORY_LIMIT = 32 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class _OnDisk:
-    offset: int
-    size: int
-
-
-_Ref = bytes | _OnDisk
+#: A stored blob: the bytes themselves, or, for a blob in the spill file,
+#: one int packing its offset and size (L{_on_disk}).  A 1.5 GB job commits
+#: some 70 000 blobs; an int each keeps the index to a few MB.
+_Ref = bytes | int
 _Attempt = tuple[TaskId, int]
+_SIZE_BITS = 40  # blobs up to 1 TiB; offsets up to 2**23 TiB
+
+
+def _on_disk(offset: int, size: int) -> int:
+    return offset << _SIZE_BITS | size
+
+
+class _Committed:
+    """One partition's committed blobs, in commit order, with their task indexes."""
+
+    __slots__ = ("refs", "tasks")
+
+    def __init__(self) -> None:
+        self.tasks = array("l")
+        self.refs: list[_Ref] = []
+
+    def in_task_order(self) -> list[_Ref]:
+        """The refs by task index; a task's own blobs keep their order (a stable sort)."""
+        order = sorted(range(len(self.tasks)), key=self.tasks.__getitem__)
+        return [self.refs[i] for i in order]
 
 
 class BlobStore:
@@ -48,9 +69,9 @@ class BlobStore:
         self._spill: tempfile._TemporaryFileWrapper | None = None
         self._parts: dict[tuple[TaskId, int, int], list[bytes]] = {}
         self._staged: defaultdict[_Attempt, list[tuple[int, _Ref]]] = defaultdict(list)
-        # kind -> partition -> task index -> blobs
-        self._committed: dict[TaskKind, defaultdict[int, dict[int, list[_Ref]]]] = {
-            kind: defaultdict(dict) for kind in TaskKind
+        # kind -> partition -> its blobs
+        self._committed: dict[TaskKind, defaultdict[int, _Committed]] = {
+            kind: defaultdict(_Committed) for kind in TaskKind
         }
 
     def add_part(self, task: TaskId, attempt: int, partition: int, data: bytes, end: bool) -> None:
@@ -67,7 +88,9 @@ class BlobStore:
         """The attempt won: its staged outputs now count."""
         committed = self._committed[task.kind]
         for partition, ref in self._staged.pop((task, attempt), []):
-            committed[partition].setdefault(task.index, []).append(ref)
+            c = committed[partition]
+            c.tasks.append(task.index)
+            c.refs.append(ref)
         self._drop_parts(task, attempt)
 
     def discard(self, task: TaskId, attempt: int) -> None:
@@ -82,15 +105,37 @@ class BlobStore:
         the spill file, say) only as it is reached: a reduce task's input is
         sent one blob at a time, never gathered whole in memory.
         """
-        by_task = self._committed[kind].get(partition, {})
-        refs = [ref for index in sorted(by_task) for ref in by_task[index]]
+        c = self._committed[kind].get(partition)
+        refs = c.in_task_order() if c is not None else []
         return (self._get(ref) for ref in refs)
+
+    def outputs(self, task: TaskId) -> Iterator[bytes]:
+        """The committed outputs of one task, every partition in order (a reduce's results)."""
+        committed = self._committed[task.kind]
+        refs = [
+            ref
+            for p in sorted(committed)
+            for t, ref in zip(committed[p].tasks, committed[p].refs, strict=True)
+            if t == task.index
+        ]
+        return (self._get(ref) for ref in refs)
+
+    def forget(self, task: TaskId) -> None:
+        """Forget one task's committed outputs (they have been consumed)."""
+        for c in self._committed[task.kind].values():
+            keep = [i for i, t in enumerate(c.tasks) if t != task.index]
+            if len(keep) == len(c.tasks):
+                continue
+            for i in set(range(len(c.tasks))).difference(keep):
+                self._release(c.refs[i])
+            c.tasks = array("l", [c.tasks[i] for i in keep])
+            c.refs = [c.refs[i] for i in keep]
 
     def drop(self, kind: TaskKind, partition: int) -> None:
         """Forget a partition's committed blobs (they have been consumed)."""
-        for refs in self._committed[kind].pop(partition, {}).values():
-            for ref in refs:
-                self._release(ref)
+        c = self._committed[kind].pop(partition, None)
+        for ref in c.refs if c is not None else ():
+            self._release(ref)
 
     def close(self) -> None:
         if self._spill is not None:
@@ -113,17 +158,18 @@ class BlobStore:
         offset = self._spill.seek(0, os.SEEK_END)
         self._spill.write(blob)
         self.on_disk += len(blob)
-        return _OnDisk(offset, len(blob))
+        return _on_disk(offset, len(blob))
 
     def _get(self, ref: _Ref) -> bytes:
         if isinstance(ref, bytes):
             return ref
         assert self._spill is not None
         self._spill.flush()
-        return os.pread(self._spill.fileno(), ref.size, ref.offset)
+        offset, size = ref >> _SIZE_BITS, ref & ((1 << _SIZE_BITS) - 1)
+        return os.pread(self._spill.fileno(), size, offset)
 
     def _release(self, ref: _Ref) -> None:
         if isinstance(ref, bytes):
             self.in_memory -= len(ref)
         else:
-            self.on_disk -= ref.size
+            self.on_disk -= ref & ((1 << _SIZE_BITS) - 1)

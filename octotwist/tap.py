@@ -12,7 +12,7 @@ import getopt
 import os
 import shlex
 import sys
-from typing import IO, Any
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -28,8 +28,10 @@ from octotwist.endpoints import server_is_local
 from octotwist.errors import OctotwistError, UsageError
 from octotwist.hookspecs import get_transport, transports
 from octotwist.job import Job, load_job
+from octotwist.output import Results, open_results
 from octotwist.server import FaultPolicy, JobOutcome, JobServer
 from octotwist.status import StatusPage
+from octotwist.store import DEFAULT_MEMORY_LIMIT, BlobStore
 from octotwist.transport import Option, ServerSettings, TaskServer, Transport
 
 _log = Logger()
@@ -175,6 +177,29 @@ WEB_PARAMETER = [
 ]
 
 
+def _mebibytes(value: str) -> int:
+    n = float(value)
+    if not n >= 0:
+        raise ValueError("must be 0 or more")
+    return int(n * 2**20)
+
+
+#: How much map output the server holds in memory; shared like WEB_PARAMETER.
+MEMORY_PARAMETER = [
+    "memory-limit",
+    None,
+    DEFAULT_MEMORY_LIMIT,
+    f"MiB of map output the server keeps in memory (default {DEFAULT_MEMORY_LIMIT >> 20}); "
+    "the rest waits in an unlinked temporary file in $TMPDIR until its reduce task.",
+    _mebibytes,
+]
+
+
+def blob_store(options: usage.Options) -> BlobStore:
+    """The L{BlobStore} the options ask for."""
+    return BlobStore(memory_limit=options["memory-limit"])
+
+
 def fault_policy(options: usage.Options) -> FaultPolicy:
     """The L{FaultPolicy} the options ask for."""
     return FaultPolicy(
@@ -256,6 +281,7 @@ class Options(InterspersedOptions):
             _positive_int,
         ],
         WEB_PARAMETER,
+        MEMORY_PARAMETER,
         *FAULT_PARAMETERS,
     ]
     optFlags = FAULT_FLAGS
@@ -376,6 +402,7 @@ class JobService(Service):
         _log.error("{error}", error=error)
         self.listening.errback(failure)
         self.listening.addErrback(lambda _: None)  # reported above
+        self.job_server.output.abort()
         if self._web_port is not None:
             self._web_port.stopListening()
         self.outcome.callback(JobOutcome(False, error))
@@ -408,7 +435,7 @@ def _client_hint(address: str, transport: str) -> str:
     return flag + shlex.quote(address)
 
 
-def build_service(options: Options, reactor: Any, output: IO[str] | None = None) -> JobService:
+def build_service(options: Options, reactor: Any, output: Results | None = None) -> JobService:
     """
     Load the job and get everything ready to listen; nothing binds yet.
 
@@ -424,6 +451,7 @@ def build_service(options: Options, reactor: Any, output: IO[str] | None = None)
         reactor,
         reduce_tasks=options["reduce-tasks"],
         output=output,
+        store=blob_store(options),
         policy=fault_policy(options),
     )
     if options["web"] is not None:
@@ -469,11 +497,12 @@ def _url(port: IListeningPort, endpoint: str) -> str:
     return f"http://{name if ':' not in name else f'[{name}]'}:{host.port}/"
 
 
-def open_output(path: str | None, job: Job) -> IO[str] | None:
+def open_output(path: str | None, job: Job) -> Results | None:
     """
-    The file C{--output} names, or C{None} for stdout.  A job with C{final()}
-    writes its own results, so C{--output} is ignored there (with a warning),
-    rather than leaving an empty file behind.
+    Where C{--output} sends the results (L{octotwist.output}), or C{None}
+    for stdout.  A job with C{final()} writes its own results, so
+    C{--output} is ignored there (with a warning), rather than leaving an
+    empty file behind.
 
     @raise UsageError: the file cannot be created.
     """
@@ -487,7 +516,7 @@ def open_output(path: str | None, job: Job) -> IO[str] | None:
         )
         return None
     try:
-        return open(path, "w", encoding="utf-8")
+        return open_results(path)
     except OSError as e:
         raise UsageError(f"cannot write {path!r}: {e.strerror}") from None
 

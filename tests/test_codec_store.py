@@ -86,3 +86,20 @@ def test_store_spills_past_its_memory_limit(tmp_path) -> None:
     store.drop(TaskKind.MAP, 0)
     assert store.in_memory == 0 and store.on_disk == 0
     store.close()
+
+
+def test_store_hands_out_and_forgets_one_tasks_outputs(tmp_path) -> None:
+    R0, R1 = TaskId(TaskKind.REDUCE, 0), TaskId(TaskKind.REDUCE, 1)
+    store = BlobStore(memory_limit=6, spill_dir=str(tmp_path))  # R1's blobs spill
+    store.add_part(R1, 1, 0, b"r1-a", end=True)
+    store.add_part(R1, 1, 0, b"r1-b", end=True)
+    store.add_part(R0, 2, 0, b"r0", end=True)
+    store.commit(R1, 1)
+    store.commit(R0, 2)
+    assert list(store.outputs(R1)) == [b"r1-a", b"r1-b"]
+    assert list(store.outputs(R0)) == [b"r0"]
+    store.forget(R1)
+    assert list(store.outputs(R1)) == [] and list(store.outputs(R0)) == [b"r0"]
+    store.forget(R0)
+    assert store.in_memory == 0 and store.on_disk == 0
+    store.close()

@@ -497,6 +497,43 @@ def test_output_is_ignored_with_a_warning_when_the_job_has_final(env: dict, tmp_
     assert not out.exists()
 
 
+COUNT_WORDS = """
+source = {i: "apple banana cherry apple " * (i + 1) for i in range(12)}
+def mapfn(key, value):
+    for w in value.split():
+        yield w, 1
+def reducefn(key, values):
+    if key == "cherry" and FAIL:
+        raise KeyError("no cherries")
+    return key, len(values)
+reduce_tasks = 3
+"""
+
+
+def test_a_failed_job_leaves_the_previous_output_untouched(env: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out.tsv"
+    ok = job(tmp_path, "FAIL = False\n" + COUNT_WORDS, "ok.py")
+    r = octo("run", str(ok), "-o", str(out), env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    n = sum(range(1, 13))
+    assert parse_tsv(out.read_text()) == {"apple": 2 * n, "banana": n, "cherry": n}
+    before = out.read_bytes()
+    # The reduce of the other partitions succeeds (and may be written to
+    # the temporary file) before cherry's fails every attempt.
+    bad = job(tmp_path, "FAIL = True\n" + COUNT_WORDS, "bad.py")
+    r = octo("run", str(bad), "-o", str(out), "--max-attempts", "1", env=env, timeout=60)
+    assert r.returncode == 1 and "KeyError: 'no cherries'" in r.stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.py", "ok.py", "out.tsv"]
+
+
+def test_output_to_a_device_is_written_in_place(env: dict, tmp_path: Path) -> None:
+    script = job(tmp_path, "FAIL = False\n" + COUNT_WORDS)
+    r = octo("run", str(script), "-o", "/dev/null", env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert Path("/dev/null").is_char_device()
+
+
 def test_client_stopped_by_sigterm_exits_non_zero(env: dict) -> None:
     import signal
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -221,3 +222,29 @@ def test_a_plain_sum_combiner_gives_what_calling_it_gives(pairs) -> None:
     assert runs[0] == runs[1]
     for run in runs[0].values():
         assert [type(v) for v in run[1]] == [int] * len(run[0])
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("a", 1), ("b", 1), ("a", 1)],  # counted runs of 1
+        [("a", 3), ("b", 3), ("a", 3)],  # counted runs of 3
+        [("a", 1), ("b", 2), ("a", 10**30)],  # listed ints, one a bignum
+        [("a", True), ("b", True), ("a", True)],  # bools: the function is called
+        [("a", 0.1), ("a", 0.2), ("b", 1)],  # floats: called (order matters to them)
+        [(1, 1), (1.0, 1), (True, 1), ("x", 1)],  # equal keys, unsortable mix
+    ],
+)
+@pytest.mark.parametrize("combine", [False, True])
+def test_a_plain_sum_reducefn_gives_what_calling_it_gives(pairs, combine) -> None:
+    # Two map tasks' runs, the second with its pairs reversed.
+    runs = []
+    for task in (pairs, pairs[::-1]):
+        out = MapOutput(1, combinefn=_sum_combiner if combine else None)
+        assert list(out.add_all(task)) == []
+        runs.append(out.drain()[0])
+    # (merging may extend the runs' own lists: each call gets a copy)
+    fast = reduce_partition(_sum_combiner, copy.deepcopy(runs))
+    called = reduce_partition(_sum_combiner_called, copy.deepcopy(runs))
+    assert fast == called
+    assert [type(v) for v in fast[1]] == [type(v) for v in called[1]]
