@@ -74,6 +74,20 @@ class MessageChannel(ABC):
         return succeed(None)
 
 
+def no_delay(transport: object) -> None:
+    """
+    Turn off Nagle's algorithm on C{transport} if it is a TCP connection
+    (anything else is left alone).  The core's control messages are small
+    and answer each other (C{TaskDone}, then the next C{Assign}); with
+    Nagle's algorithm each may wait for the ACK of the one before, which
+    made a 150 MB word count over TCP 1.6 times as slow.  Call it from the
+    protocol's C{connectionMade}.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 class ChannelHandler(Protocol):
     """What the core attaches to each channel (implemented by the core)."""
 

@@ -37,7 +37,7 @@ from zope.interface import implementer
 from octotwist import codec
 from octotwist.errors import RemoteProtocolError
 from octotwist.messages import Message
-from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskServer
+from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskServer, no_delay
 from octotwist_http import wire
 
 _log = Logger()
@@ -651,6 +651,7 @@ class _Channel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        no_delay(self.transport)
         self.closed: Deferred[None] = Deferred()
         self.site.channels.add(self)
 

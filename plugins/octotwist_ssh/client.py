@@ -58,7 +58,7 @@ from twisted.python.failure import Failure
 
 from octotwist.endpoints import split_host_port
 from octotwist.errors import AuthenticationError, RemoteProtocolError, UsageError
-from octotwist.transport import Accept, MessageChannel, TaskClient
+from octotwist.transport import Accept, MessageChannel, TaskClient, no_delay
 from octotwist_ssh import keys
 from octotwist_ssh.channel import (
     MACS,
@@ -199,6 +199,7 @@ class _ClientTransport(ConchLogging, SSHClientTransport):
         self.host_verified = False
         self.host_key: Key | None = None
         self.remote_reason = ""
+        no_delay(self.transport)
         super().connectionMade()
 
     def verifyHostKey(self, blob: bytes, _md5: bytes) -> Deferred[bool]:

@@ -54,7 +54,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from octotwist.transport import TaskServer
+from octotwist.transport import TaskServer, no_delay
 from octotwist_ssh import keys
 from octotwist_ssh.channel import (
     MACS,
@@ -289,6 +289,7 @@ class _ServerTransport(ConchLogging, SSHServerTransport):
         # Conch times out user authentication, but not a peer that never
         # finishes the key exchange: bound the whole login here.
         self._login_timer = self.factory.reactor.callLater(LOGIN_TIMEOUT, self._login_timeout)
+        no_delay(self.transport)
         super().connectionMade()
 
     def _login_timeout(self) -> None:

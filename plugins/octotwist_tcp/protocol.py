@@ -31,7 +31,7 @@ from octotwist import auth, codec
 from octotwist.errors import AuthenticationError, RemoteProtocolError
 from octotwist.framing import FrameReceiver
 from octotwist.messages import Message
-from octotwist.transport import Accept, ChannelHandler, MessageChannel
+from octotwist.transport import Accept, ChannelHandler, MessageChannel, no_delay
 
 MAGIC = b"OCTOTWIST/1 "
 HANDSHAKE_MAX_FRAME = 256
@@ -128,6 +128,7 @@ class _FramedProtocol(FrameReceiver):
 
     def connectionMade(self) -> None:
         self.factory.protocols.add(self)
+        no_delay(self.transport)
         self.transport.registerProducer(self.flow, True)
         self._producing = True
         self._timeout = self.factory.reactor.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
