@@ -269,6 +269,8 @@ async def _run(reactor: Any, options: RunOptions) -> int:
         store=tap.blob_store(options),
         policy=tap.fault_policy(options),
     )
+    # Stopped before the job ended (Ctrl-C): no partial results file.
+    reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
     try:
         return await _serve_locally(reactor, options, job_server, transport, secret)
     finally:

@@ -463,6 +463,8 @@ def build_service(options: Options, reactor: Any, output: Results | None = None)
         status=StatusPage(job_server.status),
     )
     task_server = transport.server(reactor, settings, job_server.accept)
+    # Stopped before the job ended (Ctrl-C, SIGTERM): no partial results file.
+    reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
     return JobService(job_server, task_server, listen, transport.name, options["web"])
 
 

@@ -527,6 +527,31 @@ def test_a_failed_job_leaves_the_previous_output_untouched(env: dict, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.py", "ok.py", "out.tsv"]
 
 
+def test_a_stopped_server_leaves_the_previous_output_untouched(env: dict, tmp_path: Path) -> None:
+    import signal
+
+    out = tmp_path / "out.tsv"
+    out.write_text("previous\t1\n")
+    script = job(tmp_path, "FAIL = False\n" + COUNT_WORDS)
+    port = free_port()
+    server = start(
+        "server",
+        str(script),
+        "-o",
+        str(out),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        env=dict(env, OCTO_SECRET="x"),
+        cwd=tmp_path,
+    )
+    wait_for_port(port, server)
+    assert [p.name for p in tmp_path.glob(".out.tsv.*.partial")]  # where results would go
+    server.send_signal(signal.SIGTERM)
+    finish(server, timeout=30)
+    assert out.read_text() == "previous\t1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py", "out.tsv"]
+
+
 def test_output_to_a_device_is_written_in_place(env: dict, tmp_path: Path) -> None:
     script = job(tmp_path, "FAIL = False\n" + COUNT_WORDS)
     r = octo("run", str(script), "-o", "/dev/null", env=env, timeout=60)
