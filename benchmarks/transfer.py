@@ -59,7 +59,7 @@ class _Receiver:
 async def _serve(reactor: Any, name: str) -> None:
     transport = get_transport(name)
     private = tempfile.mkdtemp(prefix="octo-transfer-")
-    server = transport.server(
+    server = transport.server_class()(
         reactor, ServerSettings(transport.local_listen(Path(private)), SECRET), _Receiver
     )
     address = await server.listen()
@@ -93,7 +93,7 @@ class _Sender:
 
 async def _send(reactor: Any, name: str, address: str, blob: bytes, runs: int) -> list[float]:
     transport = get_transport(name)
-    client = transport.client(reactor, ClientSettings(address, SECRET))
+    client = transport.client_class()(reactor, ClientSettings(address, SECRET))
     senders: list[_Sender] = []
 
     def accept(channel: MessageChannel) -> _Sender:

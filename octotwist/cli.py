@@ -101,7 +101,7 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
         """
         given = self["connect"] or self["address"]
         try:
-            return transport.client.address_to_endpoint(given)
+            return transport.client_class().address_to_endpoint(given)
         except ValueError as e:
             raise UsageError(f"cannot connect to {given!r}: {e}") from None
 
@@ -203,11 +203,11 @@ async def _work(reactor: Any, options: ClientOptions) -> int:
     transport = get_transport(options["transport"])
     connect = options.endpoint(transport)
     transport_options = tap.transport_options(options, transport, "client")
-    if transport.client.needs_secret(transport_options):
+    if transport.client_class().needs_secret(transport_options):
         secret = await _client_secret(reactor, options)
     else:
         secret = _secret_if_any(options)
-    client = transport.client(reactor, ClientSettings(connect, secret, transport_options))
+    client = transport.client_class()(reactor, ClientSettings(connect, secret, transport_options))
     try:
         shutdown = await run_worker(
             reactor,
@@ -282,7 +282,7 @@ async def _serve_locally(
 ) -> int:
     """The rest of L{_run}: a server on a private address, and the local workers."""
     private = tempfile.TemporaryDirectory(prefix="octo-run-")
-    task_server = transport.server(
+    task_server = transport.server_class()(
         reactor,
         ServerSettings(
             transport.local_listen(Path(private.name)),
@@ -299,7 +299,7 @@ async def _serve_locally(
     if _show_progress(job_server, reactor, options):
         job_server.log_progress = False
     address = await task_server.listen()
-    client = transport.client(
+    client = transport.client_class()(
         reactor,
         ClientSettings(
             address, secret, tap.transport_options(usage.Options(), transport, "client")

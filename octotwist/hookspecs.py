@@ -23,7 +23,7 @@ from pathlib import Path
 import pluggy
 
 from octotwist.errors import PluginError, UnknownTransportError
-from octotwist.transport import TaskClient, TaskServer, TestSetup, Transport
+from octotwist.transport import TestSetup, Transport
 
 PROJECT = "octotwist"
 ENTRY_POINT_GROUP = "octotwist"
@@ -125,18 +125,26 @@ def transports(pm: pluggy.PluginManager | None = None) -> dict[str, Transport]:
 
 
 def _check_transport(t: object, owner: str) -> None:
+    """
+    Check what a plugin returned.  A server or client given as a class is
+    checked now; one given as C{"module:Class"} when it is first used
+    (L{Transport.server_class}), so that unused transports are not imported.
+    """
     if not isinstance(t, Transport):
         raise PluginError(f"plugin {owner} returned {t!r}, not an octotwist Transport")
-    for role, base in (("server", TaskServer), ("client", TaskClient)):
-        cls = getattr(t, role)
-        if not (isinstance(cls, type) and issubclass(cls, base)):
-            raise PluginError(f"transport {t.name!r} ({owner}): {role} is not a {base.__name__}")
-        abstract = sorted(getattr(cls, "__abstractmethods__", ()))
-        if abstract:
-            raise PluginError(
-                f"transport {t.name!r} ({owner}): {cls.__name__} does not implement "
-                + ", ".join(abstract)
-            )
+    for role in ("server", "client"):
+        ref = getattr(t, role)
+        if isinstance(ref, str):
+            module, colon, attr = ref.partition(":")
+            if not (module and colon and attr):
+                raise PluginError(
+                    f"transport {t.name!r} ({owner}): {role} {ref!r} is not 'package.module:Class'"
+                )
+            continue
+        try:
+            t.server_class() if role == "server" else t.client_class()
+        except PluginError as e:
+            raise PluginError(f"{e} (plugin {owner})") from None
 
 
 def get_transport(name: str, pm: pluggy.PluginManager | None = None) -> Transport:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+
+if TYPE_CHECKING:  # twisted.web.server costs every command 20 ms to import
+    from twisted.web.server import Request
 
 Snapshot = Callable[[], dict[str, Any]]
 

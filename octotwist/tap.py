@@ -312,7 +312,7 @@ def listen_settings(options: Options, transport: Transport) -> tuple[str, bytes]
     configured = auth.configured_secret(options["secret-file"])
     # Without a configured secret, only a server whose peers prove
     # themselves otherwise (keys) may be reachable from other machines.
-    guarded = configured is not None or not transport.server.needs_secret(
+    guarded = configured is not None or not transport.server_class().needs_secret(
         transport_options(options, transport, "server")
     )
     listen = options["listen"]
@@ -428,7 +428,7 @@ def _client_hint(address: str, transport: str) -> str:
     for anywhere in ("//0.0.0.0:", "//[::]:"):  # a URL bound to every interface
         address = address.replace(anywhere, "//SERVER_HOST:")
     try:
-        get_transport(transport).client.address_to_endpoint(address)
+        get_transport(transport).client_class().address_to_endpoint(address)
     except (ValueError, OctotwistError):
         # Not an address a client connects to (a socket behind a proxy, say).
         return f"{flag}ADDRESS (this server listens on {address})"
@@ -462,7 +462,7 @@ def build_service(options: Options, reactor: Any, output: Results | None = None)
         transport_options(options, transport, "server"),
         status=StatusPage(job_server.status),
     )
-    task_server = transport.server(reactor, settings, job_server.accept)
+    task_server = transport.server_class()(reactor, settings, job_server.accept)
     # Stopped before the job ended (Ctrl-C, SIGTERM): no partial results file.
     reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
     return JobService(job_server, task_server, listen, transport.name, options["web"])

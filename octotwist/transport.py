@@ -23,6 +23,7 @@ same, started by L{TaskClient.connect}.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorCore
 
 from octotwist.endpoints import split_host_port
+from octotwist.errors import PluginError
 from octotwist.messages import Message
 
 if TYPE_CHECKING:
@@ -319,8 +321,12 @@ class Transport:
 
     @ivar name: what users pass to C{--transport}.
     @ivar description: one line for C{octo transports}.
-    @ivar server: the L{TaskServer} subclass.
-    @ivar client: the L{TaskClient} subclass.
+    @ivar server: the L{TaskServer} subclass, or where to import it from as
+        C{"package.module:Class"}: then its module is imported only when
+        this transport is used (L{server_class}), as Twisted's
+        C{ServiceMaker} takes a module name, so that every command does not
+        pay for every installed transport's imports.
+    @ivar client: the L{TaskClient} subclass, or C{"package.module:Class"}.
     @ivar default_port: the port C{octo server} listens on by default.
     @ivar server_options: options this transport adds to C{octo server}.
     @ivar client_options: options this transport adds to C{octo client}.
@@ -328,11 +334,24 @@ class Transport:
 
     name: str
     description: str
-    server: type[TaskServer]
-    client: type[TaskClient]
+    server: type[TaskServer] | str
+    client: type[TaskClient] | str
     default_port: int = 18125
     server_options: Sequence[Option] = ()
     client_options: Sequence[Option] = ()
+
+    def server_class(self) -> type[TaskServer]:
+        """
+        The L{TaskServer} subclass, imported if need be.
+
+        @raise PluginError: it cannot be imported, or is not a complete
+            L{TaskServer}.
+        """
+        return _load(self.name, "server", self.server, TaskServer)
+
+    def client_class(self) -> type[TaskClient]:
+        """The L{TaskClient} subclass, imported if need be (see L{server_class})."""
+        return _load(self.name, "client", self.client, TaskClient)
 
     def default_listen(self, local_only: bool) -> str:
         """
@@ -351,3 +370,24 @@ class Transport:
         and removed after it (for a Unix socket, say).
         """
         return "tcp:0:interface=127.0.0.1"
+
+
+def _load(name: str, role: str, ref: type | str, base: type) -> Any:
+    """Resolve and check a L{Transport}'s C{server} or C{client}."""
+    cls: Any = ref
+    if isinstance(ref, str):
+        module, _, attr = ref.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except Exception as e:
+            raise PluginError(
+                f"transport {name!r}: its {role} {ref!r} failed to import: {type(e).__name__}: {e}"
+            ) from e
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise PluginError(f"transport {name!r}: {role} is not a {base.__name__}")
+    abstract = sorted(getattr(cls, "__abstractmethods__", ()))
+    if abstract:
+        raise PluginError(
+            f"transport {name!r}: {cls.__name__} does not implement " + ", ".join(abstract)
+        )
+    return cls

@@ -3,6 +3,7 @@ plugins are reported with names a user can act on."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,7 +19,7 @@ def test_tcp_is_discovered_through_its_entry_point() -> None:
     pm = plugin_manager()
     assert "octotwist-tcp" in dict(pm.list_name_plugin())
     tcp = transports(pm)["tcp"]
-    assert issubclass(tcp.server, TaskServer) and issubclass(tcp.client, TaskClient)
+    assert issubclass(tcp.server_class(), TaskServer) and issubclass(tcp.client_class(), TaskClient)
 
 
 def test_unknown_transport_lists_the_installed_ones() -> None:
@@ -58,9 +59,34 @@ def test_a_transport_missing_abstract_methods_is_named() -> None:
         def listen(self):  # stop() is missing
             raise NotImplementedError
 
-    broken = Transport("half", "d", HalfServer, get_transport("tcp").client)
+    broken = Transport("half", "d", HalfServer, get_transport("tcp").client_class())
     with pytest.raises(PluginError, match="HalfServer does not implement stop"):
         transports(_pm_with(_Plugin(broken)))
+
+
+def test_a_lazy_class_is_imported_and_checked_when_used() -> None:
+    lazy = Transport("lazy", "d", "octotwist_tcp.transport:TCPTaskServer", "no.such.module:C")
+    (found,) = transports(_pm_with(_Plugin(lazy))).values()
+    assert found.server_class().__name__ == "TCPTaskServer"
+    with pytest.raises(PluginError, match=r"'lazy': its client 'no\.such\.module:C' failed"):
+        found.client_class()
+    wrong = Transport("wrong", "d", "octotwist_tcp.transport:TCPTaskClient", "x:C")
+    with pytest.raises(PluginError, match="'wrong': server is not a TaskServer"):
+        transports(_pm_with(_Plugin(wrong)))["wrong"].server_class()
+    bad = Transport("bad", "d", "octotwist_tcp.transport", "x:C")
+    with pytest.raises(PluginError, match=r"server 'octotwist_tcp\.transport' is not 'package"):
+        transports(_pm_with(_Plugin(bad)))
+
+
+def test_listing_the_transports_imports_none_of_their_servers_or_clients() -> None:
+    code = (
+        "import sys; from octotwist import cli; from octotwist.hookspecs import transports; "
+        "assert {'ssh', 'http'} <= set(transports()); "
+        "print(sorted(m for m in sys.modules if m.startswith(('octotwist_ssh.', "
+        "'octotwist_http.server', 'octotwist_http.client', 'twisted.conch', 'treq'))))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
 
 
 def test_a_plugin_returning_junk_is_named() -> None:

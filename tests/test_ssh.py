@@ -54,9 +54,10 @@ needs_openssh = pytest.mark.skipif(SSH is None, reason="no OpenSSH client (ssh) 
 
 def test_discovered_with_its_options() -> None:
     t = get_transport("ssh")
-    assert issubclass(t.server, TaskServer) and issubclass(t.client, TaskClient)
-    assert not getattr(t.server, "__abstractmethods__", None)
-    assert not getattr(t.client, "__abstractmethods__", None)
+    server, client = t.server_class(), t.client_class()
+    assert issubclass(server, TaskServer) and issubclass(client, TaskClient)
+    assert not getattr(server, "__abstractmethods__", None)
+    assert not getattr(client, "__abstractmethods__", None)
     assert {o.name for o in t.server_options} == {"host-key", "authorized-keys"}
     assert {o.name for o in t.client_options} == {
         "identity",

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from octotwist.hookspecs import hookimpl
 from octotwist.transport import Option, Transport
-from octotwist_http.client import HTTPTaskClient
-from octotwist_http.server import HTTPTaskServer
 from octotwist_http.wire import DEFAULT_PORT
 
 TRANSPORT = Transport(
     name="http",
     description="HTTP(S) long polls and streamed bodies (twisted.web + treq); "
     "HMAC tokens on the shared secret; the status page on the same port",
-    server=HTTPTaskServer,
-    client=HTTPTaskClient,
+    # Imported when the transport is used: twisted.web and treq are not
+    # every command's business.
+    server="octotwist_http.server:HTTPTaskServer",
+    client="octotwist_http.client:HTTPTaskClient",
     default_port=DEFAULT_PORT,
     client_options=(
         Option(

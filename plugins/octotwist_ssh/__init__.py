@@ -11,19 +11,22 @@ The user's guide is docs/ssh.md.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from octotwist.hookspecs import hookimpl
 from octotwist.transport import Option, TestSetup, Transport
-from octotwist_ssh import keys
-from octotwist_ssh.client import DEFAULT_PORT, SSHTaskClient
-from octotwist_ssh.server import SSHTaskServer
+
+#: The port C{octo server -t ssh} listens on by default.
+DEFAULT_PORT = 18122
 
 TRANSPORT = Transport(
     name="ssh",
     description="an SSH server (Twisted Conch) with an `octo` subsystem; workers log in "
     "with keys (authorized_keys, known_hosts) or the shared secret",
-    server=SSHTaskServer,
-    client=SSHTaskClient,
+    # Imported when the transport is used: Conch and cryptography are not
+    # every command's business.
+    server="octotwist_ssh.server:SSHTaskServer",
+    client="octotwist_ssh.client:SSHTaskClient",
     default_port=DEFAULT_PORT,
     server_options=(
         Option(
@@ -73,6 +76,8 @@ def octotwist_test_setup(transport: str, directory: Path) -> TestSetup | None:
     """
     if transport != "ssh":
         return None
+    from octotwist_ssh import keys
+
     host_key = _new_key(directory / "ssh_host_ed25519_key")
     client_key = _new_key(directory / "id_ed25519")
     stranger_key = _new_key(directory / "id_stranger")
@@ -99,7 +104,9 @@ def octotwist_test_setup(transport: str, directory: Path) -> TestSetup | None:
     )
 
 
-def _new_key(path: Path) -> keys.Key:
+def _new_key(path: Path) -> Any:
+    from octotwist_ssh import keys
+
     key = keys.generate_ed25519()
     keys.write_private_key(key, path)
     return key

@@ -59,7 +59,7 @@ from twisted.python.failure import Failure
 from octotwist.endpoints import split_host_port
 from octotwist.errors import AuthenticationError, RemoteProtocolError, UsageError
 from octotwist.transport import Accept, MessageChannel, TaskClient, no_delay
-from octotwist_ssh import keys
+from octotwist_ssh import DEFAULT_PORT, keys
 from octotwist_ssh.channel import (
     MACS,
     MAGIC,
@@ -72,7 +72,6 @@ from octotwist_ssh.channel import (
     session_proof,
 )
 
-DEFAULT_PORT = 18122
 DEFAULT_USER = "octo"
 _ENDPOINT_PREFIXES = ("tcp", "tcp6", "unix", "host")
 
