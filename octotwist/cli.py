@@ -27,7 +27,7 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from octotwist import auth, tap
+from octotwist import auth, embedded, tap
 from octotwist.client import run_worker
 from octotwist.errors import (
     AuthenticationError,
@@ -111,7 +111,13 @@ class RunOptions(_Verbosity, tap.InterspersedOptions):
     longdesc = "Run a job on this machine: a server and local worker processes, one command."
     optParameters = [
         ["workers", "w", 2, "Worker processes.", tap._positive_int],
-        ["transport", "t", "tcp", "Transport between the server and the workers."],
+        [
+            "transport",
+            "t",
+            None,
+            "Run the workers over this transport, to try it (default: none; the "
+            "server hands them their messages inside the process).",
+        ],
         ["output", "o", None, "Write key<TAB>value results here instead of stdout."],
         ["reduce-tasks", "r", None, "Number of reduce partitions.", tap._positive_int],
         tap.WEB_PARAMETER,
@@ -256,7 +262,10 @@ async def _client_secret(reactor: Any, options: ClientOptions) -> bytes:
 
 async def _run(reactor: Any, options: RunOptions) -> int:
     job = load_job(options["script"])
-    transport = get_transport(options["transport"])
+    if options["transport"] is None:
+        transport: Transport = embedded.TRANSPORT
+    else:
+        transport = get_transport(options["transport"])
     # Server and workers share a fresh secret that never touches disk, on a
     # loopback port the kernel picks.
     secret = secrets.token_urlsafe(32).encode()

@@ -515,6 +515,7 @@ def test_a_failed_job_leaves_the_previous_output_untouched(env: dict, tmp_path: 
     ok = job(tmp_path, "FAIL = False\n" + COUNT_WORDS, "ok.py")
     r = octo("run", str(ok), "-o", str(out), env=env, timeout=60)
     assert r.returncode == 0, r.stderr
+    assert "worker local joined from embedded:local" in r.stderr  # no --transport: in-process
     n = sum(range(1, 13))
     assert parse_tsv(out.read_text()) == {"apple": 2 * n, "banana": n, "cherry": n}
     before = out.read_bytes()
