@@ -25,6 +25,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import Logger
 
 from octotwist.messages import Message
 from octotwist.transport import (
@@ -44,6 +45,7 @@ HIGH_WATER = 8 * 1024 * 1024
 #: What C{octo run} listens on by default; nothing outside this process.
 ADDRESS_PREFIX = "embedded:"
 
+_log = Logger()
 _servers: dict[str, EmbeddedServer] = {}
 _numbers = itertools.count(1)
 
@@ -106,7 +108,13 @@ class _End(MessageChannel):
             message = self._inbox.popleft()
             self._inbox_bytes -= _size(message)
             if self.handler is not None and not self._lost:
-                self.handler.message_received(message)
+                try:
+                    self.handler.message_received(message)
+                except Exception:
+                    # What a socket transport does when its protocol raises:
+                    # log it and drop the connection, never stall it.
+                    _log.failure("dropping the in-process connection: its handler raised")
+                    self.close()
         if self._inbox:
             self._schedule()  # sent while we delivered: next turn
         elif self.closed and not self._lost:

@@ -250,7 +250,11 @@ class JobServer:
                 # holds what it reads).
                 self.store.drop(TaskKind.MAP, msg.task.index)
                 if self.output.early and self.job.final is None:
-                    self._write_results(upto=self._reduces_done_in_order())
+                    try:
+                        self._write_results(upto=self._reduces_done_in_order())
+                    except OSError as e:  # a full disk, say
+                        self._fail(f"cannot write the results: {e}")
+                        return
         else:
             self.store.discard(msg.task, msg.attempt)
         self._after_change()
@@ -417,7 +421,10 @@ class JobServer:
             else:
                 self._call_final(self.job.final)
         except Exception as e:
-            self._fail("final() raised:\n" + "".join(traceback.format_exception(e)))
+            if self.job.final is None and isinstance(e, OSError):  # a full disk, say
+                self._fail(f"cannot write the results: {e}")
+            else:
+                self._fail("final() raised:\n" + "".join(traceback.format_exception(e)))
             return
         for record in self.scheduler.skipped:
             _log.warn(

@@ -102,3 +102,18 @@ def test_connecting_to_no_server_is_refused() -> None:
     errors: list = []
     client.connect(lambda channel: _Handler(channel)).addErrback(errors.append)
     assert errors[0].check(ConnectionRefusedError)
+
+
+def test_a_handler_that_raises_drops_the_connection_instead_of_stalling_it() -> None:
+    clock = Clock()
+    channel, server, client = _pair(clock)
+
+    def boom(message: messages.Message) -> None:
+        raise RuntimeError("a bug")
+
+    server.message_received = boom  # type: ignore[method-assign]
+    channel.send(messages.Heartbeat(()))
+    channel.send(messages.Heartbeat(()))
+    clock.advance(0)
+    clock.advance(0)
+    assert server.lost == client.lost == ["connection closed"]

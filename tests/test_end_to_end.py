@@ -560,6 +560,13 @@ def test_output_to_a_device_is_written_in_place(env: dict, tmp_path: Path) -> No
     assert Path("/dev/null").is_char_device()
 
 
+def test_a_full_disk_fails_the_job_with_a_clear_message(env: dict, tmp_path: Path) -> None:
+    script = job(tmp_path, "FAIL = False\n" + COUNT_WORDS)
+    r = octo("run", str(script), "-o", "/dev/full", env=env, timeout=60)  # ENOSPC on write
+    assert r.returncode == 1
+    assert "cannot write the results: [Errno 28] No space left on device" in r.stderr
+
+
 def test_client_stopped_by_sigterm_exits_non_zero(env: dict) -> None:
     import signal
 
