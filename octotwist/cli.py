@@ -115,10 +115,15 @@ class RunOptions(_Verbosity, tap.InterspersedOptions):
             "transport",
             "t",
             None,
-            "Run the workers over this transport, to try it (default: none; the "
-            "server hands them their messages inside the process).",
+            "Run the workers over this transport, to try it; `octo transports` lists "
+            "them (default: none, the server hands them their messages inside the process).",
         ],
-        ["output", "o", None, "Write key<TAB>value results here instead of stdout."],
+        [
+            "output",
+            "o",
+            None,
+            "Write key<TAB>value results here instead of stdout (for jobs without final()).",
+        ],
         ["reduce-tasks", "r", None, "Number of reduce partitions.", tap._positive_int],
         tap.WEB_PARAMETER,
         tap.MEMORY_PARAMETER,

@@ -225,10 +225,12 @@ class JobServer:
             self.store.discard(task, attempt)
         self._cancel()
         _log.warn(
-            "worker {worker} left ({reason}); {n} running tasks go back in the queue",
+            "worker {worker} left ({reason}); {n} running task{s} go{es} back in the queue",
             worker=name,
             reason=reason,
             n=len(lost),
+            s="" if len(lost) == 1 else "s",
+            es="es" if len(lost) == 1 else "",
         )
         self._dispatch()
 

@@ -177,27 +177,27 @@ WEB_PARAMETER = [
 ]
 
 
-def _mebibytes(value: str) -> int:
+def _mebibytes(value: str) -> float:
     n = float(value)
     if not n >= 0:
         raise ValueError("must be 0 or more")
-    return int(n * 2**20)
+    return n
 
 
 #: How much map output the server holds in memory; shared like WEB_PARAMETER.
 MEMORY_PARAMETER = [
     "memory-limit",
     None,
-    DEFAULT_MEMORY_LIMIT,
-    f"MiB of map output the server keeps in memory (default {DEFAULT_MEMORY_LIMIT >> 20}); "
-    "the rest waits in an unlinked temporary file in $TMPDIR until its reduce task.",
+    DEFAULT_MEMORY_LIMIT >> 20,
+    "MiB of map output the server keeps in memory; the rest waits in an unlinked "
+    "temporary file in $TMPDIR until its reduce task.",
     _mebibytes,
 ]
 
 
 def blob_store(options: usage.Options) -> BlobStore:
     """The L{BlobStore} the options ask for."""
-    return BlobStore(memory_limit=options["memory-limit"])
+    return BlobStore(memory_limit=int(options["memory-limit"] * 2**20))
 
 
 def fault_policy(options: usage.Options) -> FaultPolicy:
