@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import itertools
 import pickle
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -431,10 +432,15 @@ def reduce_partition(
     @return: the results, as two lists: keys and values.
     """
     if _is_plain_sum(reducefn):
-        runs = list(runs)
-        summed = _sum_ints(runs)
-        if summed is not None:
-            return summed
+        runs = iter(runs)
+        totals, rest = _sum_ints(runs)
+        if rest is None:
+            keys = _sorted_keys(list(totals))
+            return keys, list(map(totals.__getitem__, keys))
+        # A value that is not an int: call the function, each key's sum so
+        # far standing for the values it came from (see _sum_ints).
+        partial: Run = (list(totals), list(totals.values()), [1] * len(totals))
+        runs = itertools.chain([partial, rest], runs)
     where = current if current is not None else [None]
     out_keys: list[Key] = []
     out_values: list[Any] = []
@@ -451,29 +457,33 @@ def reduce_partition(
     return out_keys, out_values
 
 
-def _sum_ints(runs: list[Run]) -> tuple[list[Key], list[int]] | None:
+def _sum_ints(runs: Iterator[Run]) -> tuple[dict[Key, int], Run | None]:
     """
     What a C{reducefn} that is exactly C{return key, sum(values)} returns
-    for each key, when every value in C{runs} is an C{int}: the totals are
-    added up run by run, without a list of values or a call per key (the
-    word count with a summing combiner, whose runs hold one value per key).
-    Integer addition is exact, so the order of the additions changes
-    nothing.  C{None} if some value is not an C{int}: the caller calls the
-    function instead.
+    for each key, added up run by run as the runs arrive, without a list of
+    values or a call per key (the word count with a summing combiner).
+
+    Only C{int} values are added here.  At the first run holding anything
+    else, the totals so far and that run are returned, the rest of C{runs}
+    left unread, and the caller calls C{reducefn} with each key's total
+    first in its list: C{sum()} adds left to right from 0, and adding ints
+    is exact, so C{sum([total, *later])} is C{sum([*earlier, *later])} to
+    the last bit, whatever the later values are.
+
+    @return: the totals, and C{None} or the run that stopped the adding.
     """
-    for _, values, counts in runs:
-        if type(values) is tuple:
-            if type(values[0]) is not int:
-                return None
-        elif counts.count(1) != len(counts) or set(map(type, values)) - {int}:
-            return None
     totals: dict[Key, int] = {}
     get = totals.get
-    for keys, values, counts in runs:
+    for run in runs:
+        keys, values, counts = run
         if type(values) is tuple:
             (one,) = values
+            if type(one) is not int:
+                return totals, run
             if one != 1:
                 counts = list(map(one.__mul__, counts))
+        elif counts.count(1) != len(counts) or set(map(type, values)) - {int}:
+            return totals, run
         else:
             counts = values
         if totals:
@@ -482,5 +492,4 @@ def _sum_ints(runs: list[Run]) -> tuple[list[Key], list[int]] | None:
         else:
             totals = dict(zip(keys, counts, strict=True))
             get = totals.get
-    keys = _sorted_keys(list(totals))
-    return keys, list(map(totals.__getitem__, keys))
+    return totals, None

@@ -248,3 +248,29 @@ def test_a_plain_sum_reducefn_gives_what_calling_it_gives(pairs, combine) -> Non
     called = reduce_partition(_sum_combiner_called, copy.deepcopy(runs))
     assert fast == called
     assert [type(v) for v in fast[1]] == [type(v) for v in called[1]]
+
+
+@pytest.mark.parametrize(
+    "later",
+    [
+        (["a"], [0.1], [1]),  # a float after ints: added in the same order
+        (["a", "b"], (True,), [2, 1]),  # bools
+        (["b"], ["x"], [1]),  # a str: the same TypeError as calling it
+    ],
+)
+def test_a_plain_sum_reducefn_that_meets_other_values_midway_gives_the_same(later) -> None:
+    runs = [
+        (["a", "b"], (1,), [3, 1]),
+        (["a", "c"], [10**20, 7], [1, 1]),
+        later,
+        (["a", "b"], [-(10**20), 5], [1, 1]),
+    ]
+    outcomes = []
+    for fn in (_sum_combiner, _sum_combiner_called):
+        try:
+            outcomes.append(reduce_partition(fn, iter(copy.deepcopy(runs))))
+        except TypeError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1]
+    if not isinstance(outcomes[0], str):
+        assert [type(v) for v in outcomes[0][1]] == [type(v) for v in outcomes[1][1]]
