@@ -329,7 +329,7 @@ async def _serve_locally(
             task_lines=False,  # the server's progress says it all; -v shows them
         )
     )
-    job_server.start()
+    job_server.start(workers_coming=True)
     outcome = await job_server.result
     await worker
     await task_server.stop()

@@ -163,15 +163,22 @@ class JobServer:
         """
         self._finishing.append(callback)
 
-    def start(self) -> None:
-        """Begin: log progress now and then; finish at once for an empty job."""
+    def start(self, workers_coming: bool = False) -> None:
+        """
+        Begin: log progress now and then; finish at once for an empty job.
+
+        @param workers_coming: our own workers are on their way (C{octo
+            run}): do not tell the user that we wait for some.
+        """
         maps = self.scheduler.counts(TaskKind.MAP).total
         _log.info(
-            "job {job}: {maps} map tasks, {reduces} reduce tasks; waiting for workers",
+            "job {job}: {maps} map tasks, {reduces} reduce tasks{waiting}",
             job=self.job.name,
             maps="an unknown number of" if maps is None else maps,
             reduces=self.reduce_tasks,
+            waiting="" if workers_coming else "; waiting for workers",
         )
+        self._waiting_logged = workers_coming
         if self._progress_interval > 0 and self.log_progress:
             self._progress.start(self._progress_interval, now=False)
         self._ticker.start(min(1.0, self.policy.heartbeat), now=True)
