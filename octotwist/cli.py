@@ -275,14 +275,19 @@ async def _run(reactor: Any, options: RunOptions) -> int:
     # loopback port the kernel picks.
     secret = secrets.token_urlsafe(32).encode()
     output = tap.open_output(options["output"], job)
-    job_server = JobServer(
-        job,
-        reactor,
-        reduce_tasks=options["reduce-tasks"],
-        output=output,
-        store=tap.blob_store(options),
-        policy=tap.fault_policy(options),
-    )
+    try:
+        job_server = JobServer(
+            job,
+            reactor,
+            reduce_tasks=options["reduce-tasks"],
+            output=output,
+            store=tap.blob_store(options),
+            policy=tap.fault_policy(options),
+        )
+    except BaseException:
+        if output is not None:
+            output.abort()  # no results file for a job that never started
+        raise
     # Stopped before the job ended (Ctrl-C): no partial results file.
     reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
     try:

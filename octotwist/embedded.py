@@ -68,6 +68,7 @@ class _End(MessageChannel):
         self._delivery: Any = None  # the pending IDelayedCall
         self._waiting: list[Deferred[None]] = []  # our writable() callers
         self.closed = False
+        self._receiving = True  # False once this end's own side closed it
         self._lost = False
 
     @property
@@ -83,7 +84,12 @@ class _End(MessageChannel):
         other._schedule()
 
     def close(self) -> None:
-        """Close both ends once what was sent has been delivered."""
+        """
+        Close both ends: the other end still gets what was sent to it, this
+        end's handler nothing more (as a socket stops reading once it is
+        closed); then each hears C{connection_lost} once.
+        """
+        self._receiving = False
         if self.closed:
             return
         self.closed = self.other.closed = True
@@ -104,27 +110,29 @@ class _End(MessageChannel):
     def _deliver(self) -> None:
         """Hand this end's handler the messages that were waiting when this turn began."""
         self._delivery = None
-        for _ in range(len(self._inbox)):
-            message = self._inbox.popleft()
-            self._inbox_bytes -= _size(message)
-            if self.handler is not None and not self._lost:
-                try:
-                    self.handler.message_received(message)
-                except Exception:
-                    # What a socket transport does when its protocol raises:
-                    # log it and drop the connection, never stall it.
-                    _log.failure("dropping the in-process connection: its handler raised")
-                    self.close()
-        if self._inbox:
-            self._schedule()  # sent while we delivered: next turn
-        elif self.closed and not self._lost:
-            self._lost = True
-            if self.handler is not None:
-                self.handler.connection_lost("connection closed")
-        if self._inbox_bytes < HIGH_WATER:
-            waiting, self.other._waiting = self.other._waiting, []
-            for d in waiting:
-                d.callback(None)
+        try:
+            for _ in range(len(self._inbox)):
+                message = self._inbox.popleft()
+                self._inbox_bytes -= _size(message)
+                if self.handler is not None and self._receiving and not self._lost:
+                    try:
+                        self.handler.message_received(message)
+                    except Exception:
+                        # What a socket transport does when its protocol
+                        # raises: log it and drop the connection.
+                        _log.failure("dropping the in-process connection: its handler raised")
+                        self.close()
+            if self._inbox:
+                self._schedule()  # sent while we delivered: next turn
+            elif self.closed and not self._lost:
+                self._lost = True
+                if self.handler is not None:
+                    self.handler.connection_lost("connection closed")
+        finally:
+            if self._inbox_bytes < HIGH_WATER or self.closed:
+                waiting, self.other._waiting = self.other._waiting, []
+                for d in waiting:
+                    d.callback(None)
 
 
 class EmbeddedServer(TaskServer):
@@ -168,9 +176,14 @@ class EmbeddedClient(TaskClient):
         reactor: Any = self.reactor
         ours, theirs = _End(reactor, "embedded:server"), _End(reactor, "embedded:local")
         ours.other, theirs.other = theirs, ours
+        try:
+            ours.handler = accept(ours)
+            theirs.handler = server.accept(theirs)
+        except Exception:
+            ours.close()
+            return fail()
+        server.ends = [end for end in server.ends if not end.closed]
         server.ends.append(theirs)
-        ours.handler = accept(ours)
-        theirs.handler = server.accept(theirs)
         return succeed(ours)
 
 

@@ -5,18 +5,20 @@ C{--output FILE} is written to a temporary file beside C{FILE} and renamed
 over it only when the job succeeds: a job that fails leaves the previous
 results untouched instead of half a file, and the server may write a
 partition's results as soon as its reduce task is done rather than all of
-them after the last one.  Standard output, and a path that is not a regular
-file (C{/dev/null}, a named pipe), cannot be taken back, so the server
-writes to them only once the job has succeeded.
+them after the last one.  A symbolic link is followed (its target is
+replaced, the link kept) and the replaced file keeps its permission bits.
+Standard output, a path that is not a regular file (C{/dev/null}, a named
+pipe), and a file in a directory we may not create files in cannot be
+taken back, so the server writes to them only once the job has succeeded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import IO, Any
 
@@ -53,18 +55,32 @@ class Results:
 
 
 class _Replacing(Results):
-    """A temporary file in C{path}'s directory, renamed to C{path} on commit."""
+    """
+    A temporary file in C{path}'s directory, renamed to C{path} on commit.
+
+    @param path: the real path (symbolic links resolved, so that the link
+        is kept and its target replaced).
+    @param mode: the permission bits of the file being replaced, kept; a
+        new file gets what C{open()} would give it (0666 less the umask).
+    """
 
     early = True
 
-    def __init__(self, path: str) -> None:
-        directory, name = os.path.split(os.path.abspath(path))
-        fd, self._temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
-        # mkstemp makes the file 0600; results get what open() would give them.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+    def __init__(self, path: str, mode: int | None) -> None:
+        directory, name = os.path.split(path)
+        for _ in range(100):
+            temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.partial")
+            try:
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free temporary name beside {path}")
+        if mode is not None:
+            os.fchmod(fd, mode)
         super().__init__(os.fdopen(fd, "w", encoding="utf-8"))
+        self._temporary = temporary
         self.path = path
 
     def commit(self) -> None:
@@ -85,14 +101,22 @@ def stdout() -> Results:
 
 def open_results(path: str) -> Results:
     """
-    Results for C{--output path}.
+    Results for C{--output path}: replaced when the job succeeds, or, where
+    a temporary file cannot be made beside it (a file one may write in a
+    directory one may not) or the path is not a regular file, written in
+    place at the end.
 
-    @raise OSError: the file (or its temporary sibling) cannot be created.
+    @raise OSError: the file cannot be written.
     """
+    real = os.path.realpath(path)
     try:
-        mode = os.stat(path).st_mode
+        mode: int | None = os.stat(real).st_mode
     except FileNotFoundError:
         mode = None
-    if mode is not None and not stat.S_ISREG(mode):
-        return Results(open(path, "w", encoding="utf-8"), owned=True)
-    return _Replacing(path)
+    if mode is None or stat.S_ISREG(mode):
+        try:
+            return _Replacing(real, None if mode is None else stat.S_IMODE(mode))
+        except PermissionError:
+            if mode is None:
+                raise
+    return Results(open(real, "w", encoding="utf-8"), owned=True)

@@ -261,8 +261,8 @@ class JobServer:
                 if self.output.early and self.job.final is None:
                     try:
                         self._write_results(upto=self._reduces_done_in_order())
-                    except OSError as e:  # a full disk, say
-                        self._fail(f"cannot write the results: {e}")
+                    except Exception as e:  # a full disk, a key str() cannot encode
+                        self._fail(f"cannot write the results: {type(e).__name__}: {e}")
                         return
         else:
             self.store.discard(msg.task, msg.attempt)
@@ -414,14 +414,16 @@ class JobServer:
         when the output takes early writes (L{Results.early}), so that the
         last reduce is followed by one partition's writing, not all of them.
         """
-        for partition in range(self._written, upto):
-            task = TaskId(TaskKind.REDUCE, partition)
+        while self._written < upto:
+            task = TaskId(TaskKind.REDUCE, self._written)
+            # Counted as written before it is: a partition that fails half
+            # way fails the job, and is never written twice.
+            self._written += 1
             for blob in self.store.outputs(task):
                 keys, values = codec.unpack(blob)
                 self.output.write(keys, values)
                 self._results += len(keys)
             self.store.forget(task)
-        self._written = max(self._written, upto)
 
     def _finish_ok(self) -> None:
         try:
@@ -430,8 +432,8 @@ class JobServer:
             else:
                 self._call_final(self.job.final)
         except Exception as e:
-            if self.job.final is None and isinstance(e, OSError):  # a full disk, say
-                self._fail(f"cannot write the results: {e}")
+            if self.job.final is None:  # a full disk, a key str() cannot encode
+                self._fail(f"cannot write the results: {type(e).__name__}: {e}")
             else:
                 self._fail("final() raised:\n" + "".join(traceback.format_exception(e)))
             return
@@ -470,7 +472,8 @@ class JobServer:
         try:
             self.output.commit() if outcome.ok else self.output.abort()
         except OSError as e:  # a full disk, say: the results are not there
-            outcome = JobOutcome(False, f"cannot write the results: {e}", 0, outcome.seconds)
+            error = f"cannot write the results: {type(e).__name__}: {e}"
+            outcome = JobOutcome(False, error, 0, outcome.seconds, outcome.stats)
             self._outcome = outcome
             _log.error("job {job} failed: {error}", job=self.job.name, error=outcome.error)
         if outcome.ok:

@@ -39,6 +39,7 @@ import builtins
 import inspect
 import itertools
 import pickle
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -432,6 +433,10 @@ def reduce_partition(
     @return: the results, as two lists: keys and values.
     """
     if _is_plain_sum(reducefn):
+        if sys.version_info >= (3, 12):  # see _sum_ints: check every run first
+            runs = list(runs)
+            if not all(map(_all_ints, runs)):
+                return _call_reducefn(reducefn, runs, current)
         runs = iter(runs)
         totals, rest = _sum_ints(runs)
         if rest is None:
@@ -441,6 +446,13 @@ def reduce_partition(
         # far standing for the values it came from (see _sum_ints).
         partial: Run = (list(totals), list(totals.values()), [1] * len(totals))
         runs = itertools.chain([partial, rest], runs)
+    return _call_reducefn(reducefn, runs, current)
+
+
+def _call_reducefn(
+    reducefn: ReduceFn, runs: Iterable[Run], current: list[Any] | None
+) -> tuple[list[Key], list[Any]]:
+    """The general path of L{reduce_partition}: C{reducefn} per key."""
     where = current if current is not None else [None]
     out_keys: list[Key] = []
     out_values: list[Any] = []
@@ -468,22 +480,23 @@ def _sum_ints(runs: Iterator[Run]) -> tuple[dict[Key, int], Run | None]:
     left unread, and the caller calls C{reducefn} with each key's total
     first in its list: C{sum()} adds left to right from 0, and adding ints
     is exact, so C{sum([total, *later])} is C{sum([*earlier, *later])} to
-    the last bit, whatever the later values are.
+    the last bit, whatever the later values are.  That holds for Python
+    3.11's C{sum()}; from 3.12 on, C{sum()} compensates float rounding only
+    while its running total fits a machine word, so the hand-over could
+    differ: there L{reduce_partition} checks every run before adding any.
 
     @return: the totals, and C{None} or the run that stopped the adding.
     """
     totals: dict[Key, int] = {}
     get = totals.get
     for run in runs:
+        if not _all_ints(run):
+            return totals, run
         keys, values, counts = run
         if type(values) is tuple:
             (one,) = values
-            if type(one) is not int:
-                return totals, run
             if one != 1:
                 counts = list(map(one.__mul__, counts))
-        elif counts.count(1) != len(counts) or set(map(type, values)) - {int}:
-            return totals, run
         else:
             counts = values
         if totals:
@@ -493,3 +506,11 @@ def _sum_ints(runs: Iterator[Run]) -> tuple[dict[Key, int], Run | None]:
             totals = dict(zip(keys, counts, strict=True))
             get = totals.get
     return totals, None
+
+
+def _all_ints(run: Run) -> bool:
+    """Whether every value of C{run} is an C{int} (not a C{bool}), one per count."""
+    _, values, counts = run
+    if type(values) is tuple:
+        return type(values[0]) is int
+    return counts.count(1) == len(counts) and not set(map(type, values)) - {int}

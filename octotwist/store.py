@@ -69,10 +69,10 @@ class BlobStore:
         self._spill: tempfile._TemporaryFileWrapper | None = None
         self._parts: dict[tuple[TaskId, int, int], list[bytes]] = {}
         self._staged: defaultdict[_Attempt, list[tuple[int, _Ref]]] = defaultdict(list)
-        # kind -> partition -> its blobs
-        self._committed: dict[TaskKind, defaultdict[int, _Committed]] = {
-            kind: defaultdict(_Committed) for kind in TaskKind
-        }
+        # Map outputs by partition (a reduce task reads one partition);
+        # reduce outputs by task (the server reads each task's results).
+        self._maps: defaultdict[int, _Committed] = defaultdict(_Committed)
+        self._results: dict[int, list[tuple[int, _Ref]]] = {}
 
     def add_part(self, task: TaskId, attempt: int, partition: int, data: bytes, end: bool) -> None:
         """Stage one part of an attempt's output for C{partition}."""
@@ -86,11 +86,14 @@ class BlobStore:
 
     def commit(self, task: TaskId, attempt: int) -> None:
         """The attempt won: its staged outputs now count."""
-        committed = self._committed[task.kind]
-        for partition, ref in self._staged.pop((task, attempt), []):
-            c = committed[partition]
-            c.tasks.append(task.index)
-            c.refs.append(ref)
+        staged = self._staged.pop((task, attempt), [])
+        if task.kind is TaskKind.REDUCE:
+            self._results.setdefault(task.index, []).extend(staged)
+        else:
+            for partition, ref in staged:
+                c = self._maps[partition]
+                c.tasks.append(task.index)
+                c.refs.append(ref)
         self._drop_parts(task, attempt)
 
     def discard(self, task: TaskId, attempt: int) -> None:
@@ -105,35 +108,26 @@ class BlobStore:
         the spill file, say) only as it is reached: a reduce task's input is
         sent one blob at a time, never gathered whole in memory.
         """
-        c = self._committed[kind].get(partition)
+        assert kind is TaskKind.MAP, "reduce outputs are read by task (outputs)"
+        c = self._maps.get(partition)
         refs = c.in_task_order() if c is not None else []
         return (self._get(ref) for ref in refs)
 
     def outputs(self, task: TaskId) -> Iterator[bytes]:
-        """The committed outputs of one task, every partition in order (a reduce's results)."""
-        committed = self._committed[task.kind]
-        refs = [
-            ref
-            for p in sorted(committed)
-            for t, ref in zip(committed[p].tasks, committed[p].refs, strict=True)
-            if t == task.index
-        ]
-        return (self._get(ref) for ref in refs)
+        """A reduce task's committed results, by partition, then in the order they came."""
+        assert task.kind is TaskKind.REDUCE, "map outputs are read by partition (blobs)"
+        staged = sorted(self._results.get(task.index, ()), key=lambda pr: pr[0])
+        return (self._get(ref) for _, ref in staged)
 
     def forget(self, task: TaskId) -> None:
-        """Forget one task's committed outputs (they have been consumed)."""
-        for c in self._committed[task.kind].values():
-            keep = [i for i, t in enumerate(c.tasks) if t != task.index]
-            if len(keep) == len(c.tasks):
-                continue
-            for i in set(range(len(c.tasks))).difference(keep):
-                self._release(c.refs[i])
-            c.tasks = array("l", [c.tasks[i] for i in keep])
-            c.refs = [c.refs[i] for i in keep]
+        """Forget a reduce task's committed results (they have been consumed)."""
+        for _, ref in self._results.pop(task.index, ()):
+            self._release(ref)
 
     def drop(self, kind: TaskKind, partition: int) -> None:
         """Forget a partition's committed blobs (they have been consumed)."""
-        c = self._committed[kind].pop(partition, None)
+        assert kind is TaskKind.MAP, "reduce outputs are forgotten by task (forget)"
+        c = self._maps.pop(partition, None)
         for ref in c.refs if c is not None else ():
             self._release(ref)
 

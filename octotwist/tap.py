@@ -444,25 +444,30 @@ def build_service(options: Options, reactor: Any, output: Results | None = None)
     job = load_job(options["script"])
     transport = get_transport(options["transport"])
     listen, secret = listen_settings(options, transport)
-    if output is None:
-        output = open_output(options["output"], job)
-    job_server = JobServer(
-        job,
-        reactor,
-        reduce_tasks=options["reduce-tasks"],
-        output=output,
-        store=blob_store(options),
-        policy=fault_policy(options),
-    )
     if options["web"] is not None:
         check_server_endpoint(options["web"], "--web")
-    settings = ServerSettings(
-        listen,
-        secret,
-        transport_options(options, transport, "server"),
-        status=StatusPage(job_server.status),
-    )
-    task_server = transport.server_class()(reactor, settings, job_server.accept)
+    if output is None:
+        output = open_output(options["output"], job)
+    try:
+        job_server = JobServer(
+            job,
+            reactor,
+            reduce_tasks=options["reduce-tasks"],
+            output=output,
+            store=blob_store(options),
+            policy=fault_policy(options),
+        )
+        settings = ServerSettings(
+            listen,
+            secret,
+            transport_options(options, transport, "server"),
+            status=StatusPage(job_server.status),
+        )
+        task_server = transport.server_class()(reactor, settings, job_server.accept)
+    except BaseException:
+        if output is not None:
+            output.abort()  # no results file for a server that never started
+        raise
     # Stopped before the job ended (Ctrl-C, SIGTERM): no partial results file.
     reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
     return JobService(job_server, task_server, listen, transport.name, options["web"])

@@ -23,6 +23,7 @@ same, started by L{TaskClient.connect}.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorCore
 
@@ -86,8 +88,14 @@ def no_delay(transport: object) -> None:
     protocol's C{connectionMade}.
     """
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        set_no_delay(True)
+    get_host = getattr(transport, "getHost", None)
+    # Twisted's Unix sockets inherit setTcpNoDelay, which fails on them
+    # (EOPNOTSUPP) before Twisted 24.11: only TCP connections are touched.
+    if set_no_delay is None or get_host is None:
+        return
+    if isinstance(get_host(), (IPv4Address, IPv6Address)):
+        with contextlib.suppress(OSError):
+            set_no_delay(True)
 
 
 class ChannelHandler(Protocol):

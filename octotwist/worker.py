@@ -133,18 +133,18 @@ class _ChildProcess(ProcessProtocol):
 
 def _widen_pipes(process: Any) -> None:
     """
-    Give the pipes to and from a child 1 MiB of buffer instead of Linux's
-    64 KiB: a map task's input is a whole source value, and each wake-up of
-    the reactor or the child moves 16 times as much of it.  Where the
-    system does not allow it (not Linux, a lower C{pipe-max-size}), the
-    default stays.
+    Give the pipe into a child 1 MiB of buffer instead of Linux's 64 KiB: a
+    map task's input is a whole source value, and each wake-up of the
+    reactor or the child moves 16 times as much of it.  Only that pipe: the
+    kernel charges a user's pipe buffers against a soft limit
+    (C{pipe-user-pages-soft}, 64 MiB), past which it gives new pipes a page
+    or two.  Where the system does not allow it, the default stays.
     """
     set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
     if set_size is None:
         return
-    for pipe in process.pipes.values():
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(pipe.fileno(), set_size, _PIPE_SIZE)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(process.pipes[3].fileno(), set_size, _PIPE_SIZE)
 
 
 def _describe_exit(reason: Failure) -> str:

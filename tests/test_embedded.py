@@ -108,12 +108,36 @@ def test_a_handler_that_raises_drops_the_connection_instead_of_stalling_it() -> 
     clock = Clock()
     channel, server, client = _pair(clock)
 
+    calls: list[messages.Message] = []
+
     def boom(message: messages.Message) -> None:
+        calls.append(message)
         raise RuntimeError("a bug")
 
     server.message_received = boom  # type: ignore[method-assign]
-    channel.send(messages.Heartbeat(()))
-    channel.send(messages.Heartbeat(()))
+    channel.send(messages.TaskInput(T, 1, b"x" * HIGH_WATER, end=True))
+    for _ in range(2):
+        channel.send(messages.Heartbeat(()))
+    waiting = channel.writable()
+    assert not waiting.called  # a full high-water mark on its way
     clock.advance(0)
     clock.advance(0)
+    assert len(calls) == 1  # nothing more after it raised
     assert server.lost == client.lost == ["connection closed"]
+    assert waiting.called  # the sender is not left waiting on a dead connection
+
+
+def test_a_failing_accept_fails_the_connect_instead_of_raising() -> None:
+    clock = Clock()
+    address = embedded.TRANSPORT.local_listen(None)  # type: ignore[arg-type]
+
+    def refuse(channel: MessageChannel) -> _Handler:
+        raise RuntimeError("no")
+
+    server = EmbeddedServer(clock, ServerSettings(address, b""), refuse)  # type: ignore[arg-type]
+    server.listen()
+    errors: list = []
+    d = EmbeddedClient(clock, ClientSettings(address, b"")).connect(_Handler)  # type: ignore[arg-type]
+    d.addErrback(errors.append)
+    assert errors[0].check(RuntimeError)
+    server.stop()

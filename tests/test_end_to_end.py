@@ -554,6 +554,58 @@ def test_a_stopped_server_leaves_the_previous_output_untouched(env: dict, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py", "out.tsv"]
 
 
+def test_output_through_a_symlink_keeps_the_link_and_the_files_mode(
+    env: dict, tmp_path: Path
+) -> None:
+    target = tmp_path / "results" / "out.tsv"
+    target.parent.mkdir()
+    target.write_text("previous\t1\n")
+    target.chmod(0o600)
+    link = tmp_path / "latest.tsv"
+    link.symlink_to(target)
+    script = job(tmp_path, "FAIL = False\n" + COUNT_WORDS)
+    r = octo("run", str(script), "-o", str(link), env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert link.is_symlink() and link.resolve() == target
+    n = sum(range(1, 13))
+    assert parse_tsv(target.read_text()) == {"apple": 2 * n, "banana": n, "cherry": n}
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.tsv"]
+
+
+def test_bad_options_after_output_leave_no_temporary_file(env: dict, tmp_path: Path) -> None:
+    script = job(tmp_path, "FAIL = False\n" + COUNT_WORDS)
+    out = tmp_path / "out.tsv"
+    r = octo("run", str(script), "-o", str(out), "--task-timeout", "1", "--heartbeat", "5", env=env)
+    assert r.returncode == 2 and "must be longer than" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py"]
+
+
+def test_a_result_that_cannot_be_written_fails_the_job_once(env: dict, tmp_path: Path) -> None:
+    # A key with a lone surrogate cannot be written as UTF-8; the other
+    # partitions' results may already be in the temporary file.
+    script = job(
+        tmp_path,
+        """
+        source = {i: i for i in range(8)}
+        def mapfn(key, value):
+            yield ("\\ud800" if key == 5 else f"k{key}"), 1
+        def reducefn(key, values):
+            return key, len(values)
+        reduce_tasks = 4
+        """,
+    )
+    out = tmp_path / "out.tsv"
+    out.write_text("previous\t1\n")
+    r = octo("run", str(script), "-o", str(out), env=env, timeout=60)
+    assert r.returncode == 1
+    assert "cannot write the results: UnicodeEncodeError" in r.stderr
+    assert r.stderr.count("job job failed") == 1, r.stderr
+    assert "lost the connection" not in r.stderr
+    assert out.read_text() == "previous\t1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py", "out.tsv"]
+
+
 def test_output_to_a_device_is_written_in_place(env: dict, tmp_path: Path) -> None:
     script = job(tmp_path, "FAIL = False\n" + COUNT_WORDS)
     r = octo("run", str(script), "-o", "/dev/null", env=env, timeout=60)
@@ -565,7 +617,7 @@ def test_a_full_disk_fails_the_job_with_a_clear_message(env: dict, tmp_path: Pat
     script = job(tmp_path, "FAIL = False\n" + COUNT_WORDS)
     r = octo("run", str(script), "-o", "/dev/full", env=env, timeout=60)  # ENOSPC on write
     assert r.returncode == 1
-    assert "cannot write the results: [Errno 28] No space left on device" in r.stderr
+    assert "cannot write the results: OSError: [Errno 28] No space left on device" in r.stderr
 
 
 def test_client_stopped_by_sigterm_exits_non_zero(env: dict) -> None:
