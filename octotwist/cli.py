@@ -274,20 +274,7 @@ async def _run(reactor: Any, options: RunOptions) -> int:
     # Server and workers share a fresh secret that never touches disk, on a
     # loopback port the kernel picks.
     secret = secrets.token_urlsafe(32).encode()
-    output = tap.open_output(options["output"], job)
-    try:
-        job_server = JobServer(
-            job,
-            reactor,
-            reduce_tasks=options["reduce-tasks"],
-            output=output,
-            store=tap.blob_store(options),
-            policy=tap.fault_policy(options),
-        )
-    except BaseException:
-        if output is not None:
-            output.abort()  # no results file for a job that never started
-        raise
+    job_server = tap.make_job_server(job, reactor, options, tap.open_output(options["output"], job))
     # Stopped before the job ended (Ctrl-C): no partial results file.
     reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
     try:

@@ -435,6 +435,31 @@ def _client_hint(address: str, transport: str) -> str:
     return flag + shlex.quote(address)
 
 
+def make_job_server(
+    job: Job, reactor: Any, options: usage.Options, output: Results | None
+) -> JobServer:
+    """
+    The L{JobServer} the options of C{octo server}, C{octo run} or C{twistd
+    octo} ask for.  If they are wrong, C{output} is taken back (no
+    temporary results file is left) before the error goes up.
+
+    @raise UsageError: the options do not go together.
+    """
+    try:
+        return JobServer(
+            job,
+            reactor,
+            reduce_tasks=options["reduce-tasks"],
+            output=output,
+            store=blob_store(options),
+            policy=fault_policy(options),
+        )
+    except BaseException:
+        if output is not None:
+            output.abort()
+        raise
+
+
 def build_service(options: Options, reactor: Any, output: Results | None = None) -> JobService:
     """
     Load the job and get everything ready to listen; nothing binds yet.
@@ -448,15 +473,8 @@ def build_service(options: Options, reactor: Any, output: Results | None = None)
         check_server_endpoint(options["web"], "--web")
     if output is None:
         output = open_output(options["output"], job)
+    job_server = make_job_server(job, reactor, options, output)
     try:
-        job_server = JobServer(
-            job,
-            reactor,
-            reduce_tasks=options["reduce-tasks"],
-            output=output,
-            store=blob_store(options),
-            policy=fault_policy(options),
-        )
         settings = ServerSettings(
             listen,
             secret,
@@ -465,8 +483,7 @@ def build_service(options: Options, reactor: Any, output: Results | None = None)
         )
         task_server = transport.server_class()(reactor, settings, job_server.accept)
     except BaseException:
-        if output is not None:
-            output.abort()  # no results file for a server that never started
+        job_server.output.abort()  # no results file for a server that never started
         raise
     # Stopped before the job ended (Ctrl-C, SIGTERM): no partial results file.
     reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
