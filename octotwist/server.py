@@ -257,7 +257,7 @@ class JobServer:
             if msg.task.kind is TaskKind.REDUCE:
                 # Its input is no longer needed (an attempt still sending it
                 # holds what it reads).
-                self.store.drop(TaskKind.MAP, msg.task.index)
+                self.store.drop(msg.task.index)
                 if self.output.early and self.job.final is None:
                     try:
                         self._write_results(upto=self._reduces_done_in_order())
@@ -368,7 +368,7 @@ class JobServer:
             except Exception as e:
                 raise _SourceError(f"reading source[{key!r}] raised {type(e).__name__}: {e}") from e
         else:
-            blobs = self.store.blobs(TaskKind.MAP, task.index)
+            blobs = self.store.blobs(task.index)
         session.outbox.send_blobs(
             blobs, lambda data, end: messages.TaskInput(task, attempt, data, end)
         )

@@ -102,13 +102,12 @@ class BlobStore:
             self._release(ref)
         self._drop_parts(task, attempt)
 
-    def blobs(self, kind: TaskKind, partition: int) -> Iterator[bytes]:
+    def blobs(self, partition: int) -> Iterator[bytes]:
         """
-        The committed blobs of C{partition}, in task order, each read (from
-        the spill file, say) only as it is reached: a reduce task's input is
-        sent one blob at a time, never gathered whole in memory.
+        The committed map outputs of C{partition}, in task order, each read
+        (from the spill file, say) only as it is reached: a reduce task's
+        input is sent one blob at a time, never gathered whole in memory.
         """
-        assert kind is TaskKind.MAP, "reduce outputs are read by task (outputs)"
         c = self._maps.get(partition)
         refs = c.in_task_order() if c is not None else []
         return (self._get(ref) for ref in refs)
@@ -124,9 +123,8 @@ class BlobStore:
         for _, ref in self._results.pop(task.index, ()):
             self._release(ref)
 
-    def drop(self, kind: TaskKind, partition: int) -> None:
-        """Forget a partition's committed blobs (they have been consumed)."""
-        assert kind is TaskKind.MAP, "reduce outputs are forgotten by task (forget)"
+    def drop(self, partition: int) -> None:
+        """Forget a partition's map outputs (its reduce task is done)."""
         c = self._maps.pop(partition, None)
         for ref in c.refs if c is not None else ():
             self._release(ref)

@@ -64,8 +64,8 @@ def test_store_commits_only_winning_attempts_in_task_order() -> None:
     store.commit(M1, 1)
     store.commit(M0, 1)
     store.discard(M0, 2)
-    assert list(store.blobs(TaskKind.MAP, 0)) == [b"zero", b"one-part"]
-    assert list(store.blobs(TaskKind.MAP, 1)) == []
+    assert list(store.blobs(0)) == [b"zero", b"one-part"]
+    assert list(store.blobs(1)) == []
     assert store.in_memory == len(b"zero") + len(b"one-part")
 
 
@@ -76,14 +76,14 @@ def test_store_spills_past_its_memory_limit(tmp_path) -> None:
         store.add_part(t, 1, 0, bytes([65 + i]) * 6, end=True)
         store.commit(t, 1)
     assert store.in_memory <= 10 and store.on_disk == 24
-    assert list(store.blobs(TaskKind.MAP, 0)) == [
+    assert list(store.blobs(0)) == [
         b"AAAAAA",
         b"BBBBBB",
         b"CCCCCC",
         b"DDDDDD",
         b"EEEEEE",
     ]
-    store.drop(TaskKind.MAP, 0)
+    store.drop(0)
     assert store.in_memory == 0 and store.on_disk == 0
     store.close()
 
