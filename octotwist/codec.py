@@ -1,30 +1,46 @@
 """
-Bytes in, objects out: the only module that pickles or unpickles what crosses
-a process boundary.
+Bytes in, objects out: the only module that turns what crosses a process
+boundary into objects, and back.
 
 Three kinds of payload, three functions each way:
 
   - control messages (L{octotwist.messages}) -> L{encode_message} /
-    L{decode_message}.  Decoding uses an unpickler that only admits the
-    message classes, so even an authenticated peer cannot make us build an
-    arbitrary object, and a corrupt frame raises L{RemoteProtocolError}.
+    L{decode_message}: MessagePack, data only.  Decoding builds nothing but
+    strings, bytes, numbers, booleans and lists, allocates at most in
+    proportion to the frame (msgpack bounds every length by the input), and
+    checks every field against the type the message class declares before
+    the message is built, so a frame with a wrong type, a missing field or
+    an unknown message raises L{RemoteProtocolError} and never reaches the
+    core.  (They used to be pickles: a 9-byte pickle could make the server
+    allocate gigabytes.)
   - user data (map inputs, shuffle runs, results) -> L{pack} / L{unpack}:
     pickle protocol 5, compressed with zstandard.  The server packs map
     inputs and unpacks only final results; everything in between stays opaque.
   - the job's functions -> L{dump_functions} / L{load_functions} (cloudpickle,
     by value), decoded only inside worker processes.
 
-Transports call these only after their peer has authenticated.
+The trust model, plainly: L{unpack} and L{load_functions} are C{pickle}, and
+unpickling runs code.  Only peers that authenticated ever reach them, and
+such a peer can run code as the user of whoever unpacks its data: a worker
+on the server (which unpacks reduce results) and on other workers (which
+unpack map outputs); the server on every worker (it ships the functions).
+Whoever holds the shared secret or an authorized key is trusted that far
+(docs/guide.md, "Security").  Control messages, by contrast, are data
+whoever sends them.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import types
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import fields
 from typing import Any
 
+import msgpack
 import zstandard
 
 from octotwist import messages
@@ -43,41 +59,153 @@ _compressor = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
 _PICKLE_5 = bytes([pickle.PROTO[0], 5])
 
-_MESSAGE_NAMES = frozenset(t.__name__ for t in messages.MESSAGE_TYPES) | {
-    "TaskId",
-    "TaskKind",
+
+# Control messages.
+#
+# On the wire a message is a msgpack array: its class name, then each field
+# in declaration order.  A TaskId is [kind, index]; tuples are arrays.
+# Every field is always sent, defaults included, so that a decoder checks
+# the same shape whatever the sender left out.
+
+_Check = Callable[[Any], Any]  # returns the field's value, or raises _Invalid
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _exact(kind: type) -> _Check:
+    def check(value: Any) -> Any:
+        if type(value) is not kind:  # bool is not an int, here
+            raise _Invalid(f"{kind.__name__} expected, got {type(value).__name__}")
+        return value
+
+    return check
+
+
+def _float(value: Any) -> float:
+    if type(value) not in (float, int) or not math.isfinite(value):
+        raise _Invalid(f"a finite number expected, got {value!r:.40}")
+    return float(value)
+
+
+def _task_id(value: Any) -> messages.TaskId:
+    if type(value) is not list or len(value) != 2:
+        raise _Invalid("a task id [kind, index] expected")
+    kind, index = value
+    if kind not in ("map", "reduce") or type(index) is not int or index < 0:
+        raise _Invalid(f"not a task id: {value!r:.60}")
+    return messages.TaskId(messages.TaskKind(kind), index)
+
+
+def _optional(check: _Check) -> _Check:
+    def optional(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return optional
+
+
+def _tuple_of(items: tuple[_Check, ...] | _Check) -> _Check:
+    def check(value: Any) -> tuple[Any, ...]:
+        if type(value) is not list:
+            raise _Invalid(f"an array expected, got {type(value).__name__}")
+        if isinstance(items, tuple):
+            if len(value) != len(items):
+                raise _Invalid(f"{len(items)} items expected, got {len(value)}")
+            return tuple(c(v) for c, v in zip(items, value, strict=True))
+        return tuple(items(v) for v in value)
+
+    return check
+
+
+_SCALARS: dict[Any, _Check] = {
+    str: _exact(str),
+    bytes: _exact(bytes),
+    int: _exact(int),
+    bool: _exact(bool),
+    float: _float,
+    messages.TaskId: _task_id,
 }
 
 
-class _MessageUnpickler(pickle.Unpickler):
-    """An unpickler that can build message objects and nothing else."""
+def _checker(hint: Any) -> _Check:
+    """The check for a field declared as C{hint} (a type from messages.py)."""
+    if hint in _SCALARS:
+        return _SCALARS[hint]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and len(args) == 2 and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return _optional(_checker(inner))
+    if typing.get_origin(hint) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return _tuple_of(_checker(args[0]))
+        return _tuple_of(tuple(_checker(a) for a in args))
+    raise TypeError(f"no wire form for a message field of type {hint!r}")
 
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "octotwist.messages" and name in _MESSAGE_NAMES:
-            return getattr(messages, name)
-        raise RemoteProtocolError(f"forbidden type in message: {module}.{name}")
+
+def _wire(value: Any) -> Any:
+    """A field's value as msgpack sees it."""
+    if isinstance(value, messages.TaskId):
+        return [value.kind.value, value.index]
+    if isinstance(value, tuple):
+        return [_wire(v) for v in value]
+    return value
+
+
+_SCHEMAS: dict[str, tuple[type, list[str], list[_Check]]] = {}
+for _cls in messages.MESSAGE_TYPES:
+    _hints = typing.get_type_hints(_cls)
+    _names = [f.name for f in fields(_cls)]
+    _SCHEMAS[_cls.__name__] = (_cls, _names, [_checker(_hints[n]) for n in _names])
+del _cls, _hints, _names
+
+_packer_options = {"use_bin_type": True}
 
 
 def encode_message(message: messages.Message) -> bytes:
     """Serialize one message for the wire."""
-    return pickle.dumps(message, protocol=5)
+    name = type(message).__name__
+    _, names, _ = _SCHEMAS[name]
+    return msgpack.packb(
+        [name, *(_wire(getattr(message, n)) for n in names)], **_packer_options
+    )
 
 
 def decode_message(data: bytes) -> messages.Message:
     """
-    Parse one message received from an authenticated peer.
+    Parse one message received from an authenticated peer, checking every
+    field's type.
 
-    @raise RemoteProtocolError: C{data} is not a valid message.
+    @raise RemoteProtocolError: C{data} is not a valid message; the text
+        says what is wrong with it.
     """
     try:
-        message = _MessageUnpickler(io.BytesIO(data)).load()
-    except RemoteProtocolError:
-        raise
+        # raw=False: strings must be valid UTF-8; no map may appear, but
+        # strict keys keep a map from building anything but str/bytes keys.
+        items = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
     except Exception as e:
-        raise RemoteProtocolError(f"malformed message: {e!r}") from None
-    if not isinstance(message, messages.MESSAGE_TYPES):
-        raise RemoteProtocolError(f"not a message: {type(message).__name__}")
-    return message
+        raise RemoteProtocolError(f"malformed message: {type(e).__name__}: {e}"[:300]) from None
+    if type(items) is not list or not items or type(items[0]) is not str:
+        raise RemoteProtocolError("malformed message: not a [name, fields...] array")
+    schema = _SCHEMAS.get(items[0])
+    if schema is None:
+        raise RemoteProtocolError(f"unknown message type {items[0][:60]!r}")
+    cls, names, checks = schema
+    values = items[1:]
+    if len(values) != len(names):
+        raise RemoteProtocolError(
+            f"malformed {cls.__name__}: {len(values)} fields, expected {len(names)}"
+        )
+    checked = []
+    for name, check, value in zip(names, checks, values, strict=True):
+        try:
+            checked.append(check(value))
+        except _Invalid as e:
+            raise RemoteProtocolError(f"malformed {cls.__name__}: field {name}: {e}") from None
+    return cls(*checked)
+
+
+# User data.
 
 
 def pack(obj: Any, compress: bool = True) -> bytes:

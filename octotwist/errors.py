@@ -3,7 +3,7 @@ The exceptions octotwist raises, sorted by whose fault the problem is.
 
 As in h11, the class says who has to act: the caller (L{UsageError}), the job's
 author (L{JobScriptError}, L{TaskFailedError}), a peer on the network
-(L{RemoteProtocolError}, L{AuthenticationError}) or the installation
+(L{RemoteProtocolError}, L{AuthenticationError}, L{IntegrityError}) or the installation
 (L{UnknownTransportError}, L{PluginError}).
 """
 
@@ -42,6 +42,15 @@ class ProtocolError(OctotwistError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something invalid; that one connection is closed."""
+
+
+class IntegrityError(RemoteProtocolError):
+    """
+    A frame from an authenticated peer failed its integrity check: it was
+    altered, injected, replayed, reordered or dropped on the way, so someone
+    on the path is tampering with the connection (or the peer is broken).
+    The connection is closed; nothing in the frame was decoded.
+    """
 
 
 class AuthenticationError(RemoteProtocolError):

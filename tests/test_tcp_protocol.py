@@ -8,16 +8,18 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 
-from octotwist import auth, codec, messages
+from octotwist import codec, handshake, messages
 from octotwist.errors import AuthenticationError
+from octotwist.secure import OVERHEAD
 from octotwist_tcp.protocol import (
+    CONTEXT,
     HANDSHAKE_TIMEOUT,
     MAGIC,
     ClientFactory,
     ServerFactory,
 )
 
-SECRET = b"s3cret"
+SECRET = b"s3cret-for-the-tcp-tests"
 
 
 class Recorder:
@@ -63,31 +65,24 @@ def challenge_of(transport: StringTransport) -> bytes:
     payload = data[4 : 4 + n]
     assert payload.startswith(MAGIC)
     transport.clear()
-    return payload[len(MAGIC) :]
+    return payload
 
 
 def test_server_accepts_a_correct_proof_and_proves_itself() -> None:
     proto, transport, accepted, _ = server()
-    server_nonce = challenge_of(transport)
-    client_nonce = auth.new_nonce()
-    proto.dataReceived(
-        frame(client_nonce + auth.proof(SECRET, b"client", server_nonce, client_nonce))
-    )
+    client = handshake.ClientHandshake(SECRET, CONTEXT)
+    proto.dataReceived(frame(client.respond(challenge_of(transport))))
     assert len(accepted.handlers) == 1
-    reply = transport.value()[4:]
-    assert reply == auth.proof(SECRET, b"server", client_nonce, server_nonce)
+    channel = client.confirm(transport.value()[4:])  # raises unless the server proved itself
     hello = messages.Hello("w", "h", 1, 1)
-    proto.dataReceived(frame(codec.encode_message(hello)))
+    proto.dataReceived(frame(channel.encode(hello)))
     assert accepted.handlers[0].messages == [hello]
 
 
 def test_wrong_secret_is_dropped_before_anything_is_decoded() -> None:
     proto, transport, accepted, _ = server()
-    server_nonce = challenge_of(transport)
-    client_nonce = auth.new_nonce()
-    proto.dataReceived(
-        frame(client_nonce + auth.proof(b"wrong", b"client", server_nonce, client_nonce))
-    )
+    client = handshake.ClientHandshake(b"wrong-secret-of-some-length", CONTEXT)
+    proto.dataReceived(frame(client.respond(challenge_of(transport))))
     assert accepted.handlers == []
     assert transport.disconnecting or transport.disconnected
     assert transport.value() == b""  # no proof given to an impostor
@@ -154,14 +149,14 @@ def test_client_with_the_wrong_secret_gets_an_authentication_error() -> None:
 
 
 def test_malformed_and_oversized_frames_after_auth_close_that_connection() -> None:
-    sp, _cp, pump, server_accepted, _ = authenticated_pair(max_frame=100)
+    sp, cp, pump, server_accepted, _ = authenticated_pair(max_frame=100)
     pump.flush()
     handler = server_accepted.handlers[0]
-    sp.dataReceived(frame(b"not a pickle"))
+    sp.dataReceived(frame(cp.secure.seal(b"not a message")))  # sealed right, but junk
     pump.flush()
     assert handler.lost and "malformed message" in handler.lost[0]
     sp2, _cp2, pump2, accepted2, _ = authenticated_pair(max_frame=100)
     pump2.flush()
-    sp2.dataReceived(struct.pack("!I", 101) + b"x" * 101)
+    sp2.dataReceived(struct.pack("!I", 100 + OVERHEAD + 1) + b"x" * 200)
     pump2.flush()
     assert accepted2.handlers[0].lost and "over the limit" in accepted2.handlers[0].lost[0]

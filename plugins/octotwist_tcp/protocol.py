@@ -1,18 +1,16 @@
 """
-The TCP transport's wire protocol: 4-byte length-prefixed frames, a mutual
-challenge-response before anything is decoded, then one encoded message per
-frame.
-
-Handshake (every step is one frame of raw bytes, never unpickled)::
-
-    server -> client   MAGIC + server_nonce
-    client -> server   client_nonce + HMAC(secret, "client" + server_nonce + client_nonce)
-    server -> client   HMAC(secret, "server" + client_nonce + server_nonce)
+The TCP transport's wire protocol: 4-byte length-prefixed frames; the core's
+shared-secret handshake (L{octotwist.handshake}) before anything is decoded;
+then one message per frame, sealed by the core's channel layer
+(L{octotwist.secure}): encrypted and authenticated with keys only this
+connection has, numbered per direction.
 
 Until the handshake completes, frames are limited to L{HANDSHAKE_MAX_FRAME}
 bytes and no frame reaches the codec, so a peer without the secret can make us
-allocate at most a few hundred bytes and unpickle nothing.  A wrong proof
-closes the connection on both sides.
+allocate at most a few hundred bytes and decode nothing.  A wrong proof
+closes the connection on both sides; so does a frame that fails its
+integrity check later (someone on the path altered, injected, replayed,
+reordered or dropped one), with an "integrity" error in the log.
 """
 
 from __future__ import annotations
@@ -27,14 +25,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from octotwist import auth, codec
+from octotwist import handshake, secure
 from octotwist.errors import AuthenticationError, RemoteProtocolError
 from octotwist.framing import FrameReceiver
 from octotwist.messages import Message
 from octotwist.transport import Accept, ChannelHandler, MessageChannel, no_delay
 
-MAGIC = b"OCTOTWIST/1 "
-HANDSHAKE_MAX_FRAME = 256
+MAGIC = handshake.MAGIC
+HANDSHAKE_MAX_FRAME = handshake.MAX_FRAME
+#: Names this protocol in the handshake's proofs and the channel's keys.
+CONTEXT = b"octotwist-tcp/2"
 #: Default limit for frames after the handshake: a 4 MiB data part and its
 #: header fit many times over, as does a job's pickled functions.
 MAX_FRAME = 64 * 1024 * 1024
@@ -117,6 +117,7 @@ class _FramedProtocol(FrameReceiver):
         self._producing = False
         self._timeout: IDelayedCall | None = None
         self.lost_reason = "connection closed"
+        self.secure: secure.SecureChannel | None = None
 
     @property
     def peer_name(self) -> str:
@@ -137,22 +138,23 @@ class _FramedProtocol(FrameReceiver):
         self._timeout = None
         self.reject(f"no authentication within {HANDSHAKE_TIMEOUT:.0f} s")
 
-    def _opened(self) -> None:
+    def _opened(self, channel: secure.SecureChannel) -> None:
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
+        self.secure = channel
         self.state = State.OPEN
-        self.MAX_LENGTH = self.factory.max_frame
+        self.MAX_LENGTH = self.factory.max_frame + secure.OVERHEAD
         self.handler = self.factory.accept(self.channel)
 
     def stringReceived(self, frame: bytes) -> None:
         if self.state is State.OPEN:
+            assert self.secure is not None and self.handler is not None
             try:
-                message = codec.decode_message(frame)
+                message = self.secure.decode(frame)
             except RemoteProtocolError as e:
                 self.reject(str(e))
                 return
-            assert self.handler is not None
             self.handler.message_received(message)
         elif self.state is not State.CLOSED:
             self.handshake_frame(frame)
@@ -174,7 +176,8 @@ class _FramedProtocol(FrameReceiver):
 
     def send_message(self, message: Message) -> None:
         if self.state is State.OPEN:
-            self.sendString(codec.encode_message(message))
+            assert self.secure is not None
+            self.sendString(self.secure.encode(message))
 
     def close(self) -> None:
         if self.state is not State.CLOSED:
@@ -206,53 +209,42 @@ class ServerProtocol(_FramedProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.state = State.AWAIT_RESPONSE
-        self._nonce = auth.new_nonce()
-        self.sendString(MAGIC + self._nonce)
+        self._handshake = handshake.ServerHandshake(self.factory.secret, CONTEXT)
+        self.sendString(self._handshake.challenge())
 
     def handshake_frame(self, frame: bytes) -> None:
-        n = auth.NONCE_SIZE
-        if len(frame) != n + auth.DIGEST_SIZE:
-            self.reject("malformed authentication response")
+        try:
+            reply, channel = self._handshake.receive(frame)
+        except RemoteProtocolError as e:
+            self.reject(str(e))
             return
-        client_nonce, got = frame[:n], frame[n:]
-        if not auth.check_proof(self.factory.secret, b"client", self._nonce, client_nonce, got):
-            self.reject("authentication failed (wrong secret)")
-            return
-        self.sendString(auth.proof(self.factory.secret, b"server", client_nonce, self._nonce))
-        self._opened()
+        self.sendString(reply)
+        self._opened(channel)
 
 
 class ClientProtocol(_FramedProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.ready: Deferred[MessageChannel] = Deferred()
-        self._sent_proof = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.state = State.AWAIT_CHALLENGE
+        self._handshake = handshake.ClientHandshake(self.factory.secret, CONTEXT)
 
     def handshake_frame(self, frame: bytes) -> None:
-        if self.state is State.AWAIT_CHALLENGE:
-            if not frame.startswith(MAGIC) or len(frame) != len(MAGIC) + auth.NONCE_SIZE:
-                self._fail(RemoteProtocolError("the server does not speak the octotwist protocol"))
+        try:
+            if self.state is State.AWAIT_CHALLENGE:
+                answer = self._handshake.respond(frame)
+                self.state = State.AWAIT_CONFIRM
+                self.sendString(answer)
                 return
-            self._server_nonce = frame[len(MAGIC) :]
-            self._nonce = auth.new_nonce()
-            self.state = State.AWAIT_CONFIRM
-            self._sent_proof = True
-            self.sendString(
-                self._nonce
-                + auth.proof(self.factory.secret, b"client", self._server_nonce, self._nonce)
-            )
-        elif self.state is State.AWAIT_CONFIRM:
-            if not auth.check_proof(
-                self.factory.secret, b"server", self._nonce, self._server_nonce, frame
-            ):
-                self._fail(AuthenticationError("the server did not prove it knows the secret"))
-                return
-            self._opened()
-            self.ready.callback(self.channel)
+            channel = self._handshake.confirm(frame)
+        except RemoteProtocolError as e:
+            self._fail(e)
+            return
+        self._opened(channel)
+        self.ready.callback(self.channel)
 
     def _fail(self, error: Exception) -> None:
         self.reject(str(error))
@@ -262,7 +254,7 @@ class ClientProtocol(_FramedProtocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
         if not self.ready.called:
-            if self._sent_proof:
+            if self._handshake.proved:
                 error: Exception = AuthenticationError(
                     "the server closed the connection during authentication: "
                     "it does not have the same secret (check --secret-file / OCTO_SECRET)"
