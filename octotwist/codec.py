@@ -166,9 +166,7 @@ def encode_message(message: messages.Message) -> bytes:
     """Serialize one message for the wire."""
     name = type(message).__name__
     _, names, _ = _SCHEMAS[name]
-    return msgpack.packb(
-        [name, *(_wire(getattr(message, n)) for n in names)], **_packer_options
-    )
+    return msgpack.packb([name, *(_wire(getattr(message, n)) for n in names)], **_packer_options)
 
 
 def decode_message(data: bytes) -> messages.Message:

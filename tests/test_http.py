@@ -196,6 +196,7 @@ class Session:
         conn.close()
         self.id = r.getheader("Octo-Session") or ""
         self.key = wire.session_key(secret, challenge, cnonce)
+        self.channel = wire.session_channel(secret, challenge, cnonce, client=True)
         self.seq = 0
 
     def target(self, rest: str) -> str:
@@ -236,9 +237,10 @@ def head_only(port: int, head: bytes) -> bytes:
         return s.recv(65536)
 
 
-def frames(body: bytes) -> list[messages.Message]:
+def frames(session: Session, body: bytes) -> list[messages.Message]:
+    """The messages in a poll's body, opened with the session's channel layer."""
     parser = wire.FrameParser()
-    found = [codec.decode_message(f) for f in parser.feed(body)]
+    found = [session.channel.decode(f) for f in parser.feed(body)]
     parser.finish()
     return found
 
@@ -278,7 +280,11 @@ def test_oversized_and_malformed_bodies_get_4xx_and_the_server_keeps_serving(
     too_big = head_only(port, s.raw_headers("POST", "messages?first=0", wire.MAX_BODY + 1))
     assert too_big.startswith(b"HTTP/1.1 413")
     s = Session(port)
-    status, text = s.request("POST", "messages?first=0", _body(b"\x80\x05not a pickle"))
+    status, text = s.request("POST", "messages?first=0", _body(b"\x80\x05not sealed"))
+    assert status == 400 and b"integrity check failed on frame 0" in text
+    assert s.request("GET", "messages?ack=0&wait=1")[0] == 410  # that session is over
+    s = Session(port)
+    status, text = s.request("POST", "messages?first=0", _body(s.channel.seal(b"\x80\x05junk")))
     assert status == 400 and b"malformed message" in text
     assert s.request("GET", "messages?ack=0&wait=1")[0] == 410  # that session is over
     s = Session(port)
@@ -286,7 +292,8 @@ def test_oversized_and_malformed_bodies_get_4xx_and_the_server_keeps_serving(
     assert status == 400 and b"middle of a frame" in text
     s = Session(port)
     forbidden = codec.encode_message(messages.Heartbeat(())).replace(b"Heartbeat", b"Exploiter")
-    assert s.request("POST", "messages?first=0", _body(forbidden))[0] == 400
+    status, text = s.request("POST", "messages?first=0", _body(s.channel.seal(forbidden)))
+    assert status == 400 and b"unknown message type 'Exploiter'" in text
     s = Session(port)
     assert s.request("POST", "messages?first=5", _body(b"x"))[0] == 409  # frames 0-4 missing
     real_client(port, secret_env)
@@ -299,13 +306,13 @@ def test_a_dropped_long_poll_loses_nothing(tmp_path: Path, secret_env: dict) -> 
     s = Session(port)
     status, body = s.request("GET", "messages?ack=0&wait=20")
     assert status == 200
-    (welcome,) = frames(body)
+    (welcome,) = frames(s, body)
     assert isinstance(welcome, messages.Welcome)
     # The answer was "lost": asking again without acknowledging gets it again.
     status, again = s.request("GET", "messages?ack=0&wait=20")
     assert status == 200 and again == body
     # Sending the same frames twice delivers them once.
-    hello = _body(codec.encode_message(messages.Hello("raw", "here", 1, 1)))
+    hello = _body(s.channel.encode(messages.Hello("raw", "here", 1, 1)))
     assert s.request("POST", "messages?first=0", hello)[0] == 204
     assert s.request("POST", "messages?first=0", hello)[0] == 204
     # A long poll with nothing to say is held; its client hangs up mid-poll.

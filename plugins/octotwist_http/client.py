@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from octotwist import auth, codec
+from octotwist import auth, secure
 from octotwist.endpoints import split_host_port
 from octotwist.errors import (
     AuthenticationError,
@@ -118,6 +118,7 @@ class _ClientChannel(MessageChannel):
         base: str,
         session: str,
         key: bytes,
+        channel: secure.SecureChannel,
     ) -> None:
         self._reactor = reactor
         self._http = http
@@ -125,6 +126,8 @@ class _ClientChannel(MessageChannel):
         self._base = base
         self._session = session
         self._key = key
+        #: Seals what we queue and opens what the polls bring, in frame order.
+        self._secure = channel
         self._seq = itertools.count()
         self.handler: ChannelHandler | None = None
         self.state = _OPEN
@@ -153,7 +156,7 @@ class _ClientChannel(MessageChannel):
     def send(self, message: Message) -> None:
         if self.state is not _OPEN:
             return
-        frame = codec.encode_message(message)
+        frame = self._secure.encode(message)  # numbered as queued: frame number = sequence
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._posting is None:
@@ -292,8 +295,9 @@ class _ClientChannel(MessageChannel):
                 raise _Lost(f"the server sent a bad body: {e}") from None
             for frame in frames:
                 try:
-                    message = codec.decode_message(frame)
-                except RemoteProtocolError as e:
+                    message = self._secure.decode(frame)
+                except RemoteProtocolError as e:  # IntegrityError included
+                    _log.warn("closing the session with {base}: {error}", base=self._base, error=e)
                     raise _Lost(str(e)) from None
                 self._in_next += 1
                 if self.handler is not None:
@@ -525,7 +529,8 @@ class HTTPTaskClient(TaskClient):
         if not hmac.compare_digest(expected.encode(), proof.encode()):
             raise AuthenticationError("the server did not prove it knows the secret")
         key = wire.session_key(secret, challenge, cnonce)
-        channel = _ClientChannel(self.reactor, http, pool, base, sid, key)
+        sealed = wire.session_channel(secret, challenge, cnonce, client=True)
+        channel = _ClientChannel(self.reactor, http, pool, base, sid, key, sealed)
         channel.handler = accept(channel)
         channel.start()
         return channel

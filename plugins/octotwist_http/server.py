@@ -34,8 +34,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import NoResource, Resource
 from zope.interface import implementer
 
-from octotwist import codec
 from octotwist.errors import RemoteProtocolError
+from octotwist import secure
 from octotwist.messages import Message
 from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskServer, no_delay
 from octotwist_http import wire
@@ -127,10 +127,14 @@ class _ServerSession(MessageChannel):
     both message streams (numbered frames, acknowledged by the polls).
     """
 
-    def __init__(self, hub: _Hub, sid: str, key: bytes, peer: str) -> None:
+    def __init__(
+        self, hub: _Hub, sid: str, key: bytes, channel: secure.SecureChannel, peer: str
+    ) -> None:
         self.hub = hub
         self.id = sid
         self.key = key
+        #: Seals what we queue and opens what the worker uploads, in frame order.
+        self.secure = channel
         self._peer = peer
         self.handler: ChannelHandler | None = None
         self.replay = wire.ReplayWindow()
@@ -163,7 +167,7 @@ class _ServerSession(MessageChannel):
     def send(self, message: Message) -> None:
         if self.ended is not None or self.closing:
             return
-        frame = codec.encode_message(message)
+        frame = self.secure.encode(message)  # numbered as queued: frame number = sequence
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._parked is not None:
@@ -291,8 +295,8 @@ class _ServerSession(MessageChannel):
         if seq < self._in_next:
             return  # sent again after a cut upload; we have it
         try:
-            message = codec.decode_message(frame)
-        except RemoteProtocolError as e:
+            message = self.secure.decode(frame)
+        except RemoteProtocolError as e:  # IntegrityError included
             raise self.violation(400, str(e)) from None
         self._in_next += 1
         if self.handler is not None and not self.closing:  # after close(), as TCP: deaf
@@ -463,7 +467,8 @@ class _Hub:
         request: wire.SessionRequest = admission.extra["request"]
         sid = wire.new_session_id()
         key = wire.session_key(self.secret, request.challenge, request.cnonce)
-        session = _ServerSession(self, sid, key, admission.extra["peer"])
+        channel = wire.session_channel(self.secret, request.challenge, request.cnonce, client=False)
+        session = _ServerSession(self, sid, key, channel, admission.extra["peer"])
         self.sessions[sid] = session
         handler = self.accept(session)
         if session.ended is None:

@@ -14,9 +14,14 @@ the status page.  Paths below are relative to that root::
     DELETE session/ID                      the worker hangs up (204)
 
 Bodies (both directions) are frames: a 4-byte big-endian length, then one
-message encoded by L{octotwist.codec}.  Frames are numbered per direction
-from 0, so a request or a response that was cut can be sent again: the
-receiver skips the frames it already has (TCP's trick, one level up).
+message sealed by the core's channel layer (L{octotwist.secure}: encrypted
+and authenticated under keys only this session has, L{session_channel}).
+Frames are numbered per direction from 0, so a request or a response that
+was cut can be sent again: the receiver skips the frames it already has
+(TCP's trick, one level up).  The number is also the frame's sequence
+number in the channel layer, so a frame that was altered, injected,
+replayed, reordered or dropped fails its integrity check at the receiver,
+whatever a proxy or someone on the path did to the HTTP around it.
 
 Tokens, modelled on HTTP Digest authentication but with HMAC-SHA256 and a
 proof in both directions:
@@ -30,14 +35,18 @@ proof in both directions:
      cnonce)}; the server answers C{201} with C{Octo-Session: ID} and
      C{Octo-Proof: HMAC(secret, "http-server" + cnonce + challenge)}, so the
      client knows the server has the secret too.  Both sides derive the
-     session key C{HMAC(secret, "http-session" + challenge + cnonce)}.
+     session key C{HMAC(secret, "http-session" + challenge + cnonce)}, and
+     the keys of the session's frames from the secret, the challenge and
+     the cnonce (L{session_channel}).
   3. Every later request carries C{Authorization: Octo session="ID",
      seq="N", mac="HEX"}, C{mac = HMAC(session key, method, target, ID, N)}
      over the method and the path below the API root (query included); each
      C{seq} is accepted once.
 
 A request whose token is missing or wrong is answered C{401} as soon as its
-headers have arrived: its body is never read, let alone decoded.
+headers have arrived: its body is never read, let alone decoded.  The
+request MAC covers the request line, not the body: the body's integrity is
+the channel layer's, frame by frame.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from octotwist import auth
+from octotwist import auth, secure
 
 #: Every API path starts with this; all other paths are the status page.
 API_ROOT = b"/octo/"
@@ -61,8 +70,10 @@ DEFAULT_PORT = 18126
 #: Frame header: the length of the encoded message that follows.
 HEADER = struct.Struct("!I")
 
-#: Largest frame accepted in either direction (the TCP transport's limit).
-MAX_FRAME = 64 * 1024 * 1024
+#: Largest message accepted in either direction (the TCP transport's limit).
+MAX_MESSAGE = 64 * 1024 * 1024
+#: Largest frame: a sealed message.
+MAX_FRAME = MAX_MESSAGE + secure.OVERHEAD
 #: Largest request body the server reads: one maximal frame.
 MAX_BODY = MAX_FRAME + HEADER.size
 #: Largest body of a request that carries no frames (status page, session
@@ -93,10 +104,12 @@ PROOF_HEADER = b"Octo-Proof"
 RECEIVED_HEADER = b"Octo-Received"
 FIRST_HEADER = b"Octo-First"
 
-_CLIENT_ROLE = b"http-client"
-_SERVER_ROLE = b"http-server"
-_SESSION_ROLE = b"http-session"
-_REQUEST_ROLE = b"octo-http/1 request"
+_CLIENT_ROLE = b"http-client/2"
+_SERVER_ROLE = b"http-server/2"
+_SESSION_ROLE = b"http-session/2"
+_REQUEST_ROLE = b"octo-http/2 request"
+#: Names this protocol in the keys of a session's frames.
+CONTEXT = b"octotwist-http/2"
 
 _CHALLENGE_TIME = struct.Struct("!Q")
 _CHALLENGE_RANDOM = 16
@@ -314,7 +327,21 @@ def server_proof(secret: bytes, challenge: bytes, cnonce: bytes) -> bytes:
 
 
 def session_key(secret: bytes, challenge: bytes, cnonce: bytes) -> bytes:
+    """The key of the session's request MACs."""
     return auth.proof(secret, _SESSION_ROLE, challenge, cnonce)
+
+
+def session_channel(
+    secret: bytes, challenge: bytes, cnonce: bytes, *, client: bool
+) -> secure.SecureChannel:
+    """
+    The channel layer of one session, on the client's side or the
+    server's: the keys come from the secret and both sides' fresh values
+    (the server's challenge, the client's cnonce).
+    """
+    return secure.SecureChannel.create(
+        secret, initiator=client, initiator_nonce=cnonce, responder_nonce=challenge, context=CONTEXT
+    )
 
 
 @dataclass(frozen=True)
