@@ -34,8 +34,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import NoResource, Resource
 from zope.interface import implementer
 
-from octotwist.errors import RemoteProtocolError
 from octotwist import secure
+from octotwist.errors import RemoteProtocolError
 from octotwist.messages import Message
 from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskServer, no_delay
 from octotwist_http import wire
