@@ -11,7 +11,6 @@ must still finish the job with the exact result.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +47,7 @@ reduce_tasks = 2
 def expected() -> dict[str, int]:
     counts: Counter[str] = Counter()
     for i in range(12):
-        counts.update("w%d" % ((i * 7 + j) % 23) for j in range(40 + i))
+        counts.update(f"w{(i * 7 + j) % 23}" for j in range(40 + i))
     return dict(counts)
 
 
@@ -217,7 +216,7 @@ def test_http_server_refuses_a_rewritten_upload(tmp_path: Path, env: dict) -> No
     marker = tmp_path / "pwned"
     # The request MAC covers the request line, not the body: swap the body.
     edit = _first_body(b"messages?first=", lambda body: _frame_body(evil_reduce_output(marker)))
-    _, server_err, relay = run_through(
+    _, server_err, _ = run_through(
         tmp_path,
         env,
         "http",
@@ -275,8 +274,7 @@ def test_ssh_refuses_a_bit_flipped_after_the_key_exchange(
         pytest.skip("the ssh transport's own test")
     # The server's SSH version line, KEXINIT and key exchange reply fit well
     # within 8 KiB; the job's Welcome alone is larger than that.
-    started = time.monotonic()
-    client_err, server_err, relay = run_through(
+    client_err, _, relay = run_through(
         tmp_path,
         dict(env, **peers.env),
         "ssh",
@@ -284,4 +282,4 @@ def test_ssh_refuses_a_bit_flipped_after_the_key_exchange(
         address=lambda port: peers.address.format(port=port),
     )
     assert relay.connections >= 2, client_err
-    assert time.monotonic() - started < 90
+    assert "reconnecting" in client_err
