@@ -34,7 +34,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import NoResource, Resource
 from zope.interface import implementer
 
-from octotwist import secure
+from octotwist import limits, secure
 from octotwist.errors import RemoteProtocolError
 from octotwist.messages import Message
 from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskServer, no_delay
@@ -49,6 +49,13 @@ CLOSE_TIMEOUT = 10.0
 #: Seconds an ended session is remembered, so that a late request from its
 #: worker gets "410 Gone" and the reason rather than "401 unknown session".
 ENDED_LINGER = 60.0
+#: Seconds from a request's first line to the end of its headers: a client
+#: that trickles them (one header line every 20 s) is cut off, whatever it
+#: has proved.
+HEAD_TIMEOUT = 15.0
+#: Seconds a connection may stay open before it carries an authenticated
+#: request (a status page's connections reconnect, which costs nothing).
+PREAUTH_TIMEOUT = 30.0
 
 _OCTET_STREAM = b"application/octet-stream"
 
@@ -536,6 +543,8 @@ class _OctoRequest(server.Request):
             self.admission = hub.admit(
                 method, raw_target, self.requestHeaders, length, _peer_name(channel.getPeer())
             )
+            if self.admission.kind != "status":  # its credentials checked out
+                channel.authenticated()
         except _Reject as rejection:
             self.rejection = rejection
             if length != 0:
@@ -652,18 +661,68 @@ class _OctoRequest(server.Request):
 
 
 class _Channel(http.HTTPChannel):
-    """HTTP/1.1 only, and known to the site so that L{HTTPTaskServer.stop} can close it."""
+    """
+    HTTP/1.1 only, known to the site so that L{HTTPTaskServer.stop} can
+    close it, and held to deadlines: a request head must be complete within
+    L{HEAD_TIMEOUT} seconds of its first line, and a connection must carry
+    an authenticated request within L{PREAUTH_TIMEOUT} seconds or go
+    (twisted.web's own idle timeout restarts with every byte, which a
+    trickling client exploits).
+    """
+
+    slot: limits.Slot | None = None
+    _head_deadline: IDelayedCall | None = None
+    _preauth_deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         no_delay(self.transport)
         self.closed: Deferred[None] = Deferred()
         self.site.channels.add(self)
+        self._preauth_deadline = self.callLater(
+            PREAUTH_TIMEOUT,
+            self._too_slow,
+            f"no authenticated request within {PREAUTH_TIMEOUT:g} s",
+        )
+
+    def authenticated(self) -> None:
+        """A request on this connection proved its credentials: no more pre-auth limits."""
+        if self.slot is not None:
+            self.slot.release()
+        _cancel(self._preauth_deadline)
+        self._preauth_deadline = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._head_deadline is None:  # the first line of a request
+            self._head_deadline = self.callLater(
+                HEAD_TIMEOUT, self._too_slow, f"request head not complete within {HEAD_TIMEOUT:g} s"
+            )
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        _cancel(self._head_deadline)
+        self._head_deadline = None
+        super().allHeadersReceived()
+
+    def _too_slow(self, why: str) -> None:
+        self._head_deadline = self._preauth_deadline = None
+        _log.info("closing connection from {peer}: {why}", peer=_peer_name(self.getPeer()), why=why)
+        self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:
+        for timer in (self._head_deadline, self._preauth_deadline):
+            _cancel(timer)
+        self._head_deadline = self._preauth_deadline = None
+        if self.slot is not None:
+            self.slot.release()
         super().connectionLost(reason)
         self.site.channels.discard(self)
         self.closed.callback(None)
+
+
+def _cancel(timer: IDelayedCall | None) -> None:
+    if timer is not None and timer.active():
+        timer.cancel()
 
 
 class _Root(Resource):
@@ -686,9 +745,20 @@ class _Site(server.Site):
     noisy = False
 
     def __init__(self, hub: _Hub, status: Any) -> None:
-        super().__init__(_Root(status), requestFactory=_OctoRequest)
+        super().__init__(_Root(status), requestFactory=_OctoRequest, reactor=hub.reactor)
         self.hub = hub
         self.channels: set[_Channel] = set()
+        self.pending = limits.PreAuthLimit(clock=hub.reactor.seconds)
+
+    def buildProtocol(self, addr: Any) -> _Channel | None:  # type: ignore[override]
+        """A channel for a new connection, or C{None} (Twisted closes it) when too many wait."""
+        slot = self.pending.take(addr)
+        if slot is None:
+            return None
+        channel = super().buildProtocol(addr)
+        assert isinstance(channel, _Channel)
+        channel.slot = slot
+        return channel
 
     def log(self, request: server.Request) -> None:
         """No access log: a busy worker polls several times a second."""

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from octotwist import handshake, secure
+from octotwist import handshake, limits, secure
 from octotwist.errors import AuthenticationError, RemoteProtocolError
 from octotwist.framing import FrameReceiver
 from octotwist.messages import Message
@@ -109,6 +109,9 @@ class _FramedProtocol(FrameReceiver):
     role = b""
     factory: _Factory
 
+    #: Our place among the connections that have not authenticated (server side).
+    slot: limits.Slot | None = None
+
     def __init__(self) -> None:
         self.handler: ChannelHandler | None = None
         self.channel = _Channel(self)
@@ -142,6 +145,8 @@ class _FramedProtocol(FrameReceiver):
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
+        if self.slot is not None:
+            self.slot.release()
         self.secure = channel
         self.state = State.OPEN
         self.MAX_LENGTH = self.factory.max_frame + secure.OVERHEAD
@@ -194,6 +199,8 @@ class _FramedProtocol(FrameReceiver):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.slot is not None:
+            self.slot.release()
         self.factory.protocols.discard(self)
         self.flow.stopProducing()
         if self._timeout is not None and self._timeout.active():
@@ -277,6 +284,20 @@ class _Factory(Factory):
 
 class ServerFactory(_Factory):
     protocol = ServerProtocol
+
+    def __init__(self, reactor: Any, secret: bytes, accept: Accept, max_frame: int) -> None:
+        super().__init__(reactor, secret, accept, max_frame)
+        self.pending = limits.PreAuthLimit(clock=reactor.seconds)
+
+    def buildProtocol(self, addr: Any) -> ServerProtocol | None:  # type: ignore[override]
+        """A protocol for a new connection, or C{None} (Twisted closes it) when too many wait."""
+        slot = self.pending.take(addr)
+        if slot is None:
+            return None
+        protocol = super().buildProtocol(addr)
+        assert isinstance(protocol, ServerProtocol)
+        protocol.slot = slot
+        return protocol
 
 
 class ClientFactory(_Factory):
