@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
-from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.endpoints import _parse, clientFromString, serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore
 
-from octotwist.transport import Accept, MessageChannel, TaskClient, TaskServer
+from octotwist.errors import UsageError
+from octotwist.transport import Accept, ClientSettings, MessageChannel, TaskClient, TaskServer
 from octotwist_tcp.protocol import (
     MAX_FRAME,
     ClientFactory,
@@ -98,9 +99,18 @@ def _abort_all(protocols: list) -> None:
 
 
 class TCPTaskClient(TaskClient):
-    """Connects to C{settings.connect}, a client endpoint string."""
+    """
+    Connects to C{settings.connect}, a client endpoint string.
+
+    @raise UsageError: it is an C{ssl:} endpoint that would check nothing
+        about the server (see L{check_tls}).
+    """
 
     default_port = 18125
+
+    def __init__(self, reactor: IReactorCore, settings: ClientSettings) -> None:
+        super().__init__(reactor, settings)
+        check_tls(settings.connect, bool(settings.options.get("insecure-tls")))
 
     def connect(self, accept: Accept) -> Deferred[MessageChannel]:
         factory = ClientFactory(
@@ -113,3 +123,27 @@ class TCPTaskClient(TaskClient):
             return protocol.ready
 
         return d.addCallback(connected)
+
+
+def check_tls(endpoint: str, insecure: bool) -> None:
+    """
+    Refuse an C{ssl:} client endpoint without C{hostname=}: Twisted then
+    checks neither the server's name nor (without C{caCertsDir=}) its
+    certificate, so anyone on the path can stand in for the server at the
+    TLS level.  The shared secret still authenticates the server and seals
+    every frame (L{octotwist.secure}), so such TLS adds nothing but a
+    false sense of safety; a user who wants it anyway says so with
+    C{--insecure-tls}.  C{tls:} endpoints always check both.
+
+    @raise UsageError: refused; the message says what to write instead.
+    """
+    args, kwargs = _parse(endpoint)
+    if not args or str(args[0]).lower() != "ssl" or "hostname" in kwargs or insecure:
+        return
+    raise UsageError(
+        f"{endpoint} would not check the server's certificate or name (an ssl: client "
+        "endpoint checks nothing without hostname=): use tls:HOST:PORT:trustRoots=DIR, "
+        "or add :hostname=NAME (and :caCertsDir=DIR for a private CA); or pass "
+        "--insecure-tls to accept any certificate (the shared secret still authenticates "
+        "the server and encrypts every frame)"
+    )

@@ -1,0 +1,50 @@
+"""
+TLS on the tcp transport: an ssl: client endpoint that would check nothing
+about the server is refused unless the user says --insecure-tls; one that
+checks the certificate and the name works; either way the shared secret
+still seals every frame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import BOOKS, finish, free_port, octo, parse_tsv, start, wait_for_port, word_count
+from test_end_to_end import books_job
+from test_endpoints import make_certificate
+
+SECRET = "tls-test-secret-long-enough"
+
+
+def test_an_ssl_client_that_checks_nothing_is_refused_unless_asked_for(
+    env: dict, tmp_path: Path
+) -> None:
+    pytest.importorskip("OpenSSL", reason="TLS needs twisted[tls]")
+    key, cert = make_certificate(tmp_path)
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "cert.pem").write_bytes(cert.read_bytes())
+    port = free_port()
+    out = tmp_path / "out.tsv"
+    env = dict(env, OCTO_SECRET=SECRET)
+    server = start(
+        "server", str(books_job(tmp_path)), "-o", str(out),
+        "--listen", f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+        env=env,
+    )  # fmt: skip
+    wait_for_port(port, server)
+    blind = octo("client", "--connect", f"ssl:localhost:{port}", env=env, timeout=30)
+    assert blind.returncode == 2
+    assert "would not check the server's certificate or name" in blind.stderr
+    assert "--insecure-tls" in blind.stderr and "tls:HOST:PORT:trustRoots=DIR" in blind.stderr
+    checked = f"ssl:localhost:{port}:hostname=localhost:caCertsDir={trust}"
+    first = start("client", "--connect", checked, env=env)
+    second = start("client", "--connect", f"ssl:localhost:{port}", "--insecure-tls", env=env)
+    for client in (first, second):
+        code, _, err = finish(client)
+        assert code == 0, err
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert err.count("joined from") == 2
+    assert parse_tsv(out.read_text()) == word_count(sorted(BOOKS.glob("*.txt")))
