@@ -9,6 +9,12 @@ byte.  Prints MiB/s per transport, and the ratio to TCP, all from one run.
 
 Transports are set up as C{octo run} sets them up: the shared secret and
 the address the server's C{listen()} returned, no other options.
+
+The row C{tcp-plain} is a reference, not a transport: the tcp transport
+with the core's channel layer (L{octotwist.secure}) replaced by one that
+neither encrypts nor authenticates, in this benchmark's processes only.
+C{tcp} against C{tcp-plain}, from the same run, is what sealing every
+frame costs.
 """
 
 from __future__ import annotations
@@ -29,13 +35,45 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import react
 
-from octotwist import codec, messages
+from octotwist import allocator, codec, messages
 from octotwist.hookspecs import get_transport, transports
 from octotwist.messages import TaskId, TaskKind
 from octotwist.transport import ClientSettings, MessageChannel, ServerSettings
 
 SECRET = b"transfer-benchmark-secret"
 TASK = TaskId(TaskKind.MAP, 0)
+#: The reference row: tcp without the channel layer.
+PLAIN = "tcp-plain"
+
+
+class _PlainChannel:
+    """The channel layer's interface, with no crypto: only for the reference row."""
+
+    def __init__(self) -> None:
+        pass
+
+    @classmethod
+    def create(cls, *args: Any, **kwargs: Any) -> _PlainChannel:
+        return cls()
+
+    def encode(self, message: messages.Message) -> bytes:
+        return codec.encode_message(message)
+
+    def decode(self, frame: bytes) -> messages.Message:
+        return codec.decode_message(frame)
+
+
+def _transport(name: str) -> Any:
+    """
+    The transport for a row; for L{PLAIN}, tcp with the channel layer taken
+    out, in this process, until the next row asks for another transport.
+    """
+    from octotwist import handshake, secure
+
+    handshake.SecureChannel = (  # type: ignore[misc]
+        _PlainChannel if name == PLAIN else secure.SecureChannel
+    )
+    return get_transport("tcp" if name == PLAIN else name)
 
 
 class _Receiver:
@@ -57,7 +95,7 @@ class _Receiver:
 
 
 async def _serve(reactor: Any, name: str) -> None:
-    transport = get_transport(name)
+    transport = _transport(name)
     private = tempfile.mkdtemp(prefix="octo-transfer-")
     server = transport.server_class()(
         reactor, ServerSettings(transport.local_listen(Path(private)), SECRET), _Receiver
@@ -92,7 +130,7 @@ class _Sender:
 
 
 async def _send(reactor: Any, name: str, address: str, blob: bytes, runs: int) -> list[float]:
-    transport = get_transport(name)
+    transport = _transport(name)
     client = transport.client_class()(reactor, ClientSettings(address, SECRET))
     senders: list[_Sender] = []
 
@@ -119,7 +157,7 @@ async def _send(reactor: Any, name: str, address: str, blob: bytes, runs: int) -
 
 
 async def _main(reactor: Any, options: argparse.Namespace) -> None:
-    names = options.transport or sorted(transports())
+    names = options.transport or [PLAIN, *sorted(transports())]
     # Incompressible, like a compressed shuffle blob.
     blob = os.urandom(options.mb * 10**6)
     results = {}
@@ -144,7 +182,7 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
             shutil.rmtree(config, ignore_errors=True)
         results[name] = statistics.median(rates)
         print(
-            f"{name:6} {results[name]:8.1f} MiB/s  (median of {options.runs}: "
+            f"{name:9} {results[name]:8.1f} MiB/s  (median of {options.runs}: "
             + ", ".join(f"{r:.0f}" for r in rates)
             + ")",
             flush=True,
@@ -152,16 +190,25 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
     if "tcp" in results:
         print()
         for name, rate in results.items():
-            print(f"{name:6} {rate / results['tcp']:5.2f}x tcp")
+            print(f"{name:9} {rate / results['tcp']:5.2f}x tcp")
+    if PLAIN in results and "tcp" in results:
+        print(
+            f"\nsealing every frame (tcp against {PLAIN}): {results['tcp'] / results[PLAIN]:.2f}x"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--transport", action="append", help="a transport (repeat; default all)")
+    parser.add_argument(
+        "--transport",
+        action="append",
+        help=f"a transport, or {PLAIN} (repeat; default: {PLAIN} and every transport)",
+    )
     parser.add_argument("--mb", type=int, default=200, help="blob size in MB (default 200)")
     parser.add_argument("--runs", type=int, default=3, help="transfers per transport")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     options = parser.parse_args()
+    allocator.tune()  # as every octo process does
     if options.serve:
         react(lambda reactor: Deferred.fromCoroutine(_serve(reactor, options.serve)))
     else:

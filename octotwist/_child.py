@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from octotwist import codec
+from octotwist import allocator, codec
 from octotwist.shuffle import MapOutput, reduce_partition
 
 _HEADER = struct.Struct("!I")
@@ -140,6 +140,7 @@ def main() -> int:
     # decides when we stop (it closes our input), so a task is never cut short
     # with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    allocator.tune()
     with os.fdopen(3, "rb") as inp, os.fdopen(4, "wb") as out:
         first = read_frame(inp)
         if first is None:

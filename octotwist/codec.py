@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import struct
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -62,8 +63,10 @@ _PICKLE_5 = bytes([pickle.PROTO[0], 5])
 
 # Control messages.
 #
-# On the wire a message is a msgpack array: its class name, then each field
-# in declaration order.  A TaskId is [kind, index]; tuples are arrays.
+# On the wire a message is a header and a payload.  The header is a msgpack
+# array: its class name, then each field in declaration order (a TaskId is
+# [kind, index]; tuples are arrays); the message's one bytes field, if it
+# has one, is the payload, and the header gives its length in its place.
 # Every field is always sent, defaults included, so that a decoder checks
 # the same shape whatever the sender left out.
 
@@ -152,35 +155,58 @@ def _wire(value: Any) -> Any:
     return value
 
 
-_SCHEMAS: dict[str, tuple[type, list[str], list[_Check]]] = {}
-for _cls in messages.MESSAGE_TYPES:
-    _hints = typing.get_type_hints(_cls)
-    _names = [f.name for f in fields(_cls)]
-    _SCHEMAS[_cls.__name__] = (_cls, _names, [_checker(_hints[n]) for n in _names])
-del _cls, _hints, _names
+class _Schema:
+    """How one message class travels: its fields, their checks, its payload field."""
 
-_packer_options = {"use_bin_type": True}
-
-
-def encode_message(message: messages.Message) -> bytes:
-    """Serialize one message for the wire."""
-    name = type(message).__name__
-    _, names, _ = _SCHEMAS[name]
-    return msgpack.packb([name, *(_wire(getattr(message, n)) for n in names)], **_packer_options)
+    def __init__(self, cls: type) -> None:
+        hints = typing.get_type_hints(cls)
+        self.cls = cls
+        self.names = [f.name for f in fields(cls)]
+        self.checks = [_checker(hints[n]) for n in self.names]
+        payloads = [i for i, n in enumerate(self.names) if hints[n] is bytes]
+        if len(payloads) > 1:
+            raise TypeError(f"{cls.__name__}: at most one bytes field may carry data")
+        #: Index of the field that travels as the payload, or None.
+        self.payload = payloads[0] if payloads else None
 
 
-def decode_message(data: bytes) -> messages.Message:
+_SCHEMAS = {cls.__name__: _Schema(cls) for cls in messages.MESSAGE_TYPES}
+_HEADER_LENGTH = struct.Struct("!I")
+#: Longest header accepted: control fields only (a traceback is the longest).
+MAX_HEADER = 1024 * 1024
+
+
+def message_parts(message: messages.Message) -> tuple[bytes, bytes]:
     """
-    Parse one message received from an authenticated peer, checking every
-    field's type.
+    One message as its two wire parts: the header (msgpack: its class name,
+    then its fields in order, the payload field given as its length) and
+    the payload (the one C{bytes} field -- a task's data, the job's
+    functions -- or C{b""}).  Keeping the payload apart lets the channel
+    layer encrypt a 4 MiB part without first copying it into an encoding.
+    """
+    name = type(message).__name__
+    schema = _SCHEMAS[name]
+    values = [_wire(getattr(message, n)) for n in schema.names]
+    payload = b""
+    if schema.payload is not None:
+        payload = values[schema.payload]
+        values[schema.payload] = len(payload)
+    return msgpack.packb([name, *values], use_bin_type=True), payload
 
-    @raise RemoteProtocolError: C{data} is not a valid message; the text
-        says what is wrong with it.
+
+def message_from_parts(header: bytes, payload: bytes) -> messages.Message:
+    """
+    Inverse of L{message_parts}, for a message received from an
+    authenticated peer, checking every field's type (and that the payload
+    is as long as the header says).
+
+    @raise RemoteProtocolError: the parts are not a valid message; the text
+        says what is wrong with them.
     """
     try:
-        # raw=False: strings must be valid UTF-8; no map may appear, but
-        # strict keys keep a map from building anything but str/bytes keys.
-        items = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        # raw=False: strings must be valid UTF-8.  msgpack bounds every
+        # length it allocates by the size of the input.
+        items = msgpack.unpackb(header, raw=False, use_list=True, strict_map_key=True)
     except Exception as e:
         raise RemoteProtocolError(f"malformed message: {type(e).__name__}: {e}"[:300]) from None
     if type(items) is not list or not items or type(items[0]) is not str:
@@ -188,19 +214,55 @@ def decode_message(data: bytes) -> messages.Message:
     schema = _SCHEMAS.get(items[0])
     if schema is None:
         raise RemoteProtocolError(f"unknown message type {items[0][:60]!r}")
-    cls, names, checks = schema
+    cls, names = schema.cls, schema.names
     values = items[1:]
     if len(values) != len(names):
         raise RemoteProtocolError(
             f"malformed {cls.__name__}: {len(values)} fields, expected {len(names)}"
         )
+    if schema.payload is None:
+        if payload:
+            raise RemoteProtocolError(f"malformed {cls.__name__}: it carries no payload")
+    elif type(values[schema.payload]) is not int or values[schema.payload] != len(payload):
+        raise RemoteProtocolError(
+            f"malformed {cls.__name__}: a payload of {len(payload)} bytes, "
+            f"the header says {values[schema.payload]!r:.20}"
+        )
+    else:
+        values[schema.payload] = payload
     checked = []
-    for name, check, value in zip(names, checks, values, strict=True):
+    for name, check, value in zip(names, schema.checks, values, strict=True):
         try:
             checked.append(check(value))
         except _Invalid as e:
             raise RemoteProtocolError(f"malformed {cls.__name__}: field {name}: {e}") from None
     return cls(*checked)
+
+
+def encode_message(message: messages.Message) -> bytes:
+    """
+    One message as one string of bytes, for a transport whose channel
+    already protects its frames (SSH): a 4-byte header length, the header,
+    the payload (L{message_parts}).  Transports that use the channel layer
+    call L{octotwist.secure.SecureChannel.encode} instead.
+    """
+    header, payload = message_parts(message)
+    return b"".join([_HEADER_LENGTH.pack(len(header)), header, payload])
+
+
+def decode_message(data: bytes) -> messages.Message:
+    """
+    Inverse of L{encode_message}, for data from an authenticated peer.
+
+    @raise RemoteProtocolError: C{data} is not a valid message.
+    """
+    if len(data) < _HEADER_LENGTH.size:
+        raise RemoteProtocolError(f"malformed message: {len(data)} bytes")
+    (n,) = _HEADER_LENGTH.unpack_from(data)
+    if n > min(MAX_HEADER, len(data) - _HEADER_LENGTH.size):
+        raise RemoteProtocolError(f"malformed message: a header of {n} bytes in {len(data)}")
+    end = _HEADER_LENGTH.size + n
+    return message_from_parts(data[_HEADER_LENGTH.size : end], data[end:])
 
 
 # User data.

@@ -5,9 +5,10 @@ L{FrameReceiver} is a drop-in for Twisted's C{Int32StringReceiver} (same
 C{MAX_LENGTH}, C{stringReceived}, C{lengthLimitExceeded}, C{sendString}).
 Twisted's receiver re-joins everything it has buffered on every read, which
 is quadratic in the frame size: a 4 MiB data part arriving in 64 KiB reads is
-copied about 32 times over.  This one appends to a C{bytearray} and copies
-each frame out once; C{sendString} hands the prefix and the frame to the
-transport separately instead of concatenating them.
+copied about 32 times over.  This one keeps a frame's chunks as they arrive
+and joins them once (a frame that arrives in one read is not copied at
+all); C{sendString} hands the prefix and the frame to the transport
+separately instead of concatenating them.
 
 Transport plugins over Twisted stream connections use it for their wire
 format (the TCP transport, the example plugin); it has nothing
@@ -33,28 +34,51 @@ class FrameReceiver(Protocol):
     """
 
     MAX_LENGTH = 99_999
-    _buffer: bytearray | None = None
+    _header = b""
+    _need: int | None = None  # bytes of the current frame still to come
+    _chunks: list[bytes] | None = None
+    _generation = 0  # bumped when a handler resets the receiver
 
     def dataReceived(self, data: bytes) -> None:
-        buffer = self._buffer
-        if buffer is None:
-            buffer = self._buffer = bytearray()
-        buffer += data
-        while len(buffer) >= _PREFIX.size:
-            (length,) = _PREFIX.unpack_from(buffer)
-            if length > self.MAX_LENGTH:
-                self._buffer = bytearray()
-                self.lengthLimitExceeded(length)
+        # The chunks of a frame are kept as they came and joined once: a
+        # 4 MiB frame read 64 KiB at a time is copied once, not re-grown.
+        generation = self._generation
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._need is None:
+                take = min(_PREFIX.size - len(self._header), end - pos)
+                self._header += bytes(view[pos : pos + take])
+                pos += take
+                if len(self._header) < _PREFIX.size:
+                    return
+                (length,) = _PREFIX.unpack(self._header)
+                self._header = b""
+                if length > self.MAX_LENGTH:
+                    self._reset()
+                    self.lengthLimitExceeded(length)
+                    return
+                self._need, self._chunks = length, []
+                if length:
+                    continue
+            else:
+                take = min(self._need, end - pos)
+                assert self._chunks is not None
+                self._chunks.append(data if take == end else bytes(view[pos : pos + take]))
+                pos += take
+                self._need -= take
+                if self._need:
+                    return
+            chunks = self._chunks or [b""]
+            self._need, self._chunks = None, None
+            self.stringReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if self._generation != generation:  # a handler reset us (closing, say)
                 return
-            end = _PREFIX.size + length
-            if len(buffer) < end:
-                return
-            with memoryview(buffer) as view:
-                frame = bytes(view[_PREFIX.size : end])
-            del buffer[:end]  # cheap: a bytearray drops its head without moving the rest
-            self.stringReceived(frame)
-            if self._buffer is not buffer:  # a handler reset us (closing, say)
-                return
+
+    def _reset(self) -> None:
+        """Forget any partial frame; what is left of the current read is dropped."""
+        self._header, self._need, self._chunks = b"", None, None
+        self._generation += 1
 
     def stringReceived(self, frame: bytes) -> None:
         """A whole frame arrived."""

@@ -20,11 +20,12 @@ What it does:
     a frame of one connection or direction means nothing in another.
   - B{frames}: AES-256-GCM (an AEAD from C{cryptography}; AES-NI and VAES
     make it several GB/s per core), with the frame's sequence number in its
-    direction as the nonce.  A frame decrypts only as the next one expected:
+    direction as the nonce, over a message's header and payload
+    (L{octotwist.codec.message_parts}).  A frame decrypts only as the next one expected:
     an altered frame, a replayed one, one out of order, or the frame after a
     dropped one fails its tag, and the receiver closes the connection with an
-    L{IntegrityError}.  The ciphertext is the plaintext plus a 16-byte tag
-    (L{OVERHEAD}).
+    L{IntegrityError}.  A sealed frame is the plaintext plus 20 bytes
+    (L{OVERHEAD}): the header's length and the tag.
 
 What it does not do: hide the size and timing of frames, or keep a peer
 that holds the secret from doing what the trust model lets it do (run code
@@ -43,6 +44,7 @@ import struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -50,9 +52,16 @@ from octotwist import codec
 from octotwist.errors import IntegrityError
 from octotwist.messages import Message
 
-#: Bytes a sealed frame has beyond its plaintext: the GCM tag.
-OVERHEAD = 16
+_TAG = 16
+_LENGTH = struct.Struct("!I")  # the header's length, before the ciphertext
+#: Bytes a sealed frame has beyond its header and payload: the header's
+#: length and the GCM tag.
+OVERHEAD = _LENGTH.size + _TAG
 KEY_SIZE = 32
+#: Payloads from this size on are encrypted in place rather than joined to
+#: their header first: a copy saved per 4 MiB part, a few microseconds lost
+#: on small ones (GCM's streaming interface costs more to set up).
+_STREAM_FROM = 64 * 1024
 #: The version of this layer, mixed into every key.
 _LABEL = b"octotwist/2 channel "
 _NONCE = struct.Struct("!4xQ")  # 96 bits: 32 zero bits, then the sequence number
@@ -86,34 +95,55 @@ def channel_keys(
 
 
 class FrameSealer:
-    """One direction, sending side: seals frames numbered 0, 1, 2, ..."""
+    """
+    One direction, sending side: seals frames numbered 0, 1, 2, ...
+
+    A sealed frame is the header's length (4 bytes, in the clear but
+    authenticated), then the header and the payload encrypted as one GCM
+    message, then the tag.  A large payload is encrypted as it is, without
+    first being joined to its header (GCM's streaming interface gives the
+    same bytes as the one-shot call, so the receiver need not know which
+    was used).
+    """
 
     def __init__(self, key: bytes) -> None:
+        self._key = key
         self._aead = AESGCM(key)
         #: The sequence number the next frame gets.
         self.sequence = 0
 
-    def seal(self, plaintext: bytes) -> bytes:
+    def seal(self, header: bytes, payload: bytes = b"") -> bytes:
         """Encrypt and authenticate the next frame."""
         seq = self.sequence
         if seq >= _MAX_SEQUENCE:
             raise OverflowError("2**64 frames on one connection: reconnect")
         self.sequence = seq + 1
-        return self._aead.encrypt(_NONCE.pack(seq), plaintext, None)
+        nonce = _NONCE.pack(seq)
+        length = _LENGTH.pack(len(header))
+        if len(payload) < _STREAM_FROM:
+            return length + self._aead.encrypt(nonce, header + payload, length)
+        encryptor = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(length)
+        pieces = [length, encryptor.update(header), encryptor.update(payload)]
+        encryptor.finalize()
+        pieces.append(encryptor.tag)
+        return b"".join(pieces)
 
 
 class FrameOpener:
     """One direction, receiving side: opens frames numbered 0, 1, 2, ... in order."""
 
     def __init__(self, key: bytes) -> None:
+        self._key = key
         self._aead = AESGCM(key)
         #: The sequence number the next frame must have.
         self.sequence = 0
 
-    def open(self, frame: bytes) -> bytes:
+    def open(self, frame: bytes) -> tuple[bytes, bytes]:
         """
         Check and decrypt the next frame.
 
+        @return: its header and payload (see L{FrameSealer}).
         @raise IntegrityError: it is not the next frame the peer sealed
             (altered, injected, replayed, out of order, or one went missing
             before it).  Nothing is returned and the sequence stays where it
@@ -125,8 +155,24 @@ class FrameOpener:
                 f"integrity check failed on frame {seq}: {len(frame)} bytes is too short "
                 "for a sealed frame; the connection was tampered with (or the peer is broken)"
             )
+        (n,) = _LENGTH.unpack_from(frame)
+        body = len(frame) - OVERHEAD
+        nonce = _NONCE.pack(seq)
         try:
-            plaintext = self._aead.decrypt(_NONCE.pack(seq), frame, None)
+            if n > body:
+                raise InvalidTag()  # the length was altered: the tag would say so
+            if body - n < _STREAM_FROM:
+                plain = self._aead.decrypt(nonce, memoryview(frame)[_LENGTH.size :], frame[:4])
+                header, payload = plain[:n], plain[n:]
+            else:
+                view = memoryview(frame)
+                tag = bytes(view[-_TAG:])
+                decryptor = Cipher(algorithms.AES(self._key), modes.GCM(nonce, tag)).decryptor()
+                decryptor.authenticate_additional_data(frame[: _LENGTH.size])
+                end = _LENGTH.size + n
+                header = decryptor.update(view[_LENGTH.size : end])
+                payload = decryptor.update(view[end:-_TAG])
+                decryptor.finalize()
         except InvalidTag:
             raise IntegrityError(
                 f"integrity check failed on frame {seq}: it was altered, injected, replayed, "
@@ -134,7 +180,7 @@ class FrameOpener:
                 "is tampering with the connection"
             ) from None
         self.sequence = seq + 1
-        return plaintext
+        return header, payload
 
 
 class SecureChannel:
@@ -177,17 +223,17 @@ class SecureChannel:
         )
         return cls(forward, backward) if initiator else cls(backward, forward)
 
-    def seal(self, plaintext: bytes) -> bytes:
-        """Seal raw bytes as the next outgoing frame."""
-        return self.sealer.seal(plaintext)
+    def seal(self, header: bytes, payload: bytes = b"") -> bytes:
+        """Seal raw parts as the next outgoing frame (L{encode} seals a message)."""
+        return self.sealer.seal(header, payload)
 
-    def open(self, frame: bytes) -> bytes:
+    def open(self, frame: bytes) -> tuple[bytes, bytes]:
         """Open the next incoming frame. @raise IntegrityError: see L{FrameOpener.open}."""
         return self.opener.open(frame)
 
     def encode(self, message: Message) -> bytes:
         """The next outgoing frame: C{message}, encoded and sealed."""
-        return self.sealer.seal(codec.encode_message(message))
+        return self.sealer.seal(*codec.message_parts(message))
 
     def decode(self, frame: bytes) -> Message:
         """
@@ -197,4 +243,4 @@ class SecureChannel:
         @raise RemoteProtocolError: it checked out but holds no valid message
             (a broken peer that has the key).
         """
-        return codec.decode_message(self.opener.open(frame))
+        return codec.message_from_parts(*self.opener.open(frame))
