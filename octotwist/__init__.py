@@ -8,8 +8,12 @@ C{octo server job.py} plus C{octo client HOST} on each worker machine.
 
 Public modules: L{octotwist.transport} (the L{TaskServer}/L{TaskClient} a
 transport subclasses), L{octotwist.hookspecs} (plugin hooks and discovery),
-L{octotwist.messages} (what transports carry) and L{octotwist.codec} (how
-they become bytes).  Everything else is internal.
+L{octotwist.messages} (what transports carry), L{octotwist.secure} (the
+channel layer every frame after authentication goes through),
+L{octotwist.handshake} (the shared secret's handshake, without I/O),
+L{octotwist.limits} (limits before authentication), L{octotwist.codec} and
+L{octotwist.framing} (bytes), and L{octotwist.testing} (the conformance kit,
+and a relay for tampering tests).  Everything else is internal.
 """
 
 __version__ = "0.1.0"
