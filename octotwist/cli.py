@@ -1,6 +1,6 @@
 """
 The C{octo} command: C{octo run}, C{octo server}, C{octo client},
-C{octo transports}.
+C{octo secret}, C{octo transports}.
 
 Exit status: 0 the job succeeded (or, for a client, the server said it is
 over); 1 the job failed; 2 bad usage, a bad job script or a bad option.
@@ -77,7 +77,8 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
             "secret-file",
             None,
             None,
-            f"File holding the shared secret (default: ${auth.SECRET_ENV}, "
+            f"File holding the shared secret, at least {auth.MIN_SECRET_LENGTH} characters, "
+            f"mode 0600 (`octo secret -o FILE` makes one; default: ${auth.SECRET_ENV}, "
             "else the local server's).",
         ],
         ["name", "n", None, "Worker name in the server's logs (default HOST:PID)."],
@@ -139,17 +140,41 @@ class TransportsOptions(usage.Options):
     synopsis = ""
 
 
+class SecretOptions(usage.Options):
+    synopsis = "[-o FILE]"
+    longdesc = (
+        "Make a new random shared secret (256 bits, 43 characters) and print it, or "
+        "write it to a new file of mode 0600 with -o. Give the same file to the server "
+        "and every worker: --secret-file FILE."
+    )
+    optParameters = [
+        [
+            "output",
+            "o",
+            None,
+            "Write the secret to this new file, mode 0600, instead of stdout "
+            "(an existing file is left alone).",
+        ],
+    ]
+
+
 class Options(usage.Options):
     # Subcommands' usage lines read "Usage: octo client [options] ...".
     synopsis = "Usage: octo"
     longdesc = (
         "octotwist: MapReduce for a handful of machines, octo.py's way. "
-        "Commands: octo run|server|client|transports; octo COMMAND --help for each."
+        "Commands: octo run|server|client|secret|transports; octo COMMAND --help for each."
     )
     subCommands = [
         ["run", None, RunOptions, "Run a job here: server plus local workers."],
         ["server", None, ServerOptions, "Serve a job to workers."],
         ["client", None, ClientOptions, "Work for a server."],
+        [
+            "secret",
+            None,
+            SecretOptions,
+            "Make a new shared secret: print it, or -o FILE writes it (mode 0600).",
+        ],
         ["transports", None, TransportsOptions, "List the installed transports."],
     ]
 
@@ -159,7 +184,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("which command? octo run|server|client|transports")
+            raise usage.UsageError("which command? octo run|server|client|secret|transports")
 
 
 def _start_logging(options: usage.Options, sink: LogSink) -> None:
@@ -235,8 +260,9 @@ async def _work(reactor: Any, options: ClientOptions) -> int:
 
 def _secret_if_any(options: ClientOptions) -> bytes:
     """The configured or local secret, for a client that can do without one."""
-    if auth.configured_secret(options["secret-file"]) is not None:
-        return auth.client_secret(options["secret-file"])
+    configured = auth.configured_secret(options["secret-file"])  # read once: it may be a pipe
+    if configured is not None:
+        return configured
     if auth.default_secret_path().exists():
         return auth.client_secret(None)
     return b""
@@ -248,11 +274,12 @@ async def _client_secret(reactor: Any, options: ClientOptions) -> bytes:
     may start before its server: then wait (up to C{--wait}) for the server
     to create it.
     """
-    if auth.configured_secret(options["secret-file"]) is not None:
-        return auth.client_secret(options["secret-file"])
+    configured = auth.configured_secret(options["secret-file"])  # read once: it may be a pipe
+    if configured is not None:
+        return configured
     path = auth.default_secret_path()
     waited = 0.0
-    while not path.exists() and waited < options["wait"]:
+    while not _written(path) and waited < options["wait"]:
         if waited == 0:
             _log.info(
                 "no secret configured and none in {path} yet; waiting for a local "
@@ -263,6 +290,14 @@ async def _client_secret(reactor: Any, options: ClientOptions) -> bytes:
         await deferLater(reactor, 0.5)
         waited += 0.5
     return auth.client_secret(None)
+
+
+def _written(path: Path) -> bool:
+    """Whether the file is there with something in it (not just created)."""
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 async def _run(reactor: Any, options: RunOptions) -> int:
@@ -331,6 +366,47 @@ async def _serve_locally(
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
+def _make_secret(options: SecretOptions) -> int:
+    """
+    C{octo secret}: print a new secret, or write it to C{-o FILE}, mode 0600.
+
+    @raise UsageError: the file exists already or cannot be created.
+    """
+    path = options["output"]
+    if path is None:
+        _warn_if_stdout_is_open()
+        print(auth.new_secret())
+        return EXIT_OK
+    try:
+        auth.create_secret_file(Path(path))
+    except FileExistsError:
+        raise UsageError(
+            f"{path} exists already; octo secret does not overwrite a secret that servers "
+            "and workers may be using. Remove it first, or choose another file"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"cannot create {path!r}: {e.strerror}") from None
+    sys.stderr.write(
+        f"octo: wrote a new secret to {path} (mode 0600). Copy it to the server and every "
+        f"worker over a channel you trust (scp -p keeps its mode), and pass --secret-file {path}\n"
+    )
+    return EXIT_OK
+
+
+def _warn_if_stdout_is_open() -> None:
+    """Say so when C{octo secret > FILE} writes to a file that others may read."""
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+        auth.check_file_mode("(standard output)", mode)
+    except (OSError, ValueError):
+        return  # no file descriptor: nothing to check
+    except UsageError:
+        sys.stderr.write(
+            "octo: standard output is a file that group or others may read; the server "
+            "and workers refuse such a secret file: chmod 600 it, or use octo secret -o FILE\n"
+        )
+
+
 def _list_transports() -> int:
     for name, t in sorted(transports().items()):
         print(f"{name:10} {t.description}")
@@ -362,6 +438,8 @@ def _main(argv: list[str] | None) -> None:
     try:
         if command == "transports":
             sys.exit(_list_transports())
+        if command == "secret":
+            sys.exit(_make_secret(sub))
         _start_logging(sub, _sink)
         action = {"run": _run, "server": _serve, "client": _work}[command]
         react(_guarded, (action, sub))

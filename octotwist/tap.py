@@ -263,8 +263,10 @@ class Options(InterspersedOptions):
             "secret-file",
             None,
             None,
-            f"File holding the shared secret (default: ${auth.SECRET_ENV}, else a secret "
-            "generated once and kept in ~/.config/octotwist/secret).",
+            f"File holding the shared secret, at least {auth.MIN_SECRET_LENGTH} characters, "
+            "mode 0600 (`octo secret -o FILE` makes one; default: "
+            f"${auth.SECRET_ENV}, else a secret generated once and kept in "
+            "~/.config/octotwist/secret).",
         ],
         [
             "output",

@@ -327,7 +327,7 @@ def test_wrong_secret_is_refused_and_the_server_keeps_serving(
         pytest.skip(f"{transport} authenticates with keys: see test_bad_credentials_are_refused")
     script = books_job(tmp_path)
     port = free_port()
-    server_env = dict(env, OCTO_SECRET="right-secret")
+    server_env = dict(env, OCTO_SECRET="right-secret-0123456789")
     server = start(
         "server",
         str(script),
@@ -345,7 +345,7 @@ def test_wrong_secret_is_refused_and_the_server_keeps_serving(
         f"127.0.0.1:{port}",
         "--transport",
         transport,
-        env=dict(env, OCTO_SECRET="wrong"),
+        env=dict(env, OCTO_SECRET="wrong-secret-0123456789"),
         timeout=30,
     )
     assert bad.returncode == 1
@@ -387,7 +387,7 @@ def test_generated_secret_is_private_and_found_by_a_local_client(env: dict, tmp_
 
 def test_client_without_a_server_retries_then_gives_up(transport: str, env: dict) -> None:
     port = free_port()
-    env = dict(env, OCTO_SECRET="x")
+    env = dict(env, OCTO_SECRET="x-secret-0123456789")
     r = octo(
         "client", f"127.0.0.1:{port}", "--transport", transport, "--wait", "2", env=env, timeout=30
     )
@@ -399,7 +399,7 @@ def test_client_without_a_server_retries_then_gives_up(transport: str, env: dict
 def test_client_started_before_the_server_gets_work(
     transport: str, env: dict, tmp_path: Path
 ) -> None:
-    env = dict(env, OCTO_SECRET="early-bird")
+    env = dict(env, OCTO_SECRET="early-bird-secret-0123")
     port = free_port()
     client = start("client", f"127.0.0.1:{port}", "--transport", transport, env=env)
     first = client.stderr.readline()  # blocks until the client has tried once
@@ -483,7 +483,7 @@ def test_bad_arguments_are_usage_errors(
 ) -> None:
     script = str(books_job(tmp_path))
     r = octo(
-        *[script if a == "JOB" else a for a in args], env=dict(env, OCTO_SECRET="x"), timeout=30
+        *[script if a == "JOB" else a for a in args], env=dict(env, OCTO_SECRET="x-secret-0123456789"), timeout=30
     )
     assert r.returncode == 2
     assert message in r.stderr
@@ -543,7 +543,7 @@ def test_a_stopped_server_leaves_the_previous_output_untouched(env: dict, tmp_pa
         str(out),
         "--listen",
         f"tcp:{port}:interface=127.0.0.1",
-        env=dict(env, OCTO_SECRET="x"),
+        env=dict(env, OCTO_SECRET="x-secret-0123456789"),
         cwd=tmp_path,
     )
     wait_for_port(port, server)
@@ -623,7 +623,7 @@ def test_a_full_disk_fails_the_job_with_a_clear_message(env: dict, tmp_path: Pat
 def test_client_stopped_by_sigterm_exits_non_zero(env: dict) -> None:
     import signal
 
-    client = start("client", f"127.0.0.1:{free_port()}", env=dict(env, OCTO_SECRET="x"))
+    client = start("client", f"127.0.0.1:{free_port()}", env=dict(env, OCTO_SECRET="x-secret-0123456789"))
     assert "retrying" in client.stderr.readline()
     client.send_signal(signal.SIGTERM)
     code, _, err = finish(client, timeout=30)

@@ -79,7 +79,7 @@ def test_tls_with_a_verified_certificate(env: dict, tmp_path: Path) -> None:
     (trust / "cert.pem").write_bytes(cert.read_bytes())
     port = free_port()
     out = tmp_path / "out.tsv"
-    env = dict(env, OCTO_SECRET="tls-and-secret")
+    env = dict(env, OCTO_SECRET="tls-and-secret-0123456789")
     server = start(
         "server", str(books_job(tmp_path)), "-o", str(out),
         "--listen", f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1",

@@ -434,7 +434,7 @@ def test_ca_file_that_is_not_a_certificate_is_a_usage_error(tmp_path: Path, env:
     bogus.write_text("not a certificate\n")
     r = octo(
         "client", "https://localhost:1/", "--transport", "http", "--ca-file", str(bogus),
-        env=dict(env, OCTO_SECRET="x"), timeout=30,
+        env=dict(env, OCTO_SECRET=SECRET.decode()), timeout=30,
     )  # fmt: skip
     assert r.returncode == 2
     assert f"--ca-file {bogus}: no PEM certificate" in r.stderr

@@ -78,7 +78,7 @@ def test_a_worker_cut_off_by_the_network_loses_its_tasks_after_the_lease(
     two_hosts: tuple[str, str, str], env: dict, tmp_path: Path
 ) -> None:
     server_ns, worker_ns, worker_if = two_hosts
-    env = dict(env, OCTO_SECRET="partition-test")
+    env = dict(env, OCTO_SECRET="partition-test-secret")
     out = tmp_path / "out.tsv"
     port = "18125"
     server = in_ns(
