@@ -9,7 +9,6 @@ over); 1 the job failed; 2 bad usage, a bad job script or a bad option.
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -39,7 +38,7 @@ from octotwist.hookspecs import get_transport, transports
 from octotwist.job import load_job
 from octotwist.progress import LiveProgress, LogSink
 from octotwist.server import JobServer
-from octotwist.status import StatusPage
+from octotwist.status import StatusPage, new_token
 from octotwist.transport import ClientSettings, ServerSettings, Transport
 
 _log = Logger()
@@ -308,7 +307,7 @@ async def _run(reactor: Any, options: RunOptions) -> int:
         transport = get_transport(options["transport"])
     # Server and workers share a fresh secret that never touches disk, on a
     # loopback port the kernel picks.
-    secret = secrets.token_urlsafe(32).encode()
+    secret = auth.new_secret().encode()
     job_server = tap.make_job_server(job, reactor, options, tap.open_output(options["output"], job))
     # Stopped before the job ended (Ctrl-C): no partial results file.
     reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
@@ -329,14 +328,17 @@ async def _serve_locally(
             transport.local_listen(Path(private.name)),
             secret,
             tap.transport_options(usage.Options(), transport, "server"),
-            status=StatusPage(job_server.status),
+            # Only this machine's workers can reach this server: no token.
+            status=StatusPage(job_server.status, token=None),
         ),
         job_server.accept,
     )
     web_port = None
     if options["web"] is not None:
         tap.check_server_endpoint(options["web"], "--web")
-        web_port = await tap.serve_status(job_server, options["web"])
+        # The server is local, so is the page, unless --web names an interface.
+        web = tap.web_endpoint(options["web"], "127.0.0.1")
+        web_port = await tap.serve_status(job_server, web, new_token())
     if _show_progress(job_server, reactor, options):
         job_server.log_progress = False
     address = await task_server.listen()

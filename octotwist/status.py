@@ -11,16 +11,34 @@ and swaps the fresh body in: one rendering path, no page reloads, nothing
 fetched from anywhere but this server.  The data comes from
 L{octotwist.server.JobServer.status}; its fields are documented in
 docs/status.md.
+
+The page shows what a stranger should not see (keys, tracebacks, host names,
+process ids), so L{StatusPage} guards itself, whoever serves it:
+
+  - it answers only to a C{Host} that is an IP address, C{localhost} or a
+    name of this machine, so that a web page elsewhere cannot read it
+    through DNS rebinding (421 otherwise);
+  - a page reachable from beyond this machine needs a token (403 without
+    it), given once as C{?token=} and then kept in a cookie;
+  - every response carries headers that keep a browser from running,
+    framing, caching or leaking the page where it should not
+    (L{SECURITY_HEADERS}).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import ipaddress
 import json
+import secrets
+import socket
 from collections.abc import Callable
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 
 if TYPE_CHECKING:  # twisted.web.server costs every command 20 ms to import
     from twisted.web.server import Request
@@ -31,19 +49,188 @@ Snapshot = Callable[[], dict[str, Any]]
 REFRESH_MS = 1000
 
 
+def new_token() -> str:
+    """
+    A fresh token for a status page reachable from beyond this machine.
+
+    It is random, one per server, rather than derived from the shared
+    secret: the token travels in URLs (the log line, the browser's history,
+    a proxy's log), and an HMAC of the secret there would let whoever reads
+    it test guesses of the secret offline, the attack that
+    L{octotwist.auth.MIN_SECRET_LENGTH} is about.  A random token tells
+    nothing about the secret, and stops working when the server ends.
+    """
+    return secrets.token_urlsafe(32)
+
+
 class StatusPage(Resource):
     """
     The root of the status site: C{b""} is the HTML page and
-    C{b"status.json"} the JSON; anything else is 404.
+    C{b"status.json"} the JSON; anything else is 404.  Every request is
+    first checked by L{getChildWithDefault} (C{Host}, then the token), the
+    one method through which any Twisted site, or a transport's own root
+    resource, reaches the children.
 
     @param snapshot: returns the current status (L{JobServer.status}).
+    @param token: the token a request must present (C{?token=TOKEN}, or the
+        cookie set by a request that did), from L{new_token}; C{None} for a
+        page only this machine can reach (bound to loopback, or a Unix
+        socket), which needs none.
     """
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, *, token: str | None) -> None:
         super().__init__()
         self.snapshot = snapshot
+        self.token = token
+        self._host_check = HostCheck()
         self.putChild(b"", _Page(snapshot))
         self.putChild(b"status.json", _Json(snapshot))
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        host = request.getHeader(b"host")
+        if host is not None and not self._host_check.accepts(host):
+            return _Refusal(
+                MISDIRECTED,
+                "This octo status page does not answer to the name "
+                f"{_printable(host)} (the request's Host). Use this machine's name or address "
+                "(a name that points here without being this machine's own is how "
+                "DNS rebinding attacks start).",
+            )
+        if self.token is not None and not self._token_ok(request):
+            return _Refusal(
+                FORBIDDEN,
+                "This octo status page needs its token: open the URL that the server "
+                "logged in its line 'status page at http://...?token=...'.",
+            )
+        return super().getChildWithDefault(path, request)
+
+    def _token_ok(self, request: Request) -> bool:
+        """
+        Whether C{request} presents the token: in C{?token=} (then it gets
+        the cookie, so that the page's own refresh and links work without
+        it), else in the cookie.  Compared in constant time.
+        """
+        assert self.token is not None
+        expected = self.token.encode()
+        given = (request.args or {}).get(b"token")
+        if given:
+            if not hmac.compare_digest(given[-1], expected):
+                return False
+            request.addCookie(
+                _cookie_name(request),
+                expected,
+                path=b"/",
+                httpOnly=True,
+                sameSite="Strict",
+                secure=bool(request.isSecure()),
+            )
+            return True
+        cookie = request.getCookie(_cookie_name(request))
+        return cookie is not None and hmac.compare_digest(cookie, expected)
+
+
+def _cookie_name(request: Request) -> bytes:
+    """
+    The cookie's name, with the port in it: a browser sends a host's
+    cookies to all its ports, and two servers on one machine have two
+    tokens.
+    """
+    port = getattr(request.getHost(), "port", None)
+    return b"octo-status" if port is None else b"octo-status-%d" % port
+
+
+def _printable(value: bytes) -> str:
+    return repr(value.decode("ascii", "replace")[:100])
+
+
+class HostCheck:
+    """
+    Which C{Host} headers the page answers to: IP addresses, C{localhost},
+    and the names of this machine (C{socket.gethostname()},
+    C{socket.getfqdn()}), with or without a port, in any case.
+
+    DNS rebinding points a name the attacker owns at this machine, so that
+    his page, in a browser here or on this network, reads ours as if it were
+    his: the browser then sends his name as C{Host}, which is refused.  An
+    IP address in C{Host} cannot be rebound.  The machine's names are looked
+    up once, the first time a name that is not C{localhost} arrives
+    (C{getfqdn()} may ask DNS).
+    """
+
+    _LOCAL = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+    def __init__(self) -> None:
+        self._names: frozenset[str] | None = None
+
+    def accepts(self, header: bytes) -> bool:
+        name = host_name(header)
+        if name is None:
+            return False
+        if name in self._LOCAL or _is_ip(name):
+            return True
+        if self._names is None:
+            self._names = machine_names()
+        return name in self._names
+
+
+def host_name(header: bytes) -> str | None:
+    """
+    The name in a C{Host} header, lower case, without port, brackets or a
+    final dot; C{None} if it is malformed.
+    """
+    try:
+        text = header.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("["):  # [v6]:port
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return name if _is_ip(name) else None
+    if text.count(":") == 1:
+        text, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
+    name = text.rstrip(".")
+    if not name or any(c.isspace() or c in "/@\\" for c in name):
+        return None
+    return name
+
+
+def machine_names() -> frozenset[str]:
+    """This machine's names, lower case, as the Host check accepts them."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    return frozenset(n.lower().rstrip(".") for n in names if n)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+MISDIRECTED, FORBIDDEN = 421, 403
+_REASONS = {MISDIRECTED: b"Misdirected Request", FORBIDDEN: b"Forbidden"}
+
+
+class _Refusal(Resource):
+    """A short plain-text refusal, for any method; it shows no job data."""
+
+    isLeaf = True
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__()
+        self.code = code
+        self.message = message
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(self.code, _REASONS[self.code])
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return (self.message + "\n").encode()
 
 
 class _Json(Resource):
@@ -55,7 +242,6 @@ class _Json(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
         return json.dumps(self.snapshot(), indent=1).encode()
 
 
@@ -68,7 +254,6 @@ class _Page(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
         status = self.snapshot()
         if request.args.get(b"part") == [b"main"]:
             return render_main(status).encode()
@@ -86,7 +271,7 @@ def render_page(status: dict[str, Any]) -> str:
         refresh=refresh,
         main=render_main(status),
         style=_STYLE,
-        script=_SCRIPT.replace("REFRESH_MS", str(REFRESH_MS)),
+        script=_SCRIPT_TEXT,
     )
 
 
@@ -266,3 +451,32 @@ _SCRIPT = """
   setTimeout(poll, delay);
 })();
 """
+
+_SCRIPT_TEXT = _SCRIPT.replace("REFRESH_MS", str(REFRESH_MS))
+
+
+def _sha256(text: str) -> str:
+    """A CSP source that allows exactly this inline script or style."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+#: Nothing but this server's own inline script and style (allowed by their
+#: hashes, so that no injected script could run even if escaping failed),
+#: fetches back to this server, and no framing, forms or base URL.
+CONTENT_SECURITY_POLICY = (
+    f"default-src 'none'; script-src {_sha256(_SCRIPT_TEXT)}; style-src {_sha256(_STYLE)}; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+#: Set on every response of the status site, refusals and 404s included:
+#: the policy above; no guessing of content types; no Referer (a URL with
+#: the token must not leak to another site); never cached (the data goes
+#: stale, and is not for a shared cache); never framed.
+SECURITY_HEADERS: dict[bytes, bytes] = {
+    b"content-security-policy": CONTENT_SECURITY_POLICY.encode(),
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+    b"cache-control": b"no-store",
+    b"x-frame-options": b"DENY",
+}

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import atexit
 import getopt
+import ipaddress
 import os
 import shlex
+import socket
 import sys
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import _parse, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -30,7 +32,7 @@ from octotwist.hookspecs import get_transport, transports
 from octotwist.job import Job, load_job
 from octotwist.output import Results, open_results
 from octotwist.server import FaultPolicy, JobOutcome, JobServer
-from octotwist.status import StatusPage
+from octotwist.status import StatusPage, new_token
 from octotwist.store import DEFAULT_MEMORY_LIMIT, BlobStore
 from octotwist.transport import Option, ServerSettings, TaskServer, Transport
 
@@ -172,8 +174,9 @@ WEB_PARAMETER = [
     None,
     None,
     "Serve the live status page (HTML at /, JSON at /status.json) on this endpoint, "
-    "e.g. tcp:8080:interface=127.0.0.1. It needs no secret and shows keys and tracebacks: "
-    "keep it on a trusted network. The http transport also serves it on its own port.",
+    "e.g. tcp:8080. Without interface= it binds the server's interface (127.0.0.1 for "
+    "octo run); reachable from other machines, it needs the token in the URL the server "
+    "logs. The http transport also serves it on its own port.",
 ]
 
 
@@ -362,12 +365,16 @@ class JobService(Service):
         listen: str,
         transport_name: str,
         web: str | None = None,
+        status_token: str | None = None,
     ) -> None:
         self.job_server = job_server
         self.task_server = task_server
         self.listen = listen
         self.transport_name = transport_name
         self.web = web
+        #: The status pages' token (L{octotwist.status.new_token}), needed
+        #: by those reachable from other machines.
+        self.status_token = status_token or new_token()
         self.address: str | None = None
         self._web_port: Any = None
         self.outcome: Deferred[JobOutcome] = Deferred()
@@ -380,7 +387,7 @@ class JobService(Service):
     async def _start(self) -> None:
         if self.web is not None:
             try:
-                self._web_port = await serve_status(self.job_server, self.web)
+                self._web_port = await serve_status(self.job_server, self.web, self.status_token)
             except Exception as e:
                 self._cannot_listen(Failure(e), self.web)
                 return
@@ -396,8 +403,26 @@ class JobService(Service):
             address=address,
             hint=_client_hint(address, self.transport_name),
         )
+        self._log_transport_page(address)
         self.listening.callback(address)
         self.job_server.start()
+
+    def _log_transport_page(self, address: str) -> None:
+        """
+        Where the transport serves the status page on its own port (an
+        HTTP transport, whose address is a URL), when that page needs the
+        token: the "serving job" line does not show it.
+        """
+        if not address.startswith(("http://", "https://")) or server_is_local(self.listen):
+            return
+        url = _everywhere_to_hostname(address)
+        _log.info(
+            "status page at {url}?token={token} (on the {transport} transport's port; "
+            "the token is required)",
+            url=url if url.endswith("/") else url + "/",
+            token=self.status_token,
+            transport=self.transport_name,
+        )
 
     def _cannot_listen(self, failure: Any, where: str) -> None:
         error = f"cannot listen on {where}: {failure.getErrorMessage()}"
@@ -471,17 +496,22 @@ def build_service(options: Options, reactor: Any, output: Results | None = None)
     job = load_job(options["script"])
     transport = get_transport(options["transport"])
     listen, secret = listen_settings(options, transport)
-    if options["web"] is not None:
-        check_server_endpoint(options["web"], "--web")
+    web = options["web"]
+    if web is not None:
+        check_server_endpoint(web, "--web")
+        web = web_endpoint(web, listen_interface(listen))
     if output is None:
         output = open_output(options["output"], job)
     job_server = make_job_server(job, reactor, options, output)
+    token = new_token()
     try:
         settings = ServerSettings(
             listen,
             secret,
             transport_options(options, transport, "server"),
-            status=StatusPage(job_server.status),
+            # The same guard wherever the page is served: on the transport's
+            # port, the token unless that port is this machine's only.
+            status=StatusPage(job_server.status, token=None if server_is_local(listen) else token),
         )
         task_server = transport.server_class()(reactor, settings, job_server.accept)
     except BaseException:
@@ -489,18 +519,97 @@ def build_service(options: Options, reactor: Any, output: Results | None = None)
         raise
     # Stopped before the job ended (Ctrl-C, SIGTERM): no partial results file.
     reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
-    return JobService(job_server, task_server, listen, transport.name, options["web"])
+    return JobService(job_server, task_server, listen, transport.name, web, token)
 
 
-async def serve_status(job_server: JobServer, endpoint: str) -> IListeningPort:
-    """Serve C{job_server}'s status page on C{endpoint} (C{--web})."""
+#: Where the interface sits among an endpoint's positional arguments, by
+#: prefix (C{tcp:8080:127.0.0.1}); it is usually given as C{interface=}.
+_INTERFACE_ARGUMENT = {"tcp": 2, "tcp6": 3, "ssl": 5, "tls": 4}
+
+
+def _interface_of(description: str) -> str | None:
+    """
+    The interface a TCP-based server endpoint string binds (C{""}: every
+    interface), or C{None} if it is no such endpoint (C{unix:}, a plugin's).
+    """
+    args, kwargs = _parse(description)
+    prefix = str(args[0]).lower() if args else ""
+    if prefix not in _INTERFACE_ARGUMENT:
+        return None
+    if "interface" in kwargs:
+        return str(kwargs["interface"])
+    index = _INTERFACE_ARGUMENT[prefix]
+    return str(args[index]) if len(args) > index else ""
+
+
+def listen_interface(listen: str) -> str:
+    """
+    The interface the task server's endpoint binds, for C{--web} to follow:
+    its own for a TCP port (C{""} for every interface), 127.0.0.1 for a
+    Unix socket or an endpoint whose interface cannot be told (safe: a
+    page there still answers from this machine).
+    """
+    interface = _interface_of(listen)
+    return "127.0.0.1" if interface is None else interface
+
+
+def web_endpoint(web: str, interface: str) -> str:
+    """
+    C{--web} bound to C{interface} (L{listen_interface}) when it names none,
+    so that a server kept to loopback does not show its status page to the
+    network: C{tcp:8080} becomes C{tcp:8080:interface=127.0.0.1}.
+    """
+    args, kwargs = _parse(web)
+    prefix = str(args[0]).lower() if args else ""
+    if prefix not in _INTERFACE_ARGUMENT:
+        return web  # a Unix socket (local), or an endpoint we cannot read
+    if "interface" in kwargs or len(args) > _INTERFACE_ARGUMENT[prefix]:
+        return web  # the user chose
+    if interface in ("", "0.0.0.0", "::"):
+        return web
+    if prefix in ("tcp6", "tls") and not _is_ipv6(interface):
+        if not _is_loopback_address(interface):
+            return web  # an IPv6 endpoint cannot bind that IPv4 address
+        interface = "::1"
+    return f"{web}:interface={interface.replace(':', chr(92) + ':')}"
+
+
+def _is_ipv6(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).version == 6
+    except ValueError:
+        return False
+
+
+def _is_loopback_address(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address.lower() == "localhost"
+
+
+async def serve_status(job_server: JobServer, endpoint: str, token: str) -> IListeningPort:
+    """
+    Serve C{job_server}'s status page on C{endpoint} (C{--web}, with its
+    interface filled in by L{web_endpoint}), and log its URL: with the
+    token when the page is reachable from other machines, which then
+    refuses requests without it.
+    """
     from twisted.internet import reactor
     from twisted.web.server import Site
 
-    site = Site(StatusPage(job_server.status))
+    local = server_is_local(endpoint)
+    site = Site(StatusPage(job_server.status, token=None if local else token))
     site.noisy = False
+    site.displayTracebacks = False
     port = await serverFromString(reactor, endpoint).listen(site)
-    _log.info("status page at {url}", url=_url(port, endpoint))
+    bound = port.getHost()
+    _log.info(
+        "status page at {url} (listening on {bound}{scope})",
+        url=_status_url(bound, endpoint, None if local else token),
+        bound=_bound(bound),
+        scope="; this machine only" if local else "; the token is required",
+    )
     return port
 
 
@@ -515,12 +624,34 @@ async def stop_status(port: IListeningPort, reactor: Any) -> None:
     await port.stopListening()
 
 
-def _url(port: IListeningPort, endpoint: str) -> str:
-    host = port.getHost()
-    if not hasattr(host, "port"):
+def _status_url(bound: Any, endpoint: str, token: str | None) -> str:
+    """
+    The URL to open: the bound address, or this machine's name when it is
+    bound to every interface, with C{?token=} when the page needs it.
+    """
+    if not hasattr(bound, "port"):  # a Unix socket: there is no URL
         return endpoint
-    name = host.host if host.host not in ("0.0.0.0", "::", "") else "localhost"
-    return f"http://{name if ':' not in name else f'[{name}]'}:{host.port}/"
+    scheme = "https" if endpoint.split(":", 1)[0].lower() in ("ssl", "tls") else "http"
+    name = bound.host if bound.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    host = f"[{name}]" if ":" in name else name
+    return f"{scheme}://{host}:{bound.port}/" + (f"?token={token}" if token else "")
+
+
+def _bound(bound: Any) -> str:
+    """C{127.0.0.1:8080}, C{every interface, 0.0.0.0:8080}, a socket's path."""
+    if not hasattr(bound, "port"):
+        name = getattr(bound, "name", bound)
+        return name.decode() if isinstance(name, bytes) else str(name)
+    host = f"[{bound.host}]" if ":" in bound.host else bound.host
+    every = "every interface, " if bound.host in ("0.0.0.0", "::", "") else ""
+    return f"{every}{host}:{bound.port}"
+
+
+def _everywhere_to_hostname(url: str) -> str:
+    """A URL on 0.0.0.0 or [::] with this machine's name instead, to be clicked."""
+    for anywhere in ("//0.0.0.0:", "//[::]:"):
+        url = url.replace(anywhere, f"//{socket.gethostname()}:")
+    return url
 
 
 def open_output(path: str | None, job: Job) -> Results | None:
