@@ -6,6 +6,10 @@ Outputs are staged per attempt while their parts arrive and count only once
 the scheduler accepts the attempt (L{BlobStore.commit}); the outputs of a
 failed, cancelled or duplicate attempt are dropped (L{BlobStore.discard}).
 The server never unpickles what it stores here.
+
+A spill file that cannot be written (a full disk, say) raises L{SpillError},
+which says where and what to do: the server fails the job with it, since
+retrying the task would only fill the same disk again.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import tempfile
 from array import array
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import BinaryIO
 
+from octotwist.errors import OctotwistError
 from octotwist.messages import TaskId, TaskKind
 
 #: Bytes of blobs held in memory before the spill file (C{--memory-limit}).
@@ -35,6 +41,24 @@ _SIZE_BITS = 40  # blobs up to 1 TiB; offsets up to 2**23 TiB
 
 def _on_disk(offset: int, size: int) -> int:
     return offset << _SIZE_BITS | size
+
+
+class SpillError(OctotwistError):
+    """
+    The spill file could not be created or written: the directory is full,
+    gone or not writable.  Not a peer's fault and not the task's: no retry
+    helps, so the job fails with this message.
+    """
+
+    def __init__(self, directory: str, error: OSError) -> None:
+        self.directory = directory
+        self.error = error
+        why = (error.strerror or str(error)).lower()
+        super().__init__(
+            f"cannot spill to {directory}: {why}. Free space there, point TMPDIR "
+            "at a file system with room for the job's map output, or raise "
+            "--memory-limit (MiB) so that more of it stays in memory"
+        )
 
 
 class _Committed:
@@ -66,7 +90,8 @@ class BlobStore:
         self.spill_dir = spill_dir
         self.in_memory = 0
         self.on_disk = 0
-        self._spill: tempfile._TemporaryFileWrapper | None = None
+        self._spill: BinaryIO | None = None
+        self._spill_end = 0  # where the next spilled blob goes
         self._parts: dict[tuple[TaskId, int, int], list[bytes]] = {}
         self._staged: defaultdict[_Attempt, list[tuple[int, _Ref]]] = defaultdict(list)
         # Map outputs by partition (a reduce task reads one partition);
@@ -75,7 +100,12 @@ class BlobStore:
         self._results: dict[int, list[tuple[int, _Ref]]] = {}
 
     def add_part(self, task: TaskId, attempt: int, partition: int, data: bytes, end: bool) -> None:
-        """Stage one part of an attempt's output for C{partition}."""
+        """
+        Stage one part of an attempt's output for C{partition}.
+
+        @raise SpillError: the part had to go to the spill file, which
+            cannot be written.
+        """
         key = (task, attempt, partition)
         if not end:
             self._parts.setdefault(key, []).append(data)
@@ -139,24 +169,42 @@ class BlobStore:
             del self._parts[key]
 
     def _put(self, blob: bytes) -> _Ref:
+        """
+        Keep C{blob} in memory, or append it to the spill file.
+
+        @raise SpillError: the spill file cannot be created or written.
+        """
         if self.in_memory + len(blob) <= self.memory_limit:
             self.in_memory += len(blob)
             return blob
-        if self._spill is None:
-            # Lives as long as the store; close() ends it.
-            self._spill = tempfile.TemporaryFile(  # noqa: SIM115
-                prefix="octo-spill-", dir=self.spill_dir
-            )
-        offset = self._spill.seek(0, os.SEEK_END)
-        self._spill.write(blob)
+        offset = self._spill_end
+        try:
+            fd = self._spill_fd()
+            # Unbuffered, at an offset we keep: a write that fails fails
+            # here, not at a later flush inside some reader, and a blob
+            # that was half written is simply overwritten by the next one.
+            view, written = memoryview(blob), 0
+            while written < len(blob):
+                written += os.pwrite(fd, view[written:], offset + written)
+        except OSError as e:
+            raise SpillError(self.spill_dir or tempfile.gettempdir(), e) from e
+        self._spill_end = offset + len(blob)
         self.on_disk += len(blob)
         return _on_disk(offset, len(blob))
+
+    def _spill_fd(self) -> int:
+        if self._spill is None:
+            # Unlinked at once (O_TMPFILE where there is one): it never
+            # outlives us, and close() ends it.
+            self._spill = tempfile.TemporaryFile(  # noqa: SIM115
+                prefix="octo-spill-", dir=self.spill_dir, buffering=0
+            )
+        return self._spill.fileno()
 
     def _get(self, ref: _Ref) -> bytes:
         if isinstance(ref, bytes):
             return ref
         assert self._spill is not None
-        self._spill.flush()
         offset, size = ref >> _SIZE_BITS, ref & ((1 << _SIZE_BITS) - 1)
         return os.pread(self._spill.fileno(), size, offset)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from octotwist import codec, messages
 from octotwist.errors import RemoteProtocolError
 from octotwist.messages import TaskId, TaskKind
-from octotwist.store import BlobStore
+from octotwist.store import BlobStore, SpillError
 
 M0, M1 = TaskId(TaskKind.MAP, 0), TaskId(TaskKind.MAP, 1)
 
@@ -102,4 +104,44 @@ def test_store_hands_out_and_forgets_one_tasks_outputs(tmp_path) -> None:
     assert list(store.outputs(R1)) == [] and list(store.outputs(R0)) == [b"r0"]
     store.forget(R0)
     assert store.in_memory == 0 and store.on_disk == 0
+    store.close()
+
+
+def test_spilled_blobs_survive_short_writes(tmp_path, monkeypatch) -> None:
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: real_pwrite(fd, bytes(data)[:3], at))
+    store = BlobStore(memory_limit=0, spill_dir=str(tmp_path))
+    store.add_part(M0, 1, 0, b"0123456789", end=True)
+    store.add_part(M1, 1, 0, b"abcdefg", end=True)
+    store.commit(M0, 1)
+    store.commit(M1, 1)
+    assert list(store.blobs(0)) == [b"0123456789", b"abcdefg"]
+    store.close()
+
+
+def test_a_full_spill_file_says_where_and_what_to_do(tmp_path, monkeypatch) -> None:
+    store = BlobStore(memory_limit=4, spill_dir=str(tmp_path))
+    store.add_part(M0, 1, 0, b"kept", end=True)  # in memory
+    store.add_part(M0, 1, 1, b"spilled", end=True)
+    real_pwrite = os.pwrite
+
+    def full(fd: int, data: bytes, at: int) -> int:
+        if len(data) > 2:
+            return real_pwrite(fd, bytes(data)[:2], at)  # what fits, then no more
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(SpillError) as caught:
+        store.add_part(M1, 1, 0, b"no room for this", end=True)
+    message = str(caught.value)
+    assert message.startswith(f"cannot spill to {tmp_path}: no space left on device. ")
+    assert "TMPDIR" in message and "--memory-limit" in message
+    monkeypatch.undo()
+    # What was stored before is intact, and a later blob overwrites the
+    # half-written one.
+    store.add_part(M1, 1, 0, b"fits now", end=True)
+    store.commit(M0, 1)
+    store.commit(M1, 1)
+    assert list(store.blobs(0)) == [b"kept", b"fits now"]
+    assert list(store.blobs(1)) == [b"spilled"]
     store.close()
