@@ -4,6 +4,11 @@ The worker: connects to a server, receives the job, runs what it is told.
 L{WorkerSession} is the worker's side of one connection; L{run_worker}
 connects (retrying with backoff while the server is not there), runs
 sessions until the server says the job is over, and returns.
+
+A server message that makes no sense here (an C{Assign} before the
+C{Welcome}, a heartbeat interval of zero), or that makes handling it raise
+for any reason, closes the connection with one error line saying why; the
+worker then reconnects, waiting longer each time the server does it again.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from octotwist import messages
 from octotwist.errors import AuthenticationError, RemoteProtocolError
@@ -58,10 +64,46 @@ class WorkerSession:
         self._running: dict[tuple[TaskId, int], Callable[[], None]] = {}
         self._heartbeat: LoopingCall | None = None
         self._shutdown: messages.Shutdown | None = None
+        #: Why we hung up on the server, if we did (it sent something wrong).
+        self.refused: str | None = None
 
     def message_received(self, message: messages.Message) -> None:
+        if self.refused is not None:
+            return  # we hung up; what still arrives is not read
+        try:
+            self._handle(message)
+        except RemoteProtocolError as e:
+            self._refuse(str(e))
+        except Exception:
+            failure = Failure()
+            why = (
+                f"handling its {type(message).__name__} raised "
+                f"{failure.type.__name__}: {failure.getErrorMessage()}"
+            )
+            _log.failure("{why}", failure, level=LogLevel.debug, why=why)
+            self._refuse(f"{why} (unexpected: please report it; the traceback is logged with -v)")
+
+    def _refuse(self, why: str) -> None:
+        self.refused = why
+        _log.error(
+            "closing the connection to the server {peer}: {why}", peer=self.channel.peer, why=why
+        )
+        self.outbox.clear()
+        self.channel.close()
+
+    def _handle(self, message: messages.Message) -> None:
+        if self.welcome is None and not isinstance(message, (messages.Welcome, messages.Shutdown)):
+            raise RemoteProtocolError(f"expected Welcome, got {type(message).__name__}")
         match message:
             case messages.Welcome() if self.welcome is None:
+                if message.reduce_tasks < 1:
+                    raise RemoteProtocolError(
+                        f"Welcome with {message.reduce_tasks} reduce tasks (at least 1)"
+                    )
+                if not message.heartbeat_interval > 0:
+                    raise RemoteProtocolError(
+                        f"Welcome with a heartbeat interval of {message.heartbeat_interval} s"
+                    )
                 self._start(message)
             case messages.TaskInput(task, attempt, data, end):
                 key = (task, attempt)
@@ -72,6 +114,8 @@ class WorkerSession:
                 blob = data if pending is None else b"".join([*pending, data])
                 self._inputs.setdefault(key, []).append(blob)
             case messages.Assign(task, attempt):
+                if (task, attempt) in self._running:
+                    raise RemoteProtocolError(f"{task} attempt {attempt} assigned twice")
                 self._run(task, attempt)
             case messages.Cancel(task, attempt):
                 kill = self._running.pop((task, attempt), None)
@@ -193,6 +237,7 @@ async def run_worker(
     """
     name = name or default_name()
     delay = 0.5
+    refused_delay = 0.5  # before reconnecting to a server we hung up on
     since: float | None = None
     sessions: list[WorkerSession] = []
 
@@ -229,7 +274,15 @@ async def run_worker(
                 how="" if shutdown.ok else f" (it failed: {_short(Exception(shutdown.reason))})",
             )
             return shutdown
-        _log.warn("lost the connection to the server; reconnecting")
+        refused = sessions[-1].refused
+        if refused is None:
+            refused_delay = 0.5
+            _log.warn("lost the connection to the server; reconnecting")
+            continue
+        # It will likely say the same again: do not hammer it.
+        _log.warn("reconnecting to the server in {delay:.1f} s", delay=refused_delay)
+        await deferLater(reactor, refused_delay)
+        refused_delay = min(refused_delay * 2, 10.0)
 
 
 def _short(e: BaseException) -> str:

@@ -381,6 +381,17 @@ class Scheduler:
         w = self._workers.get(worker)
         return w is not None and (task, attempt) in w.running
 
+    def accepts_output(self, worker: str, task: TaskId, attempt: int) -> bool:
+        """
+        Whether output C{worker} sends for this attempt is to be kept:
+        C{True} while the attempt is live, C{False} once it was cancelled
+        (late output, to drop).
+
+        @raise InvalidEvent: the worker was never given this attempt, or has
+            already reported it finished.
+        """
+        return self._reported_attempt(worker, task, attempt) is not None
+
     def is_done(self, task: TaskId) -> bool:
         """Whether C{task} has succeeded (its output counts)."""
         return self._task(task).status is TaskStatus.DONE

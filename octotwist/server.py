@@ -7,20 +7,29 @@ events, and the server turns the scheduler's decisions into messages.  When
 the scheduler says the job is finished, the server decodes the reduce outputs
 in partition order and calls the job's C{final()} (or writes C{key<TAB>value}
 lines), tells every worker to shut down, and fires L{JobServer.result}.
+
+One peer cannot stop the job.  Every message has had its field types checked
+by the codec; here its values are checked too (a Hello with no slots, output
+for an attempt the worker was never given), and whatever goes wrong while
+one peer's message is handled, a refusal or a bug, closes that peer's
+connection alone: its tasks go back in the queue and the job goes on.  The
+timers and the status page keep working through any error.  What cannot be
+retried away (a spill file that cannot be written) fails the job instead.
 """
 
 from __future__ import annotations
 
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from octotwist import codec, messages
 from octotwist.errors import OctotwistError, RemoteProtocolError, UsageError
@@ -41,7 +50,7 @@ from octotwist.scheduler import (
     WorkerJoined,
     WorkerLeft,
 )
-from octotwist.store import BlobStore
+from octotwist.store import BlobStore, SpillError
 from octotwist.transport import MessageChannel
 
 _log = Logger()
@@ -50,6 +59,16 @@ _log = Logger()
 DEFAULT_REDUCE_TASKS = 8
 #: Failed attempts the status page keeps (the newest).
 MAX_FAILURES_SHOWN = 50
+#: Most tasks a worker may say it runs at once (C{octo client -p}), and most
+#: it may ask to have queued: far more than a machine has cores.  A Hello
+#: past it is nonsense, and would hand one worker every task.
+MAX_SLOTS = 4096
+#: Longest worker name, host name or machine id a Hello may carry.
+MAX_NAME = 200
+#: What the server keeps of a failed attempt's error line and key, and of
+#: its traceback (each is kept for the status page and the job's failure).
+MAX_ERROR_TEXT = 2000
+MAX_TRACEBACK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,7 @@ class JobServer:
         self._results = 0  # written so far
         self._written = 0  # partitions written (to an output that takes early writes)
         self._finishing: list[Callable[[], None]] = []
+        self._bug_logged = False
 
     def before_final(self, callback: Callable[[], None]) -> None:
         """
@@ -199,14 +219,23 @@ class JobServer:
 
     # Called by sessions.
 
-    def joined(self, session: _WorkerSession, hello: messages.Hello) -> str:
+    def joined(self, session: _WorkerSession, hello: messages.Hello) -> None:
+        """
+        A worker said Hello: it becomes a worker of the scheduler, and only
+        then one of ours (C{session.name} is set), so that no session ever
+        names a worker the scheduler does not know.
+
+        @raise RemoteProtocolError: the Hello makes no sense.
+        """
+        _check_hello(hello)
         name = hello.name
         n = 1
         while name in self._sessions:
             n += 1
             name = f"{hello.name}#{n}"
-        self._sessions[name] = session
         self.scheduler.handle(WorkerJoined(name, hello.slots + hello.prefetch))
+        self._sessions[name] = session
+        session.name, session.hello = name, hello
         self.scheduler.handle(Heard(name, self.reactor.seconds()))
         _log.info(
             "worker {worker} joined from {peer} ({slots} process{es})",
@@ -216,7 +245,6 @@ class JobServer:
             es="" if hello.slots == 1 else "es",
         )
         self._dispatch()
-        return name
 
     def left(self, session: _WorkerSession, reason: str) -> None:
         self._all_sessions.discard(session)
@@ -245,10 +273,20 @@ class JobServer:
         self.scheduler.handle(Heard(name, self.reactor.seconds()))
 
     def task_output(self, name: str, msg: messages.TaskOutput) -> None:
+        """
+        Store one part of an attempt's output.
+
+        @raise RemoteProtocolError: the worker was never given this attempt.
+        """
         # Output of a cancelled or expired attempt can never count: drop it
         # now rather than store it.
-        if self.scheduler.is_live(name, msg.task, msg.attempt):
+        if not self.scheduler.accepts_output(name, msg.task, msg.attempt):
+            return
+        try:
             self.store.add_part(msg.task, msg.attempt, msg.partition, msg.data, msg.end)
+        except SpillError as e:
+            # Every retry would fill the same disk: fail now, once.
+            self._fail(str(e))
 
     def task_done(self, name: str, msg: messages.TaskDone) -> None:
         verdict = self.scheduler.handle(AttemptSucceeded(name, msg.task, msg.attempt))
@@ -269,6 +307,15 @@ class JobServer:
         self._after_change()
 
     def task_failed(self, name: str, msg: messages.TaskFailed) -> None:
+        # Kept for the status page and the job's failure: bounded, whatever
+        # the worker sent.
+        msg = messages.TaskFailed(
+            msg.task,
+            msg.attempt,
+            None if msg.key is None else _clip(msg.key, MAX_ERROR_TEXT),
+            _clip(msg.error, MAX_ERROR_TEXT),
+            _clip(msg.traceback, MAX_TRACEBACK),
+        )
         live = self.scheduler.is_live(name, msg.task, msg.attempt)
         self.scheduler.handle(
             AttemptFailed(name, msg.task, msg.attempt, msg.key, msg.error, msg.traceback)
@@ -297,6 +344,13 @@ class JobServer:
         self._after_change()
 
     def _tick(self) -> None:
+        # A LoopingCall stops for good at the first exception: never let one out.
+        try:
+            self._on_tick()
+        except Exception:
+            self._bug(Failure(), "the server's timer")
+
+    def _on_tick(self) -> None:
         now = self.reactor.seconds()
         last, self._last_tick = self._last_tick, now
         if last is not None and now - last > self.policy.heartbeat + 1.0:
@@ -340,25 +394,35 @@ class JobServer:
         if self.finished:
             return
         for name, session in list(self._sessions.items()):
-            while not self.scheduler.done:
-                assignment = self.scheduler.next_assignment(name)
-                if assignment is NO_WORK:
-                    break
-                if assignment.backup:
-                    _log.info(
-                        "{task} is slow; running a backup copy on {worker}",
-                        task=str(assignment.task),
-                        worker=name,
-                    )
-                try:
-                    self._send_task(session, assignment.task, assignment.attempt, assignment.key)
-                except _SourceError as e:
-                    self._fail(str(e))
-                    return
+            if self._sessions.get(name) is not session:
+                continue  # it left while we served the others
+            try:
+                self._fill(name, session)
+            except _SourceError as e:
+                self._fail(str(e))
+                return
+            except Exception:
+                # Whatever it was, it concerns this worker: it goes, and its
+                # tasks go back in the queue.
+                session.close(self._bug(Failure(), f"sending work to {name}"))
         if self._sessions or self._waiting_logged:
             return
         self._waiting_logged = True
         _log.info("no workers connected; waiting for one")
+
+    def _fill(self, name: str, session: _WorkerSession) -> None:
+        """Give one worker as many tasks as it has free slots."""
+        while not self.scheduler.done and not session.closed:
+            assignment = self.scheduler.next_assignment(name)
+            if assignment is NO_WORK:
+                return
+            if assignment.backup:
+                _log.info(
+                    "{task} is slow; running a backup copy on {worker}",
+                    task=str(assignment.task),
+                    worker=name,
+                )
+            self._send_task(session, assignment.task, assignment.attempt, assignment.key)
 
     def _send_task(self, session: _WorkerSession, task: TaskId, attempt: int, key: Any) -> None:
         if task.kind is TaskKind.MAP:
@@ -368,11 +432,24 @@ class JobServer:
             except Exception as e:
                 raise _SourceError(f"reading source[{key!r}] raised {type(e).__name__}: {e}") from e
         else:
-            blobs = self.store.blobs(task.index)
+            blobs = self._stored_input(task.index)
         session.outbox.send_blobs(
             blobs, lambda data, end: messages.TaskInput(task, attempt, data, end)
         )
         session.outbox.send(messages.Assign(task, attempt))
+
+    def _stored_input(self, partition: int) -> Iterator[bytes]:
+        """
+        A reduce task's input, read from the store as the outbox sends it.
+        A spill file that cannot be read fails the job, a reactor turn later:
+        the outbox that reads this is mid-send, and the job's end clears it.
+        """
+        try:
+            yield from self.store.blobs(partition)
+        except OSError as e:
+            error = f"cannot read the spill file: {e.strerror or e}"
+            self.reactor.callLater(0, self._fail_unless_over, error)
+            raise
 
     @property
     def finished(self) -> bool:
@@ -457,6 +534,10 @@ class JobServer:
                 self._results += len(keys)
             self.store.forget(task)
 
+    def _fail_unless_over(self, error: str) -> None:
+        if not self.finished:
+            self._fail(error)
+
     def _fail(self, error: str) -> None:
         _log.error("job {job} failed: {error}", job=self.job.name, error=error)
         self._end(JobOutcome(False, error, 0, self.reactor.seconds() - self._started))
@@ -508,22 +589,10 @@ class JobServer:
                 "running": c.running,
                 "pending": c.pending,
             }
-        workers = []
-        for name, session in sorted(self._sessions.items()):
-            hello = session.hello
-            running = self.scheduler.running(name) if not self.scheduler.done else []
-            workers.append(
-                {
-                    "name": name,
-                    "host": hello.host if hello else None,
-                    "pid": hello.pid if hello else None,
-                    "peer": session.channel.peer,
-                    "processes": hello.slots if hello else None,
-                    "running": [f"{task} attempt {attempt}" for task, attempt in running],
-                    "tasks_done": session.tasks_done,
-                    "last_heard": round(now - session.last_heard, 3),
-                }
-            )
+        workers = [
+            self._worker_status(name, session, now)
+            for name, session in sorted(self._sessions.items())
+        ]
         done = sum(p["done"] for p in phases.values())
         return {
             "job": self.job.name,
@@ -546,7 +615,59 @@ class JobServer:
             },
         }
 
+    def _worker_status(self, name: str, session: _WorkerSession, now: float) -> dict[str, Any]:
+        """One worker's line of L{status}; one broken session cannot break the page."""
+        entry: dict[str, Any] = {
+            "name": name,
+            "host": None,
+            "pid": None,
+            "peer": None,
+            "processes": None,
+            "running": [],
+            "tasks_done": session.tasks_done,
+            "last_heard": round(now - session.last_heard, 3),
+        }
+        try:
+            hello = session.hello
+            if hello is not None:
+                entry.update(host=hello.host, pid=hello.pid, processes=hello.slots)
+            entry["peer"] = session.channel.peer
+            if not self.scheduler.done:
+                running = self.scheduler.running(name)
+                entry["running"] = [f"{task} attempt {attempt}" for task, attempt in running]
+        except Exception:
+            self._bug(Failure(), f"describing worker {name}")
+        return entry
+
+    def _bug(self, failure: Failure, where: str) -> str:
+        """
+        Log an unexpected exception: one line each time, its traceback the
+        first time only (at -v every time), so that a peer that triggers it
+        over and over cannot flood the log.
+
+        @return: the one-line description, for the peer's closing.
+        """
+        error = f"{where} raised {failure.type.__name__}: {failure.getErrorMessage()}"
+        if not self._bug_logged:
+            self._bug_logged = True
+            _log.failure(
+                "{error} (unexpected: please report it, with this traceback)",
+                failure,
+                level=LogLevel.error,
+                error=error,
+            )
+        else:
+            _log.error("{error} (unexpected; its traceback is logged with -v)", error=error)
+            _log.failure("{error}", failure, level=LogLevel.debug, error=error)
+        return error
+
     def _log_progress(self) -> None:
+        try:
+            self._report_progress()
+        except Exception:
+            self._bug(Failure(), "the progress line")
+
+    def _report_progress(self) -> None:
         s = self.status()
         _log.info(
             "{phase}: map {md}/{mt}, reduce {rd}/{rt}, {w} workers, {t:.0f}s",
@@ -564,17 +685,61 @@ class _SourceError(OctotwistError):
     """The job's source raised while a task was being read from it."""
 
 
+def _check_hello(hello: messages.Hello) -> None:
+    """
+    @raise RemoteProtocolError: a field of C{hello} makes no sense; the
+        message says which and what it may be.
+    """
+    if not hello.name:
+        raise RemoteProtocolError("Hello with an empty worker name")
+    for field_name, text in (
+        ("name", hello.name),
+        ("host", hello.host),
+        ("machine", hello.machine),
+    ):
+        if text is not None and (len(text) > MAX_NAME or not text.isprintable()):
+            raise RemoteProtocolError(
+                f"Hello: {field_name} {text[:60]!r} is not a printable name of at most "
+                f"{MAX_NAME} characters"
+            )
+    if not 1 <= hello.slots <= MAX_SLOTS:
+        raise RemoteProtocolError(
+            f"Hello: slots must be 1 to {MAX_SLOTS} (tasks run at once), got {hello.slots}"
+        )
+    if not 0 <= hello.prefetch <= MAX_SLOTS:
+        raise RemoteProtocolError(
+            f"Hello: prefetch must be 0 to {MAX_SLOTS} (tasks queued), got {hello.prefetch}"
+        )
+    if not 0 <= hello.pid < 2**32:
+        raise RemoteProtocolError(f"Hello: pid {hello.pid} is not a process id")
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class _WorkerSession:
-    """The server's side of one connection: message -> server call."""
+    """
+    The server's side of one connection: message -> server call.
+
+    Whatever handling a message raises closes this connection, and only
+    this one: a peer's protocol violation with a warning, anything else
+    (a bug) with an error line (L{JobServer._bug}).
+    """
 
     def __init__(self, server: JobServer, channel: MessageChannel) -> None:
         self.server = server
         self.channel = channel
         self.outbox = Outbox(channel)
+        #: Set by L{JobServer.joined} once the scheduler took the worker.
         self.name: str | None = None
         self.hello: messages.Hello | None = None
         self.last_heard = server.reactor.seconds()
         self.tasks_done = 0
+        #: We closed the connection: what still arrives is not read.
+        self.closed = False
 
     @property
     def same_machine(self) -> bool:
@@ -582,13 +747,33 @@ class _WorkerSession:
         return self.hello is not None and same_machine(self.hello.machine)
 
     def message_received(self, message: messages.Message) -> None:
+        if self.closed:
+            return
         try:
             self._handle(message)
         except RemoteProtocolError as e:
-            _log.warn(
-                "closing connection from {peer}: {error}", peer=self.channel.peer, error=str(e)
-            )
+            _log.warn("closing connection from {peer}: {error}", peer=self._peer(), error=str(e))
+            self.close(str(e))
+        except Exception:
+            where = f"handling a {type(message).__name__} from {self._peer()}"
+            self.close(self.server._bug(Failure(), where))
+
+    def close(self, why: str) -> None:
+        """Hang up on this peer; the server forgets it when the transport says it is gone."""
+        if self.closed:
+            return
+        self.closed = True
+        self.outbox.clear()
+        try:
             self.channel.close()
+        except Exception:
+            self.server._bug(Failure(), f"closing the connection from {self._peer()} ({why})")
+
+    def _peer(self) -> str:
+        try:
+            return self.channel.peer
+        except Exception:
+            return "?"
 
     def _handle(self, message: messages.Message) -> None:
         if self.server.finished:
@@ -598,23 +783,31 @@ class _WorkerSession:
             self.server.heard(self.name)
         match message:
             case messages.Hello() if self.name is None:
-                self.hello = message
-                self.name = self.server.joined(self, message)
+                self.server.joined(self, message)
             case _ if self.name is None:
                 raise RemoteProtocolError(f"expected Hello, got {type(message).__name__}")
-            case messages.TaskOutput(task, _, partition):
+            case messages.Hello():
+                raise RemoteProtocolError("a second Hello on one connection")
+            case messages.TaskOutput(task, attempt, partition):
+                self._check_attempt(task, attempt)
                 self._check_partition(task, partition)
                 self.server.bytes_received += len(message.data)
                 self.server.task_output(self.name, message)
-            case messages.TaskDone():
-                self.tasks_done += 1
+            case messages.TaskDone(task, attempt):
+                self._check_attempt(task, attempt)
                 self.server.task_done(self.name, message)
-            case messages.TaskFailed():
+                self.tasks_done += 1
+            case messages.TaskFailed(task, attempt):
+                self._check_attempt(task, attempt)
                 self.server.task_failed(self.name, message)
             case messages.Heartbeat():
                 pass
             case _:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from a worker")
+
+    def _check_attempt(self, task: TaskId, attempt: int) -> None:
+        if attempt < 1:
+            raise RemoteProtocolError(f"{task}: attempt {attempt} (attempts count from 1)")
 
     def _check_partition(self, task: TaskId, partition: int) -> None:
         limit = self.server.reduce_tasks if task.kind is TaskKind.MAP else 1
@@ -622,5 +815,6 @@ class _WorkerSession:
             raise RemoteProtocolError(f"{task}: output for partition {partition} out of range")
 
     def connection_lost(self, reason: str) -> None:
+        self.closed = True
         self.outbox.clear()
         self.server.left(self, reason)

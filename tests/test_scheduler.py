@@ -352,3 +352,18 @@ def test_when_every_worker_has_failed_a_task_any_of_them_may_retry_it() -> None:
     b = s.next_assignment("w2")
     s.handle(AttemptFailed("w2", b.task, b.attempt, None, "E", "tb"))
     assert s.next_assignment("w1") == Assignment(M(0), 3, "a")
+
+
+def test_output_counts_only_from_a_live_attempt_and_is_refused_from_one_never_given() -> None:
+    s = Scheduler(["a", "b"], reduce_tasks=1, lease=5.0)
+    s.handle(WorkerJoined("w1"))
+    s.handle(WorkerJoined("w2"))
+    a = s.next_assignment("w1")
+    assert s.accepts_output("w1", a.task, a.attempt)
+    for worker, task, attempt in [("w2", a.task, a.attempt), ("w1", a.task, 2), ("w1", M(9), 1)]:
+        with pytest.raises(InvalidEvent):
+            s.accepts_output(worker, task, attempt)  # never given to that worker
+    s.handle(Tick(now=10.0))  # w1's lease expires: its attempt is cancelled
+    assert not s.accepts_output("w1", a.task, a.attempt)  # late: dropped, no fault
+    with pytest.raises(InvalidEvent):
+        s.accepts_output("nobody", a.task, a.attempt)
