@@ -10,6 +10,7 @@ import os
 import select
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import time
@@ -27,7 +28,7 @@ from conftest import (
     start,
     wait_for_port,
 )
-from test_end_to_end import books_job, start_twistd
+from test_end_to_end import books_job, job, start_twistd
 
 from octotwist.hookspecs import conformance_setup, get_transport
 from octotwist.transport import TaskClient, TaskServer
@@ -232,6 +233,38 @@ def test_authorized_keys_skip_lines_with_options(tmp_path: Path) -> None:
     assert restricted not in authorized
     path.write_text(keys.public_line(restricted) + "\n")  # re-read on change
     assert restricted in authorized and plain not in authorized
+
+
+def test_key_files_get_their_modes_whatever_the_umask(tmp_path: Path) -> None:
+    key = keys.generate_ed25519()
+    path = tmp_path / "new" / "dir" / "key"
+    old = os.umask(0o277)  # even one that would leave us unable to write
+    try:
+        keys.write_private_key(key, path)
+    finally:
+        os.umask(old)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (path.parent.parent, path.parent)}
+    assert set(modes.values()) == {0o700}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    pub = path.with_name("key.pub")
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644
+    assert pub.read_text() == keys.public_line(key, "octotwist") + "\n"
+
+
+def test_an_open_default_host_key_is_closed_again(
+    env: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", env["XDG_CONFIG_HOME"])
+    key, path = keys.load_host_key(None)  # generated
+    pub = path.with_name(path.name + ".pub")
+    path.chmod(0o644)
+    pub.write_text("ssh-ed25519 AAAAsomeone-elses-key\n")
+    pub.chmod(0o666)
+    again, _ = keys.load_host_key(None)
+    assert again == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644
+    assert pub.read_text() == keys.public_line(key, "octotwist") + "\n"
 
 
 # Real processes
@@ -592,3 +625,36 @@ def test_test_setup_hook(tmp_path: Path) -> None:
     setup = conformance_setup("ssh", tmp_path)
     assert "--authorized-keys" in setup.server_args and "--identity" in setup.client_args
     assert conformance_setup("tcp", tmp_path / "tcp").server_args == []
+
+
+SMALL = """
+source = {i: f"a b c{i % 3}" for i in range(6)}
+def mapfn(key, value):
+    for w in value.split():
+        yield w, 1
+def reducefn(key, values):
+    return key, len(values)
+"""
+SMALL_EXPECTED = Counter({"a": 6, "b": 6, "c0": 2, "c1": 2, "c2": 2})
+
+
+def test_host_key_files_are_private_under_umask_000(env: dict, tmp_path: Path) -> None:
+    """A server started with umask 000 generates its host key: 0600, and 0644 for .pub."""
+    env = {**env, "OCTO_SECRET": "umask-test-secret-0123456789"}
+    out = tmp_path / "out.tsv"
+    port = free_port()
+    old = os.umask(0)
+    try:
+        server = start_server(job(tmp_path, SMALL), port, env, "--output", str(out))
+    finally:
+        os.umask(old)
+    config = Path(env["XDG_CONFIG_HOME"])
+    key = config / "octotwist" / keys.DEFAULT_HOST_KEY_NAME
+    worker = client(port, env)  # it trusts the host by the shared secret's proof
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert finish(worker)[0] == 0
+    assert parse_tsv(out.read_text()) == SMALL_EXPECTED
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (config, key.parent, key)}
+    mode["pub"] = stat.S_IMODE(key.with_name(key.name + ".pub").stat().st_mode)
+    assert mode == {"config": 0o700, "octotwist": 0o700, key.name: 0o600, "pub": 0o644}

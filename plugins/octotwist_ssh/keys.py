@@ -11,10 +11,12 @@ C{--host-key-fingerprint} takes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,13 @@ _log = Logger()
 
 #: File name of the host key generated when C{--host-key} is not given.
 DEFAULT_HOST_KEY_NAME = "ssh_host_ed25519_key"
+#: Modes of the files we write, whatever the umask: a private key only its
+#: owner reads; a public key anyone reads and only its owner changes (a
+#: writable one lets another user swap the fingerprint people trust).
+PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
+#: ... and of the directories we create for them.
+DIRECTORY_MODE = 0o700
 
 #: Key types an authorized_keys or known_hosts line may name.
 KEY_TYPES = frozenset(
@@ -102,7 +111,9 @@ def load_host_key(path: str | None) -> tuple[Key, Path]:
                 path=str(default),
                 fingerprint=fingerprint(key),
             )
-        return _read_private(default, "host key", None), default
+        key = _read_private(default, "host key", None)
+        _repair_modes(key, default)
+        return key, default
     given = Path(path).expanduser()
     if not given.exists():
         raise UsageError(
@@ -123,22 +134,87 @@ def generate_rsa(bits: int = 3072) -> Key:
 
 def write_private_key(key: Key, path: Path, passphrase: bytes | None = None) -> None:
     """
-    Write C{key} in OpenSSH's format, mode 0600, atomically: two servers
-    starting at once both end up with the same key, never a half-written one.
+    Write C{key} in OpenSSH's format, mode 0600, and its public half to
+    C{PATH.pub}, mode 0644, whatever the umask; missing directories are
+    made 0700.  Atomically: two servers starting at once both end up with
+    the same key, never a half-written one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_directories(path.parent)
     data = key.toString("openssh", subtype="v1", passphrase=passphrase)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    _write_new(tmp, data, PRIVATE_MODE)
     try:
         os.link(tmp, path)  # fails if another process got there first
     except FileExistsError:
         return  # theirs wins; the caller reads it back from the file
     finally:
         tmp.unlink()
-    path.with_name(path.name + ".pub").write_text(public_line(key, "octotwist") + "\n")
+    _write_public(key, path)
+
+
+def _write_public(key: Key, path: Path) -> None:
+    """C{PATH.pub}, mode 0644, replaced atomically."""
+    public = path.with_name(path.name + ".pub")
+    tmp = public.with_name(f".{public.name}.{os.getpid()}.tmp")
+    _write_new(tmp, (public_line(key, "octotwist") + "\n").encode("ascii"), PUBLIC_MODE)
+    try:
+        os.replace(tmp, public)
+    except OSError:
+        tmp.unlink()
+        raise
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create C{path} afresh with exactly C{mode} (never through a symlink)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a leftover of a crashed run with our pid
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, mode)  # the umask only ever narrows the mode open() got
+        f.write(data)
+
+
+def _make_directories(directory: Path) -> None:
+    """Make C{directory} and its missing parents, each 0700 whatever the umask."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIRECTORY_MODE)
+        except FileExistsError:
+            continue  # another process made it first: its mode is its business
+        os.chmod(d, DIRECTORY_MODE)
+
+
+def _repair_modes(key: Key, path: Path) -> None:
+    """
+    Give the generated host key and its C{.pub} their modes back if an older
+    octotwist (or a umask of 000) left them open to others, and say so.
+    """
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, PRIVATE_MODE)
+        _log.warn(
+            "SSH host key {path} was mode {mode:04o}, readable by others: made it 0600. "
+            "If someone else may have read it, delete it (and its .pub) to get a new one",
+            path=str(path),
+            mode=mode,
+        )
+    public = path.with_name(path.name + ".pub")
+    with contextlib.suppress(FileNotFoundError):
+        mode = stat.S_IMODE(public.lstat().st_mode)
+        if mode & 0o022 or not stat.S_ISREG(public.lstat().st_mode):
+            _write_public(key, path)
+            _log.warn(
+                "{public} was writable by others (mode {mode:04o}): rewrote it from the "
+                "host key, mode 0644",
+                public=str(public),
+                mode=mode,
+            )
 
 
 def _read_private(path: Path, what: str, passphrase: bytes | None) -> Key:
