@@ -153,7 +153,7 @@ def test_a_short_secret_file_is_refused(env: dict, tmp_path: Path) -> None:
         assert_refused(r, f"secret file {str(path)!r} is too short", "octo secret -o")
 
 
-@pytest.mark.parametrize("file_mode", [0o644, 0o640, 0o604, 0o620])
+@pytest.mark.parametrize("file_mode", [0o644, 0o640, 0o604, 0o620], ids="{:04o}".format)
 def test_a_secret_file_open_to_group_or_others_is_refused(
     env: dict, tmp_path: Path, file_mode: int
 ) -> None:

@@ -162,13 +162,15 @@ def test_web_binds_the_interface_of_a_loopback_server(
 ) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}")
+    wait_for_port(web, server.proc)
+    # Bound to 127.0.0.1, not 0.0.0.0: another loopback address gets no answer.
+    assert refused_by(other_loopback, web)
+    status, _, body = fetch(f"http://127.0.0.1:{web}/status.json")  # no token on loopback
+    assert status == 200 and json.loads(body)["job"] == NAME
+    # And the log says so, with the real address.
     url, bound, scope = page_line(server).groups()
     assert url == f"http://127.0.0.1:{web}/" and bound == f"127.0.0.1:{web}"
     assert scope == "this machine only"
-    status, _, body = fetch(url + "status.json")  # no token needed on loopback
-    assert status == 200 and json.loads(body)["job"] == NAME
-    # Bound to 127.0.0.1, not 0.0.0.0: another loopback address gets no answer.
-    assert refused_by(other_loopback, web)
     server.stop()
 
 
@@ -179,19 +181,17 @@ def test_octo_run_serves_its_page_on_loopback(
     run = start("run", str(job(tmp_path, SLOW)), "-w", "1", "--web", f"tcp:{web}", env=env)
     logged = Logged(run)
     wait_for_port(web, run)
+    assert refused_by(other_loopback, web)
+    assert fetch(f"http://127.0.0.1:{web}/status.json")[0] == 200
     url, bound, _ = page_line(logged).groups()
     assert url == f"http://127.0.0.1:{web}/" and bound == f"127.0.0.1:{web}"
-    assert refused_by(other_loopback, web)
-    assert fetch(url + "status.json")[0] == 200
     assert logged.finish() == 0, "".join(logged.lines)
 
 
 def test_a_page_beyond_loopback_needs_the_token(env: dict, tmp_path: Path) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}:interface=0.0.0.0")
-    url, bound, scope = page_line(server).groups()
-    assert bound == f"every interface, 0.0.0.0:{web}" and "token is required" in scope
-    token = re.fullmatch(rf"http://[^/]+:{web}/\?token=([A-Za-z0-9_-]{{43}})", url).group(1)
+    wait_for_port(web, server.proc)
     here = f"http://127.0.0.1:{web}/"
 
     # Without the token, or with a wrong one: 403, and nothing about the job.
@@ -204,6 +204,9 @@ def test_a_page_beyond_loopback_needs_the_token(env: dict, tmp_path: Path) -> No
     assert fetch(here, Cookie=f"octo-status-{web}={'y' * 43}")[0] == 403
 
     # The logged URL (on 127.0.0.1): the page, and a cookie for what follows.
+    url, bound, scope = page_line(server).groups()
+    assert bound == f"every interface, 0.0.0.0:{web}" and "token is required" in scope
+    token = re.fullmatch(rf"http://[^/]+:{web}/\?token=([A-Za-z0-9_-]{{43}})", url).group(1)
     status, headers, body = fetch(f"{here}?token={token}")
     assert status == 200 and NAME in body.decode()
     cookie = headers["set-cookie"]
@@ -226,7 +229,7 @@ def test_the_host_header_is_checked(env: dict, tmp_path: Path) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}:interface=127.0.0.1")
     here = f"http://127.0.0.1:{web}/"
-    page_line(server)
+    wait_for_port(web, server.proc)
     refused = ["evil.example", f"evil.example:{web}", "127.0.0.1.evil.example", "localhost.evil"]
     for host in refused:
         status, headers, body = fetch(here + "status.json", Host=host)
@@ -245,6 +248,8 @@ def test_the_host_header_is_checked(env: dict, tmp_path: Path) -> None:
 def test_the_token_does_not_get_around_the_host_check(env: dict, tmp_path: Path) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}:interface=0.0.0.0")
+    wait_for_port(web, server.proc)
+    assert fetch(f"http://127.0.0.1:{web}/", Host="evil.example")[0] == 421  # checked first
     token = page_line(server).group(1).rsplit("=", 1)[1]
     status, _, body = fetch(f"http://127.0.0.1:{web}/?token={token}", Host="evil.example")
     assert status == 421
@@ -259,8 +264,10 @@ def csp_hash(text: str) -> str:
 def test_every_response_carries_the_security_headers(env: dict, tmp_path: Path) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}:interface=0.0.0.0")
-    token = page_line(server).group(1).rsplit("=", 1)[1]
+    wait_for_port(web, server.proc)
     here = f"http://127.0.0.1:{web}/"
+    assert_security_headers(fetch(here)[1])  # refused (no token)
+    token = page_line(server).group(1).rsplit("=", 1)[1]
     cases = {
         f"?token={token}": 200,
         f"status.json?token={token}": 200,
@@ -294,14 +301,15 @@ def test_the_http_transport_guards_its_status_page_too(
     port = free_port()
     secret_env = dict(env, OCTO_SECRET="status-page-test-secret")
     server = serve(tmp_path, secret_env, "--transport", "http", listen=f"tcp:{port}")
-    url = server.wait_for(r"status page at (\S+) \(on the http transport's port").group(1)
-    token = re.fullmatch(rf"http://[^/]+:{port}/\?token=([A-Za-z0-9_-]{{43}})", url).group(1)
+    wait_for_port(port, server.proc)
     here = f"http://127.0.0.1:{port}/"
-
     status, headers, body = fetch(here)
     assert status == 403
     assert_no_job_data(body)
     assert_security_headers(headers)
+
+    url = server.wait_for(r"status page at (\S+) \(on the http transport's port").group(1)
+    token = re.fullmatch(rf"http://[^/]+:{port}/\?token=([A-Za-z0-9_-]{{43}})", url).group(1)
     status, headers, body = fetch(f"{here}?token={token}")
     assert status == 200 and NAME in body.decode()
     assert_security_headers(headers)
@@ -324,10 +332,11 @@ def test_the_http_transport_page_on_loopback_needs_no_token(
         pytest.skip("only the http transport serves the status page on its own port")
     port = free_port()
     server = serve(tmp_path, env, "--transport", "http", listen=f"tcp:{port}:interface=127.0.0.1")
-    server.wait_for("serving job")
+    wait_for_port(port, server.proc)
+    assert fetch(f"http://127.0.0.1:{port}/", Host="evil.example")[0] == 421
     status, headers, body = fetch(f"http://127.0.0.1:{port}/status.json")
     assert status == 200 and json.loads(body)["job"] == NAME
     assert_security_headers(headers)
-    assert fetch(f"http://127.0.0.1:{port}/", Host="evil.example")[0] == 421
+    server.wait_for("serving job")
     assert not any("?token=" in line for line in server.lines)
     server.stop()
