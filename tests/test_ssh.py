@@ -7,12 +7,14 @@ generated here, and a real OpenSSH client opening the C{octo} subsystem.
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import socket
 import stat
 import struct
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +31,8 @@ from conftest import (
     wait_for_port,
 )
 from test_end_to_end import books_job, job, start_twistd
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 
 from octotwist.hookspecs import conformance_setup, get_transport
 from octotwist.transport import TaskClient, TaskServer
@@ -45,6 +49,7 @@ from octotwist_ssh.channel import (
     session_proof,
 )
 from octotwist_ssh.client import DEFAULT_PORT, SSHTaskClient, parse_address
+from octotwist_ssh.server import REFUSAL_WINDOW, REFUSALS_LOGGED, RefusalLog
 
 SSH = shutil.which("ssh")
 needs_openssh = pytest.mark.skipif(SSH is None, reason="no OpenSSH client (ssh) installed")
@@ -233,6 +238,27 @@ def test_authorized_keys_skip_lines_with_options(tmp_path: Path) -> None:
     assert restricted not in authorized
     path.write_text(keys.public_line(restricted) + "\n")  # re-read on change
     assert restricted in authorized and plain not in authorized
+
+
+def test_refusals_are_logged_within_a_rate_limit_and_counted() -> None:
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock = Clock()
+        refusals = RefusalLog(clock, limit=3, window=10.0)
+        for n in range(10):
+            refusals.emit(LogLevel.warn, "refused {n}", n=n)
+        assert [e["n"] for e in events if "n" in e and "limit" not in e] == [0, 1, 2]
+        clock.advance(10)  # the window ends: the rest is counted in one line
+        (summary,) = [e for e in events if "limit" in e]
+        assert summary["n"] == 7 and summary["log_level"] == LogLevel.warn
+        refusals.emit(LogLevel.warn, "refused {n}", n=10)  # a new window
+        refusals.emit(LogLevel.warn, "refused {n}", n=11)
+        refusals.flush()  # nothing held back: nothing to say
+        assert [e["n"] for e in events if "n" in e and "limit" not in e][-2:] == [10, 11]
+        assert len([e for e in events if "limit" in e]) == 1 and not clock.getDelayedCalls()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
 
 
 def test_key_files_get_their_modes_whatever_the_umask(tmp_path: Path) -> None:
@@ -636,6 +662,77 @@ def reducefn(key, values):
     return key, len(values)
 """
 SMALL_EXPECTED = Counter({"a": 6, "b": 6, "c0": 2, "c1": 2, "c2": 2})
+
+
+def _garbage(i: int) -> bytes:
+    """What comes after the version line: never a key exchange Conch can parse."""
+    kind = i % 3
+    if kind == 0:  # a packet length no SSH packet has
+        return b"\xff\xff\xff\xf0" + os.urandom(64)
+    if kind == 1:  # a length that is not a multiple of the block size
+        return struct.pack(">I", 13) + os.urandom(13)
+    # A well-framed KEXINIT cut short: Conch's parser raises (struct.error).
+    body = bytes([20]) + os.urandom(i % 40)
+    pad = 8 - (len(body) + 5) % 8
+    pad += 8 if pad < 4 else 0
+    packet = bytes([pad]) + body + bytes(pad)
+    return struct.pack(">I", len(packet)) + packet
+
+
+def test_garbage_key_exchanges_are_one_line_each_within_a_rate_limit(
+    env: dict, tmp_path: Path, peers_ssh: Peers
+) -> None:
+    port = free_port()
+    out = tmp_path / "out.tsv"
+    server = start_server(
+        job(tmp_path, SMALL), port, env, *peers_ssh.server_args(), "--output", str(out)
+    )
+    connections, threads = 900, 6  # fewer at once than any per-address cap
+    unanswered: list[int] = []
+
+    def attack(first: int) -> None:
+        for i in range(first, connections, threads):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"SSH-2.0-garbage\r\n" + _garbage(i))
+                try:
+                    while s.recv(65536):
+                        pass  # until the server hangs up
+                except TimeoutError:
+                    unanswered.append(i)
+                except ConnectionResetError:
+                    pass
+
+    started = time.monotonic()
+    attackers = [threading.Thread(target=attack, args=(t,)) for t in range(threads)]
+    for t in attackers:
+        t.start()
+    for t in attackers:
+        t.join(300)
+    seconds = time.monotonic() - started
+    assert unanswered == [], f"the server never hung up on {len(unanswered)} connections"
+    worker = client(
+        port, env, "--identity", str(peers_ssh.ed25519),
+        "--host-key-fingerprint", peers_ssh.fingerprint,
+    )  # fmt: skip
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert finish(worker)[0] == 0
+    assert parse_tsv(out.read_text()) == SMALL_EXPECTED
+    assert "Traceback" not in err and "Unhandled" not in err, err[:3000]
+    lines = [
+        line
+        for line in err.splitlines()
+        if re.search(r"(refused|closing) SSH connection from 127\.0\.0\.1:\d+: ", line)
+    ]
+    counted = sum(
+        int(n) for n in re.findall(r"(\d+) more lines? about refused SSH peers not logged", err)
+    )
+    # Every refusal is either a line or counted, and the lines are few.
+    assert len(lines) + counted == connections, err
+    windows = seconds // REFUSAL_WINDOW + 2
+    assert len(lines) <= REFUSALS_LOGGED * windows, err
+    assert any("malformed SSH packet (struct.error" in line for line in lines) or counted, err
+    assert len(err.splitlines()) < 40 + 2 * REFUSALS_LOGGED * windows, err
 
 
 def test_host_key_files_are_private_under_umask_000(env: dict, tmp_path: Path) -> None:

@@ -18,6 +18,11 @@ C{USER@HOST}) and the name of the account running the server (what
 C{ssh HOST} sends by default).  Any other user is refused.
 
 Shells, commands, port forwarding and every other subsystem are refused.
+
+A refused peer (a bad key, a wrong secret, garbage where the key exchange
+should be, no login in time) gets one log line, without a traceback; and
+refusals are rate-limited together (L{RefusalLog}): a flood of bad
+connections writes a few lines, then one that counts the rest.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from twisted.conch.ssh.keys import BadKeyError, Key
 from twisted.conch.ssh.transport import (
     DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+    DISCONNECT_PROTOCOL_ERROR,
     SSHServerTransport,
 )
 from twisted.conch.ssh.userauth import SSHUserAuthServer
@@ -49,8 +55,8 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger, LogLevel
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -74,6 +80,11 @@ CLOSE_TIMEOUT = 10.0
 LOGIN_TIMEOUT = 30.0
 #: The user name C{octo client} logs in as.
 DEFAULT_USER = "octo"
+#: At most this many lines about refused peers per L{REFUSAL_WINDOW}
+#: seconds; past that, refusals are counted, and one line at the end of the
+#: window says how many went unlogged.
+REFUSALS_LOGGED = 10
+REFUSAL_WINDOW = 10.0
 
 _log = Logger()
 
@@ -93,6 +104,100 @@ def _check_user(username: bytes, users: frozenset[str]) -> str:
             f"unknown user {name!r} (this server accepts {', '.join(sorted(users))})"
         )
     return name
+
+
+class RefusalLog:
+    """
+    Lines about refused peers, at most C{limit} per C{window} seconds in all.
+
+    Anyone who can reach the port can be refused, as often as he likes: 25 000
+    garbage connections in 4 s used to write 64 000 lines.  Past the limit,
+    refusals are only counted; when the window ends, one line says how many
+    there were, so nothing goes unnoticed and the log stays readable.
+
+    @param clock: a reactor, for the time and the end-of-window line.
+    """
+
+    def __init__(
+        self, clock: Any, limit: int = REFUSALS_LOGGED, window: float = REFUSAL_WINDOW
+    ) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self.suppressed = 0
+        self._started: float | None = None
+        self._logged = 0
+        self._report: IDelayedCall | None = None
+
+    def admit(self) -> bool:
+        """Whether the next refusal line may be logged (else it is counted)."""
+        now = self.clock.seconds()
+        if self._started is None or now - self._started >= self.window:
+            self.flush()
+            self._started, self._logged = now, 0
+        if self._logged < self.limit:
+            self._logged += 1
+            return True
+        self.suppressed += 1
+        if self._report is None:
+            self._report = self.clock.callLater(self._started + self.window - now, self._ended)
+        return False
+
+    def emit(self, level: LogLevel, format: str, **fields: Any) -> None:
+        """Log one refusal line, unless the window's lines are used up."""
+        if self.admit():
+            _log.emit(level, format, **fields)
+
+    def observer(self, event: dict[str, Any]) -> None:
+        """
+        A log observer for Conch's own warnings and errors about a peer
+        (L{_LimitedConchLogging}): counted with the refusals, and dropped
+        past the limit; everything else passes.
+        """
+        if event.get("log_level", LogLevel.info) < LogLevel.warn or self.admit():
+            globalLogPublisher(event)
+
+    def _ended(self) -> None:
+        self._report = None
+        self._started = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Say how many refusals went unlogged, if any (also when the server stops)."""
+        if self._report is not None:
+            if self._report.active():
+                self._report.cancel()
+            self._report = None
+        if self.suppressed:
+            n, self.suppressed = self.suppressed, 0
+            _log.warn(
+                "{n} more line{s} about refused SSH peers not logged (at most {limit} "
+                "per {window:g} s)",
+                n=n,
+                s="" if n == 1 else "s",
+                limit=self.limit,
+                window=self.window,
+            )
+
+
+class _LimitedConchLogging(ConchLogging):
+    """
+    L{ConchLogging}, with Conch's warnings and errors about the peer ("other
+    side unimplemented packet", "Unsupported key type") going through the
+    server's L{RefusalLog}: a peer can make Conch say them once per packet.
+    """
+
+    def _refusals(self) -> RefusalLog | None:
+        raise NotImplementedError
+
+    @property
+    def _log(self) -> Logger:
+        refusals = self._refusals()
+        return Logger(
+            namespace=f"twisted.conch.{type(self).__name__}",
+            source=self,
+            observer=None if refusals is None else refusals.observer,
+        )
 
 
 # Credentials
@@ -248,7 +353,7 @@ class ServerChannel(FramedChannel):
 # Transport and factory
 
 
-class _UserAuthServer(ConchLogging, SSHUserAuthServer):
+class _UserAuthServer(_LimitedConchLogging, SSHUserAuthServer):
     """Conch's user authentication, plus the session-bound secret and logging."""
 
     loginTimeout = LOGIN_TIMEOUT
@@ -256,6 +361,10 @@ class _UserAuthServer(ConchLogging, SSHUserAuthServer):
         ISSHPrivateKey: b"publickey",
         ISessionProof: b"password",
     }
+
+    def _refusals(self) -> RefusalLog | None:
+        transport = getattr(self, "transport", None)
+        return None if transport is None else transport.factory.refusals
 
     def serviceStarted(self) -> None:
         self.clock = self.transport.factory.reactor
@@ -269,9 +378,8 @@ class _UserAuthServer(ConchLogging, SSHUserAuthServer):
 
     def _ebBadAuth(self, reason: Failure) -> None:
         if self.method != b"none" and reason.check(UnauthorizedLogin, conch_error.ConchError):
-            _log.warn(
+            self.transport.refused(
                 "refused SSH login from {peer} as {user!r} ({method}): {why}",
-                peer=self.transport.peer_name,
                 user=(self.user or b"").decode("utf-8", "replace"),
                 method=self.method.decode("ascii", "replace"),
                 why=reason.getErrorMessage(),
@@ -279,9 +387,67 @@ class _UserAuthServer(ConchLogging, SSHUserAuthServer):
         super()._ebBadAuth(reason)
 
 
-class _ServerTransport(ConchLogging, SSHServerTransport):
+class _ServerTransport(_LimitedConchLogging, SSHServerTransport):
     supportedMACs = MACS
     factory: _Factory
+    #: A line about refusing this peer was logged (or counted): one is enough.
+    _refusal_said = False
+    #: We hung up on the peer; what still arrives is not read.
+    _hung_up = False
+
+    def _refusals(self) -> RefusalLog | None:
+        factory = getattr(self, "factory", None)
+        return None if factory is None else factory.refusals
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the peer has logged in (Conch sets C{avatar} then)."""
+        return getattr(self, "avatar", None) is not None
+
+    def refused(self, format: str, level: LogLevel = LogLevel.warn, **fields: Any) -> None:
+        """Log (within the server's L{RefusalLog}) why this peer is refused."""
+        self._refusal_said = True
+        self.factory.refusals.emit(level, format, peer=self.peer_name, **fields)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._hung_up:
+            return
+        try:
+            super().dataReceived(data)
+        except Exception:
+            # Conch parses packets with struct and slicing: a malformed one
+            # raises from deep inside (struct.error, IndexError...).  That is
+            # the peer's doing, not a bug worth a traceback per connection.
+            self._malformed(Failure())
+
+    def _malformed(self, failure: Failure) -> None:
+        self._hung_up = True
+        kind = failure.type.__name__
+        if failure.type.__module__ not in ("builtins", "exceptions"):
+            kind = f"{failure.type.__module__}.{kind}"  # struct.error, not error
+        why = f"malformed SSH packet ({kind}: {failure.getErrorMessage()})"
+        self.refused("closing SSH connection from {peer}: {why}", why=why[:300])
+        _log.failure("{why}", failure, level=LogLevel.debug, why=why)
+        try:
+            # Conch's own, not ours: this peer's line is logged already.
+            SSHServerTransport.sendDisconnect(self, DISCONNECT_PROTOCOL_ERROR, b"malformed packet")
+        except Exception:
+            self.transport.abortConnection()
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        # Conch refuses a peer this way (a bad packet length, a bad MAC, no
+        # common algorithm) and logs it only where users do not look.
+        if not self.authenticated and not self._refusal_said:
+            self.refused(
+                "refused SSH connection from {peer}: {why}",
+                why=desc.decode("utf-8", "replace")[:200],
+            )
+        self._hung_up = True
+        super().sendDisconnect(reason, desc)
+
+    def receiveUnimplemented(self, seqnum: int) -> None:
+        # Conch warns once per such packet, which a peer sends at will.
+        _log.debug("{peer} did not understand our packet #{n}", peer=self.peer_name, n=seqnum)
 
     def connectionMade(self) -> None:
         self.closed: Deferred[None] = Deferred()
@@ -293,12 +459,12 @@ class _ServerTransport(ConchLogging, SSHServerTransport):
         super().connectionMade()
 
     def _login_timeout(self) -> None:
-        if getattr(self, "avatar", None) is None:
-            _log.warn(
+        if not self.authenticated:
+            self.refused(
                 "dropping SSH connection from {peer}: no login within {seconds:.0f} s",
-                peer=self.peer_name,
                 seconds=LOGIN_TIMEOUT,
             )
+            self._hung_up = True
             self.transport.abortConnection()
 
     @property
@@ -318,12 +484,12 @@ class _ServerTransport(ConchLogging, SSHServerTransport):
             DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
             DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
         )
-        _log.emit(
-            LogLevel.warn if refused else LogLevel.info,
-            "SSH client {peer} disconnected: {why}",
-            peer=self.peer_name,
-            why=description.decode("utf-8", "replace"),
-        )
+        level = LogLevel.warn if refused else LogLevel.info
+        why = description.decode("utf-8", "replace")[:200]
+        if self.authenticated:
+            _log.emit(level, "SSH client {peer} disconnected: {why}", peer=self.peer_name, why=why)
+        elif not self._refusal_said:  # anyone can connect and say this, often
+            self.refused("SSH client {peer} disconnected: {why}", level=level, why=why)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.factory.connections.discard(self)
@@ -351,6 +517,7 @@ class _Factory(ConchLogging, SSHFactory):
         self.privateKeys = {host_key.sshType(): host_key}
         self.primes = None  # fixed DH groups and curve25519 only: no moduli file needed
         self.connections: set[_ServerTransport] = set()
+        self.refusals = RefusalLog(reactor)
 
 
 # The TaskServer
@@ -365,6 +532,7 @@ class SSHTaskServer(TaskServer):
 
     _port: IListeningPort | None = None
     _factory: _Factory | None = None
+    _flush_trigger: Any = None
 
     @classmethod
     def needs_secret(cls, options: Mapping[str, Any]) -> bool:
@@ -413,6 +581,12 @@ class SSHTaskServer(TaskServer):
 
     def _listening(self, port: IListeningPort) -> str:
         self._port = port
+        # The count of unlogged refusals, also when the reactor stops early
+        # (SIGTERM) rather than through stop().
+        assert self._factory is not None
+        self._flush_trigger = self.reactor.addSystemEventTrigger(
+            "before", "shutdown", self._factory.refusals.flush
+        )
         addr = port.getHost()
         pin = f"?host-key-fingerprint={self.host_key_fingerprint}"
         if isinstance(addr, IPv6Address):
@@ -459,6 +633,10 @@ class SSHTaskServer(TaskServer):
         for timer in timers:
             if timer.active():
                 timer.cancel()
+        self._factory.refusals.flush()
+        if self._flush_trigger is not None:
+            self.reactor.removeSystemEventTrigger(self._flush_trigger)
+            self._flush_trigger = None
 
 
 def _close_all(connections: list[_ServerTransport]) -> None:
