@@ -323,6 +323,13 @@ def listen_settings(options: Options, transport: Transport) -> tuple[str, bytes]
     listen = options["listen"]
     if listen is None:
         listen = transport.default_listen(local_only=not guarded)
+        if not server_is_local(listen):
+            _log.info(
+                "listening on {listen}, every interface, since a secret is configured "
+                "(--listen {local} keeps to this machine)",
+                listen=listen,
+                local=transport.default_listen(local_only=True),
+            )
     else:
         check_server_endpoint(listen)
     if not guarded and not server_is_local(listen):
