@@ -39,6 +39,26 @@ def server_is_local(description: str) -> bool:
     return False
 
 
+#: The listen backlog a server asks for unless its endpoint string says
+#: (Twisted's default is 50): a burst of connections (a stranger's flood, a
+#: hundred workers starting at once) then waits in the kernel's queue
+#: instead of being dropped, so a worker's connection is not lost among them.
+#: The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """
+    C{description} (a server endpoint string) with C{backlog=} added, for
+    the stream types that take it, unless it already has one.
+    """
+    args, kwargs = _parse(description)
+    prefix = str(args[0]).lower() if args else ""
+    if prefix not in ("tcp", "tcp6", "ssl", "unix") or "backlog" in kwargs:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 def split_host_port(address: str, default_port: int) -> tuple[str, int]:
     """C{"host"}, C{"host:port"}, C{"[::1]:port"} -> C{(host, port)}."""
     host, port = address, default_port

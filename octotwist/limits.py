@@ -15,27 +15,30 @@ own) make the slots turn over.
 Every transport's server uses one L{PreAuthLimit}: the TCP transport in its
 factory's C{buildProtocol}, the HTTP transport in its site's (a connection
 counts as authenticated once it carried an authenticated request), the SSH
-transport in its factory until user authentication succeeds.
+transport in its factory until user authentication succeeds.  And one
+L{RefusalLog}, so that a flood of refused peers writes a few lines, not one
+per connection.
 """
 
 from __future__ import annotations
 
 import resource
-import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IAddress
-from twisted.logger import Logger
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 #: Unauthenticated connections a server holds at once, from all addresses.
 MAX_PENDING = 256
 #: ... and from any one address.
 MAX_PENDING_PER_ADDRESS = 32
-#: At most one "refusing connections from ..." line per address this often.
-LOG_INTERVAL = 10.0
+#: At most this many lines about refused peers per L{REFUSAL_WINDOW}
+#: seconds; past that, refusals are counted, and one line at the end of the
+#: window says how many went unlogged.
+REFUSALS_LOGGED = 10
+REFUSAL_WINDOW = 10.0
 
 _log = Logger()
 
@@ -82,22 +85,101 @@ class Slot:
             self._limit._give_back(self.key)
 
 
-@dataclass
+class RefusalLog:
+    """
+    Lines about refused peers, at most C{limit} per C{window} seconds in all.
+
+    Anyone who can reach the port can be refused, as often as he likes: 25 000
+    garbage connections in 4 s used to write 64 000 lines.  Past the limit,
+    refusals are only counted; when the window ends, one line says how many
+    there were, so nothing goes unnoticed and the log stays readable.  Every
+    transport's server keeps one, and logs each refusal of a peer that has
+    not authenticated through it.
+
+    @param clock: for the time and the end-of-window line.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, limit: int = REFUSALS_LOGGED, window: float = REFUSAL_WINDOW
+    ) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self.suppressed = 0
+        self._started: float | None = None
+        self._logged = 0
+        self._report: IDelayedCall | None = None
+
+    def admit(self) -> bool:
+        """Whether the next refusal line may be logged (else it is counted)."""
+        now = self.clock.seconds()
+        if self._started is None or now - self._started >= self.window:
+            self.flush()
+            self._started, self._logged = now, 0
+        if self._logged < self.limit:
+            self._logged += 1
+            return True
+        self.suppressed += 1
+        if self._report is None:
+            self._report = self.clock.callLater(self._started + self.window - now, self._ended)
+        return False
+
+    def emit(self, level: LogLevel, format: str, **fields: Any) -> None:
+        """Log one refusal line, unless the window's lines are used up."""
+        if self.admit():
+            _log.emit(level, format, **fields)
+
+    def observer(self, event: dict[str, Any]) -> None:
+        """
+        A log observer for a library's own warnings and errors about a peer
+        (Conch's, say): counted with the refusals, and dropped past the
+        limit; everything else passes.
+        """
+        if event.get("log_level", LogLevel.info) < LogLevel.warn or self.admit():
+            globalLogPublisher(event)
+
+    def _ended(self) -> None:
+        self._report = None
+        self._started = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Say how many refusals went unlogged, if any (also when the server stops)."""
+        if self._report is not None:
+            if self._report.active():
+                self._report.cancel()
+            self._report = None
+        if self.suppressed:
+            n, self.suppressed = self.suppressed, 0
+            _log.warn(
+                "{n} more line{s} about refused peers not logged (at most {limit} "
+                "per {window:g} s)",
+                n=n,
+                s="" if n == 1 else "s",
+                limit=self.limit,
+                window=self.window,
+            )
+
+
 class PreAuthLimit:
     """
     At most C{total} connections waiting to authenticate, at most
     C{per_address} of them from one address.
 
-    @param clock: returns the time, for rate-limiting the log
-        (C{reactor.seconds}).
+    @param refusals: where to say that a connection was refused.
     """
 
-    total: int = MAX_PENDING
-    per_address: int = MAX_PENDING_PER_ADDRESS
-    clock: Callable[[], float] = time.monotonic
-    pending: Counter[str] = field(default_factory=Counter)
-    refused: Counter[str] = field(default_factory=Counter)
-    _logged: dict[str, float] = field(default_factory=dict)
+    def __init__(
+        self,
+        refusals: RefusalLog,
+        total: int = MAX_PENDING,
+        per_address: int = MAX_PENDING_PER_ADDRESS,
+    ) -> None:
+        self.refusals = refusals
+        self.total = total
+        self.per_address = per_address
+        self.pending: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
 
     @property
     def count(self) -> int:
@@ -109,34 +191,24 @@ class PreAuthLimit:
         now (close it without reading from it).
         """
         key = address_key(address)
-        if self.pending[key] >= self.per_address or self.count >= self.total:
-            self.refused[key] += 1
-            self._log_refusal(key)
-            return None
-        self.pending[key] += 1
-        return Slot(self, key)
+        if self.pending[key] >= self.per_address:
+            why = f"{self.pending[key]} unauthenticated connections from it already"
+        elif self.count >= self.total:
+            why = f"{self.count} unauthenticated connections already"
+        else:
+            self.pending[key] += 1
+            return Slot(self, key)
+        self.refused[key] += 1
+        self.refusals.emit(
+            LogLevel.warn,
+            "refusing connections from {address}: {why} ({n} refused so far)",
+            address=key,
+            why=why,
+            n=self.refused[key],
+        )
+        return None
 
     def _give_back(self, key: str) -> None:
         self.pending[key] -= 1
         if self.pending[key] <= 0:
             del self.pending[key]
-
-    def _log_refusal(self, key: str) -> None:
-        now = self.clock()
-        last = self._logged.get(key)
-        if last is not None and now - last < LOG_INTERVAL:
-            return
-        self._logged[key] = now
-        why = (
-            f"{self.pending[key]} unauthenticated connections from it already"
-            if self.pending[key] >= self.per_address
-            else f"{self.count} unauthenticated connections already"
-        )
-        _log.warn(
-            "refusing connections from {address}: {why} ({n} refused so far; "
-            "at most one such line per {interval:g} s)",
-            address=key,
-            why=why,
-            n=self.refused[key],
-            interval=LOG_INTERVAL,
-        )

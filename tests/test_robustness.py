@@ -422,8 +422,15 @@ def test_authenticated_nonsense_closes_that_connection_and_the_job_finishes(
     env = {**env, "OCTO_SECRET": SECRET}
     port, web = free_port(), free_port()
     out = tmp_path / "out.tsv"
+    # Map tasks wait for the gate, so that both honest workers join before
+    # the job can end (a job done by the first leaves the second no server).
+    gate = tmp_path / "gate"
+    gated = f"import os, time\nGATE = {str(gate)!r}\n" + WORDS.replace(
+        "def mapfn(key, value):\n",
+        "def mapfn(key, value):\n    while not os.path.exists(GATE):\n        time.sleep(0.05)\n",
+    )
     server = start(
-        "server", str(job(tmp_path, WORDS)), "--listen", f"tcp:{port}:interface=127.0.0.1",
+        "server", str(job(tmp_path, gated)), "--listen", f"tcp:{port}:interface=127.0.0.1",
         "--web", f"tcp:{web}:interface=127.0.0.1", "-o", str(out), env=env,
     )  # fmt: skip
     wait_for_port(port, server)
@@ -447,6 +454,8 @@ def test_authenticated_nonsense_closes_that_connection_and_the_job_finishes(
         workers = [
             start("client", f"127.0.0.1:{port}", "--name", f"honest{i}", env=env) for i in range(2)
         ]
+        wait_until(lambda: len(poller.last.get("workers", [])) == 2, what="both honest workers in")
+        gate.touch()
         code, _, err = finish(server)
         for w in workers:
             wcode, _, werr = finish(w)

@@ -35,6 +35,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
 from octotwist.hookspecs import conformance_setup, get_transport
+from octotwist.limits import REFUSAL_WINDOW, REFUSALS_LOGGED, RefusalLog
 from octotwist.transport import TaskClient, TaskServer
 from octotwist_ssh import keys
 from octotwist_ssh.channel import (
@@ -49,7 +50,6 @@ from octotwist_ssh.channel import (
     session_proof,
 )
 from octotwist_ssh.client import DEFAULT_PORT, SSHTaskClient, parse_address
-from octotwist_ssh.server import REFUSAL_WINDOW, REFUSALS_LOGGED, RefusalLog
 
 SSH = shutil.which("ssh")
 needs_openssh = pytest.mark.skipif(SSH is None, reason="no OpenSSH client (ssh) installed")
@@ -725,7 +725,7 @@ def test_garbage_key_exchanges_are_one_line_each_within_a_rate_limit(
         if re.search(r"(refused|closing) SSH connection from 127\.0\.0\.1:\d+: ", line)
     ]
     counted = sum(
-        int(n) for n in re.findall(r"(\d+) more lines? about refused SSH peers not logged", err)
+        int(n) for n in re.findall(r"(\d+) more lines? about refused peers not logged", err)
     )
     # Every refusal is either a line or counted, and the lines are few.
     assert len(lines) + counted == connections, err

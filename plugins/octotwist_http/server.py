@@ -27,7 +27,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import _parse, serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPullProducer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
@@ -35,6 +35,7 @@ from twisted.web.resource import NoResource, Resource
 from zope.interface import implementer
 
 from octotwist import limits, secure
+from octotwist.endpoints import with_backlog
 from octotwist.errors import RemoteProtocolError
 from octotwist.messages import Message
 from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskServer, no_delay
@@ -381,6 +382,8 @@ class _Hub:
         self.secret = secret
         self.accept = accept
         self.challenges = wire.Challenges()
+        #: Lines about refused requests and connections, rate-limited.
+        self.refusals = limits.RefusalLog(reactor)
         self.sessions: dict[str, _ServerSession] = {}
         self._forget: dict[str, IDelayedCall] = {}
         #: False once the server has stopped taking new sessions.
@@ -393,7 +396,9 @@ class _Hub:
 
     def _refuse(self, peer: str, why: str, log: bool = True) -> _Reject:
         if log:
-            _log.warn("refusing request from {peer}: {why}", peer=peer, why=why)
+            self.refusals.emit(
+                LogLevel.warn, "refusing request from {peer}: {why}", peer=peer, why=why
+            )
         return _Reject(http.UNAUTHORIZED, why, self._challenge_header())
 
     def admit(
@@ -513,6 +518,7 @@ class _Hub:
             if timer.active():
                 timer.cancel()
         self._forget.clear()
+        self.refusals.flush()
 
 
 def parse_header(headers: Headers, name: bytes) -> dict[str, str] | None:
@@ -706,7 +712,12 @@ class _Channel(http.HTTPChannel):
 
     def _too_slow(self, why: str) -> None:
         self._head_deadline = self._preauth_deadline = None
-        _log.info("closing connection from {peer}: {why}", peer=_peer_name(self.getPeer()), why=why)
+        self.site.hub.refusals.emit(
+            LogLevel.info,
+            "closing connection from {peer}: {why}",
+            peer=_peer_name(self.getPeer()),
+            why=why,
+        )
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -748,7 +759,7 @@ class _Site(server.Site):
         super().__init__(_Root(status), requestFactory=_OctoRequest, reactor=hub.reactor)
         self.hub = hub
         self.channels: set[_Channel] = set()
-        self.pending = limits.PreAuthLimit(clock=hub.reactor.seconds)
+        self.pending = limits.PreAuthLimit(hub.refusals)
 
     def buildProtocol(self, addr: Any) -> _Channel | None:  # type: ignore[override]
         """A channel for a new connection, or C{None} (Twisted closes it) when too many wait."""
@@ -778,7 +789,7 @@ class HTTPTaskServer(TaskServer):
         self._hub = _Hub(self.reactor, self.settings.secret, self.accept)
         self._site = _Site(self._hub, self.settings.status)
         try:
-            endpoint = serverFromString(self.reactor, self.settings.listen)
+            endpoint = serverFromString(self.reactor, with_backlog(self.settings.listen))
         except Exception as e:
             return fail(e)
         d = endpoint.listen(self._site)

@@ -55,11 +55,14 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from octotwist import limits
+from octotwist.endpoints import with_backlog
+from octotwist.limits import RefusalLog
 from octotwist.transport import TaskServer, no_delay
 from octotwist_ssh import keys
 from octotwist_ssh.channel import (
@@ -80,11 +83,6 @@ CLOSE_TIMEOUT = 10.0
 LOGIN_TIMEOUT = 30.0
 #: The user name C{octo client} logs in as.
 DEFAULT_USER = "octo"
-#: At most this many lines about refused peers per L{REFUSAL_WINDOW}
-#: seconds; past that, refusals are counted, and one line at the end of the
-#: window says how many went unlogged.
-REFUSALS_LOGGED = 10
-REFUSAL_WINDOW = 10.0
 
 _log = Logger()
 
@@ -104,80 +102,6 @@ def _check_user(username: bytes, users: frozenset[str]) -> str:
             f"unknown user {name!r} (this server accepts {', '.join(sorted(users))})"
         )
     return name
-
-
-class RefusalLog:
-    """
-    Lines about refused peers, at most C{limit} per C{window} seconds in all.
-
-    Anyone who can reach the port can be refused, as often as he likes: 25 000
-    garbage connections in 4 s used to write 64 000 lines.  Past the limit,
-    refusals are only counted; when the window ends, one line says how many
-    there were, so nothing goes unnoticed and the log stays readable.
-
-    @param clock: a reactor, for the time and the end-of-window line.
-    """
-
-    def __init__(
-        self, clock: Any, limit: int = REFUSALS_LOGGED, window: float = REFUSAL_WINDOW
-    ) -> None:
-        self.clock = clock
-        self.limit = limit
-        self.window = window
-        self.suppressed = 0
-        self._started: float | None = None
-        self._logged = 0
-        self._report: IDelayedCall | None = None
-
-    def admit(self) -> bool:
-        """Whether the next refusal line may be logged (else it is counted)."""
-        now = self.clock.seconds()
-        if self._started is None or now - self._started >= self.window:
-            self.flush()
-            self._started, self._logged = now, 0
-        if self._logged < self.limit:
-            self._logged += 1
-            return True
-        self.suppressed += 1
-        if self._report is None:
-            self._report = self.clock.callLater(self._started + self.window - now, self._ended)
-        return False
-
-    def emit(self, level: LogLevel, format: str, **fields: Any) -> None:
-        """Log one refusal line, unless the window's lines are used up."""
-        if self.admit():
-            _log.emit(level, format, **fields)
-
-    def observer(self, event: dict[str, Any]) -> None:
-        """
-        A log observer for Conch's own warnings and errors about a peer
-        (L{_LimitedConchLogging}): counted with the refusals, and dropped
-        past the limit; everything else passes.
-        """
-        if event.get("log_level", LogLevel.info) < LogLevel.warn or self.admit():
-            globalLogPublisher(event)
-
-    def _ended(self) -> None:
-        self._report = None
-        self._started = None
-        self.flush()
-
-    def flush(self) -> None:
-        """Say how many refusals went unlogged, if any (also when the server stops)."""
-        if self._report is not None:
-            if self._report.active():
-                self._report.cancel()
-            self._report = None
-        if self.suppressed:
-            n, self.suppressed = self.suppressed, 0
-            _log.warn(
-                "{n} more line{s} about refused SSH peers not logged (at most {limit} "
-                "per {window:g} s)",
-                n=n,
-                s="" if n == 1 else "s",
-                limit=self.limit,
-                window=self.window,
-            )
 
 
 class _LimitedConchLogging(ConchLogging):
@@ -390,6 +314,8 @@ class _UserAuthServer(_LimitedConchLogging, SSHUserAuthServer):
 class _ServerTransport(_LimitedConchLogging, SSHServerTransport):
     supportedMACs = MACS
     factory: _Factory
+    #: Our place among the connections that have not logged in yet.
+    slot: limits.Slot | None = None
     #: A line about refusing this peer was logged (or counted): one is enough.
     _refusal_said = False
     #: We hung up on the peer; what still arrives is not read.
@@ -491,7 +417,14 @@ class _ServerTransport(_LimitedConchLogging, SSHServerTransport):
         elif not self._refusal_said:  # anyone can connect and say this, often
             self.refused("SSH client {peer} disconnected: {why}", level=level, why=why)
 
+    def setService(self, service: Any) -> None:
+        super().setService(service)
+        if isinstance(service, _Connection) and self.slot is not None:
+            self.slot.release()  # logged in: no longer counts against the limit
+
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.slot is not None:
+            self.slot.release()
         self.factory.connections.discard(self)
         if self._login_timer.active():
             self._login_timer.cancel()
@@ -518,6 +451,17 @@ class _Factory(ConchLogging, SSHFactory):
         self.primes = None  # fixed DH groups and curve25519 only: no moduli file needed
         self.connections: set[_ServerTransport] = set()
         self.refusals = RefusalLog(reactor)
+        self.pending = limits.PreAuthLimit(self.refusals)
+
+    def buildProtocol(self, addr: Any) -> _ServerTransport | None:  # type: ignore[override]
+        """A transport for a new connection, or C{None} (Twisted closes it) when too many wait."""
+        slot = self.pending.take(addr)
+        if slot is None:
+            return None
+        protocol = super().buildProtocol(addr)
+        assert isinstance(protocol, _ServerTransport)
+        protocol.slot = slot
+        return protocol
 
 
 # The TaskServer
@@ -547,7 +491,7 @@ class SSHTaskServer(TaskServer):
     def listen(self) -> Deferred[str]:
         try:
             factory = self._make_factory()
-            endpoint = serverFromString(self.reactor, self.settings.listen)
+            endpoint = serverFromString(self.reactor, with_backlog(self.settings.listen))
         except Exception as e:
             return fail(e)
         self._factory = factory

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -174,7 +174,13 @@ class _FramedProtocol(FrameReceiver):
         """The peer misbehaved: say so and drop the connection now."""
         if self.state is State.CLOSED:
             return
-        _log.warn("closing connection from {peer}: {why}", peer=self.peer_name, why=why)
+        refusals: limits.RefusalLog | None = getattr(self.factory, "refusals", None)
+        if self.secure is None and refusals is not None:  # anyone can make us say this
+            refusals.emit(
+                LogLevel.warn, "closing connection from {peer}: {why}", peer=self.peer_name, why=why
+            )
+        else:
+            _log.warn("closing connection from {peer}: {why}", peer=self.peer_name, why=why)
         self.lost_reason = why
         self.state = State.CLOSED
         self.transport.abortConnection()
@@ -287,7 +293,8 @@ class ServerFactory(_Factory):
 
     def __init__(self, reactor: Any, secret: bytes, accept: Accept, max_frame: int) -> None:
         super().__init__(reactor, secret, accept, max_frame)
-        self.pending = limits.PreAuthLimit(clock=reactor.seconds)
+        self.refusals = limits.RefusalLog(reactor)
+        self.pending = limits.PreAuthLimit(self.refusals)
 
     def buildProtocol(self, addr: Any) -> ServerProtocol | None:  # type: ignore[override]
         """A protocol for a new connection, or C{None} (Twisted closes it) when too many wait."""

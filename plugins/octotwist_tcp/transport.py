@@ -7,6 +7,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import _parse, clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 
+from octotwist.endpoints import with_backlog
 from octotwist.errors import UsageError
 from octotwist.transport import Accept, ClientSettings, MessageChannel, TaskClient, TaskServer
 from octotwist_tcp.protocol import (
@@ -38,7 +39,7 @@ class TCPTaskServer(TaskServer):
             self.reactor, self.settings.secret, self.accept, _max_frame(dict(self.settings.options))
         )
         try:
-            endpoint = serverFromString(self.reactor, self.settings.listen)
+            endpoint = serverFromString(self.reactor, with_backlog(self.settings.listen))
         except Exception as e:
             return fail(e)
         d = endpoint.listen(self._factory)
@@ -73,6 +74,7 @@ class TCPTaskServer(TaskServer):
             await maybeDeferred(port.stopListening)
         if self._factory is None:
             return
+        self._factory.refusals.flush()
         protocols = list(self._factory.protocols)
         for protocol in protocols:
             if protocol.state is not State.OPEN:
