@@ -483,7 +483,9 @@ def test_bad_arguments_are_usage_errors(
 ) -> None:
     script = str(books_job(tmp_path))
     r = octo(
-        *[script if a == "JOB" else a for a in args], env=dict(env, OCTO_SECRET="x-secret-0123456789"), timeout=30
+        *[script if a == "JOB" else a for a in args],
+        env=dict(env, OCTO_SECRET="x-secret-0123456789"),
+        timeout=30,
     )
     assert r.returncode == 2
     assert message in r.stderr
@@ -623,7 +625,9 @@ def test_a_full_disk_fails_the_job_with_a_clear_message(env: dict, tmp_path: Pat
 def test_client_stopped_by_sigterm_exits_non_zero(env: dict) -> None:
     import signal
 
-    client = start("client", f"127.0.0.1:{free_port()}", env=dict(env, OCTO_SECRET="x-secret-0123456789"))
+    client = start(
+        "client", f"127.0.0.1:{free_port()}", env=dict(env, OCTO_SECRET="x-secret-0123456789")
+    )
     assert "retrying" in client.stderr.readline()
     client.send_signal(signal.SIGTERM)
     code, _, err = finish(client, timeout=30)
