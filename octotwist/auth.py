@@ -169,11 +169,31 @@ def server_secret(secret_file: str | None) -> bytes:
     path = default_secret_path()
     if path.exists():
         return _read_default(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_directories(path.parent)
     try:
         return create_secret_file(path)
     except FileExistsError:  # another server on this machine was quicker
         return _read_default(path)
+
+
+def make_private_directories(directory: Path) -> None:
+    """
+    Make C{directory} and its missing parents, each 0700 whatever the umask
+    (C{mkdir(parents=True, mode=...)} applies the mode to the last one only,
+    and the umask to all: under umask 000, C{~/.config} came out 0777).
+    """
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another process made it first: its mode is its business
+        os.chmod(d, 0o700)
 
 
 def client_secret(secret_file: str | None) -> bytes:

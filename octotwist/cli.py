@@ -26,7 +26,7 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from octotwist import auth, embedded, tap
+from octotwist import allocator, auth, embedded, tap
 from octotwist.client import run_worker
 from octotwist.errors import (
     AuthenticationError,
@@ -37,7 +37,7 @@ from octotwist.errors import (
 from octotwist.hookspecs import get_transport, transports
 from octotwist.job import load_job
 from octotwist.progress import LiveProgress, LogSink
-from octotwist.server import JobServer
+from octotwist.server import MAX_SLOTS, JobServer
 from octotwist.status import StatusPage, new_token
 from octotwist.transport import ClientSettings, ServerSettings, Transport
 
@@ -57,6 +57,14 @@ class ServerOptions(_Verbosity, tap.Options):
     pass
 
 
+def _processes(value: str) -> int:
+    """C{--processes}: at least 1, at most what a server accepts (L{MAX_SLOTS})."""
+    n = tap._positive_int(value)
+    if n > MAX_SLOTS:
+        raise ValueError(f"at most {MAX_SLOTS} (a server refuses more)")
+    return n
+
+
 class ClientOptions(_Verbosity, tap.InterspersedOptions):
     synopsis = "[options] [HOST[:PORT]]"
     longdesc = (
@@ -71,7 +79,7 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
             None,
             "Twisted client endpoint, e.g. tcp:host:18125 or unix:/tmp/octo.sock.",
         ],
-        ["processes", "p", 1, "Tasks to run at once (one process each).", tap._positive_int],
+        ["processes", "p", 1, "Tasks to run at once (one process each).", _processes],
         [
             "secret-file",
             None,
@@ -443,6 +451,7 @@ def _main(argv: list[str] | None) -> None:
         if command == "secret":
             sys.exit(_make_secret(sub))
         _start_logging(sub, _sink)
+        allocator.tune()
         action = {"run": _run, "server": _serve, "client": _work}[command]
         react(_guarded, (action, sub))
     except OctotwistError as e:

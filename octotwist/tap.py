@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from octotwist import auth
+from octotwist import allocator, auth, limits
 from octotwist.endpoints import server_is_local
 from octotwist.errors import OctotwistError, UsageError
 from octotwist.hookspecs import get_transport, transports
@@ -503,6 +503,11 @@ def build_service(options: Options, reactor: Any, output: Results | None = None)
     job = load_job(options["script"])
     transport = get_transport(options["transport"])
     listen, secret = listen_settings(options, transport)
+    before, after = limits.raise_open_file_limit()  # strangers may connect: room for them
+    if after != before:
+        _log.debug(
+            "open files: soft limit raised from {before} to {after}", before=before, after=after
+        )
     web = options["web"]
     if web is not None:
         check_server_endpoint(web, "--web")
@@ -689,6 +694,7 @@ def makeService(options: Options) -> JobService:
     """The twistd entry point: stops the reactor when the job ends."""
     from twisted.internet import reactor
 
+    allocator.tune()
     try:
         service = build_service(options, reactor)
     except OctotwistError as e:

@@ -106,6 +106,14 @@ def workers_joined(web: int) -> int:
         return len(json.load(r)["workers"])
 
 
+def soft_open_files_limit(pid: int) -> int:
+    """What /proc says a process's soft limit on open files is."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open files limit in /proc")
+
+
 def open_files(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
@@ -156,6 +164,8 @@ def test_idle_strangers_cannot_lock_the_workers_out(
             env=env,
         )
     wait_for_port(port, server)
+    # The server raised the soft limit it was started with to the hard one.
+    assert soft_open_files_limit(server.pid) == min(hard, 2**20) or hard <= 1024
     flood = Flood(port, IDLE_SOCKETS)
     try:
         wait_for_attack(flood, server.pid)

@@ -38,6 +38,7 @@ from octotwist import limits, secure
 from octotwist.endpoints import with_backlog
 from octotwist.errors import RemoteProtocolError
 from octotwist.messages import Message
+from octotwist.status import SECURITY_HEADERS
 from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskServer, no_delay
 from octotwist_http import wire
 
@@ -413,7 +414,11 @@ class _Hub:
         target = wire.split_target(raw_target)
         if target is None:
             if method.upper() not in (b"GET", b"HEAD"):
-                raise _Reject(http.NOT_ALLOWED, "the status page is read-only", {b"Allow": b"GET"})
+                raise _Reject(
+                    http.NOT_ALLOWED,
+                    "the status page is read-only",
+                    {b"Allow": b"GET", **SECURITY_HEADERS},
+                )
             return _Admission("status")
         call = wire.route(method, target)
         if call is None:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.conch.ssh.keys import BadKeyError, EncryptedKeyError, Key
 from twisted.logger import Logger
 
+from octotwist.auth import make_private_directories
 from octotwist.errors import UsageError
 
 _log = Logger()
@@ -36,8 +37,6 @@ DEFAULT_HOST_KEY_NAME = "ssh_host_ed25519_key"
 #: writable one lets another user swap the fingerprint people trust).
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
-#: ... and of the directories we create for them.
-DIRECTORY_MODE = 0o700
 
 #: Key types an authorized_keys or known_hosts line may name.
 KEY_TYPES = frozenset(
@@ -176,18 +175,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 def _make_directories(directory: Path) -> None:
     """Make C{directory} and its missing parents, each 0700 whatever the umask."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        if directory.parent == directory:
-            break
-        directory = directory.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=DIRECTORY_MODE)
-        except FileExistsError:
-            continue  # another process made it first: its mode is its business
-        os.chmod(d, DIRECTORY_MODE)
+    make_private_directories(directory)
 
 
 def _repair_modes(key: Key, path: Path) -> None:
