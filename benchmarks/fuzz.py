@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import json
 import os
 import random
 import re
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,8 +61,11 @@ SECRET = b"fuzzing-secret-that-is-long-enough"
 _PREFIX = struct.Struct("!I")
 
 JOB = """
+import os, time
 source = {i: " ".join("w%d" % ((i * 13 + j) % 97) for j in range(200 + i)) for i in range(40)}
 def mapfn(key, value):
+    while not os.path.exists(GATE):  # until both honest workers are in
+        time.sleep(0.05)
     for word in value.split():
         yield word, 1
 def reducefn(key, values):
@@ -461,11 +466,10 @@ def _run(name: str, directory: Path, unauthenticated: int, authenticated: int, s
     (directory / "peers").mkdir()
     setup = conformance_setup(name, directory / "peers")
     script = directory / "job.py"
-    script.write_text(JOB)
+    gate = directory / "gate"
+    script.write_text(f"GATE = {str(gate)!r}\n" + JOB)
     out = directory / "out.tsv"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, web = _free_port(), _free_port()
     env = dict(os.environ, OCTO_SECRET=SECRET.decode(), XDG_CONFIG_HOME=str(directory / "config"))
     env.update(setup.env)
     log = (directory / "server.log").open("w")
@@ -473,6 +477,7 @@ def _run(name: str, directory: Path, unauthenticated: int, authenticated: int, s
         [
             *(sys.executable, "-m", "octotwist", "server", str(script), "--transport", name),
             *("--listen", f"tcp:{port}:interface=127.0.0.1", "-o", str(out)),
+            *("--web", f"tcp:{web}:interface=127.0.0.1"),
             *setup.server_args,
         ],
         env=env,
@@ -517,6 +522,10 @@ def _run(name: str, directory: Path, unauthenticated: int, authenticated: int, s
         )
         for _ in range(2)
     ]
+    deadline = time.monotonic() + 120
+    while _workers_in(web) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gate.touch()
     codes = [w.wait(timeout=300) for w in workers]
     server_code = server.wait(timeout=60)
     stop.set()
@@ -537,6 +546,21 @@ def _run(name: str, directory: Path, unauthenticated: int, authenticated: int, s
         first = text.index("Traceback (most recent call last)")
         print(text[max(0, first - 300) : first + 2000], file=sys.stderr)
     return exact and tracebacks == 0 and server_code == 0 and codes == [0, 0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _workers_in(web: int) -> int:
+    """How many workers the server's status page shows (0 if it cannot be read)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web}/status.json", timeout=5) as r:
+            return len(json.load(r)["workers"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _parse(text: str) -> dict[str, int]:

@@ -366,6 +366,22 @@ def _finish(
     request.finish()
 
 
+class _Ended:
+    """
+    What the hub remembers of an ended session for L{ENDED_LINGER} seconds:
+    enough to check a late request's token and answer it "410 Gone" with
+    the reason, rather than "401 unknown session".
+    """
+
+    __slots__ = ("ended", "id", "key", "replay")
+
+    def __init__(self, session: _ServerSession) -> None:
+        self.id = session.id
+        self.key = session.key
+        self.replay = session.replay
+        self.ended = session.ended
+
+
 class _Admission:
     """What L{_Hub.admit} let through, and what the request needs to go on."""
 
@@ -385,7 +401,7 @@ class _Hub:
         self.challenges = wire.Challenges()
         #: Lines about refused requests and connections, rate-limited.
         self.refusals = limits.RefusalLog(reactor)
-        self.sessions: dict[str, _ServerSession] = {}
+        self.sessions: dict[str, _ServerSession | _Ended] = {}
         self._forget: dict[str, IDelayedCall] = {}
         #: False once the server has stopped taking new sessions.
         self.accepting = True
@@ -436,7 +452,7 @@ class _Hub:
             raise self._refuse(peer, "authentication failed (wrong token)")
         if not session.replay.accept(token.seq):
             raise self._refuse(peer, "replayed request")
-        if session.ended is not None:
+        if session.ended is not None or not isinstance(session, _ServerSession):
             raise _Reject(http.GONE, f"session ended: {session.ended}")
         if call.kind == "upload":
             first = wire.int_param(call.query, b"first")
@@ -496,6 +512,10 @@ class _Hub:
         return session, proof
 
     def ended(self, session: _ServerSession) -> None:
+        # Only what a late request needs is kept: the session's buffers, its
+        # channel layer and its handler go now, not in a minute (a peer that
+        # opens and ends sessions quickly would make them pile up).
+        self.sessions[session.id] = _Ended(session)
         self._forget[session.id] = self.reactor.callLater(ENDED_LINGER, self._drop, session.id)
         if self._idle and not self.live():
             waiters, self._idle = self._idle, []
@@ -516,7 +536,9 @@ class _Hub:
         self.sessions.pop(sid, None)
 
     def live(self) -> list[_ServerSession]:
-        return [s for s in self.sessions.values() if s.ended is None]
+        return [
+            s for s in self.sessions.values() if isinstance(s, _ServerSession) and s.ended is None
+        ]
 
     def shutdown(self) -> None:
         for timer in self._forget.values():
