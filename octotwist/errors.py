@@ -2,7 +2,7 @@
 The exceptions octotwist raises, sorted by whose fault the problem is.
 
 As in h11, the class says who has to act: the caller (L{UsageError}), the job's
-author (L{JobScriptError}, L{TaskFailedError}), a peer on the network
+author (L{JobScriptError}), a peer on the network
 (L{RemoteProtocolError}, L{AuthenticationError}, L{IntegrityError}) or the installation
 (L{UnknownTransportError}, L{PluginError}).
 """
@@ -58,23 +58,3 @@ class AuthenticationError(RemoteProtocolError):
     The peer could not prove who it is (the shared secret, a key, its user
     id), or it refused our proof.  Not retried: the message says what to fix.
     """
-
-
-class TaskFailedError(OctotwistError):
-    """
-    A user function (C{mapfn}, C{reducefn}, C{combinefn}, C{partitionfn})
-    raised, or killed the process running it, on a worker.
-
-    @ivar task: a readable name of the task (C{"map 12"}, C{"reduce 3"}).
-    @ivar key: C{repr()} of the key being processed, when known.
-    @ivar worker: the name of the worker that ran the attempt.
-    @ivar remote_traceback: the traceback text as the worker formatted it.
-    """
-
-    def __init__(self, task: str, key: str | None, worker: str, remote_traceback: str) -> None:
-        self.task = task
-        self.key = key
-        self.worker = worker
-        self.remote_traceback = remote_traceback
-        where = f"{task}" + (f", key {key}" if key is not None else "")
-        super().__init__(f"{where} failed on worker {worker}:\n{remote_traceback}")

@@ -403,10 +403,6 @@ class Scheduler:
     def workers(self) -> list[str]:
         return list(self._workers)
 
-    def has_free_slot(self, worker: str) -> bool:
-        w = self._worker(worker)
-        return len(w.running) < w.slots
-
     def running(self, worker: str) -> list[tuple[TaskId, int]]:
         """The attempts C{worker} is running, in task order."""
         return sorted(self._worker(worker).running, key=lambda r: (r[0].index, r[1]))

@@ -93,7 +93,7 @@ def test_slots_bound_concurrent_assignments() -> None:
     got = [s.next_assignment("w") for _ in range(4)]
     assert [a.task for a in got[:3]] == [M(0), M(1), M(2)]
     assert got[3] is NO_WORK
-    assert not s.has_free_slot("w")
+    assert s.running("w") == [(M(0), 1), (M(1), 1), (M(2), 1)]
 
 
 def test_worker_left_requeues_its_running_tasks() -> None:
