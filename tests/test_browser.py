@@ -1,0 +1,298 @@
+"""
+The status page's JavaScript refresh, in a real browser: Debian's headless
+Chromium, driven through its chromedriver with selenium, against a real
+C{octo server --web} on 127.0.0.1 whose map tasks wait for gate files that
+the test opens, so that the page is watched mid-job.
+
+What the page's script (L{octotwist.status._SCRIPT}) promises, checked in the
+DOM: the counts change without a reload; an opened failure stays open
+across refreshes; the page says when the job finished and stops asking; it
+says it lost contact when the server is killed mid-job.  All of that only
+happens if the inline script runs under the page's strict
+Content-Security-Policy (script and style allowed by their hashes), so these
+tests also prove that the hash matches the script the page sends.
+
+Without chromium and chromedriver (Debian's packages: .ci/run installs them)
+the tests skip, saying so; in CI (CI=true) they fail instead, so that a
+missing browser cannot pass silently.  No driver is ever downloaded: the
+service is given /usr/bin/chromedriver, so selenium-manager is not run
+(SE_OFFLINE is set too).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import finish, free_port, parse_tsv, start, wait_for_port
+from test_end_to_end import job
+
+from octotwist.status import CONTENT_SECURITY_POLICY, REFRESH_MS
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError as e:  # pragma: no cover - the test extra installs it
+    webdriver = None
+    _SELENIUM_ERROR = f"selenium is not installed ({e}); pip install -e '.[test]'"
+else:
+    _SELENIUM_ERROR = ""
+
+CHROMIUM = os.environ.get("OCTO_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("OCTO_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: Long enough for a loaded 2-core machine; every wait ends as soon as the
+#: condition holds.
+DEADLINE = 60
+
+# Twelve keys.  Keys 0 to 5 wait for the gate "first", the others for
+# "second"; key 4 always fails, so the page lists failures (the job still
+# completes with --skip-bad-records).
+GATED = """
+import os, time
+GATES = {gates!r}
+source = {{i: "w%d x y" % i for i in range(12)}}
+def mapfn(key, value):
+    gate = os.path.join(GATES, "first" if key < 6 else "second")
+    while not os.path.exists(gate):
+        time.sleep(0.05)
+    if key == 4:
+        raise RuntimeError("bad record four")
+    for word in value.split():
+        yield word, 1
+def reducefn(key, values):
+    return key, sum(values)
+"""
+
+
+def _missing() -> str:
+    """Why the browser cannot be driven here, or C{""} when it can."""
+    if _SELENIUM_ERROR:
+        return _SELENIUM_ERROR
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            return f"no {path} (Debian's {package} package; .ci/run installs it)"
+    return ""
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Headless Chromium with a fresh profile, through Debian's chromedriver."""
+    why = _missing()
+    if why:
+        if IN_CI:
+            pytest.fail(f"CI=true but the browser test cannot run: {why}", pytrace=False)
+        pytest.skip(why)
+    # The driver's path is given, so selenium-manager has nothing to find;
+    # should it run anyway, it must not go looking on the network.
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",  # root, as in CI
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver: Any, what: str, condition: Any, timeout: float = DEADLINE) -> Any:
+    """Wait until C{condition(driver)} is true; fail saying C{what} and showing the page."""
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    except TimeoutException:
+        main = driver.execute_script(
+            "var m = document.getElementById('main'); return m ? m.innerText : '(no main)';"
+        )
+        refused = csp_refusals(driver)
+        raise AssertionError(
+            f"not in {timeout} s: {what}\nthe page shows:\n{main}"
+            + (f"\nthe browser refused: {refused}" if refused else "")
+        ) from None
+
+
+def assert_never(driver: Any, what: str, condition: Any, during: float) -> None:
+    """C{condition(driver)} stays false for C{during} seconds."""
+    try:
+        WebDriverWait(driver, during, poll_frequency=0.1).until(condition)
+    except TimeoutException:
+        return
+    raise AssertionError(what)
+
+
+def csp_refusals(driver: Any) -> list[str]:
+    """What the browser's console says the Content-Security-Policy refused."""
+    entries = driver.get_log("browser")
+    return [e["message"] for e in entries if "Content Security Policy" in e["message"]]
+
+
+def text(driver: Any, element_id: str) -> str | None:
+    """The text of the element with this id, or C{None} if there is none."""
+    return driver.execute_script(
+        "var e = document.getElementById(arguments[0]); return e ? e.textContent : null;",
+        element_id,
+    )
+
+
+def count(driver: Any, element_id: str) -> int:
+    value = text(driver, element_id)
+    return int(value) if value and value.isdigit() else -1
+
+
+# Run in the page by the test (chromedriver's scripts are not the page's, so
+# the page's CSP does not apply to them): count the page's fetches, and mark
+# the window, which a reload would lose.
+_WATCH = """
+window.octoTestMark = "still the same page";
+window.octoFetches = 0;
+var original = window.fetch;
+window.fetch = function () { window.octoFetches += 1; return original.apply(this, arguments); };
+"""
+
+
+def serve_gated(tmp_path: Path, env: dict[str, str]) -> tuple[Any, int, int, Path, Path]:
+    """A real octo server for L{GATED}, its page on loopback (no token)."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    port, web = free_port(), free_port()
+    out = tmp_path / "out.tsv"
+    server = start(
+        "server", str(job(tmp_path, GATED.format(gates=str(gates)))),
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "--web", f"tcp:{web}:interface=127.0.0.1",
+        "-o", str(out), "--skip-bad-records", "--max-attempts", "1", env=env,
+    )  # fmt: skip
+    wait_for_port(port, server)
+    wait_for_port(web, server)
+    return server, port, web, gates, out
+
+
+def test_the_page_follows_the_job_in_a_browser_and_stops_when_it_finished(
+    browser: Any, env: dict, tmp_path: Path
+) -> None:
+    server, port, web, gates, out = serve_gated(tmp_path, env)
+    url = f"http://127.0.0.1:{web}/"
+    with urllib.request.urlopen(url, timeout=10) as r:  # what the browser gets
+        assert r.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "script-src 'sha256-" in CONTENT_SECURITY_POLICY
+    assert "unsafe-inline" not in CONTENT_SECURITY_POLICY
+
+    browser.get(url)
+    assert text(browser, "phase") == "mapping" and count(browser, "map-done") == 0
+    assert text(browser, "workers") == "No workers connected."
+    browser.execute_script(_WATCH)
+
+    # A worker joins: the page shows it without being reloaded.
+    worker = start("client", f"127.0.0.1:{port}", "-n", "w1", "-p", "2", env=env)
+    wait_for(browser, "the worker on the page", lambda d: text(d, "worker-count") == "1")
+    assert "w1" in (text(browser, "workers") or "")
+    assert count(browser, "map-done") == 0  # every task waits for its gate
+
+    # Keys 0 to 5 may go (4 fails): the done count goes up, a failure shows.
+    (gates / "first").touch()
+    wait_for(browser, "map 5/12 done", lambda d: count(d, "map-done") >= 5)
+    wait_for(browser, "the failure listed", lambda d: text(d, "failure-0") is not None)
+    assert "bad record four" in text(browser, "failure-0")
+    assert count(browser, "map-total") == 12 and text(browser, "phase") == "mapping"
+    assert browser.execute_script("return window.octoTestMark;") == "still the same page"
+
+    # Open the failure; it stays open across refreshes, which replace it.
+    browser.find_element(By.CSS_SELECTOR, "#failure-0 > summary").click()
+    assert browser.execute_script("return document.getElementById('failure-0').open;")
+    browser.execute_script("document.getElementById('failure-0').octoOld = true;")
+    seen = browser.execute_script("return window.octoFetches;")
+    wait_for(
+        browser,
+        "two more refreshes",
+        lambda d: d.execute_script("return window.octoFetches;") >= seen + 2,
+    )
+    wait_for(
+        browser,
+        "the failure replaced by a refresh",
+        lambda d: d.execute_script(
+            "var e = document.getElementById('failure-0'); return e && !e.octoOld;"
+        ),
+    )
+    assert browser.execute_script("return document.getElementById('failure-0').open;")
+    traceback = browser.find_element(By.CSS_SELECTOR, "#failure-0 pre")
+    assert traceback.is_displayed() and 'raise RuntimeError("bad record four")' in traceback.text
+
+    # The rest may go: the page says the job finished, with the final counts.
+    (gates / "second").touch()
+    wait_for(browser, "the job finished", lambda d: text(d, "phase") == "finished")
+    assert count(browser, "map-done") == 12 and count(browser, "map-total") == 12
+    assert count(browser, "reduce-done") == count(browser, "reduce-total") >= 1
+    assert browser.title == "octo: job (finished)"
+    assert browser.execute_script("return document.getElementById('failure-0').open;")
+    assert browser.execute_script("return window.octoTestMark;") == "still the same page"
+
+    # ...and stops asking: once the server is gone, no fetch is made and the
+    # page does not say it lost contact (a script still polling would).
+    polls = browser.execute_script("return window.octoFetches;")
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert finish(worker)[0] == 0
+    assert_never(
+        browser,
+        "the page polled again after it showed the job finished",
+        lambda d: d.execute_script("return window.octoFetches;") != polls or text(d, "contact"),
+        # Nothing to wait for: the absence of polls is watched for 4 periods.
+        during=4 * REFRESH_MS / 1000,
+    )
+    assert text(browser, "phase") == "finished"
+
+    expected = {f"w{i}": 1 for i in range(12) if i != 4} | {"x": 11, "y": 11}
+    assert parse_tsv(out.read_text()) == expected
+    assert_no_csp_violation(browser)
+
+
+def test_the_page_says_it_lost_contact_when_the_server_is_killed(
+    browser: Any, env: dict, tmp_path: Path
+) -> None:
+    server, port, web, _, _ = serve_gated(tmp_path, env)
+    browser.get(f"http://127.0.0.1:{web}/")
+    browser.execute_script(_WATCH)
+    start("client", f"127.0.0.1:{port}", "-n", "w1", "--wait", "5", env=env)
+    wait_for(browser, "the worker on the page", lambda d: text(d, "worker-count") == "1")
+    assert text(browser, "contact") == ""
+
+    server.send_signal(signal.SIGKILL)  # mid-job: every task still waits for its gate
+    server.wait(30)
+    wait_for(
+        browser,
+        "the page saying it lost contact",
+        lambda d: "Lost contact with the server" in (text(d, "contact") or ""),
+    )
+    # The last state stays on the page, and the page was never reloaded.
+    assert text(browser, "phase") == "mapping" and count(browser, "map-done") == 0
+    assert browser.execute_script("return window.octoTestMark;") == "still the same page"
+    assert_no_csp_violation(browser)
+
+
+def assert_no_csp_violation(driver: Any) -> None:
+    """The browser's console reported no Content-Security-Policy refusal."""
+    refused = csp_refusals(driver)
+    assert not refused, refused
