@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import struct
+from pathlib import Path
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 
 from octotwist import codec, handshake, messages
-from octotwist.errors import AuthenticationError
+from octotwist.errors import AuthenticationError, RemoteProtocolError
 from octotwist.secure import OVERHEAD
+from octotwist.testing.relay import evil_pickle
 from octotwist_tcp.protocol import (
     CONTEXT,
     HANDSHAKE_TIMEOUT,
@@ -112,6 +115,48 @@ def test_big_frame_before_auth_is_refused_without_buffering_it() -> None:
 def test_handshake_times_out() -> None:
     _proto, transport, _accepted, reactor = server()
     reactor.advance(HANDSHAKE_TIMEOUT + 1)
+    assert transport.disconnecting or transport.disconnected
+
+
+def client(secret: bytes = SECRET):
+    accepted = Accepted()
+    reactor = MemoryReactorClock()
+    proto = ClientFactory(reactor, secret, accepted, 1024).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    errors: list = []
+    proto.ready.addErrback(errors.append)
+    return proto, transport, accepted, errors
+
+
+def test_client_refuses_a_server_that_fails_its_proof_and_decodes_nothing(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "pwned"
+    proto, transport, accepted, errors = client()
+    fake = handshake.ServerHandshake(b"the-fake-server-s-secret-0123", CONTEXT)
+    proto.dataReceived(frame(fake.challenge()))
+    assert len(transport.value()) == 4 + 64  # our nonce and proof
+    transport.clear()
+    after = frame(evil_pickle(marker)) + frame(codec.encode_message(messages.Shutdown(True)))
+    proto.dataReceived(frame(os.urandom(32)) + after)
+    assert errors and errors[0].check(AuthenticationError)
+    assert "did not prove it knows the secret" in str(errors[0].value)
+    assert accepted.handlers == [] and transport.value() == b""  # no Hello, nothing
+    assert transport.disconnecting or transport.disconnected
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [codec.encode_message(messages.Shutdown(True)), MAGIC + bytes(31), b"x" * 44],
+    ids=["a message in the clear", "a short challenge", "junk"],
+)
+def test_client_answers_nothing_but_a_challenge(first: bytes) -> None:
+    proto, transport, accepted, errors = client()
+    proto.dataReceived(frame(first) + frame(codec.encode_message(messages.Shutdown(True))))
+    assert errors and errors[0].check(RemoteProtocolError)
+    assert accepted.handlers == [] and transport.value() == b""
     assert transport.disconnecting or transport.disconnected
 
 
