@@ -58,7 +58,10 @@ class ServerOptions(_Verbosity, tap.Options):
 
 
 def _processes(value: str) -> int:
-    """C{--processes}: at least 1, at most what a server accepts (L{MAX_SLOTS})."""
+    """
+    C{--processes}, C{--workers}: at least 1, at most what a server accepts
+    (L{MAX_SLOTS}).
+    """
     n = tap._positive_int(value)
     if n > MAX_SLOTS:
         raise ValueError(f"at most {MAX_SLOTS} (a server refuses more)")
@@ -89,7 +92,13 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
             "else the local server's).",
         ],
         ["name", "n", None, "Worker name in the server's logs (default HOST:PID)."],
-        ["wait", None, 120.0, "Seconds to keep retrying while the server is unreachable.", float],
+        [
+            "wait",
+            None,
+            120.0,
+            "Seconds to keep retrying while the server is unreachable.",
+            tap._non_negative_float,
+        ],
     ]
     _transport_parameters, _transport_flags = tap.transport_parameters(
         "client", tap.own_option_names(optParameters, []) | {"quiet", "verbose"}
@@ -118,7 +127,7 @@ class RunOptions(_Verbosity, tap.InterspersedOptions):
     synopsis = "[options] SCRIPT"
     longdesc = "Run a job on this machine: a server and local worker processes, one command."
     optParameters = [
-        ["workers", "w", 2, "Worker processes.", tap._positive_int],
+        ["workers", "w", 2, "Worker processes.", _processes],
         [
             "transport",
             "t",
@@ -441,7 +450,9 @@ def _main(argv: list[str] | None) -> None:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
         sys.stderr.write(
-            f"{options}\nocto: {e}\n" if not str(e).startswith("which") else f"{options}\n"
+            f"{options}\nocto: {tap.usage_message(e)}\n"
+            if not str(e).startswith("which")
+            else f"{options}\n"
         )
         sys.exit(EXIT_USAGE)
     command, sub = options.subCommand, options.subOptions

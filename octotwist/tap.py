@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import getopt
 import ipaddress
+import math
 import os
 import shlex
 import socket
@@ -39,18 +40,64 @@ from octotwist.transport import Option, ServerSettings, TaskServer, Transport
 _log = Logger()
 
 
+def _number(value: str, kind: type[int] | type[float]) -> Any:
+    """C{value} as an C{int} or a finite C{float}, or a C{ValueError} that says so."""
+    try:
+        x = kind(value)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"must be {what}") from None
+    if not math.isfinite(x):
+        raise ValueError("must be a finite number")
+    return x
+
+
 def _positive_int(value: str) -> int:
-    n = int(value)
+    n = _number(value, int)
     if n < 1:
         raise ValueError("must be at least 1")
     return n
 
 
 def _positive_float(value: str) -> float:
-    x = float(value)
-    if not x > 0:
+    x = _number(value, float)
+    if x <= 0:
         raise ValueError("must be more than 0")
     return x
+
+
+def _non_negative_float(value: str) -> float:
+    x = _number(value, float)
+    if x < 0:
+        raise ValueError("must be 0 or more")
+    return x
+
+
+class _Named:
+    """
+    An option's coercion whose C{ValueError} names the option and the value
+    given (C{--wait -1: must be 0 or more}): Twisted's message names neither.
+    """
+
+    def __init__(self, name: str, coerce: Any) -> None:
+        self.name = name
+        self.coerce = coerce
+        self.coerceDoc = getattr(coerce, "coerceDoc", "")
+
+    def __call__(self, value: str) -> Any:
+        try:
+            return self.coerce(value)
+        except ValueError as e:
+            raise ValueError(f"--{self.name} {value}: {e}") from None
+
+
+#: What Twisted puts before a coercion's message.
+_COERCION_FAILED = "Parameter type enforcement failed: "
+
+
+def usage_message(error: usage.UsageError) -> str:
+    """The text of a usage error, without Twisted's prefix for a refused value."""
+    return str(error).removeprefix(_COERCION_FAILED)
 
 
 _DEFAULT_POLICY = FaultPolicy()
@@ -83,7 +130,7 @@ FAULT_PARAMETERS = [
         None,
         _DEFAULT_POLICY.backup_after,
         "Seconds a task runs before an idle worker gets a backup copy of it (0: never).",
-        float,
+        _non_negative_float,
     ],
 ]
 FAULT_FLAGS = [
@@ -180,13 +227,6 @@ WEB_PARAMETER = [
 ]
 
 
-def _mebibytes(value: str) -> float:
-    n = float(value)
-    if not n >= 0:
-        raise ValueError("must be 0 or more")
-    return n
-
-
 #: How much map output the server holds in memory; shared like WEB_PARAMETER.
 MEMORY_PARAMETER = [
     "memory-limit",
@@ -194,7 +234,7 @@ MEMORY_PARAMETER = [
     DEFAULT_MEMORY_LIMIT >> 20,
     "MiB of map output the server keeps in memory; the rest waits in an unlinked "
     "temporary file in $TMPDIR until its reduce task.",
-    _mebibytes,
+    _non_negative_float,
 ]
 
 
@@ -218,7 +258,16 @@ class InterspersedOptions(usage.Options):
     """
     Options that may come after positional arguments, as in C{octo run job.py
     -w 2} (Twisted's parser stops at the first positional argument).
+
+    A value an option refuses is reported with the option's name and the
+    value (L{_Named}).
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("optParameters")
+        if own is not None:
+            cls.optParameters = [_named(p) for p in own]
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         args = sys.argv[1:] if options is None else options
@@ -241,6 +290,13 @@ class InterspersedOptions(usage.Options):
 
         print(f"octotwist {__version__}")
         sys.exit(0)
+
+
+def _named(parameter: list) -> list:
+    """An C{optParameters} entry whose coercion (if any) names the option."""
+    if len(parameter) < 5 or parameter[4] is None or isinstance(parameter[4], _Named):
+        return parameter
+    return [*parameter[:4], _Named(parameter[0], parameter[4]), *parameter[5:]]
 
 
 class Options(InterspersedOptions):
@@ -305,6 +361,23 @@ class Options(InterspersedOptions):
     def postOptions(self) -> None:
         if not self["script"]:
             raise usage.UsageError("no job script: octo server JOB.py (or --script JOB.py)")
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if not _under_twistd(self):
+                raise  # octo reports it (exit status 2)
+            # twistd would exit with 1, as for a job that failed.
+            sys.stderr.write(f"{self}\nocto: {usage_message(e)}\n")
+            raise SystemExit(2) from None
+
+
+def _under_twistd(options: usage.Options) -> bool:
+    """Whether C{options} are those of C{twistd octo} (rather than of C{octo server})."""
+    from twisted.application.app import ServerOptions
+
+    return isinstance(getattr(options, "parent", None), ServerOptions)
 
 
 def listen_settings(options: Options, transport: Transport) -> tuple[str, bytes]:

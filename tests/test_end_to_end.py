@@ -492,6 +492,107 @@ def test_bad_arguments_are_usage_errors(
     assert "Traceback" not in r.stderr
 
 
+#: Numeric options and values that make no sense, with what octo says.
+NONSENSE_FOR_A_SERVER = [
+    ("--reduce-tasks", "0", "must be at least 1"),
+    ("--reduce-tasks", "-3", "must be at least 1"),
+    ("--reduce-tasks", "two", "must be a whole number"),
+    ("--max-attempts", "0", "must be at least 1"),
+    ("--max-attempts", "-1", "must be at least 1"),
+    ("--task-timeout", "0", "must be more than 0"),
+    ("--task-timeout", "-30", "must be more than 0"),
+    ("--task-timeout", "nan", "must be a finite number"),
+    ("--heartbeat", "0", "must be more than 0"),
+    ("--heartbeat", "-2", "must be more than 0"),
+    ("--heartbeat", "inf", "must be a finite number"),
+    ("--backup-after", "-5", "must be 0 or more"),
+    ("--backup-after", "nan", "must be a finite number"),
+    ("--memory-limit", "-1", "must be 0 or more"),
+    ("--memory-limit", "inf", "must be a finite number"),
+]
+NONSENSE = {
+    "run": [
+        *NONSENSE_FOR_A_SERVER,
+        ("--workers", "0", "must be at least 1"),
+        ("--workers", "-2", "must be at least 1"),
+        ("--workers", "4097", "at most 4096 (a server refuses more)"),
+    ],
+    "server": NONSENSE_FOR_A_SERVER,
+    "client": [
+        ("--processes", "0", "must be at least 1"),
+        ("--processes", "-1", "must be at least 1"),
+        ("--processes", "4097", "at most 4096 (a server refuses more)"),
+        ("--wait", "-1", "must be 0 or more"),
+        ("--wait", "inf", "must be a finite number"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value", "message"),
+    [(command, *case) for command, cases in NONSENSE.items() for case in cases],
+)
+def test_nonsense_option_values_are_refused(
+    command: str, option: str, value: str, message: str
+) -> None:
+    from twisted.python import usage
+
+    from octotwist import cli, tap
+
+    parser = {"run": cli.RunOptions, "server": cli.ServerOptions, "client": cli.ClientOptions}
+    script = [] if command == "client" else ["job.py"]
+    with pytest.raises(usage.UsageError) as e:
+        parser[command]().parseOptions([*script, option, value])
+    assert tap.usage_message(e.value) == f"{option} {value}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "JOB", "--backup-after", "-5"], "octo: --backup-after -5: must be 0 or more"),
+        (["run", "JOB", "-w", "0"], "octo: --workers 0: must be at least 1"),
+        (["server", "JOB", "--heartbeat", "0"], "octo: --heartbeat 0: must be more than 0"),
+        (["server", "JOB", "-r", "-1"], "octo: --reduce-tasks -1: must be at least 1"),
+        (["client", "--wait", "-1"], "octo: --wait -1: must be 0 or more"),
+        (["client", "-p", "0"], "octo: --processes 0: must be at least 1"),
+    ],
+)
+def test_nonsense_option_values_exit_with_status_2(
+    env: dict, tmp_path: Path, args: list[str], message: str
+) -> None:
+    script = str(books_job(tmp_path))
+    r = octo(
+        *[script if a == "JOB" else a for a in args],
+        env=dict(env, OCTO_SECRET="x-secret-0123456789"),
+        timeout=30,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.endswith(message + "\n"), r.stderr
+    assert "Traceback" not in r.stderr and "serving" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--backup-after", "-5", "must be 0 or more"),
+        ("--max-attempts", "0", "must be at least 1"),
+        ("--memory-limit", "-1", "must be 0 or more"),
+    ],
+)
+def test_twistd_refuses_nonsense_option_values_with_status_2(
+    env: dict, tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    port = free_port()
+    server = start_twistd(
+        books_job(tmp_path), "--listen", f"tcp:{port}:interface=127.0.0.1", option, value,
+        env=dict(env, OCTO_SECRET="x-secret-0123456789"),
+    )  # fmt: skip
+    code, out, err = finish(server, timeout=60)
+    assert code == 2, out + err
+    assert err.endswith(f"octo: {option} {value}: {message}\n"), err
+    assert "serving" not in out + err
+
+
 def test_output_is_ignored_with_a_warning_when_the_job_has_final(env: dict, tmp_path: Path) -> None:
     out = tmp_path / "out.tsv"
     r = octo("run", str(EXAMPLES / "wordcount.py"), "-o", str(out), env=env)
