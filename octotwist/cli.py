@@ -152,11 +152,11 @@ class RunOptions(_Verbosity, tap.InterspersedOptions):
         self["script"] = script
 
 
-class TransportsOptions(usage.Options):
+class TransportsOptions(tap.Versioned):
     synopsis = ""
 
 
-class SecretOptions(usage.Options):
+class SecretOptions(tap.Versioned):
     synopsis = "[-o FILE]"
     longdesc = (
         "Make a new random shared secret (256 bits, 43 characters) and print it, or "
@@ -174,7 +174,7 @@ class SecretOptions(usage.Options):
     ]
 
 
-class Options(usage.Options):
+class Options(tap.Versioned):
     # Subcommands' usage lines read "Usage: octo client [options] ...".
     synopsis = "Usage: octo"
     longdesc = (
@@ -193,10 +193,6 @@ class Options(usage.Options):
         ],
         ["transports", None, TransportsOptions, "List the installed transports."],
     ]
-
-    def opt_version(self) -> None:
-        """Display octotwist's version and exit."""
-        tap.InterspersedOptions.opt_version(self)  # type: ignore[arg-type]
 
     def postOptions(self) -> None:
         if self.subCommand is None:

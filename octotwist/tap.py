@@ -254,7 +254,21 @@ def fault_policy(options: usage.Options) -> FaultPolicy:
     )
 
 
-class InterspersedOptions(usage.Options):
+class Versioned(usage.Options):
+    """
+    Options whose C{--version} is octotwist's: L{usage.Options} prints
+    Twisted's, which would tell a user nothing about what they run.
+    """
+
+    def opt_version(self) -> None:
+        """Display octotwist's version and exit."""
+        from octotwist import __version__
+
+        print(f"octotwist {__version__}")
+        sys.exit(0)
+
+
+class InterspersedOptions(Versioned):
     """
     Options that may come after positional arguments, as in C{octo run job.py
     -w 2} (Twisted's parser stops at the first positional argument).
@@ -283,13 +297,6 @@ class InterspersedOptions(usage.Options):
                 takes_value = f"{opt[1]}:" in self.shortOpt
             ordered += [opt, value] if takes_value else [opt]
         super().parseOptions([*ordered, "--", *positional])
-
-    def opt_version(self) -> None:
-        """Display octotwist's version and exit."""
-        from octotwist import __version__
-
-        print(f"octotwist {__version__}")
-        sys.exit(0)
 
 
 def _named(parameter: list) -> list:
