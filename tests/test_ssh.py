@@ -6,6 +6,8 @@ generated here, and a real OpenSSH client opening the C{octo} subsystem.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import re
 import select
@@ -20,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from conftest import (
     EXAMPLES,
     finish,
@@ -31,8 +34,14 @@ from conftest import (
     wait_for_port,
 )
 from test_end_to_end import books_job, job, start_twistd
+from twisted.conch.ssh.connection import SSHConnection
+from twisted.conch.ssh.transport import SSHClientTransport
+from twisted.conch.ssh.userauth import SSHUserAuthClient
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 
 from octotwist.hookspecs import conformance_setup, get_transport
 from octotwist.limits import REFUSAL_WINDOW, REFUSALS_LOGGED, RefusalLog
@@ -50,6 +59,7 @@ from octotwist_ssh.channel import (
     session_proof,
 )
 from octotwist_ssh.client import DEFAULT_PORT, SSHTaskClient, parse_address
+from octotwist_ssh.server import LOGIN_TIMEOUT
 
 SSH = shutil.which("ssh")
 needs_openssh = pytest.mark.skipif(SSH is None, reason="no OpenSSH client (ssh) installed")
@@ -454,10 +464,11 @@ def test_changed_host_key_is_refused_with_how_to_trust_it(
 
 
 def test_unknown_host_is_refused_without_hanging(
-    env: dict, tmp_path: Path, peers_ssh: Peers
+    env: dict, tmp_path: Path, peers_ssh: Peers, expected_books: Counter
 ) -> None:
     port = free_port()
-    server = start_server(books_job(tmp_path), port, env, *peers_ssh.server_args())
+    script = books_job(tmp_path)
+    server = start_server(script, port, env, *peers_ssh.server_args())
     identity = ["--identity", str(peers_ssh.ed25519)]
     empty = tmp_path / "known_hosts"
     empty.write_text("")
@@ -473,7 +484,9 @@ def test_unknown_host_is_refused_without_hanging(
     known = peers_ssh.known_hosts(port)
     code, _, err = finish(client(port, stranger_env, *identity, "--known-hosts", str(known)))
     assert code == 0, err
-    assert finish(server)[0] == 0
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert parse_tsv(script.with_suffix(".tsv").read_text()) == expected_books
 
 
 def test_shared_secret_without_keys(env: dict, tmp_path: Path, expected_books: Counter) -> None:
@@ -755,3 +768,261 @@ def test_host_key_files_are_private_under_umask_000(env: dict, tmp_path: Path) -
     mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (config, key.parent, key)}
     mode["pub"] = stat.S_IMODE(key.with_name(key.name + ".pub").stat().st_mode)
     assert mode == {"config": 0o700, "octotwist": 0o700, key.name: 0o600, "pub": 0o644}
+
+
+# Refusals that need a hand-made client: a key offered, another one signing
+
+
+class _OneKeyAuth(SSHUserAuthClient):
+    """Offers one public key, once, and signs with whichever private key it was given."""
+
+    preferredOrder = [b"publickey"]
+
+    def __init__(self, offered: keys.Key, signer: keys.Key, instance: SSHConnection) -> None:
+        super().__init__(b"octo", instance)
+        self._offered: keys.Key | None = offered.public()
+        self._signer = signer
+
+    def getPublicKey(self) -> keys.Key | None:
+        offered, self._offered = self._offered, None
+        return offered  # then None: no more keys, so Conch gives up
+
+    def getPrivateKey(self) -> Deferred[keys.Key]:
+        return succeed(self._signer)
+
+
+class _LoggedIn(SSHConnection):
+    """The service after a successful login: note it, and hang up."""
+
+    def __init__(self, outcome: Deferred[str]) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+    def serviceStarted(self) -> None:
+        if not self.outcome.called:
+            self.outcome.callback("logged in")
+        self.transport.loseConnection()
+
+
+class _OneKeyClient(SSHClientTransport):
+    def __init__(self, fingerprint: str, offered: keys.Key, signer: keys.Key) -> None:
+        self.fingerprint = fingerprint
+        self.outcome: Deferred[str] = Deferred()
+        self.auth = _OneKeyAuth(offered, signer, _LoggedIn(self.outcome))
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Deferred[bool]:
+        if keys.fingerprint(keys.Key.fromString(hostKey)) != self.fingerprint:
+            return fail(keys.HostKeyError("not the server we started"))
+        return succeed(True)
+
+    def connectionSecure(self) -> None:
+        self.requestService(self.auth)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        super().connectionLost(reason)
+        if not self.outcome.called:
+            self.outcome.callback("refused")
+
+
+async def _try_login(port: int, fingerprint: str, offered: keys.Key, signer: keys.Key) -> str:
+    from twisted.internet import reactor
+
+    protocol = _OneKeyClient(fingerprint, offered, signer)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+    return await protocol.outcome.addTimeout(60, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_signature_by_another_key_is_refused(
+    env: dict, tmp_path: Path, peers_ssh: Peers
+) -> None:
+    """
+    A client that offers an authorized public key but cannot sign for it
+    (it signs with another private key, of the same type or not) is refused,
+    as is a stranger's key with a good signature; the same client with the
+    right private key logs in (so the refusals are the server's doing).
+    """
+    port = free_port()
+    script = job(tmp_path, SMALL)
+    server = start_server(script, port, env, *peers_ssh.server_args())
+    authorized = keys.Key.fromFile(str(peers_ssh.ed25519))
+    stranger = keys.Key.fromFile(str(peers_ssh.stranger))
+    rsa = keys.Key.fromFile(str(peers_ssh.rsa))  # authorized too, but not for this key
+    fp = peers_ssh.fingerprint
+    assert await _try_login(port, fp, authorized, stranger) == "refused"
+    assert await _try_login(port, fp, authorized, rsa) == "refused"
+    assert await _try_login(port, fp, stranger, stranger) == "refused"
+    assert await _try_login(port, fp, authorized, authorized) == "logged in"
+    worker = client(port, env, "--identity", str(peers_ssh.ed25519), "--host-key-fingerprint", fp)
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert finish(worker)[0] == 0
+    assert parse_tsv(script.with_suffix(".tsv").read_text()) == SMALL_EXPECTED
+    bad = "refused SSH login from 127.0.0.1:"
+    lines = [line for line in err.splitlines() if bad in line]
+    authorized_fp = keys.fingerprint(authorized)
+    assert len([x for x in lines if f"bad signature for key {authorized_fp}" in x]) == 2, err
+    assert any(f"key {keys.fingerprint(stranger)} is not in" in x for x in lines), err
+    assert "Traceback" not in err and "Unhandled" not in err, err
+
+
+# Key files the server cannot read
+
+
+def _unreadable(tmp_path: Path, how: str, good: Path) -> Path:
+    path = tmp_path / "unreadable"
+    if how == "a directory":
+        path.mkdir()
+    elif how == "mode 000":
+        if os.geteuid() == 0:
+            pytest.skip("root reads a file whatever its mode")
+        path.write_bytes(good.read_bytes())
+        path.chmod(0)
+    return path  # "missing": never made
+
+
+UNREADABLE = [
+    ("--authorized-keys", "a directory", "Is a directory"),
+    ("--authorized-keys", "mode 000", "Permission denied"),
+    ("--authorized-keys", "missing", "No such file or directory"),
+    ("--host-key", "a directory", "Is a directory"),
+    ("--host-key", "mode 000", "Permission denied"),
+]
+
+
+def _serve_with(tmp_path: Path, env: dict, peers: Peers, option: str, path: Path) -> object:
+    args = {"--host-key": str(peers.host), "--authorized-keys": str(peers.authorized)}
+    args[option] = str(path)
+    script = job(tmp_path, SMALL)
+    return octo(
+        "server", str(script), "-t", "ssh", "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+        *itertools.chain.from_iterable(args.items()), env=env, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("option", "how", "why"), UNREADABLE)
+def test_an_unreadable_key_file_is_named_with_the_reason(
+    env: dict, tmp_path: Path, peers_ssh: Peers, option: str, how: str, why: str
+) -> None:
+    good = peers_ssh.host if option == "--host-key" else peers_ssh.authorized
+    path = _unreadable(tmp_path, how, good)
+    r = _serve_with(tmp_path, env, peers_ssh, option, path)
+    assert r.returncode == 2, r.stderr  # a usage error, as for an unreadable secret file
+    assert "cannot listen" not in r.stderr, r.stderr
+    assert f"cannot read {option} {path}: {why}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "serving job" not in r.stderr, r.stderr
+
+
+# What an SSH client may ask for besides the octo subsystem: nothing
+
+
+def _openssh(port: int, peers: Peers, known: Path, *args: str) -> tuple[int, bytes, str]:
+    """Run OpenSSH's C{ssh} with C{peers}' key against our server: status, stdout, stderr."""
+    r = subprocess.run(
+        [
+            SSH, "-F", "/dev/null", "-p", str(port), "-i", str(peers.ed25519), "-l", "octo",
+            "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", *args,
+        ],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return r.returncode, r.stdout, r.stderr.decode("utf-8", "replace")
+
+
+#: What OpenSSH asks for, what it says when refused, what the server logs.
+REFUSED_REQUESTS = [
+    (["-s", "127.0.0.1", "sftp"], "subsystem request failed", "refused subsystem 'sftp'"),
+    (["-s", "127.0.0.1", "octox"], "subsystem request failed", "refused subsystem 'octox'"),
+    (["127.0.0.1", "touch {marker}"], "exec request failed", "refused a command to"),
+    (["-T", "127.0.0.1"], "shell request failed", "refused a shell to"),
+    (["-tt", "127.0.0.1"], "PTY allocation request failed", "refused a shell to"),
+    (
+        ["-N", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9", "127.0.0.1"],
+        "remote port forwarding failed",
+        None,  # a global request: refused without a word
+    ),
+    (["-W", "127.0.0.1:9", "127.0.0.1"], "open failed: unknown channel type", None),
+]
+
+
+@needs_openssh
+def test_openssh_gets_nothing_but_the_octo_subsystem(
+    env: dict, tmp_path: Path, peers_ssh: Peers
+) -> None:
+    marker = tmp_path / "pwned"
+    port = free_port()
+    script = job(tmp_path, SMALL)
+    server = start_server(script, port, env, *peers_ssh.server_args())
+    known = peers_ssh.known_hosts(port)
+    for args, said, _ in REFUSED_REQUESTS:
+        code, out, err = _openssh(port, peers_ssh, known, *(a.format(marker=marker) for a in args))
+        assert code == 255, (args, code, err)
+        assert said in err, (args, err)
+        assert out == b"", (args, out)
+    # The same key and client do open the octo subsystem (the refusals are
+    # of the requests, not of the login): its first frame is the server's hello.
+    code, out, err = _openssh(port, peers_ssh, known, "-s", "127.0.0.1", "octo")
+    assert code == 0, err
+    assert out[4:].startswith(MAGIC) and len(out) == 4 + len(MAGIC) + PROOF_SIZE, out
+    worker = client(
+        port, env, "--identity", str(peers_ssh.ed25519),
+        "--host-key-fingerprint", peers_ssh.fingerprint,
+    )  # fmt: skip
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert finish(worker)[0] == 0
+    assert parse_tsv(script.with_suffix(".tsv").read_text()) == SMALL_EXPECTED
+    assert not marker.exists(), "the server ran the command"
+    for _, _, logged in REFUSED_REQUESTS:
+        if logged is not None:
+            assert logged in err, (logged, err)
+
+
+@needs_openssh
+def test_a_refused_channel_type_is_one_line_without_a_traceback(
+    env: dict, tmp_path: Path, peers_ssh: Peers
+) -> None:
+    port = free_port()
+    server = start_server(job(tmp_path, SMALL), port, env, *peers_ssh.server_args())
+    known = peers_ssh.known_hosts(port)
+    code, _, said = _openssh(port, peers_ssh, known, "-W", "127.0.0.1:9", "127.0.0.1")
+    assert code == 255 and "open failed" in said, said
+    server.kill()
+    _, _, err = finish(server)
+    assert "Traceback" not in err, err
+    assert "refused a 'direct-tcpip' channel to " in err, err
+
+
+@pytest.mark.slow
+def test_a_connection_that_never_logs_in_is_dropped_after_the_login_timeout(
+    env: dict, tmp_path: Path, peers_ssh: Peers
+) -> None:
+    """
+    Conch times out user authentication only once it has begun; the server
+    bounds the whole login (LOGIN_TIMEOUT) so a peer that opens the port,
+    reads the version line and says nothing holds no slot for long.
+    """
+    port = free_port()
+    script = job(tmp_path, SMALL)
+    server = start_server(script, port, env, *peers_ssh.server_args())
+    with socket.create_connection(("127.0.0.1", port), timeout=LOGIN_TIMEOUT * 3) as idle:
+        opened = time.monotonic()
+        greeting = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := idle.recv(65536):  # until the server drops us
+                greeting += chunk
+        held = time.monotonic() - opened
+    assert greeting.startswith(b"SSH-2.0-"), greeting[:100]
+    assert LOGIN_TIMEOUT - 1 <= held < LOGIN_TIMEOUT * 2, held
+    worker = client(
+        port, env, "--identity", str(peers_ssh.ed25519),
+        "--host-key-fingerprint", peers_ssh.fingerprint,
+    )  # fmt: skip
+    code, _, err = finish(server)
+    assert code == 0, err
+    assert finish(worker)[0] == 0
+    assert parse_tsv(script.with_suffix(".tsv").read_text()) == SMALL_EXPECTED
+    assert re.search(
+        rf"dropping SSH connection from 127\.0\.0\.1:\d+: no login within {LOGIN_TIMEOUT:.0f} s",
+        err,
+    ), err

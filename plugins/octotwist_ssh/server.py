@@ -38,7 +38,11 @@ from twisted.conch import error as conch_error
 from twisted.conch.avatar import ConchUser
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import common
-from twisted.conch.ssh.connection import SSHConnection
+from twisted.conch.ssh.connection import (
+    MSG_CHANNEL_OPEN_FAILURE,
+    OPEN_UNKNOWN_CHANNEL_TYPE,
+    SSHConnection,
+)
 from twisted.conch.ssh.factory import SSHFactory
 from twisted.conch.ssh.keys import BadKeyError, Key
 from twisted.conch.ssh.transport import (
@@ -55,7 +59,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -63,7 +67,7 @@ from zope.interface import implementer
 from octotwist import limits
 from octotwist.endpoints import with_backlog
 from octotwist.limits import RefusalLog
-from octotwist.transport import TaskServer, no_delay
+from octotwist.transport import Accept, ServerSettings, TaskServer, no_delay
 from octotwist_ssh import keys
 from octotwist_ssh.channel import (
     MACS,
@@ -435,7 +439,29 @@ class _ServerTransport(_LimitedConchLogging, SSHServerTransport):
 
 
 class _Connection(ConchLogging, SSHConnection):
-    pass
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        """
+        Refuse any channel but a session in one line (Conch would log the
+        refusal as a failure, with a traceback, for each C{ssh -W} or
+        forwarding attempt).
+        """
+        kind, rest = common.getNS(packet)
+        if kind == b"session" or len(rest) < 12:
+            super().ssh_CHANNEL_OPEN(packet)
+            return
+        (sender,) = struct.unpack(">L", rest[:4])
+        _log.warn(
+            "refused a {kind!r} channel to {peer}: this server only runs the octo "
+            "subsystem (ssh -s)",
+            kind=kind.decode("ascii", "replace")[:40],
+            peer=self.transport.peer_name,
+        )
+        self.transport.sendPacket(
+            MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", sender, OPEN_UNKNOWN_CHANNEL_TYPE)
+            + common.NS(b"unknown channel")
+            + common.NS(b""),
+        )
 
 
 class _Factory(ConchLogging, SSHFactory):
@@ -488,14 +514,22 @@ class SSHTaskServer(TaskServer):
         """
         return not options.get("authorized-keys")
 
+    def __init__(self, reactor: IReactorCore, settings: ServerSettings, accept: Accept) -> None:
+        """
+        Read the keys now, so that a key file that cannot be read is the
+        usage error it is (C{octo server} exits 2 naming it), before
+        anything listens, rather than a failure to listen.
+        """
+        super().__init__(reactor, settings, accept)
+        self._factory = self._make_factory()
+
     def listen(self) -> Deferred[str]:
         try:
-            factory = self._make_factory()
             endpoint = serverFromString(self.reactor, with_backlog(self.settings.listen))
         except Exception as e:
             return fail(e)
-        self._factory = factory
-        d = endpoint.listen(factory)
+        assert self._factory is not None
+        d = endpoint.listen(self._factory)
         d.addCallback(self._listening)
         return d
 
