@@ -13,12 +13,15 @@ import json
 import os
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from conftest import BOOKS, finish, free_port, octo, parse_tsv, start, wait_for_port, word_count
+from test_codec_attacks import peak_rss
 from test_end_to_end import books_job, start_twistd
 from twisted.logger import globalLogPublisher
 
@@ -198,6 +201,8 @@ class Session:
         self.key = wire.session_key(secret, challenge, cnonce)
         self.channel = wire.session_channel(secret, challenge, cnonce, client=True)
         self.seq = 0
+        #: Frames the server has from us (what the next upload's first= is).
+        self.received = 0
 
     def target(self, rest: str) -> str:
         return f"session/{self.id}/{rest}".rstrip("/")
@@ -316,22 +321,101 @@ def test_a_dropped_long_poll_loses_nothing(tmp_path: Path, secret_env: dict) -> 
     hello = _body(s.channel.encode(messages.Hello("raw", "here", 1, 1)))
     assert s.request("POST", "messages?first=0", hello)[0] == 204
     assert s.request("POST", "messages?first=0", hello)[0] == 204
-    # A long poll with nothing to say is held; its client hangs up mid-poll.
+    # A long poll with nothing to say is held until its wait is over...
     s = Session(port)
     assert s.request("GET", "messages?ack=0&wait=20")[0] == 200  # the Welcome
+    asked = time.monotonic()
+    assert s.request("GET", "messages?ack=1&wait=2") == (204, b"")
+    assert time.monotonic() - asked >= 2 - 0.1  # (the server's clock: a little slack)
+    # ... and its client may hang up mid-poll: the server counts the poll as
+    # cut, so the session ends after the short grace of a dropped poll (a
+    # poll answered at once would have left it the long one).
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         target = s.target("messages?ack=1&wait=20")
         raw.sendall(
             f"GET /octo/{target} HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: {s.token('GET', target)}\r\n\r\n".encode()
         )
-        raw.settimeout(1.0)
-        with pytest.raises(TimeoutError):
-            raw.recv(1)  # held, as a long poll should be
+    ended = wait_for_end(s)
+    assert ended == f"session ended: no poll from the worker for {wire.DROP_GRACE:g} s\n".encode()
     # The raw worker never works; a real one finishes the job exactly.
     real_client(port, secret_env)
     err = check_job(server, out)
     assert err.count("worker raw joined") == 1
+
+
+def wait_for_end(s: Session, timeout: float = 60) -> bytes:
+    """
+    Until C{s} has ended; its reason.  The probe, an empty upload, changes
+    nothing in a live session (unlike a poll, which would be held).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, text = s.request("POST", f"messages?first={s.received}", b"")
+        if status == 410:
+            return text
+        assert status == 204, (status, text)
+        time.sleep(0.1)
+    raise AssertionError(f"session {s.id} still live after {timeout} s")
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_passes_it(
+    tmp_path: Path, secret_env: dict
+) -> None:
+    """
+    The body's length is not announced: the server counts as it reads, and
+    answers 413 the moment the count passes MAX_BODY, with what it did not
+    read still unsent; it never holds the body (at most one frame).  The
+    frames are ones it already has (numbered below what it received), so
+    none of them is decoded either way.
+    """
+    server, port, out = serve(tmp_path, secret_env)
+    s = Session(port)
+    hello = messages.Hello("raw", "here", 1, 1)
+    beats = [messages.Heartbeat(()) for _ in range(40)]
+    frames_ = [s.channel.encode(m) for m in [hello, *beats]]
+    assert s.request("POST", "messages?first=0", _body(*frames_))[0] == 204
+    s.received = len(frames_)
+    # A poll held throughout keeps the session from ending for want of one.
+    status, body = s.request("GET", "messages?ack=0&wait=20")
+    assert status == 200
+    held_target = f"messages?ack={len(frames(s, body))}&wait=60"
+    held = threading.Thread(
+        target=s.request, args=("GET", held_target, None, s.token("GET", s.target(held_target)))
+    )
+    held.start()
+    before = peak_rss(server.pid)
+    size = 2 * 1024 * 1024
+    count = wire.MAX_BODY // (wire.HEADER.size + size) + 1  # just past the limit
+    assert count < len(frames_)  # each of them one the server already has
+    target = s.target("messages?first=0")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        raw.sendall(
+            f"POST /octo/{target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: {s.token('POST', target)}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        junk = os.urandom(size)
+        for _ in range(count):
+            chunk = wire.frame_header(junk) + junk
+            raw.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        # Past MAX_BODY now, the last chunk not ended: the answer is due.
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"\n"):
+            data = raw.recv(65536)
+            if not data:
+                break
+            answer += data
+    reason = f"a body over {wire.MAX_BODY} bytes is not accepted here"
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert answer.endswith(reason.encode() + b"\n"), answer[-300:]
+    assert peak_rss(server.pid) - before < 32 * 2**20, "the server held the body"
+    assert wait_for_end(s) == f"session ended: {reason}\n".encode()
+    held.join(30)  # answered "410 Gone" as the session ended
+    assert not held.is_alive()
+    real_client(port, secret_env)
+    err = check_job(server, out)
+    assert "closing session of tcp:127.0.0.1:" in err and reason in err
 
 
 def test_status_page_on_the_same_port(tmp_path: Path, secret_env: dict) -> None:
@@ -423,7 +507,10 @@ def test_https_with_a_verified_certificate(
     assert wrong_name.returncode == 1 and "127.0.0.1" in wrong_name.stderr
     assert "--ca-file" in wrong_name.stderr
     plain = client(f"http://localhost:{port}/")
-    assert plain.returncode == 1
+    assert plain.returncode == 1, plain.stderr
+    assert f"gave up: no server at http://localhost:{port}/ for 5 s" in plain.stderr
+    assert "the server closed the connection without answering: if it serves https, use an " \
+        "https:// URL" in plain.stderr  # fmt: skip
     good = client(url, "--ca-file", str(cert), "-p", "2")
     assert good.returncode == 0, good.stderr
     check_job(server, out)
