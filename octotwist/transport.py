@@ -247,6 +247,16 @@ class TaskClient(ABC):
                 f"{e} (give HOST, HOST:PORT, or an endpoint such as tcp:HOST:"
                 f"{cls.default_port} or unix:/tmp/octo.sock)"
             ) from None
+        except OSError as e:
+            # A file the endpoint names (tls: trustRoots, a certificate)
+            # cannot be read.  Twisted's UnlistableError carries no message
+            # of its own, only the error underneath.
+            cause = getattr(e, "originalException", e)
+            raise ValueError(
+                f"cannot read {cause.filename or 'a file it names'}: {cause.strerror or cause}"
+            ) from None
+        except Exception as e:  # a certificate that does not parse (OpenSSL's errors), say
+            raise ValueError(f"{type(e).__name__}: {e}") from None
         return endpoint
 
     @abstractmethod

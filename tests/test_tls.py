@@ -48,3 +48,28 @@ def test_an_ssl_client_that_checks_nothing_is_refused_unless_asked_for(
     assert code == 0, err
     assert err.count("joined from") == 2
     assert parse_tsv(out.read_text()) == word_count(sorted(BOOKS.glob("*.txt")))
+
+
+@pytest.mark.parametrize(
+    ("trust", "why"),
+    [
+        ("a file that is no certificate", "Error: [('PEM routines', '', 'no start line')]"),
+        ("a certificate file that does not exist", "No such file or directory"),
+    ],
+)
+def test_a_trust_root_that_cannot_be_used_is_a_usage_error(
+    env: dict, tmp_path: Path, trust: str, why: str
+) -> None:
+    """Named with the reason and exit 2, before any connection; no traceback."""
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    if "no certificate" in trust:
+        (roots / "junk.pem").write_text("not a certificate\n")
+        connect = f"tls:localhost:{free_port()}:trustRoots={roots}"
+    else:
+        connect = f"tls:localhost:{free_port()}:trustRoots={roots}:certificate={roots}/none.pem"
+    env = dict(env, OCTO_SECRET="tls-and-secret-0123456789")
+    r = octo("client", "--connect", connect, "--wait", "1", env=env, timeout=60)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr.startswith(f"octo: cannot connect to {connect!r}: "), r.stderr
+    assert why in r.stderr and "Traceback" not in r.stderr, r.stderr
