@@ -4,7 +4,9 @@ proves itself first, so a fake server gets one HMAC of the secret and can
 guess a short one offline.  Every front end (C{octo server}, C{octo client},
 C{twistd octo}) refuses a secret shorter than 16 characters and a secret file
 that group or others may read, with a message that says what to do; C{octo
-secret} makes a good one.  Real C{octo} processes throughout.
+secret} makes a good one.  Real C{octo} processes throughout, after the
+rules themselves, checked directly (the quick tests that kill the mutants
+of C{tests/mutation.py} that skip them).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import pytest
 from conftest import BOOKS, finish, free_port, octo, parse_tsv, start, wait_for_port, word_count
 from test_end_to_end import books_job, start_twistd
 
+from octotwist import auth
 from octotwist.auth import MIN_SECRET_LENGTH
+from octotwist.errors import UsageError
 
 #: Exactly long enough, and one character too short.
 LONG_ENOUGH = "sixteen-chars-ok"
@@ -47,6 +51,22 @@ def assert_refused(r: object, *needles: str) -> None:
 
 def test_the_limit_is_sixteen_characters() -> None:
     assert MIN_SECRET_LENGTH == 16 and len(LONG_ENOUGH) == 16
+
+
+def test_the_rules_refuse_a_short_secret_and_an_open_file(tmp_path: Path) -> None:
+    assert auth.check_secret(LONG_ENOUGH.encode(), "here") == LONG_ENOUGH.encode()
+    for short in (TOO_SHORT, "", "x"):
+        with pytest.raises(UsageError, match="too short"):
+            auth.check_secret(short.encode(), "here")
+    # Characters, not bytes: fifteen two-byte characters are still too few.
+    with pytest.raises(UsageError, match="15 characters"):
+        auth.check_secret(("é" * 15).encode(), "here")
+    private = secret_file(tmp_path, LONG_ENOUGH, 0o600, "private")
+    assert auth.configured_secret(str(private)) == LONG_ENOUGH.encode()
+    for file_mode in (0o644, 0o640, 0o604, 0o620, 0o660):
+        path = secret_file(tmp_path, LONG_ENOUGH, file_mode, f"open-{file_mode:o}")
+        with pytest.raises(UsageError, match=f"mode {file_mode:04o}"):
+            auth.configured_secret(str(path))
 
 
 def test_octo_secret_prints_a_new_random_secret_each_time(env: dict) -> None:

@@ -105,6 +105,27 @@ def test_anything_but_a_proof_before_auth_is_dropped(payload: bytes) -> None:
     assert accepted.handlers == [] and (transport.disconnecting or transport.disconnected)
 
 
+def test_an_evil_pickle_before_auth_runs_nothing(tmp_path: Path) -> None:
+    """
+    A pickle in place of the proof (what octo.py and mincemeat took from
+    anyone) is refused unread: the server closes, nothing ran, and the
+    client, given one in place of the challenge, does the same.
+    """
+    marker = tmp_path / "pwned"
+    evil = evil_pickle(marker)
+    assert len(evil) <= handshake.MAX_FRAME  # it gets past the frame limit
+    proto, transport, accepted, _ = server()
+    challenge_of(transport)
+    proto.dataReceived(frame(evil))
+    assert accepted.handlers == [] and (transport.disconnecting or transport.disconnected)
+    assert transport.value() == b""
+    proto, transport, accepted, errors = client()
+    proto.dataReceived(frame(evil))
+    assert errors and errors[0].check(RemoteProtocolError)
+    assert accepted.handlers == [] and transport.value() == b""
+    assert not marker.exists(), "the pickle ran"
+
+
 def test_big_frame_before_auth_is_refused_without_buffering_it() -> None:
     proto, transport, accepted, _ = server()
     challenge_of(transport)
