@@ -12,12 +12,13 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.task import deferLater, react
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
@@ -47,7 +48,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class _Verbosity:
-    optFlags = [
+    optFlags: list[list[Any]] = [
         ["quiet", "q", "Log warnings and errors only."],
         ["verbose", "v", "Log more: each task as it starts."],
     ]
@@ -148,7 +149,9 @@ class RunOptions(_Verbosity, tap.InterspersedOptions):
     ]
     optFlags = tap.FAULT_FLAGS
 
-    def parseArgs(self, script: str) -> None:
+    # usage.Options calls parseArgs(*positional): its own takes none, each
+    # command's takes its own.
+    def parseArgs(self, script: str) -> None:  # type: ignore[override]
         self["script"] = script
 
 
@@ -221,8 +224,11 @@ def _start_logging(options: usage.Options, sink: LogSink) -> None:
         sink.write(f"octo: {text}")
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    # An ILogObserver is any callable taking an event; a function cannot
+    # declare that it provides the interface.
+    observer = cast(ILogObserver, observe)
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(observe, [predicate])], redirectStandardIO=False
+        [FilteringLogObserver(observer, [predicate])], redirectStandardIO=False
     )
 
 
@@ -459,6 +465,7 @@ def _main(argv: list[str] | None) -> None:
             sys.exit(_make_secret(sub))
         _start_logging(sub, _sink)
         allocator.tune()
+        assert command is not None  # postOptions refuses no command
         action = {"run": _run, "server": _serve, "client": _work}[command]
         react(_guarded, (action, sub))
     except OctotwistError as e:

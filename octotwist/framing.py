@@ -86,10 +86,12 @@ class FrameReceiver(Protocol):
 
     def lengthLimitExceeded(self, length: int) -> None:
         """A frame longer than C{MAX_LENGTH} was announced: drop the connection."""
+        assert self.transport is not None  # data arrived: connected
         self.transport.loseConnection()
 
     def sendString(self, frame: bytes) -> None:
         """Send one frame."""
         if len(frame) >= 2**32:
             raise ValueError(f"a frame of {len(frame)} bytes does not fit a 4-byte length")
+        assert self.transport is not None, "not connected"
         self.transport.writeSequence([_PREFIX.pack(len(frame)), frame])

@@ -92,7 +92,7 @@ def load_job(path: str | os.PathLike[str]) -> Job:
             f"{where}: source is a {type(source).__name__}; it must be a dict or an "
             "object with __iter__ (its keys) and __getitem__ (a key's value)"
         )
-    functions = {}
+    functions: dict[str, Any] = {}
     for name in ("mapfn", "reducefn", *_OPTIONAL_FUNCTIONS):
         fn = getattr(module, name, None)
         if (name in _REQUIRED or fn is not None) and not callable(fn):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from octotwist.outbox import Outbox
 from octotwist.output import Results, stdout
 from octotwist.scheduler import (
     NO_WORK,
+    Assignment,
     AttemptFailed,
     AttemptSucceeded,
     Heard,
@@ -416,6 +417,7 @@ class JobServer:
             assignment = self.scheduler.next_assignment(name)
             if assignment is NO_WORK:
                 return
+            assert isinstance(assignment, Assignment)  # mypy does not narrow `is NO_WORK`
             if assignment.backup:
                 _log.info(
                     "{task} is slow; running a backup copy on {worker}",
@@ -425,6 +427,7 @@ class JobServer:
             self._send_task(session, assignment.task, assignment.attempt, assignment.key)
 
     def _send_task(self, session: _WorkerSession, task: TaskId, attempt: int, key: Any) -> None:
+        blobs: Iterable[bytes]
         if task.kind is TaskKind.MAP:
             try:
                 value = self.job.source[key]
@@ -580,7 +583,7 @@ class JobServer:
         now = self.reactor.seconds()
         elapsed = now - self._started
         outcome = self._outcome
-        phases = {}
+        phases: dict[str, dict[str, Any]] = {}
         for kind in TaskKind:
             c = self.scheduler.counts(kind)
             phases[kind.value] = {

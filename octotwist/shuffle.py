@@ -41,7 +41,7 @@ import itertools
 import pickle
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
@@ -388,9 +388,9 @@ def merge_runs(runs: Iterable[Run]) -> Iterator[tuple[Key, list[Any]]]:
             if not listing and (one is _UNSET or (type(one) is type(v) and one == v)):
                 one = v
                 if counted:
-                    get = counted.get
+                    count_of = counted.get
                     for k, c in zip(keys, counts, strict=True):
-                        counted[k] = get(k, 0) + c
+                        counted[k] = count_of(k, 0) + c
                 else:
                     counted = dict(zip(keys, counts, strict=True))
                 continue
@@ -489,6 +489,7 @@ def _sum_ints(runs: Iterator[Run]) -> tuple[dict[Key, int], Run | None]:
     """
     totals: dict[Key, int] = {}
     get = totals.get
+    counts: Sequence[int]  # a run's counts, or its values: all ints here
     for run in runs:
         if not _all_ints(run):
             return totals, run

@@ -255,7 +255,9 @@ class _Page(Resource):
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         status = self.snapshot()
-        if request.args.get(b"part") == [b"main"]:
+        # Twisted declares Request.args as None (its class default); by render time
+        # it is the query's dict.
+        if request.args.get(b"part") == [b"main"]:  # type: ignore[attr-defined]
             return render_main(status).encode()
         return render_page(status).encode()
 

@@ -103,7 +103,7 @@ def usage_message(error: usage.UsageError) -> str:
 _DEFAULT_POLICY = FaultPolicy()
 
 #: What to do about failing workers; shared by every command that runs a server.
-FAULT_PARAMETERS = [
+FAULT_PARAMETERS: list[list[Any]] = [
     [
         "max-attempts",
         None,
@@ -133,7 +133,7 @@ FAULT_PARAMETERS = [
         _non_negative_float,
     ],
 ]
-FAULT_FLAGS = [
+FAULT_FLAGS: list[list[Any]] = [
     [
         "skip-bad-records",
         None,
@@ -216,7 +216,7 @@ def own_option_names(parameters: list[list], flags: list[list]) -> set[str]:
 
 
 #: The status page, shared by every command that runs a server.
-WEB_PARAMETER = [
+WEB_PARAMETER: list[Any] = [
     "web",
     None,
     None,
@@ -228,7 +228,7 @@ WEB_PARAMETER = [
 
 
 #: How much map output the server holds in memory; shared like WEB_PARAMETER.
-MEMORY_PARAMETER = [
+MEMORY_PARAMETER: list[Any] = [
     "memory-limit",
     None,
     DEFAULT_MEMORY_LIMIT >> 20,
@@ -259,6 +259,11 @@ class Versioned(usage.Options):
     Options whose C{--version} is octotwist's: L{usage.Options} prints
     Twisted's, which would tell a user nothing about what they run.
     """
+
+    # What usage.Options reads from each class (declared for mypy only: an
+    # entry mixes names, defaults, descriptions and coercions).
+    optParameters: list[list[Any]]
+    optFlags: list[list[Any]]
 
     def opt_version(self) -> None:
         """Display octotwist's version and exit."""
@@ -713,7 +718,9 @@ STATUS_LINGER = 3.0
 async def stop_status(port: IListeningPort, reactor: Any) -> None:
     """Stop serving the status page, a moment after the job ended."""
     await deferLater(reactor, STATUS_LINGER)
-    await port.stopListening()
+    stopped = port.stopListening()
+    assert stopped is not None  # a listening port's stopListening returns a Deferred
+    await stopped
 
 
 def _status_url(bound: Any, endpoint: str, token: str | None) -> str:

@@ -78,11 +78,13 @@ class _ChildProcess(ProcessProtocol):
         assert self._result is None, "child is busy"
         self._result = Deferred()
         self._on_output = on_output
+        assert self.transport is not None  # set by spawnProcess, before run
         self.transport.writeToChild(3, encode_frame((kind.value, partitions, inputs)))
         return self._result
 
     def kill(self) -> None:
         self.killed = True
+        assert self.transport is not None
         with contextlib.suppress(error.ProcessExitedAlready):
             self.transport.signalProcess("KILL")
 
@@ -116,6 +118,7 @@ class _ChildProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         if self._result is not None:
+            assert self.transport is not None  # ended: it was started
             how = _describe_exit(reason)
             d, self._result = self._result, None
             d.callback(
@@ -199,6 +202,7 @@ class ProcessPool:
             env=os.environ.copy(),
             childFDs={1: 1, 2: 2, 3: "w", 4: "r"},
         )
+        assert child.transport is not None  # spawnProcess made it
         _widen_pipes(child.transport)
         child.transport.writeToChild(3, encode_frame(("job", self.functions)))
         self._children.append(child)
@@ -246,6 +250,7 @@ class ProcessPool:
         self._stopping = True
         ended = [c.ended for c in self._children]
         for child in self._children:
+            assert child.transport is not None
             child.transport.closeChildFD(3)
             if child.busy:
                 child.kill()
