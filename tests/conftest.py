@@ -14,6 +14,7 @@ that names that transport with C{--transport}.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -185,6 +186,49 @@ def wait_for_port(port: int, proc: subprocess.Popen[str], timeout: float = 30) -
                 return
         time.sleep(0.05)
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def wait_for_log(
+    proc: subprocess.Popen[str], needles: list[str], timeout: float = 60, count: int = 1
+) -> str:
+    """
+    Read C{proc}'s stderr until every needle has appeared (C{count} times
+    each); return what was read.
+
+    Tests wait for what they assert (a worker joined, a lease expired) instead
+    of sleeping for a time that a loaded machine may not honour.  Read through
+    the file descriptor, not C{proc.stderr}'s buffer, so that L{finish} still
+    gets the rest: add what this returned to what L{finish} returns.
+    """
+    seen = ""
+    fd = proc.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    while not all(seen.count(n) >= count for n in needles):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"never logged {needles} in {timeout} s:\n{seen}")
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"exited before logging {needles}:\n{seen}")
+            seen += chunk.decode(errors="replace")
+    return seen
+
+
+def gate(path: Path) -> str:
+    """
+    Job-script lines defining C{_gate()}, which returns once C{path} exists.
+
+    A task that calls it cannot finish before the test creates the file: the
+    test decides when the job may go on (both workers joined, a worker killed
+    while it holds tasks) rather than hoping the job is still running.
+    """
+    return (
+        "import os as _gate_os, time as _gate_time\n"
+        "def _gate():\n"
+        f"    while not _gate_os.path.exists({str(path)!r}):\n"
+        "        _gate_time.sleep(0.02)\n"
+    )
 
 
 def word_count(files: list[Path]) -> Counter[str]:

@@ -6,12 +6,13 @@ exactly with an independent computation.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -21,10 +22,12 @@ from conftest import (
     EXAMPLES,
     finish,
     free_port,
+    gate,
     octo,
     parse_spaced,
     parse_tsv,
     start,
+    wait_for_log,
     wait_for_port,
     word_count,
 )
@@ -76,6 +79,26 @@ def books_job(tmp_path: Path, extra: str = "", reducefn: str = "len(values)") ->
     return job(tmp_path, text)
 
 
+def gated_books_job(tmp_path: Path, gate_file: Path) -> Path:
+    """
+    The books job, whose map tasks wait until C{gate_file} exists: a test
+    that needs every worker to take part opens it once all have joined
+    (otherwise the first could finish the job before the others connect).
+    """
+    return books_job(
+        tmp_path,
+        gate(gate_file)
+        + textwrap.dedent(
+            """
+            _count = mapfn
+            def mapfn(key, value):
+                _gate()
+                yield from _count(key, value)
+            """
+        ),
+    )
+
+
 def start_twistd(script: Path, *args: str, env: dict) -> subprocess.Popen[str]:
     """C{twistd -n octo --script SCRIPT ARGS...}, in the script's directory."""
     twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
@@ -106,7 +129,8 @@ def test_seed_script_runs_unchanged(transport: str, env: dict, tmp_path: Path) -
 def test_server_and_two_clients(
     transport: str, env: dict, tmp_path: Path, expected_books: Counter
 ) -> None:
-    script = books_job(tmp_path)
+    gate_file = tmp_path / "gate"
+    script = gated_books_job(tmp_path, gate_file)
     out = tmp_path / "result.tsv"
     port = free_port()
     server = start(
@@ -136,9 +160,10 @@ def test_server_and_two_clients(
         )
         for i in range(2)
     ]
+    log = wait_for_log(server, ["worker c0 joined", "worker c1 joined"])
+    gate_file.touch()  # both take part: no map could finish before now
     code, _, err = finish(server)
-    assert code == 0, err
-    assert "worker c0 joined" in err and "worker c1 joined" in err
+    assert code == 0, log + err
     for c in clients:
         ccode, _, cerr = finish(c)
         assert ccode == 0, cerr
@@ -321,7 +346,7 @@ def test_broken_job_script_fails_before_listening(
 
 
 def test_wrong_secret_is_refused_and_the_server_keeps_serving(
-    transport: str, env: dict, tmp_path: Path, peers: TestSetup
+    transport: str, env: dict, tmp_path: Path, peers: TestSetup, expected_books: Counter
 ) -> None:
     if not peers.uses_secret or peers.refused_client_args:
         pytest.skip(f"{transport} authenticates with keys: see test_bad_credentials_are_refused")
@@ -355,6 +380,7 @@ def test_wrong_secret_is_refused_and_the_server_keeps_serving(
     code, _, err = finish(server)
     assert code == 0
     assert "authentication failed (wrong secret)" in err and "tcp:127.0.0.1:" in err
+    assert parse_tsv((tmp_path / "out").read_text()) == expected_books
 
 
 def test_refuses_to_listen_beyond_loopback_without_a_secret(env: dict, tmp_path: Path) -> None:
@@ -365,7 +391,9 @@ def test_refuses_to_listen_beyond_loopback_without_a_secret(env: dict, tmp_path:
     assert "OCTO_SECRET" in r.stderr
 
 
-def test_generated_secret_is_private_and_found_by_a_local_client(env: dict, tmp_path: Path) -> None:
+def test_generated_secret_is_private_and_found_by_a_local_client(
+    env: dict, tmp_path: Path, expected_books: Counter
+) -> None:
     script = books_job(tmp_path)
     port = free_port()
     server = start(
@@ -383,6 +411,7 @@ def test_generated_secret_is_private_and_found_by_a_local_client(env: dict, tmp_
     client = octo("client", f"localhost:{port}", env=env)
     assert client.returncode == 0, client.stderr
     assert finish(server)[0] == 0
+    assert parse_tsv((tmp_path / "o").read_text()) == expected_books
 
 
 def test_client_without_a_server_retries_then_gives_up(transport: str, env: dict) -> None:
@@ -593,16 +622,22 @@ def test_twistd_refuses_nonsense_option_values_with_status_2(
     assert "serving" not in out + err
 
 
-def test_output_is_ignored_with_a_warning_when_the_job_has_final(env: dict, tmp_path: Path) -> None:
+def test_output_is_ignored_with_a_warning_when_the_job_has_final(
+    env: dict, tmp_path: Path, expected_books: Counter
+) -> None:
     out = tmp_path / "out.tsv"
     r = octo("run", str(EXAMPLES / "wordcount.py"), "-o", str(out), env=env)
     assert r.returncode == 0
+    assert parse_spaced(r.stdout) == expected_books  # final printed them
     assert "--output" in r.stderr and "is ignored" in r.stderr
     assert not out.exists()
 
 
-COUNT_WORDS = """
-source = {i: "apple banana cherry apple " * (i + 1) for i in range(12)}
+COUNT_WORDS_SOURCE = {i: "apple banana cherry apple " * (i + 1) for i in range(12)}
+#: COUNT_WORDS's result, counted here.
+COUNT_WORDS_EXPECTED = Counter(w for text in COUNT_WORDS_SOURCE.values() for w in text.split())
+COUNT_WORDS = f"""
+source = {COUNT_WORDS_SOURCE!r}
 def mapfn(key, value):
     for w in value.split():
         yield w, 1
@@ -620,8 +655,7 @@ def test_a_failed_job_leaves_the_previous_output_untouched(env: dict, tmp_path: 
     r = octo("run", str(ok), "-o", str(out), env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "worker local joined from embedded:local" in r.stderr  # no --transport: in-process
-    n = sum(range(1, 13))
-    assert parse_tsv(out.read_text()) == {"apple": 2 * n, "banana": n, "cherry": n}
+    assert parse_tsv(out.read_text()) == COUNT_WORDS_EXPECTED
     before = out.read_bytes()
     # The reduce of the other partitions succeeds (and may be written to
     # the temporary file) before cherry's fails every attempt.
@@ -670,8 +704,7 @@ def test_output_through_a_symlink_keeps_the_link_and_the_files_mode(
     r = octo("run", str(script), "-o", str(link), env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert link.is_symlink() and link.resolve() == target
-    n = sum(range(1, 13))
-    assert parse_tsv(target.read_text()) == {"apple": 2 * n, "banana": n, "cherry": n}
+    assert parse_tsv(target.read_text()) == COUNT_WORDS_EXPECTED
     assert target.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.tsv"]
 
@@ -714,6 +747,17 @@ def test_output_to_a_device_is_written_in_place(env: dict, tmp_path: Path) -> No
     r = octo("run", str(script), "-o", "/dev/null", env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert Path("/dev/null").is_char_device()
+    # What goes to a file that is not a regular one can be read back: a FIFO.
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    r = octo("run", str(script), "-o", str(fifo), env=env, timeout=60)
+    reader.join(timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert received and parse_tsv(received[0]) == COUNT_WORDS_EXPECTED
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py", "results.fifo"]
 
 
 def test_a_full_disk_fails_the_job_with_a_clear_message(env: dict, tmp_path: Path) -> None:
@@ -757,11 +801,13 @@ def test_client_waits_for_a_local_server_to_create_the_secret(env: dict, tmp_pat
     assert parse_tsv(out.read_text()) == word_count(sorted(BOOKS.glob("*.txt")))
 
 
-SLOW_JOB = """
+SLOW_JOB_SOURCE = {i: f"w{i % 5} w{i % 3}" for i in range(30)}
+SLOW_JOB = f"""
 import time
-source = {i: f"w{i % 5} w{i % 3}" for i in range(30)}
+source = {SLOW_JOB_SOURCE!r}
 def mapfn(key, value):
     time.sleep(0.1)
+    _gate()
     for w in value.split():
         yield w, 1
 def reducefn(key, values):
@@ -770,7 +816,8 @@ def reducefn(key, values):
 
 
 def test_a_client_killed_mid_job_loses_nothing(transport: str, env: dict, tmp_path: Path) -> None:
-    script = job(tmp_path, SLOW_JOB)
+    gate_file = tmp_path / "gate"
+    script = job(tmp_path, gate(gate_file) + SLOW_JOB)
     port = free_port()
     out = tmp_path / "out.tsv"
     server = start(
@@ -778,17 +825,24 @@ def test_a_client_killed_mid_job_loses_nothing(transport: str, env: dict, tmp_pa
         "--listen", f"tcp:{port}:interface=127.0.0.1", "-o", str(out), env=env,
     )  # fmt: skip
     wait_for_port(port, server)
-    doomed = start("client", f"127.0.0.1:{port}", "--transport", transport, "-p", "2", env=env)
-    assert "running job" in doomed.stderr.readline()
-    time.sleep(0.5)  # it is in the middle of its tasks now
+    doomed = start(
+        "client", f"127.0.0.1:{port}", "--transport", transport, "-p", "2", "-v",
+        "--name", "doomed", env=env,
+    )  # fmt: skip
+    # Its map tasks wait at the gate: once it has started two, it is in the
+    # middle of its tasks and none of them can have finished.
+    wait_for_log(doomed, ["running map "], count=2)
     doomed.kill()
     doomed.wait()
+    gate_file.touch()
     survivor = octo("client", f"127.0.0.1:{port}", "--transport", transport, env=env)
     assert survivor.returncode == 0, survivor.stderr
     code, _, err = finish(server)
     assert code == 0, err
-    assert re.search(r"\d+ running tasks? go(es)? back in the queue", err)
-    expected = Counter(w for i in range(30) for w in (f"w{i % 5}", f"w{i % 3}"))
+    # The two it was seen running at least (and any it had been sent ahead).
+    lost = re.search(r"worker doomed left \(.*\); (\d+) running tasks go back in the queue", err)
+    assert lost and int(lost[1]) >= 2, err
+    expected = Counter(w for text in SLOW_JOB_SOURCE.values() for w in text.split())
     assert parse_tsv(out.read_text()) == expected
 
 

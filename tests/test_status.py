@@ -19,19 +19,34 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from conftest import EXAMPLES, finish, free_port, octo, parse_tsv, start, wait_for_port
+from conftest import EXAMPLES, finish, free_port, gate, octo, parse_tsv, start, wait_for_port
 from test_end_to_end import books_job, job
 
 from octotwist.status import render_page
 
-# Twelve keys; each map task takes a while so that the job is observed running.
-# Key 7 always fails, so the page has a failure (with --skip-bad-records the
-# job still completes).
-SLOW = """
+SLOW_SOURCE = {i: f"w{i} x y" for i in range(12)}
+#: Map tasks done before the gate: the job is observed mid-way, deterministically.
+BEFORE_GATE = 4
+
+
+def slow_job(tmp_path: Path) -> tuple[Path, Path]:
+    """
+    Twelve keys; the map tasks of keys from L{BEFORE_GATE} on wait until the
+    gate file exists, so the job is seen running with exactly that many maps
+    done, however slow the machine.  Key 7 always fails, so the page has a
+    failure (with --skip-bad-records the job still completes).  Returns the
+    job script and the gate file (not yet created).
+    """
+    gate_file = tmp_path / "gate"
+    text = (
+        gate(gate_file)
+        + f"""
 import time
-source = {i: "w%d x y" % i for i in range(12)}
+source = {SLOW_SOURCE!r}
 def mapfn(key, value):
-    time.sleep(0.4)
+    time.sleep(0.1)
+    if key >= {BEFORE_GATE}:
+        _gate()
     if key == 7:
         raise RuntimeError("bad record seven")
     for word in value.split():
@@ -39,6 +54,8 @@ def mapfn(key, value):
 def reducefn(key, values):
     return key, sum(values)
 """
+    )
+    return job(tmp_path, text), gate_file
 
 
 class PageParser(HTMLParser):
@@ -109,8 +126,9 @@ def wait_until(predicate: Any, timeout: float = 30) -> Any:
 def test_status_page_follows_a_running_job(transport: str, env: dict, tmp_path: Path) -> None:
     port, web = free_port(), free_port()
     out = tmp_path / "out.tsv"
+    script, gate_file = slow_job(tmp_path)
     server = start(
-        "server", str(job(tmp_path, SLOW)), "--transport", transport,
+        "server", str(script), "--transport", transport,
         "--listen", f"tcp:{port}:interface=127.0.0.1", "--web", f"tcp:{web}:interface=127.0.0.1",
         "-o", str(out), "-r", "2", "--skip-bad-records", "--max-attempts", "2", env=env,
     )  # fmt: skip
@@ -132,19 +150,24 @@ def test_status_page_follows_a_running_job(transport: str, env: dict, tmp_path: 
     wait_for_port(port, server)
     client = start("client", f"127.0.0.1:{port}", "--transport", transport, "-n", "w1", env=env)
 
-    # Mid-job: some maps done, the worker listed with its current task.
-    mid = wait_until(lambda: (s := status(url))["map"]["done"] >= 3 and s)
-    assert mid["map"]["done"] < 12 and mid["phase"] == "mapping"
+    # Mid-job (the maps before the gate done, the next one held at the gate):
+    # the worker listed with its current task.
+    mid = wait_until(lambda: (s := status(url))["map"]["done"] >= BEFORE_GATE and s)
+    assert mid["map"]["done"] == BEFORE_GATE and mid["phase"] == "mapping"
+    assert mid["map"]["running"] >= 1
+    assert mid["map"]["running"] + mid["map"]["pending"] == 12 - BEFORE_GATE
     (worker,) = mid["workers"]
     assert worker["name"] == "w1" and worker["processes"] == 1
     assert worker["host"] and worker["pid"] and worker["last_heard"] < 10
+    assert f"map {BEFORE_GATE} attempt 1" in worker["running"], worker
     html = page(url)
-    done = int(html.by_id["map-done"])
-    assert mid["map"]["done"] <= done < 12
-    assert html.progress["map-bar"]["value"] == str(done)
+    assert html.by_id["map-done"] == str(BEFORE_GATE)
+    assert html.progress["map-bar"]["value"] == str(BEFORE_GATE)
     assert html.by_id["worker-count"] == "1"
     assert "w1" in html.by_id["workers"]
+    assert f"map {BEFORE_GATE} attempt 1" in html.by_id["workers"]
     assert float(html.by_id["tasks-per-second"]) > 0
+    gate_file.touch()
 
     # The failed record shows with the user's traceback, on the page too.
     failing = wait_until(lambda: (s := status(url))["failures"] and s)
@@ -158,7 +181,8 @@ def test_status_page_follows_a_running_job(transport: str, env: dict, tmp_path: 
 
     assert finish(client)[0] == 0
     assert finish(server)[0] == 0
-    expected = {f"w{i}": 1 for i in range(12) if i != 7} | {"x": 11, "y": 11}
+    # Every record's words but the skipped key 7's, counted here.
+    expected = Counter(w for k, text in SLOW_SOURCE.items() if k != 7 for w in text.split())
     assert parse_tsv(out.read_text()) == expected
 
 
@@ -201,7 +225,7 @@ def test_status_page_escapes_what_it_shows() -> None:
 
 
 def test_web_endpoint_errors_are_usage_errors(env: dict, tmp_path: Path) -> None:
-    r = octo("server", str(job(tmp_path, SLOW)), "--web", "nonsense:1", env=env, timeout=30)
+    r = octo("server", str(slow_job(tmp_path)[0]), "--web", "nonsense:1", env=env, timeout=30)
     assert r.returncode == 2 and "--web nonsense:1" in r.stderr
 
 
