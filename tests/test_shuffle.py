@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import zlib
 from collections import Counter
 
 import pytest
@@ -18,14 +19,59 @@ from octotwist.shuffle import (
     stable_hash,
 )
 
-KEYS = ["the", "whale", "Ahab", "ünïcödé", "", "x" * 1000, b"bytes", 7, -3, 2.5, None, ("a", 1)]
+#: Fixed vectors every machine must reproduce, or workers on two machines
+#: would send one key to two reducers: the key, the canonical bytes the
+#: definition hashes (a type tag, then UTF-8 for str, the bytes, the decimal
+#: integer for ints and for integral floats, repr for other floats; tuples
+#: bracketed, items joined by a comma), their CRC-32 (computed once, as
+#: zlib.crc32 does, which is the standard CRC-32), and the partitions among
+#: 2, 7, 13 and 64 reducers (the hash modulo the count).
+PARTITIONS_AMONG = (2, 7, 13, 64)
+PINNED = [
+    ("the", b"sthe", 2613732506, [0, 0, 8, 26]),
+    ("whale", b"swhale", 881929620, [0, 5, 0, 20]),
+    ("Ahab", b"sAhab", 3261502032, [0, 5, 9, 16]),
+    ("ünïcödé", b"s\xc3\xbcn\xc3\xafc\xc3\xb6d\xc3\xa9", 1294208844, [0, 5, 6, 12]),
+    ("", b"s", 453955339, [1, 5, 6, 11]),
+    ("\ud800lone", b"s\xed\xa0\x80lone", 2041395433, [1, 0, 12, 41]),  # lone surrogate
+    (b"bytes", b"bbytes", 2202385185, [1, 0, 0, 33]),
+    (b"", b"b", 1908338681, [1, 4, 2, 57]),
+    (7, b"i7", 1297835806, [0, 1, 7, 30]),
+    (-3, b"i-3", 666702404, [0, 4, 4, 4]),
+    (10**20, b"i100000000000000000000", 3426037536, [0, 5, 12, 32]),
+    (True, b"i1", 2755183147, [1, 3, 2, 43]),
+    (2.0, b"i2", 1026659217, [1, 3, 12, 17]),
+    (2.5, b"f2.5", 1163037490, [0, 6, 4, 50]),
+    (None, b"n", 2013832146, [0, 4, 1, 18]),
+    (("a", 1), b"t(sa,i1)", 2978179485, [1, 1, 8, 29]),
+    ((), b"t()", 3008769880, [0, 4, 12, 24]),
+]
+
+
+@pytest.mark.parametrize(("key", "canonical", "expected", "partitions"), PINNED)
+def test_stable_hash_is_pinned(key, canonical, expected, partitions) -> None:
+    assert zlib.crc32(canonical) == expected  # the vector itself, by the definition
+    assert stable_hash(key) == expected
+    assert [default_partition(key, n) for n in PARTITIONS_AMONG] == partitions
+    assert partitions == [expected % n for n in PARTITIONS_AMONG]
+
+
+@pytest.mark.parametrize("n", PARTITIONS_AMONG)
+def test_map_output_partitions_by_the_pinned_hash(n: int) -> None:
+    # MapOutput has its own fast path for str keys; it must agree.
+    out = MapOutput(n)
+    list(out.add_all([(key, 1) for key, *_ in PINNED]))
+    got = {key: p for p, (keys, _, _) in out.drain().items() for key in keys}
+    i = PARTITIONS_AMONG.index(n)
+    assert got == {key: partitions[i] for key, _, _, partitions in PINNED}
 
 
 def test_partition_is_stable_across_hash_seeds() -> None:
     # str hashing is salted per process; our partitioning must not be.
+    keys = [key for key, *_ in PINNED]
     script = (
         "from octotwist.shuffle import default_partition;"
-        f"print([default_partition(k, 13) for k in {KEYS!r}])"
+        f"print([default_partition(k, 13) for k in {keys!r}])"
     )
     outputs = set()
     for seed in ("0", "1", "12345", "random"):
@@ -34,7 +80,8 @@ def test_partition_is_stable_across_hash_seeds() -> None:
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
         )
         outputs.add(out.stdout)
-    assert outputs == {f"{[default_partition(k, 13) for k in KEYS]}\n"}
+    pinned = [partitions[PARTITIONS_AMONG.index(13)] for *_, partitions in PINNED]
+    assert outputs == {f"{pinned}\n"}
 
 
 def test_equal_keys_land_in_the_same_partition() -> None:
