@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import finish, parse_tsv, start
-from test_end_to_end import job
-from test_faults import EXPECTED, SLOWISH, wait_for_line
+from test_faults import EXPECTED, gated_slowish, wait_for_line
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -74,6 +73,7 @@ def in_ns(ns: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow  # waits out a 2 s lease
 def test_a_worker_cut_off_by_the_network_loses_its_tasks_after_the_lease(
     two_hosts: tuple[str, str, str], env: dict, tmp_path: Path
 ) -> None:
@@ -81,17 +81,21 @@ def test_a_worker_cut_off_by_the_network_loses_its_tasks_after_the_lease(
     env = dict(env, OCTO_SECRET="partition-test-secret")
     out = tmp_path / "out.tsv"
     port = "18125"
+    script, gate_file = gated_slowish(tmp_path, "map")
     server = in_ns(
-        server_ns, "server", str(job(tmp_path, SLOWISH)), "-o", str(out),
+        server_ns, "server", str(script), "-o", str(out),
         "--listen", f"tcp:{port}:interface={SERVER_ADDRESS}",
         "--heartbeat", "0.3", "--task-timeout", "2", env=env,
     )  # fmt: skip
     wait_for_line(server, "serving job")
     remote = in_ns(worker_ns, "client", f"{SERVER_ADDRESS}:{port}", "-p", "2", "-v", env=env)
     try:
+        # Its map tasks wait at the gate: when the cable is cut it holds
+        # tasks that only the lease's end can give to another worker.
         wait_for_line(remote, "running map ")
         _ip("-n", worker_ns, "link", "set", worker_if, "down")  # the cable is cut
         cut = time.monotonic()
+        gate_file.touch()
         local = in_ns(server_ns, "client", f"{SERVER_ADDRESS}:{port}", env=env)
         code, _, err = finish(server)
         assert code == 0, err
