@@ -7,7 +7,6 @@ exactly with an independent computation.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from conftest import (
     parse_spaced,
     parse_tsv,
     start,
+    tasks_taken_from,
     wait_for_log,
     wait_for_port,
     word_count,
@@ -840,8 +840,7 @@ def test_a_client_killed_mid_job_loses_nothing(transport: str, env: dict, tmp_pa
     code, _, err = finish(server)
     assert code == 0, err
     # The two it was seen running at least (and any it had been sent ahead).
-    lost = re.search(r"worker doomed left \(.*\); (\d+) running tasks go back in the queue", err)
-    assert lost and int(lost[1]) >= 2, err
+    assert tasks_taken_from("doomed", err) >= 2, err
     expected = Counter(w for text in SLOW_JOB_SOURCE.values() for w in text.split())
     assert parse_tsv(out.read_text()) == expected
 
