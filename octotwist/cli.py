@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater, react
 from twisted.logger import (
     FilteringLogObserver,
@@ -28,7 +30,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from octotwist import allocator, auth, embedded, tap
-from octotwist.client import run_worker
+from octotwist.client import IWorkerReactor, run_worker
 from octotwist.errors import (
     AuthenticationError,
     OctotwistError,
@@ -236,7 +238,7 @@ def _start_logging(options: usage.Options, sink: LogSink) -> None:
 _sink = LogSink()
 
 
-def _show_progress(job_server: JobServer, reactor: Any, options: usage.Options) -> bool:
+def _show_progress(job_server: JobServer, reactor: IReactorTime, options: usage.Options) -> bool:
     """Start live progress bars when a person is watching; say whether we did."""
     if not LiveProgress.wanted(_sink.stream, bool(options.get("quiet"))):
         return False
@@ -244,7 +246,7 @@ def _show_progress(job_server: JobServer, reactor: Any, options: usage.Options) 
     return True
 
 
-async def _serve(reactor: Any, options: ServerOptions) -> int:
+async def _serve(reactor: IWorkerReactor, options: ServerOptions) -> int:
     service = tap.build_service(options, reactor)
     if _show_progress(service.job_server, reactor, options):
         service.job_server.log_progress = False
@@ -253,7 +255,7 @@ async def _serve(reactor: Any, options: ServerOptions) -> int:
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
-async def _work(reactor: Any, options: ClientOptions) -> int:
+async def _work(reactor: IWorkerReactor, options: ClientOptions) -> int:
     transport = get_transport(options["transport"])
     connect = options.endpoint(transport)
     transport_options = tap.transport_options(options, transport, "client")
@@ -286,7 +288,7 @@ def _secret_if_any(options: ClientOptions) -> bytes:
     return b""
 
 
-async def _client_secret(reactor: Any, options: ClientOptions) -> bytes:
+async def _client_secret(reactor: IWorkerReactor, options: ClientOptions) -> bytes:
     """
     The configured secret, or the one a local server generates.  A client
     may start before its server: then wait (up to C{--wait}) for the server
@@ -318,7 +320,7 @@ def _written(path: Path) -> bool:
         return False
 
 
-async def _run(reactor: Any, options: RunOptions) -> int:
+async def _run(reactor: IWorkerReactor, options: RunOptions) -> int:
     job = load_job(options["script"])
     if options["transport"] is None:
         transport: Transport = embedded.TRANSPORT
@@ -337,7 +339,11 @@ async def _run(reactor: Any, options: RunOptions) -> int:
 
 
 async def _serve_locally(
-    reactor: Any, options: RunOptions, job_server: JobServer, transport: Transport, secret: bytes
+    reactor: IWorkerReactor,
+    options: RunOptions,
+    job_server: JobServer,
+    transport: Transport,
+    secret: bytes,
 ) -> int:
     """The rest of L{_run}: a server on a private address, and the local workers."""
     private = tempfile.TemporaryDirectory(prefix="octo-run-")
@@ -473,7 +479,11 @@ def _main(argv: list[str] | None) -> None:
         sys.exit(EXIT_USAGE)
 
 
-def _guarded(reactor: Any, action: Any, options: usage.Options) -> Deferred[None]:
+def _guarded(
+    reactor: IWorkerReactor,
+    action: Callable[[IWorkerReactor, Any], Coroutine[Any, Any, int]],
+    options: usage.Options,
+) -> Deferred[None]:
     """Run C{action} and turn its result or error into the exit status."""
 
     async def go() -> None:

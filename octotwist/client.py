@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -28,7 +28,7 @@ from octotwist.errors import AuthenticationError, RemoteProtocolError
 from octotwist.machine import machine_id
 from octotwist.messages import TaskId
 from octotwist.outbox import Outbox
-from octotwist.transport import MessageChannel, TaskClient
+from octotwist.transport import IReactor, MessageChannel, TaskClient
 from octotwist.worker import Crashed, Finished, Outcome, ProcessPool
 
 _log = Logger()
@@ -44,7 +44,7 @@ class WorkerSession:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IWorkerReactor,
         channel: MessageChannel,
         name: str,
         processes: int,
@@ -209,12 +209,16 @@ def _records(n: int) -> str:
     return f"{n:,} record{'s' if n != 1 else ''}"
 
 
+class IWorkerReactor(IReactor, IReactorProcess):
+    """A worker's reactor: a transport's (L{IReactor}), and it starts the task processes."""
+
+
 def default_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
 async def run_worker(
-    reactor: Any,
+    reactor: IWorkerReactor,
     client: TaskClient,
     *,
     processes: int = 1,

@@ -24,13 +24,14 @@ from collections import deque
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from octotwist.messages import Message
 from octotwist.transport import (
     Accept,
     ChannelHandler,
+    IReactor,
     MessageChannel,
     ServerSettings,
     TaskClient,
@@ -138,7 +139,7 @@ class _End(MessageChannel):
 class EmbeddedServer(TaskServer):
     """Accepts L{EmbeddedClient}s of this process; listens on nothing."""
 
-    def __init__(self, reactor: IReactorCore, settings: ServerSettings, accept: Accept) -> None:
+    def __init__(self, reactor: IReactor, settings: ServerSettings, accept: Accept) -> None:
         super().__init__(reactor, settings, accept)
         self.address = settings.listen
         self.ends: list[_End] = []
@@ -173,7 +174,7 @@ class EmbeddedClient(TaskClient):
         server = _servers.get(self.settings.connect)
         if server is None:
             return fail(ConnectionRefusedError(f"no embedded server at {self.settings.connect}"))
-        reactor: Any = self.reactor
+        reactor = self.reactor
         ours, theirs = _End(reactor, "embedded:server"), _End(reactor, "embedded:local")
         ours.other, theirs.other = theirs, ours
         try:

@@ -15,8 +15,9 @@ bars are up, so they scroll above the bars instead of tearing them.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from octotwist.server import JobServer
@@ -54,7 +55,7 @@ class LiveProgress:
     before the job's results are written.
     """
 
-    def __init__(self, job_server: JobServer, reactor: Any, sink: LogSink) -> None:
+    def __init__(self, job_server: JobServer, reactor: IReactorTime, sink: LogSink) -> None:
         # rich is imported only here: most runs (logs to a file, --quiet)
         # never draw a bar, and it costs every command 20 ms to import.
         from rich.console import Console

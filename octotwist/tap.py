@@ -15,12 +15,12 @@ import os
 import shlex
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import _parse, serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
@@ -35,7 +35,7 @@ from octotwist.output import Results, open_results
 from octotwist.server import FaultPolicy, JobOutcome, JobServer
 from octotwist.status import StatusPage, new_token
 from octotwist.store import DEFAULT_MEMORY_LIMIT, BlobStore
-from octotwist.transport import Option, ServerSettings, TaskServer, Transport
+from octotwist.transport import IReactor, Option, ServerSettings, TaskServer, Transport
 
 _log = Logger()
 
@@ -555,7 +555,7 @@ def _client_hint(address: str, transport: str) -> str:
 
 
 def make_job_server(
-    job: Job, reactor: Any, options: usage.Options, output: Results | None
+    job: Job, reactor: IReactorTime, options: usage.Options, output: Results | None
 ) -> JobServer:
     """
     The L{JobServer} the options of C{octo server}, C{octo run} or C{twistd
@@ -579,7 +579,7 @@ def make_job_server(
         raise
 
 
-def build_service(options: Options, reactor: Any, output: Results | None = None) -> JobService:
+def build_service(options: Options, reactor: IReactor, output: Results | None = None) -> JobService:
     """
     Load the job and get everything ready to listen; nothing binds yet.
 
@@ -715,7 +715,7 @@ async def serve_status(job_server: JobServer, endpoint: str, token: str) -> ILis
 STATUS_LINGER = 3.0
 
 
-async def stop_status(port: IListeningPort, reactor: Any) -> None:
+async def stop_status(port: IListeningPort, reactor: IReactorTime) -> None:
     """Stop serving the status page, a moment after the job ended."""
     await deferLater(reactor, STATUS_LINGER)
     stopped = port.stopListening()
@@ -779,8 +779,9 @@ def open_output(path: str | None, job: Job) -> Results | None:
 
 def makeService(options: Options) -> JobService:
     """The twistd entry point: stops the reactor when the job ends."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
+    reactor = cast(IReactor, installed)  # a module to mypy; the reactor twistd installed
     allocator.tune()
     try:
         service = build_service(options, reactor)
@@ -791,7 +792,7 @@ def makeService(options: Options) -> JobService:
     return service
 
 
-def _stop_twistd(outcome: JobOutcome, reactor: Any) -> None:
+def _stop_twistd(outcome: JobOutcome, reactor: IReactorCore) -> None:
     if not outcome.ok:
         # twistd has no way to set its exit status; this runs after it has
         # cleaned up (pid file, final log line), as the interpreter exits.

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 
 from octotwist.endpoints import split_host_port
 from octotwist.errors import PluginError
@@ -151,6 +151,16 @@ class ClientSettings:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+class IReactor(IReactorCore, IReactorTime):
+    """
+    The reactor a transport is given: its system event triggers and its
+    timers.  Every Twisted reactor provides both interfaces; this one only
+    says, for type checking, that the one given has both (as treq's
+    C{_ITreqReactor} does).  A transport that needs more (C{IReactorTCP},
+    say) says so in its own annotations.
+    """
+
+
 class TaskServer(ABC):
     """
     The listening side of a transport.
@@ -161,7 +171,7 @@ class TaskServer(ABC):
         authenticated; returns the handler for that channel's messages.
     """
 
-    def __init__(self, reactor: IReactorCore, settings: ServerSettings, accept: Accept) -> None:
+    def __init__(self, reactor: IReactor, settings: ServerSettings, accept: Accept) -> None:
         self.reactor = reactor
         self.settings = settings
         self.accept = accept
@@ -206,7 +216,7 @@ class TaskClient(ABC):
     #: Port used by L{address_to_endpoint} when the short form has none.
     default_port: int = 18125
 
-    def __init__(self, reactor: IReactorCore, settings: ClientSettings) -> None:
+    def __init__(self, reactor: IReactor, settings: ClientSettings) -> None:
         self.reactor = reactor
         self.settings = settings
 
