@@ -6,6 +6,7 @@ output in files so that a chatty process never blocks on a full pipe.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -88,15 +89,25 @@ class Octo:
         self._count = 0
 
     def start(
-        self, *args: str, env: dict[str, str] | None = None, cls: type[Process] = Process
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cls: type[Process] = Process,
+        python: tuple[str, ...] = ("-m", "octotwist"),
     ) -> Process:
-        """Start C{octo ARGS...}."""
+        """
+        Start C{octo ARGS...}.
+
+        @param python: what Python runs before C{ARGS}: C{("-c",
+            relay.EVIL_OCTO)} is an C{octo} that misbehaves on purpose
+            (L{octotwist.testing.relay.corrupt_first_message}).
+        """
         self._count += 1
         name = f"{self._count:02d}-{args[0]}"
         out, err = self.directory / f"{name}.out", self.directory / f"{name}.err"
         with open(out, "wb") as o, open(err, "wb") as e:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "octotwist", *args],
+                [sys.executable, *python, *args],
                 stdout=o,
                 stderr=e,
                 stdin=subprocess.DEVNULL,
@@ -126,18 +137,27 @@ class Octo:
         wait_for_text(server, "serving job")
         return server
 
-    def client(self, server: Server, *args: str, refused: bool = False) -> Process:
+    def client(
+        self,
+        server: Server,
+        *args: str,
+        refused: bool = False,
+        env: dict[str, str] | None = None,
+        python: tuple[str, ...] = ("-m", "octotwist"),
+    ) -> Process:
         """
         Start C{octo client} for C{server}.
 
         @param refused: present credentials the server must refuse: a wrong
             shared secret and the setup's C{refused_client_args}.
+        @param env: added to its environment.
+        @param python: see L{start}.
         """
         extra = self.setup.refused_client_args if refused else []
-        env = {"OCTO_SECRET": "not-the-" + SECRET} if refused else None
+        env = {**(env or {}), **({"OCTO_SECRET": "not-the-" + SECRET} if refused else {})}
         return self.start(
             "client", server.address, "--transport", self.transport,
-            *self.setup.client_args, *extra, *args, env=env,
+            *self.setup.client_args, *extra, *args, env=env, python=python,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -166,6 +186,38 @@ def wait_for_text(process: Process, text: str, timeout: float = 60) -> None:
             )
         time.sleep(0.05)
     raise AssertionError(f"octo did not say {text!r} in {timeout} s:\n{process.err()[-3000:]}")
+
+
+def hung_up(sock: socket.socket, timeout: float = 60) -> bytes:
+    """
+    Wait until the other end of C{sock} closes it (or resets it), reading
+    and keeping what it sends meanwhile; fail the test if it has not after
+    C{timeout} seconds.
+
+    @return: what it sent before it hung up.
+    """
+    deadline = time.monotonic() + timeout
+    received = b""
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(
+        f"the server kept the connection open for {timeout} s; it sent {received[:200]!r}"
+    )
+
+
+def send_regardless(sock: socket.socket, data: bytes) -> None:
+    """Send C{data}; a peer that hangs up before the end (a reset) is no error."""
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        sock.sendall(data)
 
 
 def connect_raw(listen: str) -> socket.socket:

@@ -224,3 +224,53 @@ def flip(frame: bytes, at: int | None = None) -> bytes:
     """C{frame} with one bit changed (in the middle, by default)."""
     i = len(frame) // 2 if at is None else at
     return frame[:i] + bytes([frame[i] ^ 0x01]) + frame[i + 1 :]
+
+
+# A peer that has authenticated and then sends a pickle.
+
+#: The environment variable that names L{EVIL_OCTO}'s marker file.
+EVIL_MARKER = "OCTO_EVIL_MARKER"
+
+#: C{python -c EVIL_OCTO ARGS...} is C{octo ARGS...} (an C{octo client}, in
+#: the kit) whose first message has a pickle for its header, one that
+#: creates the file C{$OCTO_EVIL_MARKER} if anyone unpickles it
+#: (L{corrupt_first_message}).
+EVIL_OCTO = (
+    "import os, pathlib\n"
+    "from octotwist.testing.relay import EVIL_MARKER, corrupt_first_message\n"
+    "corrupt_first_message(pathlib.Path(os.environ[EVIL_MARKER]))\n"
+    "from octotwist.cli import main\n"
+    "main()\n"
+)
+
+
+def corrupt_first_message(marker: Path) -> None:
+    """
+    Make this process's first message, whatever it is, carry an evil
+    pickle (L{evil_pickle}) for its header; every later one is honest.
+
+    This plays a peer that has authenticated -- a transport's own client,
+    with good credentials -- and then sends what only such a peer can get to
+    the other end's decoder.  The kit needs that on every transport,
+    whatever its framing and however it authenticates, so rather than speak
+    any transport it replaces the core's encoder,
+    L{octotwist.codec.message_parts}, which every transport's frames go
+    through (L{octotwist.secure.SecureChannel.encode}, and
+    L{octotwist.codec.encode_message} for SSH).  Honest afterwards, so that
+    the same process then shows that the other end dropped that one
+    connection and goes on serving: it reconnects and works.
+    """
+    from octotwist import codec
+
+    honest = codec.message_parts
+    sent = False
+
+    def message_parts(message: messages.Message) -> tuple[bytes, bytes]:
+        nonlocal sent
+        if sent:
+            return honest(message)
+        sent = True
+        _header, payload = honest(message)
+        return evil_pickle(marker), payload
+
+    codec.message_parts = message_parts  # type: ignore[assignment]
