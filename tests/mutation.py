@@ -88,6 +88,7 @@ TCP = "plugins/octotwist_tcp/protocol.py"
 HTTP_WIRE = "plugins/octotwist_http/wire.py"
 HTTP_SERVER = "plugins/octotwist_http/server.py"
 SSH_SERVER = "plugins/octotwist_ssh/server.py"
+SSH_KEYS = "plugins/octotwist_ssh/keys.py"
 
 #: The small frame's check and decryption, and what GCM's tag guards: its
 #: counter mode alone, which decrypts anything (GCM's keystream starts at
@@ -427,6 +428,27 @@ MUTANTS: list[Mutant] = [
         ),
         [T_STATUS + "test_a_page_beyond_loopback_needs_the_token"],
     ),
+    _m(
+        "status-any-host",
+        "the status page answers to any Host (a DNS rebinding page can read it)",
+        Edit(
+            "octotwist/status.py",
+            "        if host is not None and not self._host_check.accepts(host):",
+            "        if False:",
+        ),
+        [T_STATUS + "test_the_host_header_is_checked"],
+    ),
+    # -- TLS: an ssl: client endpoint that checks nothing ---------------------
+    _m(
+        "tcp-blind-tls-allowed",
+        "an ssl: client endpoint that checks no certificate is taken without --insecure-tls",
+        Edit(
+            "plugins/octotwist_tcp/transport.py",
+            '    if not args or str(args[0]).lower() != "ssl" or "hostname" in kwargs or insecure:',
+            "    if True:",
+        ),
+        ["tests/test_tls.py"],
+    ),
     # -- the HTTP transport -------------------------------------------------
     _m(
         "http-wrong-secret-accepted",
@@ -473,6 +495,16 @@ MUTANTS: list[Mutant] = [
         ),
         ["tests/test_security_http.py"],
     ),
+    _m(
+        "http-client-skips-server-proof",
+        "the HTTP client does not check the server's proof (a fake server gets the worker)",
+        Edit(
+            "plugins/octotwist_http/client.py",
+            "        if not hmac.compare_digest(expected.encode(), proof.encode()):",
+            "        if False:",
+        ),
+        ["tests/test_security_http_client.py"],
+    ),
     # -- the SSH transport ----------------------------------------------------
     _m(
         "ssh-any-password",
@@ -482,13 +514,22 @@ MUTANTS: list[Mutant] = [
             "        if not hmac.compare_digest(expected, credentials.password):",
             "        if False:",
         ),
-        [T_SSH + "test_wrong_secret_is_refused"],
+        [
+            "tests/test_security_ssh.py::test_the_password_must_be_this_sessions_proof_of_the_secret",
+            T_SSH + "test_wrong_secret_is_refused",
+        ],
     ),
     _m(
         "ssh-any-key",
         "KeyChecker takes any public key, authorized or not",
         Edit(SSH_SERVER, "        if key not in self._authorized:", "        if False:"),
-        [T_SSH + "test_wrong_key_is_refused_and_the_server_serves_others"],
+        [
+            # The real connection's test lets the stranger in as a worker
+            # that waits on its job: it fails, but only after minutes.
+            "tests/test_security_ssh.py::"
+            "test_a_key_not_in_authorized_keys_is_refused_even_with_its_own_signature",
+            T_SSH + "test_wrong_key_is_refused_and_the_server_serves_others",
+        ],
     ),
     _m(
         "ssh-unverified-signature",
@@ -499,6 +540,18 @@ MUTANTS: list[Mutant] = [
             "        if False:",
         ),
         [T_SSH + "test_a_signature_by_another_key_is_refused"],
+    ),
+    _m(
+        "ssh-client-any-pinned-key",
+        "the SSH client takes any host key, whatever --host-key-fingerprint pins",
+        Edit(SSH_KEYS, "    if fp in allowed:\n        return\n", "    return\n"),
+        [T_SSH + "test_changed_host_key_is_refused_with_how_to_trust_it"],
+    ),
+    _m(
+        "ssh-client-any-known-host",
+        "the SSH client takes any host key a known_hosts file names the host with",
+        Edit(SSH_KEYS, "            if listed.blob() == key.blob():\n", "            if True:\n"),
+        [T_SSH + "test_changed_host_key_is_refused_with_how_to_trust_it"],
     ),
     # -- the example transport -----------------------------------------------
     _m(
