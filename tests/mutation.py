@@ -553,6 +553,16 @@ MUTANTS: list[Mutant] = [
         Edit(SSH_KEYS, "            if listed.blob() == key.blob():\n", "            if True:\n"),
         [T_SSH + "test_changed_host_key_is_refused_with_how_to_trust_it"],
     ),
+    _m(
+        "ssh-client-skips-server-hello-proof",
+        "with no host key pinned, the SSH client takes a server that cannot prove the secret",
+        Edit(
+            "plugins/octotwist_ssh/client.py",
+            "            if frame[len(MAGIC) :] != expected:",
+            "            if False:",
+        ),
+        [T_SSH + "test_unknown_host_is_refused_without_hanging"],
+    ),
     # -- the example transport -----------------------------------------------
     _m(
         "unixcred-any-uid",
@@ -664,8 +674,17 @@ def pytest(
         )
     except subprocess.TimeoutExpired:
         return None, ""
-    lines = (result.stdout + result.stderr).strip().splitlines()
-    return result.returncode, "\n".join(lines[-15:])
+    return result.returncode, _summary(result.stdout, result.stderr)
+
+
+def _summary(stdout: str, stderr: str) -> str:
+    """What failed and why: pytest's E lines and its short summary, else the end."""
+    lines = stdout.splitlines()
+    errors = [line for line in lines if line.startswith("E ")][:8]
+    marks = [i for i, line in enumerate(lines) if "short test summary info" in line]
+    if marks:
+        return "\n".join([*errors, *lines[marks[-1] + 1 :]])
+    return "\n".join((stdout + stderr).strip().splitlines()[-15:])
 
 
 def verdict(code: int | None) -> str:

@@ -48,6 +48,9 @@ class FakeServer(ThreadingHTTPServer):
         #: Set by any request after the session's: the client took the proof.
         self.more = threading.Event()
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client hanging up mid-request is no news here
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: FakeServer
