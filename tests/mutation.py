@@ -34,8 +34,10 @@ is a hole the suite would let through, and the fix is a test (docs/developers.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -587,22 +589,28 @@ def copy_tree(destination: Path) -> None:
             shutil.copy2(source, destination / name)
 
 
-def apply(tree: Path, edit: Edit) -> None:
+def check_edit(tree: Path, mutant: Mutant, edit: Edit) -> str:
     """
-    Make one edit in C{tree}.
+    The text of the file C{edit} changes, once sure it can.
 
     @raise SystemExit: the text to replace is not there exactly once: the
         code changed under the mutant, which must be brought up to date.
     """
-    path = tree / edit.path
-    text = path.read_text()
+    text = (tree / edit.path).read_text()
     count = text.count(edit.old)
     if count != 1:
         raise SystemExit(
-            f"mutation.py: the text to mutate occurs {count} times in {edit.path}, not once; "
-            f"update the mutant:\n{edit.old}"
+            f"mutation.py: mutant {mutant.name}: the text to replace occurs {count} times "
+            f"in {edit.path}, not once; update the mutant along with the code:\n{edit.old}"
         )
-    path.write_text(text.replace(edit.old, edit.new))
+    return text
+
+
+def apply(tree: Path, mutant: Mutant) -> None:
+    """Make the mutant's edits in C{tree} (@raise SystemExit: see L{check_edit})."""
+    for edit in mutant.edits:
+        text = check_edit(tree, mutant, edit)
+        (tree / edit.path).write_text(text.replace(edit.old, edit.new))
 
 
 def environment(tree: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -658,23 +666,35 @@ def check_imports(tree: Path) -> None:
         )
 
 
-def pytest(
+def run_tests(
     tree: Path, tests: tuple[str, ...], env: dict[str, str], args: tuple[str, ...], timeout: float
-):
-    """Run C{tests} in C{tree}: the return code (None on timeout) and the output's tail."""
+) -> tuple[int | None, str]:
+    """
+    Run C{tests} in C{tree}: pytest's exit status (C{None} if it ran out of
+    time) and what failed.  pytest runs in a process group of its own, so
+    that on a timeout the servers and workers its tests started go with it.
+    """
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args, *tests]
+    proc = subprocess.Popen(
+        command,
+        cwd=tree,
+        env=environment(tree, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        result = subprocess.run(
-            command,
-            cwd=tree,
-            env=environment(tree, env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None, ""
-    return result.returncode, _summary(result.stdout, result.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return None, _summary(stdout, stderr)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever a test left running
+    return proc.returncode, _summary(stdout, stderr)
 
 
 def _summary(stdout: str, stderr: str) -> str:
@@ -703,8 +723,7 @@ def run(mutants: list[Mutant], timeout: float, baseline: bool, verbose: bool) ->
         # Every edit must apply to today's code before anything runs.
         for mutant in mutants:
             for edit in mutant.edits:
-                if (clean / edit.path).read_text().count(edit.old) != 1:
-                    apply(clean, edit)  # raises, naming the mutant's text
+                check_edit(clean, mutant, edit)
         if baseline:
             groups: dict[tuple, list[str]] = {}
             for mutant in mutants:
@@ -714,7 +733,7 @@ def run(mutants: list[Mutant], timeout: float, baseline: bool, verbose: bool) ->
                 )
             for (env, args), tests in groups.items():
                 print(f"baseline: {len(tests)} test ids {dict(env) or ''}", flush=True)
-                code, tail = pytest(clean, tuple(tests), dict(env), args, timeout * 2)
+                code, tail = run_tests(clean, tuple(tests), dict(env), args, timeout * 2)
                 if code != 0:
                     print(tail)
                     print("mutation.py: the tests fail without any mutant; fix that first")
@@ -722,15 +741,14 @@ def run(mutants: list[Mutant], timeout: float, baseline: bool, verbose: bool) ->
         for i, mutant in enumerate(mutants):
             tree = Path(tmp) / f"m{i}"
             copy_tree(tree)
-            for edit in mutant.edits:
-                apply(tree, edit)
+            apply(tree, mutant)
             t0 = time.monotonic()
-            code, tail = pytest(tree, mutant.tests, mutant.env, mutant.args, timeout)
+            code, tail = run_tests(tree, mutant.tests, mutant.env, mutant.args, timeout)
             outcome = verdict(code)
             took = time.monotonic() - t0
             results.append((mutant, outcome, took))
             print(f"{outcome:<9} {mutant.name:<38} {took:6.1f} s  {mutant.why}", flush=True)
-            if verbose or outcome == "SURVIVED" or outcome.startswith("ERROR"):
+            if verbose or outcome != "KILLED":
                 print("    " + tail.replace("\n", "\n    "))
             shutil.rmtree(tree, ignore_errors=True)
     killed = sum(1 for _, outcome, _ in results if outcome == "KILLED")

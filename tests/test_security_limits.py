@@ -21,7 +21,7 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
 
 from octotwist.handshake import MAGIC
-from octotwist.limits import PreAuthLimit, RefusalLog
+from octotwist.limits import MAX_PENDING_PER_ADDRESS, PreAuthLimit, RefusalLog
 
 SECRET = "limits-security-secret-0123456789"
 
@@ -78,8 +78,6 @@ def connections(port: int, n: int, source: str) -> Iterator[list[socket.socket]]
 def test_a_tcp_server_holds_only_its_share_of_unauthenticated_connections(
     env: dict, tmp_path: Path
 ) -> None:
-    from octotwist.limits import MAX_PENDING_PER_ADDRESS
-
     script = tmp_path / "job.py"
     script.write_text(JOB)
     port = free_port()
