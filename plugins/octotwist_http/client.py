@@ -40,7 +40,14 @@ from octotwist.errors import (
     UsageError,
 )
 from octotwist.messages import Message
-from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskClient
+from octotwist.transport import (
+    Accept,
+    ChannelHandler,
+    ClientSettings,
+    IReactor,
+    MessageChannel,
+    TaskClient,
+)
 from octotwist_http import wire
 
 _log = Logger()
@@ -112,7 +119,7 @@ class _ClientChannel(MessageChannel):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         http: Any,
         pool: HTTPConnectionPool,
         base: str,
@@ -419,7 +426,7 @@ class HTTPTaskClient(TaskClient):
 
     default_port = wire.DEFAULT_PORT
 
-    def __init__(self, reactor: Any, settings: Any) -> None:
+    def __init__(self, reactor: IReactor, settings: ClientSettings) -> None:
         super().__init__(reactor, settings)
         ca_file = (settings.options or {}).get("ca-file")
         self._trust = load_ca_file(ca_file) if ca_file else None

@@ -20,13 +20,15 @@ import hmac
 import itertools
 import urllib.parse
 from collections import deque
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import _parse, serverFromString
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPullProducer
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPullProducer, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -39,7 +41,14 @@ from octotwist.endpoints import with_backlog
 from octotwist.errors import RemoteProtocolError
 from octotwist.messages import Message
 from octotwist.status import SECURITY_HEADERS
-from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskServer, no_delay
+from octotwist.transport import (
+    Accept,
+    ChannelHandler,
+    IReactor,
+    MessageChannel,
+    TaskServer,
+    no_delay,
+)
 from octotwist_http import wire
 
 _log = Logger()
@@ -265,7 +274,7 @@ class _ServerSession(MessageChannel):
         cut = isinstance(result, Failure)
         if self.ended is None and not self._active:
             self._start_grace(wire.DROP_GRACE if cut else wire.POLL_GRACE)
-        if cut:
+        if isinstance(result, Failure):  # cut
             _log.debug("a poll from {peer} was cut: {why}", peer=self._peer, why=result.value)
 
     def _start_grace(self, seconds: float = wire.POLL_GRACE) -> None:
@@ -394,7 +403,7 @@ class _Admission:
 class _Hub:
     """The sessions of one server, and the rules for admitting requests."""
 
-    def __init__(self, reactor: Any, secret: bytes, accept: Accept) -> None:
+    def __init__(self, reactor: IReactor, secret: bytes, accept: Accept) -> None:
         self.reactor = reactor
         self.secret = secret
         self.accept = accept
@@ -559,6 +568,11 @@ class _OctoRequest(server.Request):
     is streamed to its session instead of being stored.
     """
 
+    # What Site and the channel set (declared for mypy: Request's are a
+    # Site | None and an HTTPChannel).
+    site: _Site
+    channel: _Channel
+
     admission: _Admission | None = None
     rejection: _Reject | None = None
     answered_early = False
@@ -584,7 +598,9 @@ class _OctoRequest(server.Request):
                 self._answer_now(rejection)
         # Nothing is stored: uploads stream into their session, the few
         # bytes other requests may carry are dropped.
-        self.content = BytesIO()
+        # Twisted declares Request.content as None (its class default); it is
+        # the file the body goes to.
+        self.content = BytesIO()  # type: ignore[assignment]
         if self.admission is not None and self.admission.kind == "upload":
             self._limit = wire.MAX_BODY
 
@@ -707,6 +723,14 @@ class _Channel(http.HTTPChannel):
     _head_deadline: IDelayedCall | None = None
     _preauth_deadline: IDelayedCall | None = None
 
+    # Set by the site's buildProtocol (declared for mypy): the site; the
+    # reactor's callLater, which passes arguments on to the call (unlike
+    # TimeoutMixin's, which it replaces); and, when connected, a TCP or TLS
+    # transport.
+    site: _Site
+    callLater: Callable[..., IDelayedCall]
+    transport: ITCPTransport
+
     def connectionMade(self) -> None:
         super().connectionMade()
         no_delay(self.transport)
@@ -747,7 +771,7 @@ class _Channel(http.HTTPChannel):
         )
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         for timer in (self._head_deadline, self._preauth_deadline):
             _cancel(timer)
         self._head_deadline = self._preauth_deadline = None
@@ -777,7 +801,9 @@ class _Root(Resource):
 
 
 class _Site(server.Site):
-    protocol = _Channel  # no HTTP/2 negotiation: requests must be _OctoRequests
+    # No HTTP/2 negotiation: requests must be _OctoRequests.  (twisted.web types
+    # Site.protocol as its HTTP/1.1-or-2 wrapper; any channel class works.)
+    protocol = _Channel  # type: ignore[assignment]
     requestFactory = _OctoRequest
     displayTracebacks = False
     noisy = False
@@ -798,7 +824,7 @@ class _Site(server.Site):
         channel.slot = slot
         return channel
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No access log: a busy worker polls several times a second."""
 
 

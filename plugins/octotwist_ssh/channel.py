@@ -28,9 +28,10 @@ import hashlib
 import hmac
 import struct
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh.connection import SSHConnection
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -78,9 +79,15 @@ class ConchLogging:
     "connection lost") would otherwise look like ours and reach users.
     """
 
-    @property
-    def _log(self) -> Logger:
-        return Logger(namespace=f"twisted.conch.{type(self).__name__}", source=self)
+    if TYPE_CHECKING:
+        # To mypy, the attribute of Conch's classes that this replaces (they
+        # declare a writable one, which a read-only property may not override).
+        _log: Logger
+    else:
+
+        @property
+        def _log(self) -> Logger:
+            return Logger(namespace=f"twisted.conch.{type(self).__name__}", source=self)
 
 
 def session_proof(secret: bytes, role: bytes, session_id: bytes) -> bytes:
@@ -192,6 +199,9 @@ class FramedChannel(ConchLogging, SSHChannel):
     subclasses decide what opens it (L{open_messages}).
     """
 
+    #: Given when the connection opens the channel, before anything here runs.
+    conn: SSHConnection
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("localWindow", LOCAL_WINDOW)
         kwargs.setdefault("localMaxPacket", LOCAL_MAX_PACKET)
@@ -212,7 +222,8 @@ class FramedChannel(ConchLogging, SSHChannel):
     @property
     def peer_name(self) -> str:
         try:
-            addr = self.conn.transport.transport.getPeer()
+            # Either transport may be None (not yet, or no longer connected).
+            addr: Any = self.conn.transport.transport.getPeer()  # type: ignore[union-attr]
         except AttributeError:
             return "ssh:?"
         host = getattr(addr, "host", None)
@@ -360,6 +371,7 @@ class FramedChannel(ConchLogging, SSHChannel):
         self.lost_reason = why
         self.state = State.CLOSED
         self._drop_queue()
+        assert self.conn.transport is not None  # data arrived over it
         self.conn.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, why.encode()[:200])
 
     def closed(self) -> None:

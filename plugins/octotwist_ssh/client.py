@@ -52,13 +52,21 @@ from twisted.conch.ssh.transport import (
 from twisted.conch.ssh.userauth import SSHUserAuthClient
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString, connectProtocol
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from octotwist.endpoints import split_host_port
 from octotwist.errors import AuthenticationError, RemoteProtocolError, UsageError
-from octotwist.transport import Accept, MessageChannel, TaskClient, no_delay
+from octotwist.transport import (
+    Accept,
+    ClientSettings,
+    IReactor,
+    MessageChannel,
+    TaskClient,
+    no_delay,
+)
 from octotwist_ssh import DEFAULT_PORT, keys
 from octotwist_ssh.channel import (
     MACS,
@@ -176,7 +184,7 @@ def _parse_endpoint(text: str) -> SSHAddress:
 class _Context:
     """Everything one connection attempt needs, shared by its parts."""
 
-    reactor: Any
+    reactor: IReactor
     address: SSHAddress
     secret: bytes
     identity: keys.Identity | None
@@ -191,6 +199,8 @@ class _ClientTransport(ConchLogging, SSHClientTransport):
 
     supportedMACs = MACS
     context: _Context
+    #: The connection's (TCP or Unix socket), set before anything here runs.
+    transport: ITCPTransport
 
     def connectionMade(self) -> None:
         self.ready: Deferred[MessageChannel] = Deferred()
@@ -267,6 +277,8 @@ class _UserAuthClient(ConchLogging, SSHUserAuthClient):
     """Offers the identity (or the agent's keys), then the session-bound secret."""
 
     preferredOrder = [b"publickey", b"password"]
+    #: Set when the service starts, before anything here runs.
+    transport: _ClientTransport
 
     def __init__(self, user: bytes, instance: _ClientConnection) -> None:
         super().__init__(user, instance)
@@ -339,7 +351,9 @@ class _UserAuthClient(ConchLogging, SSHUserAuthClient):
 
     # publickey
 
-    def getPublicKey(self) -> Key | Deferred[Key | None] | None:
+    # Conch declares a Key or None, and calls it through maybeDeferred: a
+    # Deferred (of the agent's first key) works as well.
+    def getPublicKey(self) -> Key | Deferred[Key | None] | None:  # type: ignore[override]
         if self._candidates is None:
             identity = self.context.identity
             if identity is not None:
@@ -405,6 +419,7 @@ class _UserAuthClient(ConchLogging, SSHUserAuthClient):
         if not self.context.secret or self.tried_password:
             return None
         self.tried_password = True
+        assert self.transport.sessionID is not None  # set by the key exchange
         return succeed(client_password(self.context.secret, self.transport.sessionID))
 
     def getGenericAnswers(self, name: bytes, instruction: bytes, prompts: list) -> Deferred:
@@ -412,6 +427,9 @@ class _UserAuthClient(ConchLogging, SSHUserAuthClient):
 
 
 class _ClientConnection(ConchLogging, SSHConnection):
+    #: Set when the service starts, before anything here runs.
+    transport: _ClientTransport
+
     def __init__(self, context: _Context) -> None:
         super().__init__()
         self.context = context
@@ -456,6 +474,7 @@ class ClientChannel(FramedChannel):
             self.fail(RemoteProtocolError("the SSH server does not speak the octotwist protocol"))
             return
         if not transport.host_verified:
+            assert transport.sessionID is not None  # set by the key exchange
             expected = session_proof(self.conn.context.secret, b"server", transport.sessionID)
             if frame[len(MAGIC) :] != expected:
                 assert transport.host_key is not None
@@ -510,7 +529,7 @@ class SSHTaskClient(TaskClient):
 
     default_port = DEFAULT_PORT
 
-    def __init__(self, reactor: Any, settings: Any) -> None:
+    def __init__(self, reactor: IReactor, settings: ClientSettings) -> None:
         super().__init__(reactor, settings)
         options = dict(settings.options)
         try:

@@ -32,7 +32,7 @@ import getpass
 import hmac
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.conch import error as conch_error
 from twisted.conch.avatar import ConchUser
@@ -59,15 +59,15 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore
-from twisted.logger import Logger, LogLevel
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from octotwist import limits
 from octotwist.endpoints import with_backlog
 from octotwist.limits import RefusalLog
-from octotwist.transport import Accept, ServerSettings, TaskServer, no_delay
+from octotwist.transport import Accept, IReactor, ServerSettings, TaskServer, no_delay
 from octotwist_ssh import keys
 from octotwist_ssh.channel import (
     MACS,
@@ -118,14 +118,20 @@ class _LimitedConchLogging(ConchLogging):
     def _refusals(self) -> RefusalLog | None:
         raise NotImplementedError
 
-    @property
-    def _log(self) -> Logger:
-        refusals = self._refusals()
-        return Logger(
-            namespace=f"twisted.conch.{type(self).__name__}",
-            source=self,
-            observer=None if refusals is None else refusals.observer,
-        )
+    if TYPE_CHECKING:
+        _log: Logger  # as ConchLogging's
+    else:
+
+        @property
+        def _log(self) -> Logger:
+            refusals = self._refusals()
+            return Logger(
+                namespace=f"twisted.conch.{type(self).__name__}",
+                source=self,
+                # An ILogObserver is any callable taking an event; a method
+                # cannot declare that it provides the interface.
+                observer=None if refusals is None else cast(ILogObserver, refusals.observer),
+            )
 
 
 # Credentials
@@ -153,7 +159,10 @@ class SecretChecker:
         self._secret = secret
         self._users = users
 
-    def requestAvatarId(self, credentials: SessionProof) -> str:
+    # Portal.login calls checkers through maybeDeferred: an avatar ID returned
+    # (or an error raised) at once is what it expects as well as a Deferred;
+    # ours are str, what _Realm takes.
+    def requestAvatarId(self, credentials: SessionProof) -> str:  # type: ignore[override]
         user = _check_user(credentials.username, self._users)
         expected = client_password(self._secret, credentials.session_id)
         if not hmac.compare_digest(expected, credentials.password):
@@ -174,7 +183,7 @@ class KeyChecker:
         self._authorized = authorized
         self._users = users
 
-    def requestAvatarId(self, credentials: Any) -> str:
+    def requestAvatarId(self, credentials: Any) -> str:  # type: ignore[override]  # as above
         user = _check_user(credentials.username, self._users)
         try:
             key = Key.fromString(credentials.blob)
@@ -198,7 +207,8 @@ class _Realm:
     def __init__(self, server: SSHTaskServer) -> None:
         self.server = server
 
-    def requestAvatar(self, avatar_id: str, mind: Any, *interfaces: Any) -> tuple:
+    # The avatar IDs are our checkers' (str), not the bytes IRealm declares.
+    def requestAvatar(self, avatar_id: str, mind: Any, *interfaces: Any) -> tuple:  # type: ignore[override]
         if IConchUser not in interfaces:
             raise NotImplementedError("only SSH users log in here")
         return IConchUser, _Avatar(avatar_id, self.server), lambda: None
@@ -221,6 +231,7 @@ class ServerChannel(FramedChannel):
     """A session channel that only opens the C{octo} subsystem."""
 
     avatar: _Avatar
+    conn: _Connection
     _eof_early = False
 
     def request_subsystem(self, data: bytes) -> int:
@@ -244,6 +255,7 @@ class ServerChannel(FramedChannel):
             return
         server = self.avatar.server
         session_id = self.conn.transport.sessionID
+        assert session_id is not None  # the key exchange set it, before any channel
         self.send_frame(hello_frame(server.settings.secret, session_id))
         if self._eof_early:
             # `ssh -s HOST octo < /dev/null`, a user checking access: the
@@ -284,7 +296,9 @@ class ServerChannel(FramedChannel):
 class _UserAuthServer(_LimitedConchLogging, SSHUserAuthServer):
     """Conch's user authentication, plus the session-bound secret and logging."""
 
-    loginTimeout = LOGIN_TIMEOUT
+    #: Set when the service starts, before anything here runs.
+    transport: _ServerTransport
+    loginTimeout = LOGIN_TIMEOUT  # type: ignore[assignment]  # Conch infers int; seconds do
     interfaceToMethod = {
         ISSHPrivateKey: b"publickey",
         ISessionProof: b"password",
@@ -300,6 +314,7 @@ class _UserAuthServer(_LimitedConchLogging, SSHUserAuthServer):
 
     def auth_password(self, packet: bytes) -> Deferred:
         password = common.getNS(packet[1:])[0]
+        assert self.transport.sessionID is not None  # set by the key exchange
         credentials = SessionProof(self.user, password, self.transport.sessionID)
         d = self.portal.login(credentials, None, IConchUser)
         return d.addErrback(self._ebPassword)
@@ -318,6 +333,8 @@ class _UserAuthServer(_LimitedConchLogging, SSHUserAuthServer):
 class _ServerTransport(_LimitedConchLogging, SSHServerTransport):
     supportedMACs = MACS
     factory: _Factory
+    #: The connection's (TCP or Unix socket), set before anything here runs.
+    transport: ITCPTransport
     #: Our place among the connections that have not logged in yet.
     slot: limits.Slot | None = None
     #: A line about refusing this peer was logged (or counted): one is enough.
@@ -399,7 +416,7 @@ class _ServerTransport(_LimitedConchLogging, SSHServerTransport):
 
     @property
     def peer_name(self) -> str:
-        addr = self.transport.getPeer()
+        addr: Any = self.transport.getPeer()  # an IPv4/IPv6Address, or a UNIXAddress
         host = getattr(addr, "host", None)
         return f"{host}:{addr.port}" if host is not None else "unix"
 
@@ -439,6 +456,9 @@ class _ServerTransport(_LimitedConchLogging, SSHServerTransport):
 
 
 class _Connection(ConchLogging, SSHConnection):
+    #: Set when the service starts, before anything here runs.
+    transport: _ServerTransport
+
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         """
         Refuse any channel but a session in one line (Conch would log the
@@ -469,7 +489,7 @@ class _Factory(ConchLogging, SSHFactory):
     services = {b"ssh-userauth": _UserAuthServer, b"ssh-connection": _Connection}
     noisy = False
 
-    def __init__(self, reactor: Any, host_key: Key, portal: Portal) -> None:
+    def __init__(self, reactor: IReactor, host_key: Key, portal: Portal) -> None:
         self.reactor = reactor
         self.portal = portal
         self.publicKeys = {host_key.sshType(): host_key.public()}
@@ -514,7 +534,7 @@ class SSHTaskServer(TaskServer):
         """
         return not options.get("authorized-keys")
 
-    def __init__(self, reactor: IReactorCore, settings: ServerSettings, accept: Accept) -> None:
+    def __init__(self, reactor: IReactor, settings: ServerSettings, accept: Accept) -> None:
         """
         Read the keys now, so that a key file that cannot be read is the
         usage error it is (C{octo server} exits 2 naming it), before

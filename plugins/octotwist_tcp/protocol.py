@@ -16,10 +16,10 @@ reordered or dropped one), with an "integrity" error in the log.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -29,7 +29,7 @@ from octotwist import handshake, limits, secure
 from octotwist.errors import AuthenticationError, RemoteProtocolError
 from octotwist.framing import FrameReceiver
 from octotwist.messages import Message
-from octotwist.transport import Accept, ChannelHandler, MessageChannel, no_delay
+from octotwist.transport import Accept, ChannelHandler, IReactor, MessageChannel, no_delay
 
 MAGIC = handshake.MAGIC
 HANDSHAKE_MAX_FRAME = handshake.MAX_FRAME
@@ -41,6 +41,16 @@ MAX_FRAME = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 15.0
 
 _log = Logger()
+
+
+if TYPE_CHECKING:
+
+    class _IStreamTransport(ITCPTransport, IConsumer):
+        """
+        What this protocol's transport provides, over TCP, TLS or a Unix
+        socket alike: C{abortConnection}, and a consumer's producer
+        registration (L{ITransport} says neither).
+        """
 
 
 class State(enum.Enum):
@@ -108,6 +118,8 @@ class _FramedProtocol(FrameReceiver):
     state: State
     role = b""
     factory: _Factory
+    #: Set when connected, before any of the methods below runs.
+    transport: _IStreamTransport
 
     #: Our place among the connections that have not authenticated (server side).
     slot: limits.Slot | None = None
@@ -124,7 +136,7 @@ class _FramedProtocol(FrameReceiver):
 
     @property
     def peer_name(self) -> str:
-        addr = self.transport.getPeer()
+        addr: Any = self.transport.getPeer()  # an IPv4/IPv6Address, or a UNIXAddress
         host = getattr(addr, "host", None)
         if host is not None:
             return f"{addr.type.lower()}:{host}:{addr.port}"
@@ -280,7 +292,7 @@ class ClientProtocol(_FramedProtocol):
 class _Factory(Factory):
     noisy = False
 
-    def __init__(self, reactor: Any, secret: bytes, accept: Accept, max_frame: int) -> None:
+    def __init__(self, reactor: IReactor, secret: bytes, accept: Accept, max_frame: int) -> None:
         self.reactor = reactor
         self.secret = secret
         self.accept = accept
@@ -288,10 +300,14 @@ class _Factory(Factory):
         self.protocols: set[_FramedProtocol] = set()
 
 
+# Twisted types Factory.protocol as making a protocol whose `factory` is a
+# Factory of that very protocol (Factory[P], generic in recent Twisted, which
+# a base class here cannot subscript at runtime on the oldest we support);
+# ours declare `factory: _Factory`, which serves both roles.
 class ServerFactory(_Factory):
-    protocol = ServerProtocol
+    protocol = ServerProtocol  # type: ignore[assignment]
 
-    def __init__(self, reactor: Any, secret: bytes, accept: Accept, max_frame: int) -> None:
+    def __init__(self, reactor: IReactor, secret: bytes, accept: Accept, max_frame: int) -> None:
         super().__init__(reactor, secret, accept, max_frame)
         self.refusals = limits.RefusalLog(reactor)
         self.pending = limits.PreAuthLimit(self.refusals)
@@ -308,4 +324,4 @@ class ServerFactory(_Factory):
 
 
 class ClientFactory(_Factory):
-    protocol = ClientProtocol
+    protocol = ClientProtocol  # type: ignore[assignment]  # as ServerFactory's

@@ -5,11 +5,18 @@ from __future__ import annotations
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import _parse, clientFromString, serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.interfaces import IListeningPort
 
 from octotwist.endpoints import with_backlog
 from octotwist.errors import UsageError
-from octotwist.transport import Accept, ClientSettings, MessageChannel, TaskClient, TaskServer
+from octotwist.transport import (
+    Accept,
+    ClientSettings,
+    IReactor,
+    MessageChannel,
+    TaskClient,
+    TaskServer,
+)
 from octotwist_tcp.protocol import (
     MAX_FRAME,
     ClientFactory,
@@ -110,7 +117,7 @@ class TCPTaskClient(TaskClient):
 
     default_port = 18125
 
-    def __init__(self, reactor: IReactorCore, settings: ClientSettings) -> None:
+    def __init__(self, reactor: IReactor, settings: ClientSettings) -> None:
         super().__init__(reactor, settings)
         check_tls(settings.connect, bool(settings.options.get("insecure-tls")))
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -75,6 +76,9 @@ class Connection(FrameReceiver, MessageChannel):
     """One connection, either side; it is also the channel the core sees."""
 
     MAX_LENGTH = HANDSHAKE_MAX_FRAME
+    #: Set when connected, before anything here runs: Twisted's Unix socket
+    #: transport is its TCP one (abortConnection, getHandle...).
+    transport: ITCPTransport
 
     def __init__(self, accept: Accept, allowed: set[int], is_server: bool) -> None:
         self.accept = accept
@@ -190,11 +194,15 @@ class UnixCredServer(TaskServer):
 
     def _listening(self, port: IListeningPort) -> str:
         self._port = port
-        return f"unix:{os.fsdecode(port.getHost().name)}"
+        address = cast(UNIXAddress, port.getHost())  # a unix: endpoint's
+        assert address.name is not None  # it listens on a path
+        return f"unix:{os.fsdecode(address.name)}"
 
     async def _stop(self) -> None:
         if self._port is not None:
-            await self._port.stopListening()
+            stopped = self._port.stopListening()
+            assert stopped is not None  # a listening port's stopListening returns a Deferred
+            await stopped
         # Unlike TCP, closing a Unix socket never discards what the peer has
         # yet to read, so there is no need to wait for peers to hang up.
         for connection in list(self.connections):
