@@ -507,7 +507,23 @@ MUTANTS: list[Mutant] = [
         ),
         ["tests/test_security_http_client.py"],
     ),
+    _m(
+        "http-frame-no-limit",
+        "an HTTP body's frame may announce any length (and is buffered up to it)",
+        Edit(HTTP_WIRE, "                if length > self.max_frame:", "                if False:"),
+        [T_HTTP + "test_frame_over_the_limit_and_a_cut_body_are_errors"],
+    ),
     # -- the SSH transport ----------------------------------------------------
+    _m(
+        "ssh-frame-no-limit",
+        "a frame in the SSH channel may announce any length",
+        Edit(
+            "plugins/octotwist_ssh/channel.py",
+            "                if length > self.max_frame:",
+            "                if False:",
+        ),
+        [T_SSH + "test_oversized_frame_is_refused_before_it_arrives"],
+    ),
     _m(
         "ssh-any-password",
         "SecretChecker takes any password for the shared secret's proof",
