@@ -414,6 +414,7 @@ def test_generated_secret_is_private_and_found_by_a_local_client(
     assert parse_tsv((tmp_path / "o").read_text()) == expected_books
 
 
+@pytest.mark.slow  # waits out --wait
 def test_client_without_a_server_retries_then_gives_up(transport: str, env: dict) -> None:
     port = free_port()
     env = dict(env, OCTO_SECRET="x-secret-0123456789")

@@ -203,7 +203,7 @@ def test_a_failing_map_fails_the_job_after_exactly_max_attempts(
 ) -> None:
     server, port, _ = serve(transport, env, tmp_path, job(tmp_path, BAD_KEY), "--max-attempts", "3")
     # A worker that starts after the job has failed gives up after --wait.
-    workers = [client(transport, env, port, "--name", f"w{i}", "--wait", "10") for i in range(2)]
+    workers = [client(transport, env, port, "--name", f"w{i}", "--wait", "3") for i in range(2)]
     code, _, err = finish(server)
     assert code == 1
     assert err.count("ValueError: doc4 is unreadable") >= 3
