@@ -186,7 +186,8 @@ def test_5000_tiny_tasks(octo: Octo) -> None:
     assert results(out) == expected
 
 
-SLOW = """
+#: A small word count, and its result counted here.
+SMALL = """
 source = {i: "a b c d%d" % (i % 5) for i in range(16)}
 def mapfn(key, value):
     for w in value.split():
@@ -195,12 +196,12 @@ def reducefn(key, values):
     return key, len(values)
 reduce_tasks = 2
 """
-SLOW_EXPECTED = {
+SMALL_EXPECTED = {
     k: str(v) for k, v in Counter(w for i in range(16) for w in f"a b c d{i % 5}".split()).items()
 }
-#: SLOW whose map tasks cannot end before the test creates the gate file, so
-#: that a client killed "mid-task" really holds tasks when it dies.  (A task
-#: process orphaned by the kill gives up after 10 minutes.)
+#: SMALL, but its map tasks cannot end before the test creates the gate file,
+#: so that a client killed "mid-task" really holds tasks when it dies.  (A
+#: task process orphaned by the kill gives up after 10 minutes.)
 GATED = """
 import os, time
 source = {{i: "a b c d%d" % (i % 5) for i in range(16)}}
@@ -232,7 +233,7 @@ def test_a_client_killed_mid_task_loses_nothing(octo: Octo) -> None:
     survivor = octo.client(server, "--name", "survivor")
     assert server.wait() == 0, server.err()
     assert survivor.wait() == 0, survivor.err()
-    assert results(out) == SLOW_EXPECTED
+    assert results(out) == SMALL_EXPECTED
 
 
 def test_bad_credentials_are_refused(octo: Octo) -> None:
@@ -244,7 +245,7 @@ def test_bad_credentials_are_refused(octo: Octo) -> None:
     setup = octo.setup
     if not (setup.uses_secret or setup.refused_client_args or setup.refused_server_args):
         raise AssertionError(f"{octo.transport}'s test setup gives no way to be refused")
-    script = write_job(octo.directory, SLOW)
+    script = write_job(octo.directory, SMALL)
     if setup.refused_server_args:
         refusing = octo.server(script, "-o", str(octo.directory / "none.tsv"), refused=True)
         client = octo.client(refusing, "--wait", "5")
@@ -267,7 +268,7 @@ def test_bad_credentials_are_refused(octo: Octo) -> None:
         assert good.wait() == 0, good.err()
         assert server.wait() == 0, server.err()
         quiet(server)
-        assert results(out) == SLOW_EXPECTED
+        assert results(out) == SMALL_EXPECTED
 
 
 #: After each hostile message: enough bytes to pass the 4 KB an SSH server
@@ -304,7 +305,7 @@ def test_garbage_from_a_peer_does_not_disturb_the_job(octo: Octo) -> None:
     Junk on the server's address is refused: the server closes each such
     connection, quietly, stays up, and the job's result is exact.
     """
-    script = write_job(octo.directory, SLOW)
+    script = write_job(octo.directory, SMALL)
     out = octo.directory / "out.tsv"
     server = octo.server(script, "-o", str(out))
     garbage = [
@@ -319,7 +320,7 @@ def test_garbage_from_a_peer_does_not_disturb_the_job(octo: Octo) -> None:
     good = octo.client(server)
     assert good.wait() == 0, good.err()
     assert server.wait() == 0, server.err()
-    assert results(out) == SLOW_EXPECTED
+    assert results(out) == SMALL_EXPECTED
     quiet(server)
 
 
@@ -340,7 +341,7 @@ def test_an_evil_pickle_from_a_stranger_runs_nothing(octo: Octo) -> None:
         head = b"POST %s HTTP/1.1\r\nHost: octo\r\nConnection: close\r\n" % path
         return head + b"Content-Length: %d\r\n\r\n" % len(framed) + framed
 
-    script = write_job(octo.directory, SLOW)
+    script = write_job(octo.directory, SMALL)
     out = octo.directory / "out.tsv"
     server = octo.server(script, "-o", str(out))
     hostile = {
@@ -357,7 +358,7 @@ def test_an_evil_pickle_from_a_stranger_runs_nothing(octo: Octo) -> None:
     assert good.wait() == 0, good.err()
     assert server.wait() == 0, server.err()
     assert not marker.exists(), "the server ran the stranger's pickle"
-    assert results(out) == SLOW_EXPECTED
+    assert results(out) == SMALL_EXPECTED
     quiet(server)
 
 
@@ -371,7 +372,7 @@ def test_an_evil_pickle_from_a_peer_that_authenticated_runs_nothing(octo: Octo) 
     same client, honest from then on, reconnects and does the whole job.
     """
     marker = octo.directory / "pwned"
-    script = write_job(octo.directory, SLOW)
+    script = write_job(octo.directory, SMALL)
     out = octo.directory / "out.tsv"
     server = octo.server(script, "-o", str(out))
     client = octo.client(
@@ -386,7 +387,7 @@ def test_an_evil_pickle_from_a_peer_that_authenticated_runs_nothing(octo: Octo) 
     )
     assert "lost the connection to the server; reconnecting" in client.err(), client.err()
     assert server.err().count("worker mallory joined") == 1, server.err()
-    assert results(out) == SLOW_EXPECTED
+    assert results(out) == SMALL_EXPECTED
     quiet(server)
 
 

@@ -273,4 +273,4 @@ def corrupt_first_message(marker: Path) -> None:
         _header, payload = honest(message)
         return evil_pickle(marker), payload
 
-    codec.message_parts = message_parts  # type: ignore[assignment]
+    codec.message_parts = message_parts
