@@ -748,8 +748,14 @@ def run(mutants: list[Mutant], timeout: float, baseline: bool, verbose: bool) ->
                     t for t in mutant.tests if t not in groups.get(key, [])
                 )
             for (env, args), tests in groups.items():
-                print(f"baseline: {len(tests)} test ids {dict(env) or ''}", flush=True)
+                t0 = time.monotonic()
                 code, tail = run_tests(clean, tuple(tests), dict(env), args, timeout * 2)
+                took = time.monotonic() - t0
+                print(
+                    f"baseline: {len(tests)} test ids{' ' + ' '.join(args) if args else ''}, "
+                    f"unmutated: {'passed' if code == 0 else f'FAILED ({code})'} in {took:.1f} s",
+                    flush=True,
+                )
                 if code != 0:
                     print(tail)
                     print("mutation.py: the tests fail without any mutant; fix that first")
