@@ -102,9 +102,18 @@ class Connection(FrameReceiver, MessageChannel):
         elif self.is_server:
             self.sendString(ACCEPTED + _public(self._key))
 
-    def _open(self, peer_public: bytes, initiator_public: bytes, responder_public: bytes) -> None:
-        """Derive the channel from the exchange, and hand it to the core."""
-        shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    def _open(self, peer_public: bytes, initiator_public: bytes, responder_public: bytes) -> bool:
+        """
+        Derive the channel from the exchange, and hand it to the core.
+
+        @return: whether it opened: a key of low order (all zeros, say)
+            gives no shared secret, and C{cryptography} raises for it.
+        """
+        try:
+            shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError:
+            self.refuse("malformed key exchange (a key of low order)")
+            return False
         self.secure = secure.SecureChannel.create(
             shared,
             initiator=not self.is_server,
@@ -114,6 +123,7 @@ class Connection(FrameReceiver, MessageChannel):
         )
         self.MAX_LENGTH = MAX_FRAME + secure.OVERHEAD
         self.handler = self.accept(self)
+        return True
 
     def stringReceived(self, frame: bytes) -> None:
         if self.secure is None:
@@ -140,8 +150,8 @@ class Connection(FrameReceiver, MessageChannel):
             return
         theirs = frame[len(ACCEPTED) :]
         self.sendString(mine)
-        self._open(theirs, mine, theirs)
-        self.ready.callback(self)
+        if self._open(theirs, mine, theirs):
+            self.ready.callback(self)
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.refuse(f"a frame of {length} bytes is over the limit of {self.MAX_LENGTH}")
