@@ -576,7 +576,7 @@ MUTANTS: list[Mutant] = [
         "with no host key pinned, the SSH client takes a server that cannot prove the secret",
         Edit(
             "plugins/octotwist_ssh/client.py",
-            "            if frame[len(MAGIC) :] != expected:",
+            "            if not hmac.compare_digest(frame[len(MAGIC) :], expected):",
             "            if False:",
         ),
         [T_SSH + "test_unknown_host_is_refused_without_hanging"],

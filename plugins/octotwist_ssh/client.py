@@ -32,6 +32,7 @@ ssh-agent (C{SSH_AUTH_SOCK}) are offered.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import os
 from collections.abc import Mapping
@@ -476,7 +477,7 @@ class ClientChannel(FramedChannel):
         if not transport.host_verified:
             assert transport.sessionID is not None  # set by the key exchange
             expected = session_proof(self.conn.context.secret, b"server", transport.sessionID)
-            if frame[len(MAGIC) :] != expected:
+            if not hmac.compare_digest(frame[len(MAGIC) :], expected):
                 assert transport.host_key is not None
                 self.fail(
                     AuthenticationError(
