@@ -554,6 +554,52 @@ async def _until(condition: object, what: str, timeout: float = 60) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_polls_cut_in_a_row_after_delivering_frames_are_not_given_up() -> None:
+    """
+    A poll cut after it delivered frames made progress: the client polls
+    again however many times in a row that happens (it gives up only after
+    RETRIES failures that delivered nothing).  Each poll here is cut from
+    inside the client's delivery of its first frame, so no poll ever ends
+    well until the cuts stop.
+    """
+    from twisted.internet import reactor
+
+    server: HTTPTaskServer | None = None
+    cut_after = {1, 2, 3, 4, 5}  # the 1st..5th message each starts a poll's body
+
+    class CutOnArrival(_Collect):
+        def message_received(self, message: messages.Message) -> None:
+            super().message_received(message)
+            if len(self.messages) in cut_after:
+                assert server is not None
+                for http_channel in list(server._site.channels):
+                    http_channel.transport.abortConnection()
+
+    server_side, client_side = _Collect(), CutOnArrival()
+    channels: list = []
+
+    def accept(channel: object) -> _Collect:
+        channels.append(channel)
+        return server_side
+
+    server = HTTPTaskServer(reactor, ServerSettings("tcp:0:interface=127.0.0.1", SECRET), accept)
+    address = await server.listen()
+    client = HTTPTaskClient(reactor, ClientSettings(address, SECRET))
+    channel = await client.connect(lambda _: client_side)
+    task = messages.TaskId(messages.TaskKind.MAP, 0)
+    n, blob = 20, os.urandom(1024 * 1024)
+    for i in range(n):  # 20 MiB waiting: more than one poll's batch
+        channels[0].send(messages.TaskInput(task, i, blob, True))
+    await _until(lambda: len(client_side.messages) == n or client_side.lost, "every message")
+    assert client_side.lost == []
+    assert [m.attempt for m in client_side.messages] == list(range(n))
+    assert all(m.data == blob for m in client_side.messages)
+    channel.close()
+    await _until(lambda: server_side.lost and client_side.lost, "both ends closed")
+    await server.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_messages_keep_their_order_when_connections_are_cut() -> None:
     from twisted.internet import reactor
 

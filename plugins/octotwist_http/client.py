@@ -255,6 +255,7 @@ class _ClientChannel(MessageChannel):
     async def _poll_loop(self) -> None:
         failures = 0
         while self.state is _OPEN:
+            asked_from = self._in_next
             target = f"session/{self._session}/messages?ack={self._in_next}&wait={POLL_WAIT}"
             try:
                 self._poll_request = self._request(b"GET", target, timeout=POLL_WAIT + POLL_SLACK)
@@ -277,7 +278,9 @@ class _ClientChannel(MessageChannel):
             except Exception as e:
                 if self.state is not _OPEN:
                     return
-                failures += 1
+                # A poll cut after it delivered frames made progress: only
+                # failures in a row with nothing delivered give up.
+                failures = 1 if self._in_next > asked_from else failures + 1
                 if failures > RETRIES:
                     self._finish(f"polling the server failed: {_describe(e)}")
                     return
