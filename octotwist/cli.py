@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
+    tap.ignore_twisted_reserved_descriptor()
     options = Options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)

@@ -15,6 +15,7 @@ import os
 import shlex
 import socket
 import sys
+import warnings
 from typing import Any, cast
 
 from twisted.application.service import Service
@@ -251,6 +252,20 @@ def fault_policy(options: usage.Options) -> FaultPolicy:
         task_timeout=options["task-timeout"],
         skip_bad_records=bool(options["skip-bad-records"]),
         backup_after=options["backup-after"] or None,
+    )
+
+
+def ignore_twisted_reserved_descriptor() -> None:
+    """
+    Keep quiet about the descriptor Twisted's TCP ports hold open for the
+    life of the process (C{/dev/null}, read when C{accept} runs out of
+    descriptors: twisted#11842, by design).  Under C{PYTHONWARNINGS=default}
+    every server would otherwise end its log with a C{ResourceWarning} for it.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"unclosed file <_io\.TextIOWrapper name='/dev/null' mode='r'",
+        category=ResourceWarning,
     )
 
 
@@ -779,6 +794,7 @@ def open_output(path: str | None, job: Job) -> Results | None:
 
 def makeService(options: Options) -> JobService:
     """The twistd entry point: stops the reactor when the job ends."""
+    ignore_twisted_reserved_descriptor()
     from twisted.internet import reactor as installed
 
     reactor = cast(IReactor, installed)  # a module to mypy; the reactor twistd installed

@@ -145,12 +145,6 @@ def test_garbage_on_the_port_does_not_disturb_the_job(env: dict, tmp_path: Path)
     assert parse_tsv(out.read_text()) == word_count(sorted(BOOKS.glob("*.txt")))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13 finding: a --connect whose trustRoots directory does not exist makes "
-    "octo client crash with a traceback ('main function encountered error', "
-    "UnlistableError) and exit 1, instead of a usage error (exit 2)",
-)
 def test_a_trust_directory_that_does_not_exist_is_a_usage_error(env: dict, tmp_path: Path) -> None:
     env = dict(env, OCTO_SECRET="tls-and-secret-0123456789")
     nowhere = tmp_path / "nowhere"
