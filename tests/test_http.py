@@ -20,9 +20,19 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from conftest import BOOKS, finish, free_port, octo, parse_tsv, start, wait_for_port, word_count
+from conftest import (
+    BOOKS,
+    finish,
+    free_port,
+    octo,
+    parse_tsv,
+    start,
+    wait_for_log,
+    wait_for_port,
+    word_count,
+)
 from test_codec_attacks import peak_rss
-from test_end_to_end import books_job, start_twistd
+from test_end_to_end import books_job, gated_books_job, start_twistd
 from twisted.logger import globalLogPublisher
 
 from octotwist import codec, messages
@@ -153,12 +163,13 @@ def secret_env(env: dict) -> dict:
 
 
 def serve(
-    tmp_path: Path, env: dict, *extra: str, listen: str | None = None
+    tmp_path: Path, env: dict, *extra: str, listen: str | None = None, script: Path | None = None
 ) -> tuple[object, int, Path]:
     port = free_port()
     out = tmp_path / "out.tsv"
+    script = script or books_job(tmp_path)
     server = start(
-        "server", str(books_job(tmp_path)), "--transport", "http", "-o", str(out),
+        "server", str(script), "--transport", "http", "-o", str(out),
         "--listen", listen.format(port=port) if listen else f"tcp:{port}:interface=127.0.0.1",
         *extra, env=env,
     )  # fmt: skip
@@ -441,17 +452,21 @@ def test_status_page_on_the_same_port(tmp_path: Path, secret_env: dict) -> None:
 
 
 def test_two_clients_exact_count(tmp_path: Path, secret_env: dict) -> None:
-    server, port, out = serve(tmp_path, secret_env)
+    gate_file = tmp_path / "gate"
+    server, port, out = serve(tmp_path, secret_env, script=gated_books_job(tmp_path, gate_file))
     clients = [
         start("client", f"http://127.0.0.1:{port}/", "--transport", "http", "-n", f"w{i}",
               env=secret_env)
         for i in range(2)
     ]  # fmt: skip
+    # Both take part: the maps wait until both have joined.
+    log = wait_for_log(server, ["worker w0 joined", "worker w1 joined"])
+    gate_file.touch()
     for c in clients:
         code, _, err = finish(c)
         assert code == 0, err
-    err = check_job(server, out)
-    assert "worker w0 joined" in err and "worker w1 joined" in err
+    err = log + check_job(server, out)
+    assert "Traceback" not in err, err
 
 
 def test_octo_run_over_http(env: dict, expected_books: object) -> None:

@@ -197,6 +197,7 @@ def test_idle_strangers_cannot_lock_the_workers_out(
     assert err.count("refusing connections from") <= 20  # rate-limited, not one per connection
 
 
+@pytest.mark.slow
 def test_a_trickled_http_request_head_is_cut_off(env: dict, tmp_path: Path) -> None:
     from octotwist_http.server import HEAD_TIMEOUT
 

@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import os
 import re
-import select
 import shutil
 import socket
 import stat
@@ -31,9 +30,10 @@ from conftest import (
     parse_spaced,
     parse_tsv,
     start,
+    wait_for_log,
     wait_for_port,
 )
-from test_end_to_end import books_job, job, start_twistd
+from test_end_to_end import books_job, gated_books_job, job, start_twistd
 from twisted.conch.ssh.connection import SSHConnection
 from twisted.conch.ssh.transport import SSHClientTransport
 from twisted.conch.ssh.userauth import SSHUserAuthClient
@@ -367,38 +367,6 @@ def client(port: int, env: dict, *extra: str, name: str = "w") -> subprocess.Pop
     return start("client", f"127.0.0.1:{port}", "-t", "ssh", "--name", name, *extra, env=env)
 
 
-def gated_books_job(tmp_path: Path, gate: Path) -> Path:
-    """The books job, whose map tasks wait until C{gate} exists."""
-    return books_job(
-        tmp_path,
-        f"""
-        import os, time
-        _count = mapfn
-        def mapfn(key, value):
-            while not os.path.exists({str(gate)!r}):
-                time.sleep(0.05)
-            yield from _count(key, value)
-        """,
-    )
-
-
-def wait_for_log(proc: subprocess.Popen[str], needles: list[str], timeout: float = 60) -> str:
-    """Read C{proc}'s stderr until every needle has appeared; return what was read."""
-    seen = ""
-    fd = proc.stderr.fileno()
-    deadline = time.monotonic() + timeout
-    while not all(n in seen for n in needles):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"never logged {needles}:\n{seen}")
-        if select.select([fd], [], [], left)[0]:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise AssertionError(f"exited before logging {needles}:\n{seen}")
-            seen += chunk.decode()
-    return seen
-
-
 def test_wrong_key_is_refused_and_the_server_serves_others(
     env: dict, tmp_path: Path, peers_ssh: Peers, expected_books: Counter
 ) -> None:
@@ -408,7 +376,8 @@ def test_wrong_key_is_refused_and_the_server_serves_others(
     port = free_port()
     server = start_server(script, port, env, *peers_ssh.server_args(), "--output", str(out))
     pin = ["--host-key-fingerprint", peers_ssh.fingerprint]
-    code, _, err = finish(client(port, env, "--identity", str(peers_ssh.stranger), *pin))
+    stranger_client = client(port, env, "--identity", str(peers_ssh.stranger), *pin)
+    code, _, err = finish(stranger_client, timeout=60)  # refused at once, not let in to wait
     assert code == 1, err
     stranger = keys.fingerprint(keys.Key.fromFile(str(peers_ssh.stranger)))
     assert f"refused the key {stranger}" in err and "--authorized-keys" in err
@@ -491,15 +460,18 @@ def test_unknown_host_is_refused_without_hanging(
 
 def test_shared_secret_without_keys(env: dict, tmp_path: Path, expected_books: Counter) -> None:
     """No keys anywhere: the generated secret logs in, and proves the host."""
-    script = books_job(tmp_path)
+    gate_file = tmp_path / "gate"
+    script = gated_books_job(tmp_path, gate_file)
     out = tmp_path / "result.tsv"
     port = free_port()
     server = start_server(script, port, env, "--output", str(out))
     workers = [client(port, env, name=f"c{i}") for i in range(2)]
+    log = wait_for_log(server, ["worker c0 joined", "worker c1 joined"])
+    gate_file.touch()  # both logged in with the secret before any map could finish
     code, _, err = finish(server)
+    err = log + err
     assert code == 0, err
     assert "with the shared secret" in err
-    assert "worker c0 joined" in err and "worker c1 joined" in err
     for w in workers:
         assert finish(w)[0] == 0
     assert parse_tsv(out.read_text()) == expected_books
@@ -963,7 +935,10 @@ def test_openssh_gets_nothing_but_the_octo_subsystem(
     # of the requests, not of the login): its first frame is the server's hello.
     code, out, err = _openssh(port, peers_ssh, known, "-s", "127.0.0.1", "octo")
     assert code == 0, err
-    assert out[4:].startswith(MAGIC) and len(out) == 4 + len(MAGIC) + PROOF_SIZE, out
+    # (What follows it, if the server got that far before OpenSSH's EOF, is
+    # the job's Welcome: this key is authorized.)
+    (length,) = struct.unpack("!I", out[:4])
+    assert length == len(MAGIC) + PROOF_SIZE and out[4:].startswith(MAGIC), out[:100]
     worker = client(
         port, env, "--identity", str(peers_ssh.ed25519),
         "--host-key-fingerprint", peers_ssh.fingerprint,

@@ -167,6 +167,7 @@ def test_a_big_frame_before_auth_is_refused_without_waiting_for_it(tcp: Octo) ->
     assert honest_job_finishes(tcp, server, out).count(line) == 1
 
 
+@pytest.mark.slow
 def test_a_silent_peer_is_dropped_after_the_handshake_timeout(tcp: Octo) -> None:
     server, port, out = serve(tcp)
     sock, frames, ours = connect(port)
