@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -114,22 +115,25 @@ def offences(start: str, tree: dict[str, Path], forbidden: frozenset[str]) -> li
 #: the entry points, the one sanctioned way: the options of every transport
 #: are declared as octo's commands are defined, for C{--help}).
 PROBE = """
-import importlib, json, sys, traceback
+import importlib, json, os, sys, traceback
 module, transports, HOOKSPECS = sys.argv[1], set(json.loads(sys.argv[2])), sys.argv[3]
 direct = []
 class Watch:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in transports:
             stack = traceback.extract_stack()
-            if not any(f.name == "plugin_manager" and f.filename == HOOKSPECS for f in stack):
+            real = os.path.realpath
+            if not any(f.name == "plugin_manager" and real(f.filename) == HOOKSPECS for f in stack):
                 where = [f"{f.filename}:{f.lineno}" for f in stack if "importlib" not in f.filename]
                 direct.append(f"{name}, from " + " <- ".join(reversed(where[:-1])))
         return None
 sys.meta_path.insert(0, Watch())
 before = set(sys.modules)
 importlib.import_module(module)
+seen = sys.modules.get("octotwist.hookspecs")
+HOOKSPECS_SEEN = os.path.realpath(seen.__file__) if seen else None
 loaded = sorted({n.split(".")[0] for n in set(sys.modules) - before})
-print(json.dumps({"loaded": loaded, "direct": direct}))
+print(json.dumps({"loaded": loaded, "direct": direct, "hookspecs": HOOKSPECS_SEEN}))
 """
 
 
@@ -142,11 +146,12 @@ def load(module: str) -> tuple[set[str], list[str]]:
     r = subprocess.run(
         [
             sys.executable,
+            "-P",  # not the current directory first: the octotwist under test, not the tree's
             "-c",
             PROBE,
             module,
             json.dumps(sorted(TRANSPORTS)),
-            str(ALL["octotwist.hookspecs"]),
+            os.path.realpath(ALL["octotwist.hookspecs"]),
         ],
         capture_output=True,
         text=True,
@@ -154,6 +159,9 @@ def load(module: str) -> tuple[set[str], list[str]]:
     )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.splitlines()[-1])
+    # The same octotwist as this process's (an installed wheel, not the tree).
+    # (A strict editable install links the tree's files: compare real paths.)
+    assert report["hookspecs"] in (None, os.path.realpath(ALL["octotwist.hookspecs"])), report
     return set(report["loaded"]), report["direct"]
 
 
