@@ -14,7 +14,6 @@ that names that transport with C{--transport}.
 from __future__ import annotations
 
 import os
-import re
 import select
 import socket
 import subprocess
@@ -214,22 +213,6 @@ def wait_for_log(
                 raise AssertionError(f"exited before logging {needles}:\n{seen}")
             seen += chunk.decode(errors="replace")
     return seen
-
-
-def tasks_taken_from(worker: str, log: str) -> int:
-    """
-    How many running tasks the server's C{log} says it took from C{worker}:
-    those that went back in the queue when it left, and those whose lease
-    ran out first (a transport without a connection to lose, such as HTTP,
-    notices a dead worker by its silence).
-    """
-    left = re.findall(
-        rf"worker {re.escape(worker)} left \(.*\); (\d+) running tasks? go(?:es)? back", log
-    )
-    silent = re.findall(
-        rf"cancelled \S+ \d+ attempt \d+ on {re.escape(worker)}: worker silent", log
-    )
-    return sum(map(int, left)) + len(silent)
 
 
 def gate(path: Path) -> str:

@@ -26,12 +26,12 @@ from conftest import (
     parse_spaced,
     parse_tsv,
     start,
-    tasks_taken_from,
     wait_for_log,
     wait_for_port,
     word_count,
 )
 
+from octotwist.testing.harness import tasks_taken_from
 from octotwist.transport import TestSetup
 
 # The seed's word count exactly as octo.py's guide wrote it (Python 3).

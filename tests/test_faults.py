@@ -27,11 +27,12 @@ from conftest import (
     gate,
     parse_tsv,
     start,
-    tasks_taken_from,
     wait_for_log,
     wait_for_port,
 )
 from test_end_to_end import job
+
+from octotwist.testing.harness import tasks_taken_from
 
 N = 24
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -172,6 +173,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tasks_taken_from(worker: str, log: str) -> int:
+    """
+    How many running tasks the server's C{log} says it took from C{worker}:
+    those that went back in the queue when it left, and those whose lease
+    ran out first (a transport without a connection to lose, such as HTTP,
+    notices a dead worker by its silence).
+    """
+    left = re.findall(
+        rf"worker {re.escape(worker)} left \(.*\); (\d+) running tasks? go(?:es)? back", log
+    )
+    silent = re.findall(
+        rf"cancelled \S+ \d+ attempt \d+ on {re.escape(worker)}: worker silent", log
+    )
+    return sum(map(int, left)) + len(silent)
 
 
 def wait_for_text(process: Process, text: str, timeout: float = 60) -> None:
