@@ -36,7 +36,7 @@ from test_end_to_end import books_job, gated_books_job, start_twistd
 from twisted.logger import globalLogPublisher
 
 from octotwist import codec, messages
-from octotwist.transport import ClientSettings, ServerSettings
+from octotwist.transport import ClientSettings, MessageChannel, ServerSettings
 from octotwist_http import wire
 from octotwist_http.client import HTTPTaskClient
 from octotwist_http.server import HTTPTaskServer
@@ -568,6 +568,28 @@ async def _until(condition: object, what: str, timeout: float = 60) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def _connected(
+    server_side: _Collect, client_side: _Collect
+) -> tuple[HTTPTaskServer, MessageChannel, MessageChannel]:
+    """
+    A real HTTP server on 127.0.0.1 and a client session to it, in this
+    process: the server, its channel to the worker, the worker's channel.
+    """
+    from twisted.internet import reactor
+
+    channels: list = []
+
+    def accept(channel: object) -> _Collect:
+        channels.append(channel)
+        return server_side
+
+    server = HTTPTaskServer(reactor, ServerSettings("tcp:0:interface=127.0.0.1", SECRET), accept)
+    address = await server.listen()
+    client = HTTPTaskClient(reactor, ClientSettings(address, SECRET))
+    channel = await client.connect(lambda _: client_side)
+    return server, channels[0], channel
+
+
 @pytest_twisted.ensureDeferred
 async def test_polls_cut_in_a_row_after_delivering_frames_are_not_given_up() -> None:
     """
@@ -577,7 +599,6 @@ async def test_polls_cut_in_a_row_after_delivering_frames_are_not_given_up() -> 
     inside the client's delivery of its first frame, so no poll ever ends
     well until the cuts stop.
     """
-    from twisted.internet import reactor
 
     server: HTTPTaskServer | None = None
     cut_after = {1, 2, 3, 4, 5}  # the 1st..5th message each starts a poll's body
@@ -591,20 +612,11 @@ async def test_polls_cut_in_a_row_after_delivering_frames_are_not_given_up() -> 
                     http_channel.transport.abortConnection()
 
     server_side, client_side = _Collect(), CutOnArrival()
-    channels: list = []
-
-    def accept(channel: object) -> _Collect:
-        channels.append(channel)
-        return server_side
-
-    server = HTTPTaskServer(reactor, ServerSettings("tcp:0:interface=127.0.0.1", SECRET), accept)
-    address = await server.listen()
-    client = HTTPTaskClient(reactor, ClientSettings(address, SECRET))
-    channel = await client.connect(lambda _: client_side)
+    server, to_worker, channel = await _connected(server_side, client_side)
     task = messages.TaskId(messages.TaskKind.MAP, 0)
     n, blob = 20, os.urandom(1024 * 1024)
     for i in range(n):  # 20 MiB waiting: more than one poll's batch
-        channels[0].send(messages.TaskInput(task, i, blob, True))
+        to_worker.send(messages.TaskInput(task, i, blob, True))
     await _until(lambda: len(client_side.messages) == n or client_side.lost, "every message")
     assert client_side.lost == []
     assert [m.attempt for m in client_side.messages] == list(range(n))
@@ -616,10 +628,8 @@ async def test_polls_cut_in_a_row_after_delivering_frames_are_not_given_up() -> 
 
 @pytest_twisted.ensureDeferred
 async def test_messages_keep_their_order_when_connections_are_cut() -> None:
-    from twisted.internet import reactor
 
     server_side, client_side = _Collect(), _Collect()
-    channels: list = []
     retries: list[str] = []
 
     def observe(event: dict) -> None:
@@ -627,20 +637,12 @@ async def test_messages_keep_their_order_when_connections_are_cut() -> None:
             retries.append(event["log_format"])
 
     globalLogPublisher.addObserver(observe)
-
-    def accept(channel: object) -> _Collect:
-        channels.append(channel)
-        return server_side
-
-    server = HTTPTaskServer(reactor, ServerSettings("tcp:0:interface=127.0.0.1", SECRET), accept)
-    address = await server.listen()
-    client = HTTPTaskClient(reactor, ClientSettings(address, SECRET))
-    channel = await client.connect(lambda _: client_side)
+    server, to_worker, channel = await _connected(server_side, client_side)
     task = messages.TaskId(messages.TaskKind.MAP, 0)
     n, blob = 60, os.urandom(1024 * 1024)
     for i in range(n):  # both ways at once, big enough to be cut mid-body
         channel.send(messages.TaskOutput(task, i, 0, blob, True))
-        channels[0].send(messages.TaskInput(task, i, blob, True))
+        to_worker.send(messages.TaskInput(task, i, blob, True))
     for mark in (10, 25, 40):
         await _until(
             lambda m=mark: min(len(server_side.messages), len(client_side.messages)) >= m,
