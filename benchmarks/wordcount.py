@@ -27,6 +27,7 @@ workers and prints tasks per second.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -81,6 +82,7 @@ def reducefn(key, values):
 """
 
 BASELINE = """\
+import json
 import sys
 from collections import defaultdict
 sys.path.insert(0, sys.argv[1])
@@ -92,12 +94,13 @@ for key in job.source:
 with open(sys.argv[2], "w") as out:
     for k in sorted(groups):
         rk, rv = job.reducefn(k, groups[k])
-        out.write(f"{rk}\\t{rv}\\n")
+        out.write(json.dumps([rk, rv], ensure_ascii=False) + "\\n")
 """
 
 # The best one can write by hand: each process maps whole files and sums per
 # word as it goes (the combine); the parent adds up the per-file tables.
 POOL = """\
+import json
 import sys
 from collections import defaultdict
 from multiprocessing import Pool
@@ -118,7 +121,7 @@ if __name__ == "__main__":
                 total[k] += v
     with open(sys.argv[2], "w") as out:
         for k in sorted(total):
-            out.write(f"{k}\\t{total[k]}\\n")
+            out.write(json.dumps([k, total[k]], ensure_ascii=False) + "\\n")
 """
 
 SMALL = """\
@@ -245,11 +248,12 @@ def run_once(commands: list[list[str]], env: dict[str, str], logs: Path) -> Samp
     return Sample(wall, cpu, watch.server_peak, watch.tree_peak)
 
 
-def read_result(path: Path) -> dict[str, str]:
+def read_result(path: Path) -> dict[str, int]:
+    """The results, written by every row as JSON lines (octo's --format jsonl)."""
     result = {}
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for line in f:
-            k, v = line.rstrip("\n").rsplit("\t", 1)
+            k, v = json.loads(line)
             result[k] = v
     return result
 
@@ -287,6 +291,8 @@ def transport_rows(
             name,
             "--listen",
             listen,
+            "--format",
+            "jsonl",
             "-o",
             str(out),
             *(setup.server_args if setup else []),
@@ -389,6 +395,8 @@ def main() -> None:
             PYTHONUNBUFFERED="1",
         )
         env.pop("OCTO_SECRET", None)
+        jsonl = ["--format", "jsonl"]
+        combine = str(work / "combine" / "job.py")
         rows: dict[str, tuple[list[list[str]], dict[str, str], int | None]] = {
             "baseline: one process, dict-of-lists": (
                 [[sys.executable, str(work / "baseline.py"), str(work), str(out)]],
@@ -396,12 +404,18 @@ def main() -> None:
                 None,
             ),
             "octo run -w 2": (
-                [octo("run", str(work / "job.py"), "-w", "2", "-q", "-o", str(out))],
+                [octo("run", str(work / "job.py"), "-w", "2", "-q", *jsonl, "-o", str(out))],
                 env,
                 None,
             ),
             "octo run -w 2, combinefn": (
-                [octo("run", str(work / "combine" / "job.py"), "-w", "2", "-q", "-o", str(out))],
+                [octo("run", combine, "-w", "2", "-q", *jsonl, "-o", str(out))],
+                env,
+                None,
+            ),
+            # What handing final() and the output sorted keys costs.
+            "octo run -w 2, combinefn, --unsorted": (
+                [octo("run", combine, "-w", "2", "-q", "--unsorted", *jsonl, "-o", str(out))],
                 env,
                 None,
             ),

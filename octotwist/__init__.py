@@ -4,7 +4,8 @@ octotwist: octo.py's MapReduce for a handful of machines, on Twisted.
 A job is a Python script with module-level C{source}, C{mapfn},
 C{reducefn} and optionally C{final}, C{combinefn}, C{partitionfn} and
 C{reduce_tasks}; see docs/guide.md.  Run it with C{octo run job.py}, or
-C{octo server job.py} plus C{octo client HOST} on each worker machine.
+C{octo server job.py} plus C{octo client HOST} on each worker machine, or
+from Python: C{octotwist.run(job)} returns its results (docs/api.md).
 
 Public modules: L{octotwist.transport} (the L{TaskServer}/L{TaskClient} a
 transport subclasses), L{octotwist.hookspecs} (plugin hooks and discovery),
@@ -16,6 +17,20 @@ L{octotwist.framing} (bytes), and L{octotwist.testing} (the conformance kit,
 and a relay for tampering tests).  Everything else is internal.
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+#: The public API (L{octotwist.api}), imported when first used: a worker's
+#: task process imports this package too, and needs none of it.
+_API = ("run", "run_deferred", "Job", "JobResult", "JobFailed")
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from octotwist import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'octotwist' has no attribute {name!r}")

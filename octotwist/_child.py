@@ -10,7 +10,7 @@ with a 4-byte length prefix.
 Requests::
 
     ("job", functions)                 once, first: the cloudpickled JobFunctions
-    ("map", partitions, [blob])        blob: pack((key, value))
+    ("map", partitions, [blob])        blob: pack((keys, values)), a batch of items
     ("reduce", partitions, [blob...])  the partition's runs, in map task order
 
 Replies, per request::
@@ -22,6 +22,7 @@ Replies, per request::
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -30,11 +31,11 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
-from octotwist import allocator, codec
-from octotwist.shuffle import MapOutput, reduce_partition
+from octotwist import allocator, codec, shipping
+from octotwist.shuffle import MapOutput, _pairs_iterator, reduce_partition
 
 _HEADER = struct.Struct("!I")
 _NO_KEY = object()
@@ -63,8 +64,12 @@ def user_traceback(e: BaseException) -> str:
     frames = [
         f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_PACKAGE_DIR)
     ]
-    lines = ["Traceback (most recent call last):\n"]
-    lines += traceback.format_list(frames)
+    # An error of octotwist's own making (a mapfn that returned None, say)
+    # has no frame of the user's: then the message alone, under no empty
+    # "Traceback" header.
+    lines = (
+        ["Traceback (most recent call last):\n", *traceback.format_list(frames)] if frames else []
+    )
     lines += traceback.format_exception_only(e)
     return "".join(lines)
 
@@ -96,13 +101,7 @@ class _Runner:
 
     def run(self, kind: str, partitions: int, inputs: list[bytes]) -> tuple[int, int]:
         if kind == "map":
-            key, value = codec.unpack(inputs[0])
-            self.key, self.have_key = key, True
-            buffer = MapOutput(partitions, self.f.partitionfn, self.f.combinefn)
-            for spill in buffer.add_all(self.f.mapfn(key, value)):
-                self.send_runs(spill)
-            self.send_runs(buffer.drain())
-            return 1, buffer.records
+            return self.map(partitions, inputs)
         self.have_key = False
         current = [_NO_KEY]
         records = [0]
@@ -114,6 +113,67 @@ class _Runner:
         self.have_key = False
         self.emit("output", 0, codec.pack((keys, values)))
         return records[0], len(keys)
+
+    def map(self, partitions: int, inputs: list[bytes]) -> tuple[int, int]:
+        """
+        Map a batch of items (L{octotwist.scheduler.Batching}) into one
+        output: one pass of the shuffle buffer over the pairs of every item,
+        so that an item costs its C{mapfn} call and little more, and
+        C{combinefn} combines across the batch.  A failure names the key of
+        the item it happened at (L{_locate} finds it when the buffer, not
+        the item's own C{mapfn}, raised).
+        """
+        keys: list[Any] = []
+        values: list[Any] = []
+        for blob in inputs:
+            k, v = codec.unpack(blob)
+            keys += k
+            values += v
+        buffer = MapOutput(partitions, self.f.partitionfn, self.f.combinefn)
+        if len(keys) == 1:
+            self.key, self.have_key = keys[0], True
+            pairs: Iterable[Any] = self.f.mapfn(keys[0], values[0])
+        else:
+            pairs = self._pairs(keys, values)
+        try:
+            for spill in buffer.add_all(pairs):
+                self.send_runs(spill)
+            self.send_runs(buffer.drain())
+        except Exception:
+            if not self.have_key:
+                self._locate(partitions, keys, values)
+            raise
+        return len(keys), buffer.records
+
+    def _pairs(self, keys: list[Any], values: list[Any]) -> Iterator[Any]:
+        """Every item's pairs, in order; what an item's mapfn raises names its key."""
+        mapfn = self.f.mapfn
+        for key, value in zip(keys, values, strict=True):
+            self.key = key
+            try:
+                yield from _pairs_iterator(mapfn(key, value))
+            except Exception:
+                self.have_key = True
+                raise
+
+    def _locate(self, partitions: int, keys: list[Any], values: list[Any]) -> None:
+        """
+        After the shuffle buffer raised for a batch (a pair that is not one,
+        a key that cannot be hashed, partitionfn or combinefn raising): find
+        the item it raised for by mapping the items again, one at a time,
+        into a buffer of their own (the attempt has failed: nothing is
+        sent).  Sets L{key} if one item fails alone.
+        """
+        f = self.f
+        for key, value in zip(keys, values, strict=True):
+            buffer = MapOutput(partitions, f.partitionfn, f.combinefn)
+            try:
+                for _ in buffer.add_all(f.mapfn(key, value)):
+                    pass
+                buffer.drain()
+            except Exception:
+                self.key, self.have_key = key, True
+                return
 
     def send_runs(self, runs: dict[int, Any]) -> None:
         for partition, run in runs.items():
@@ -146,7 +206,11 @@ def main() -> int:
         if first is None:
             return 0
         _, functions_blob = first
-        runner = _Runner(codec.load_functions(functions_blob), out)
+        functions = codec.load_functions(functions_blob)
+        # Helper modules the functions import when they run, from the
+        # sources the server shipped: this process may run anywhere.
+        shipping.install(getattr(functions, "modules", None) or {})
+        runner = _Runner(functions, out)
         # A map task allocates a tuple per pair; with the default thresholds
         # the cyclic collector runs every 700 of them and rescans everything
         # young, which cost a word count 30-40% of its time.  Objects alive
@@ -160,5 +224,20 @@ def main() -> int:
     return 0
 
 
+def _run() -> int:
+    """
+    L{main}, ending quietly when the parent is gone: a worker that stops
+    (Ctrl-C, its job cancelled) closes our pipes, possibly while we write a
+    reply nobody will read.  That is not an error to report.
+    """
+    try:
+        return main()
+    except BrokenPipeError:
+        # Keep the interpreter's final flush from complaining as it exits.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 4)
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
@@ -30,19 +29,21 @@ from twisted.logger import (
 from twisted.python import usage
 
 from octotwist import allocator, auth, embedded, tap
+from octotwist import options as shared
 from octotwist.client import IWorkerReactor, run_worker
+from octotwist.config import DEFAULT_TRANSPORT
 from octotwist.errors import (
     AuthenticationError,
     OctotwistError,
     RemoteProtocolError,
     UsageError,
 )
-from octotwist.hookspecs import get_transport, transports
+from octotwist.inline import run_inline
 from octotwist.job import load_job
 from octotwist.progress import LiveProgress, LogSink
 from octotwist.server import MAX_SLOTS, JobServer
-from octotwist.status import StatusPage, new_token
-from octotwist.transport import ClientSettings, ServerSettings, Transport
+from octotwist.service import JobService, local_config, run_here
+from octotwist.transport import ClientSettings, Transport
 
 _log = Logger()
 
@@ -65,20 +66,25 @@ def _processes(value: str) -> int:
     C{--processes}, C{--workers}: at least 1, at most what a server accepts
     (L{MAX_SLOTS}).
     """
-    n = tap._positive_int(value)
+    n = shared._positive_int(value)
     if n > MAX_SLOTS:
         raise ValueError(f"at most {MAX_SLOTS} (a server refuses more)")
     return n
 
 
-class ClientOptions(_Verbosity, tap.InterspersedOptions):
+class ClientOptions(_Verbosity, shared.WithTransportOptions):
     synopsis = "[options] [HOST[:PORT]]"
     longdesc = (
         "Work for an octo server: fetch its job, run the tasks it hands out, "
         "exit when it says the job is over."
     )
     optParameters = [
-        ["transport", "t", "tcp", "Transport to connect with; `octo transports` lists them."],
+        [
+            "transport",
+            "t",
+            DEFAULT_TRANSPORT,
+            "Transport to connect with; `octo transports` lists them.",
+        ],
         [
             "connect",
             "c",
@@ -100,14 +106,10 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
             None,
             120.0,
             "Seconds to keep retrying while the server is unreachable.",
-            tap._non_negative_float,
+            shared._non_negative_float,
         ],
     ]
-    _transport_parameters, _transport_flags = tap.transport_parameters(
-        "client", tap.own_option_names(optParameters, []) | {"quiet", "verbose"}
-    )
-    optParameters += _transport_parameters
-    optFlags = _transport_flags
+    transport_side = "client"
 
     def parseArgs(self, address: str | None = None) -> None:
         if address is not None and self["connect"]:
@@ -126,11 +128,20 @@ class ClientOptions(_Verbosity, tap.InterspersedOptions):
             raise UsageError(f"cannot connect to {given!r}: {e}") from None
 
 
-class RunOptions(_Verbosity, tap.InterspersedOptions):
-    synopsis = "[options] SCRIPT"
-    longdesc = "Run a job on this machine: a server and local worker processes, one command."
+def _workers(value: str) -> int:
+    """C{--workers}: 0 (inline) up to what a server accepts."""
+    return 0 if value.strip() == "0" else _processes(value)
+
+
+class RunOptions(_Verbosity, shared.InterspersedOptions):
+    synopsis = "[options] SCRIPT [-- JOB ARGUMENTS...]"
+    longdesc = (
+        "Run a job on this machine: a server and local worker processes, one command. "
+        "Arguments after the script are the job's own (its sys.argv[1:]); put -- "
+        "before those that start with a dash."
+    )
     optParameters = [
-        ["workers", "w", 2, "Worker processes.", _processes],
+        ["workers", "w", 2, "Worker processes (0: as --inline).", _workers],
         [
             "transport",
             "t",
@@ -138,30 +149,39 @@ class RunOptions(_Verbosity, tap.InterspersedOptions):
             "Run the workers over this transport, to try it; `octo transports` lists "
             "them (default: none, the server hands them their messages inside the process).",
         ],
-        [
-            "output",
-            "o",
-            None,
-            "Write key<TAB>value results here instead of stdout (for jobs without final()).",
-        ],
-        ["reduce-tasks", "r", None, "Number of reduce partitions.", tap._positive_int],
-        tap.WEB_PARAMETER,
-        tap.MEMORY_PARAMETER,
-        *tap.FAULT_PARAMETERS,
+        *shared.OUTPUT_PARAMETERS,
+        ["reduce-tasks", "r", None, "Number of reduce partitions.", shared._positive_int],
+        shared.WEB_PARAMETER,
+        shared.MEMORY_PARAMETER,
+        *shared.FAULT_PARAMETERS,
     ]
-    optFlags = tap.FAULT_FLAGS
+    optFlags = [
+        [
+            "inline",
+            None,
+            "Run everything in this process, one record at a time, without pickling: "
+            "breakpoint() and pdb work inside mapfn and reducefn.",
+        ],
+        *shared.OUTPUT_FLAGS,
+        *shared.FAULT_FLAGS,
+    ]
 
     # usage.Options calls parseArgs(*positional): its own takes none, each
     # command's takes its own.
-    def parseArgs(self, script: str) -> None:  # type: ignore[override]
+    def parseArgs(self, script: str, *args: str) -> None:  # type: ignore[override]
         self["script"] = script
+        self["args"] = args
+
+    def postOptions(self) -> None:
+        if self["workers"] == 0:
+            self["inline"] = True
 
 
-class TransportsOptions(tap.Versioned):
+class TransportsOptions(shared.Versioned):
     synopsis = ""
 
 
-class SecretOptions(tap.Versioned):
+class SecretOptions(shared.Versioned):
     synopsis = "[-o FILE]"
     longdesc = (
         "Make a new random shared secret (256 bits, 43 characters) and print it, or "
@@ -179,7 +199,7 @@ class SecretOptions(tap.Versioned):
     ]
 
 
-class Options(tap.Versioned):
+class Options(shared.Versioned):
     # Subcommands' usage lines read "Usage: octo client [options] ...".
     synopsis = "Usage: octo"
     longdesc = (
@@ -246,19 +266,25 @@ def _show_progress(job_server: JobServer, reactor: IReactorTime, options: usage.
     return True
 
 
-async def _serve(reactor: IWorkerReactor, options: ServerOptions) -> int:
-    service = tap.build_service(options, reactor)
-    if _show_progress(service.job_server, reactor, options):
+async def _serve(reactor: IWorkerReactor, opts: ServerOptions) -> int:
+    service = tap.build_service(opts, reactor)
+    return await _wait_for(service, reactor, opts)
+
+
+async def _wait_for(service: JobService, reactor: IWorkerReactor, opts: usage.Options) -> int:
+    """Run the service, with live progress when a person is watching."""
+    if _show_progress(service.job_server, reactor, opts):
         service.job_server.log_progress = False
-    service.startService()
-    outcome = await service.outcome
+    outcome = await run_here(service)
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
 async def _work(reactor: IWorkerReactor, options: ClientOptions) -> int:
+    from octotwist.hookspecs import get_transport
+
     transport = get_transport(options["transport"])
     connect = options.endpoint(transport)
-    transport_options = tap.transport_options(options, transport, "client")
+    transport_options = shared.transport_options(options, transport, "client")
     if transport.client_class().needs_secret(transport_options):
         secret = await _client_secret(reactor, options)
     else:
@@ -320,77 +346,53 @@ def _written(path: Path) -> bool:
         return False
 
 
-async def _run(reactor: IWorkerReactor, options: RunOptions) -> int:
-    job = load_job(options["script"])
-    if options["transport"] is None:
+async def _run(reactor: IWorkerReactor, opts: RunOptions) -> int:
+    config = shared.job_config(opts)
+    job = load_job(opts["script"], config.args)
+    output = shared.open_output(config, job)
+    if opts["transport"] is None:
         transport: Transport = embedded.TRANSPORT
     else:
-        transport = get_transport(options["transport"])
-    # Server and workers share a fresh secret that never touches disk, on a
-    # loopback port the kernel picks.
-    secret = auth.new_secret().encode()
-    job_server = tap.make_job_server(job, reactor, options, tap.open_output(options["output"], job))
-    # Stopped before the job ended (Ctrl-C): no partial results file.
-    reactor.addSystemEventTrigger("before", "shutdown", job_server.output.abort)
+        from octotwist.hookspecs import get_transport
+
+        transport = get_transport(opts["transport"])
+    service = JobService(
+        reactor,
+        job,
+        config,
+        local_config(reactor, transport, opts["workers"], opts["web"]),
+        transport,
+        output,
+    )
+    return await _wait_for(service, reactor, opts)
+
+
+def _run_inline(opts: RunOptions) -> int:
+    """
+    C{octo run --inline}: the job in this process, outside any reactor, so
+    that pdb has the terminal (and Ctrl-C) to itself.
+    """
+    if opts["transport"] is not None or opts["web"] is not None:
+        raise UsageError("--inline runs no server: it takes neither --transport nor --web")
+    config = shared.job_config(opts)
+    job = load_job(opts["script"], config.args)
     try:
-        return await _serve_locally(reactor, options, job_server, transport, secret)
-    finally:
-        job_server.output.abort()  # nothing to take back if it was committed
+        outcome = run_inline(job, config, shared.open_output(config, job))
+    except BrokenPipeError:
+        return EXIT_OK  # octo run --inline job.py | head: the reader has what it wanted
+    except Exception as e:
+        from octotwist._child import user_traceback
 
-
-async def _serve_locally(
-    reactor: IWorkerReactor,
-    options: RunOptions,
-    job_server: JobServer,
-    transport: Transport,
-    secret: bytes,
-) -> int:
-    """The rest of L{_run}: a server on a private address, and the local workers."""
-    private = tempfile.TemporaryDirectory(prefix="octo-run-")
-    task_server = transport.server_class()(
-        reactor,
-        ServerSettings(
-            transport.local_listen(Path(private.name)),
-            secret,
-            tap.transport_options(usage.Options(), transport, "server"),
-            # Only this machine's workers can reach this server: no token.
-            status=StatusPage(job_server.status, token=None),
-        ),
-        job_server.accept,
+        sys.stderr.write(f"octo: job {job.name} failed (--inline):\n{user_traceback(e)}")
+        return EXIT_FAILED
+    _log.info(
+        "job {job} finished: {n} result{s} in {t:.2f} s",
+        job=job.name,
+        n=outcome.results,
+        s="" if outcome.results == 1 else "s",
+        t=outcome.seconds,
     )
-    web_port = None
-    if options["web"] is not None:
-        tap.check_server_endpoint(options["web"], "--web")
-        # The server is local, so is the page, unless --web names an interface.
-        web = tap.web_endpoint(options["web"], "127.0.0.1")
-        web_port = await tap.serve_status(job_server, web, new_token())
-    if _show_progress(job_server, reactor, options):
-        job_server.log_progress = False
-    address = await task_server.listen()
-    client = transport.client_class()(
-        reactor,
-        ClientSettings(
-            address, secret, tap.transport_options(usage.Options(), transport, "client")
-        ),
-    )
-    worker = ensureDeferred(
-        run_worker(
-            reactor,
-            client,
-            processes=options["workers"],
-            name="local",
-            wait=10.0,
-            task_lines=False,  # the server's progress says it all; -v shows them
-        )
-    )
-    job_server.start(workers_coming=True)
-    outcome = await job_server.result
-    await worker
-    await task_server.stop()
-    if web_port is not None:
-        await tap.stop_status(web_port, reactor)
-    private.cleanup()
-    return EXIT_OK if outcome.ok else EXIT_FAILED
+    return EXIT_OK
 
 
 def _make_secret(options: SecretOptions) -> int:
@@ -435,6 +437,8 @@ def _warn_if_stdout_is_open() -> None:
 
 
 def _list_transports() -> int:
+    from octotwist.hookspecs import transports
+
     for name, t in sorted(transports().items()):
         print(f"{name:10} {t.description}")
     return EXIT_OK
@@ -446,20 +450,30 @@ def main(argv: list[str] | None = None) -> None:
         _main(argv)
     except BrokenPipeError:
         # Our output went to a pipe that closed (octo server --help | head):
-        # not an error of ours.  Keep Python from complaining as it exits.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # not an error of ours.
+        _quiet_stdout()
         sys.exit(EXIT_OK)
+    finally:
+        try:
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):  # octo run job.py | head
+            _quiet_stdout()
+
+
+def _quiet_stdout() -> None:
+    """Keep Python from complaining, as it exits, that stdout's pipe is closed."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _main(argv: list[str] | None) -> None:
-    tap.ignore_twisted_reserved_descriptor()
+    shared.ignore_twisted_reserved_descriptor()
     options = Options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
         sys.stderr.write(
-            f"{options}\nocto: {tap.usage_message(e)}\n"
+            f"{options}\nocto: {shared.usage_message(e)}\n"
             if not str(e).startswith("which")
             else f"{options}\n"
         )
@@ -471,13 +485,25 @@ def _main(argv: list[str] | None) -> None:
         if command == "secret":
             sys.exit(_make_secret(sub))
         _start_logging(sub, _sink)
+        if command == "run" and sub["inline"]:
+            sys.exit(_run_inline(sub))
         allocator.tune()
         assert command is not None  # postOptions refuses no command
         action = {"run": _run, "server": _serve, "client": _work}[command]
-        react(_guarded, (action, sub))
+        try:
+            react(_guarded, (action, sub))
+        except SystemExit:
+            # react() exits 0 when the reactor stopped first: not for us.
+            if _interrupted:
+                sys.exit(EXIT_FAILED)
+            raise
     except OctotwistError as e:
         sys.stderr.write(f"octo: {e}\n")
         sys.exit(EXIT_USAGE)
+
+
+#: Set when the reactor stopped before the command finished (Ctrl-C, SIGTERM).
+_interrupted: list[bool] = []
 
 
 def _guarded(
@@ -500,12 +526,23 @@ def _guarded(
 
     done = ensureDeferred(go())
 
-    def interrupted() -> None:
+    def interrupted() -> Deferred[None] | None:
         # The reactor is stopping before the command finished (SIGTERM,
-        # Ctrl-C): say so, and exit non-zero rather than 0.
-        if not done.called:
-            sys.stderr.write("octo: interrupted\n")
-            done.cancel()
+        # Ctrl-C): say so, stop the job (its workers hear why, its task
+        # processes end) before the reactor does, and exit non-zero.
+        if done.called:
+            return None
+        sys.stderr.write("octo: interrupted\n")
+        _interrupted.append(True)
+        stopped: Deferred[None] = Deferred()
+
+        def finished(result: object) -> object:
+            stopped.callback(None)
+            return result
+
+        done.addBoth(finished)
+        done.cancel()
+        return stopped
 
     reactor.addSystemEventTrigger("before", "shutdown", interrupted)
     return done

@@ -17,6 +17,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.task import LoopingCall, deferLater
@@ -217,6 +218,10 @@ def default_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+#: Seconds a worker's first connection attempt may take, whatever its --wait.
+FIRST_ATTEMPT = 10.0
+
+
 async def run_worker(
     reactor: IWorkerReactor,
     client: TaskClient,
@@ -233,7 +238,8 @@ async def run_worker(
     doubling to 10 s) for up to C{wait} seconds, logging each failure.  A
     lost connection before the job is over is retried the same way.
 
-    @param task_lines: log a line as each task ends (else only with -v).
+    @param task_lines: log a line as each task ends (else only with -v),
+        and when the server says the job is over.
     @return: the server's final L{messages.Shutdown}.
     @raise AuthenticationError: the server rejected our secret (not retried:
         it will not get better).
@@ -250,16 +256,23 @@ async def run_worker(
         return sessions[-1]
 
     while True:
+        attempt = client.connect(accept)
+        # An attempt that hangs (a TLS port spoken to in plain TCP) ends when
+        # --wait does; a first one gets at least FIRST_ATTEMPT seconds.
+        left = wait if since is None else since + wait - reactor.seconds()
+        attempt.addTimeout(max(left, FIRST_ATTEMPT if since is None else 0.5), reactor)
         try:
-            await client.connect(accept)
+            await attempt
         except (AuthenticationError, RemoteProtocolError):
             raise
         except Exception as e:
             now = reactor.seconds()
             since = now if since is None else since
-            if now - since >= wait:
+            timed_out = isinstance(e, defer.TimeoutError)
+            if now - since >= wait or timed_out:
+                why = "connecting did not finish in time" if timed_out else str(e)
                 raise ConnectionError(
-                    f"gave up: no server at {client.settings.connect} for {wait:.0f} s ({e})"
+                    f"gave up: no server at {client.settings.connect} for {wait:.0f} s ({why})"
                 ) from None
             _log.info(
                 "cannot reach the server at {where} ({error}); retrying in {delay:.1f} s",
@@ -273,10 +286,13 @@ async def run_worker(
         since, delay = None, 0.5
         shutdown = await sessions[-1].ended
         if shutdown is not None:
-            _log.info(
-                "the server says the job is over{how}; exiting",
-                how="" if shutdown.ok else f" (it failed: {_short(Exception(shutdown.reason))})",
-            )
+            if task_lines:  # (octo run's own workers: the server says it all)
+                _log.info(
+                    "the server says the job is over{how}; exiting",
+                    how=""
+                    if shutdown.ok
+                    else f" (it failed: {_short(Exception(shutdown.reason))})",
+                )
             return shutdown
         refused = sessions[-1].refused
         if refused is None:

@@ -14,8 +14,10 @@ Three kinds of payload, three functions each way:
     core.  (They used to be pickles: a 9-byte pickle could make the server
     allocate gigabytes.)
   - user data (map inputs, shuffle runs, results) -> L{pack} / L{unpack}:
-    pickle protocol 5, compressed with zstandard.  The server packs map
-    inputs and unpacks only final results; everything in between stays opaque.
+    pickle protocol 5 (cloudpickle for what plain pickle refuses, such as a
+    class defined in the job script), compressed with zstandard.  The server
+    packs map inputs and unpacks only final results; everything in between
+    stays opaque.
   - the job's functions -> L{dump_functions} / L{load_functions} (cloudpickle,
     by value), decoded only inside worker processes.
 
@@ -272,9 +274,29 @@ def pack(obj: Any, compress: bool = True) -> bytes:
     """
     Pickle user data into one blob, compressed unless C{compress} is false
     (for a peer on the same machine, where copying is cheaper than zstd).
+
+    Plain pickle first, cloudpickle when it fails, as Dask does
+    (C{distributed.protocol.pickle.dumps}): plain pickle stores a class by
+    reference, and a class defined in the job script (or in a helper beside
+    it, or in C{__main__}) has no importable home in a worker, which got it
+    by value with the functions.  cloudpickle stores such a class by value,
+    tagged with the id its class tracker gave it when the server shipped the
+    functions, so that L{unpack} on the server returns instances of the
+    user's own class object, not of a copy.  Data that plain pickle takes
+    costs nothing more; data that neither takes raises cloudpickle's error.
     """
-    data = pickle.dumps(obj, protocol=5)
+    try:
+        data = pickle.dumps(obj, protocol=5)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        data = _cloudpickle_dumps(obj)
     return _compressor.compress(data) if compress else data
+
+
+def _cloudpickle_dumps(obj: Any) -> bytes:
+    """L{pack}'s slow path; its output loads with plain C{pickle.loads}."""
+    import cloudpickle
+
+    return cloudpickle.dumps(obj, protocol=5)
 
 
 def unpack(blob: bytes) -> Any:

@@ -7,8 +7,17 @@ connections, and the C{HOST[:PORT]} short form of a client endpoint.
 from __future__ import annotations
 
 import ipaddress
+from typing import TYPE_CHECKING
 
-from twisted.internet.endpoints import _parse  # the tokenizer behind serverFromString
+from twisted.internet.endpoints import (
+    _parse,  # the tokenizer behind serverFromString
+    serverFromString,
+)
+
+from octotwist.errors import UsageError
+
+if TYPE_CHECKING:
+    from octotwist.transport import IReactor
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -70,3 +79,16 @@ def split_host_port(address: str, default_port: int) -> tuple[str, int]:
         host, _, p = address.partition(":")
         port = int(p)
     return host, port
+
+
+def check_server_endpoint(reactor: IReactor, description: str, option: str = "--listen") -> None:
+    """
+    @raise UsageError: C{description} is not a server endpoint string.
+    """
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:
+        raise UsageError(
+            f"{option} {description}: {e} (examples: tcp:18125:interface=127.0.0.1, "
+            "unix:/tmp/octo.sock, ssl:18125:privateKey=key.pem:certKey=cert.pem)"
+        ) from None

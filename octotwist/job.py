@@ -18,14 +18,14 @@ import importlib.util
 import os
 import sys
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
-from octotwist import codec
+from octotwist import codec, shipping
 from octotwist.errors import JobScriptError
 
 _REQUIRED = ("source", "mapfn", "reducefn")
@@ -34,12 +34,19 @@ _OPTIONAL_FUNCTIONS = ("combinefn", "partitionfn", "final")
 
 @dataclass(frozen=True, slots=True)
 class JobFunctions:
-    """What a worker needs to run tasks; shipped with cloudpickle."""
+    """
+    What a worker needs to run tasks; shipped with cloudpickle.
+
+    C{modules} holds the sources of the helper modules beside the script
+    that the functions import (L{octotwist.shipping.find_modules}), for the
+    imports that run on the worker, inside the functions.
+    """
 
     mapfn: Callable[[Any, Any], Any]
-    reducefn: Callable[[Any, list[Any]], tuple[Any, Any]]
-    combinefn: Callable[[Any, list[Any]], tuple[Any, Any]] | None = None
+    reducefn: Callable[[Any, list[Any]], Any]
+    combinefn: Callable[[Any, list[Any]], Any] | None = None
     partitionfn: Callable[[Any, int], int] | None = None
+    modules: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -47,7 +54,7 @@ class Job:
     """A loaded, checked job script."""
 
     name: str
-    path: Path
+    path: Path | None  # None: a job built in Python (octotwist.Job)
     source: Any
     functions: JobFunctions
     final: Callable[[Any, Any], Any] | None
@@ -62,26 +69,44 @@ class Job:
             return None
 
 
-def load_job(path: str | os.PathLike[str]) -> Job:
+def load_job(path: str | os.PathLike[str], args: Sequence[str] = ()) -> Job:
     """
     Import the job script at C{path} and check it.
 
+    @param args: the job's own arguments: while it loads, C{sys.argv} is
+        C{[path, *args]}, as for C{python path args...}.
     @raise JobScriptError: the script is missing, does not compile, raises
         while it is imported, lacks a required name, or has a function that
         cannot be pickled.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise JobScriptError(f"job script {str(path)!r} not found")
-    module = _import_script(path)
-    where = str(path)
-    missing = [name for name in _REQUIRED if not hasattr(module, name)]
+    given = Path(path)
+    if not given.is_file():
+        raise JobScriptError(f"job script {str(given)!r} not found")
+    path = given.absolute()  # its __file__, whatever the directory it is run from
+    argv, sys.argv = sys.argv, [str(path), *args]
+    try:
+        module = _import_script(path)
+    finally:
+        sys.argv = argv
+    return job_from_namespace(module, given.stem, path, str(given))
+
+
+def job_from_namespace(namespace: Any, job_name: str, path: Path | None, where: str) -> Job:
+    """
+    Check the job's names (a job script's module, or L{octotwist.Job}'s
+    fields) and get its functions ready to ship.
+
+    @param where: what error messages call it (the script's path).
+    @raise JobScriptError: a required name is missing or wrong, or a
+        function cannot be pickled.
+    """
+    missing = [name for name in _REQUIRED if not hasattr(namespace, name)]
     if missing:
         raise JobScriptError(
             f"{where} does not define {', '.join(missing)}; a job script needs "
             "module-level source, mapfn(key, value) and reducefn(key, values)"
         )
-    source = module.source
+    source = namespace.source
     if isinstance(source, (list, tuple, str, bytes, range)):
         raise JobScriptError(
             f"{where}: source is a {type(source).__name__}, whose items are not keys; "
@@ -94,11 +119,11 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         )
     functions: dict[str, Any] = {}
     for name in ("mapfn", "reducefn", *_OPTIONAL_FUNCTIONS):
-        fn = getattr(module, name, None)
+        fn = getattr(namespace, name, None)
         if (name in _REQUIRED or fn is not None) and not callable(fn):
             raise JobScriptError(f"{where}: {name} must be a function, not {type(fn).__name__}")
         functions[name] = fn
-    reduce_tasks = getattr(module, "reduce_tasks", None)
+    reduce_tasks = getattr(namespace, "reduce_tasks", None)
     if reduce_tasks is not None and not (
         isinstance(reduce_tasks, int) and not isinstance(reduce_tasks, bool) and reduce_tasks >= 1
     ):
@@ -106,7 +131,7 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     final = functions.pop("final")
     job_functions = JobFunctions(**functions)
     return Job(
-        name=path.stem,
+        name=job_name,
         path=path,
         source=source,
         functions=job_functions,
@@ -157,7 +182,8 @@ def _import_script(path: Path) -> Any:
 
 
 def _pickle_functions(functions: JobFunctions, where: str) -> bytes:
-    for name in JobFunctions.__slots__:
+    names = ("mapfn", "reducefn", "combinefn", "partitionfn")
+    for name in names:
         fn = getattr(functions, name)
         if fn is None:
             continue
@@ -170,4 +196,7 @@ def _pickle_functions(functions: JobFunctions, where: str) -> bytes:
                 "such as an open file, a lock or a socket. Open such things inside "
                 "the function instead."
             ) from None
-    return codec.dump_functions(functions)
+    fns = [getattr(functions, n) for n in names]
+    directory = shipping.job_directory(where, fns)
+    modules = shipping.find_modules(fns, directory) if directory is not None else {}
+    return codec.dump_functions(replace(functions, modules=modules))

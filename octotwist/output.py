@@ -1,5 +1,13 @@
 """
-Where a job's C{key<TAB>value} results go when it has no C{final()}.
+Where a job's results go when it has no C{final()}, and how they are written.
+
+Two formats (L{encoder}): C{tsv}, C{key<TAB>value} lines, and C{jsonl}, one
+C{[key, value]} JSON array a line.  In TSV a string is written as itself,
+unless it would read as another value (C{"7"} beside C{7}, C{"None"}, text
+that starts with a quote or a bracket): then as its C{repr}; anything else
+is written as its C{repr} too.  Tabs, newlines and backslashes are escaped,
+so a line is always one result, and a reader gets every field back with
+C{ast.literal_eval} when it parses, else as the string it is.
 
 C{--output FILE} is written to a temporary file beside C{FILE} and renamed
 over it only when the job succeeds: a job that fails leaves the previous
@@ -15,12 +23,45 @@ taken back, so the server writes to them only once the job has succeeded.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import secrets
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
+
+#: Turns one reduce task's keys and values into lines.
+Encoder = Callable[[Sequence[Any], Sequence[Any]], list[str]]
+
+#: Strings written as themselves in TSV: they cannot be read as another value.
+_BARE = re.compile(r"[^\d\s+\-.'\"(\[{\\][^\t\n\r\\]*\Z|\Z")
+_LITERAL_WORDS = frozenset({"None", "True", "False", "Ellipsis", "inf", "nan"})
+#: What a C{repr} may still hold that would break a line (a class's own C{__repr__}).
+_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_field(x: Any) -> str:
+    """One TSV field (see the module's docstring)."""
+    if type(x) is str and x not in _LITERAL_WORDS and _BARE.match(x) and x:
+        return x
+    return repr(x).translate(_ESCAPES)
+
+
+def _tsv(keys: Sequence[Any], values: Sequence[Any]) -> list[str]:
+    field = tsv_field
+    return [f"{field(k)}\t{field(v)}\n" for k, v in zip(keys, values, strict=True)]
+
+
+def _jsonl(keys: Sequence[Any], values: Sequence[Any]) -> list[str]:
+    dumps = json.JSONEncoder(ensure_ascii=False, default=repr).encode
+    return [dumps([k, v]) + "\n" for k, v in zip(keys, values, strict=True)]
+
+
+def encoder(format: str) -> Encoder:
+    """The line writer for C{--format} C{tsv} or C{jsonl}."""
+    return {"tsv": _tsv, "jsonl": _jsonl}[format]
 
 
 class Results:
@@ -33,13 +74,14 @@ class Results:
 
     early = False
 
-    def __init__(self, stream: IO[str], owned: bool = False) -> None:
+    def __init__(self, stream: IO[str], owned: bool = False, format: str = "tsv") -> None:
         self.stream = stream
         self._owned = owned  # closed by commit/abort
+        self._encode = encoder(format)
 
     def write(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
-        """One reduce task's results, in its key order, as lines."""
-        self.stream.writelines(map("{}\t{}\n".format, keys, values))
+        """Results, in order, as lines."""
+        self.stream.writelines(self._encode(keys, values))
 
     def commit(self) -> None:
         """The job succeeded: make the results final."""
@@ -66,7 +108,7 @@ class _Replacing(Results):
 
     early = True
 
-    def __init__(self, path: str, mode: int | None) -> None:
+    def __init__(self, path: str, mode: int | None, format: str = "tsv") -> None:
         directory, name = os.path.split(path)
         for _ in range(100):
             temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.partial")
@@ -79,7 +121,7 @@ class _Replacing(Results):
             raise FileExistsError(f"no free temporary name beside {path}")
         if mode is not None:
             os.fchmod(fd, mode)
-        super().__init__(os.fdopen(fd, "w", encoding="utf-8"))
+        super().__init__(os.fdopen(fd, "w", encoding="utf-8"), format=format)
         self._temporary = temporary
         self.path = path
 
@@ -94,12 +136,33 @@ class _Replacing(Results):
             os.unlink(self._temporary)
 
 
-def stdout() -> Results:
+def stdout(format: str = "tsv") -> Results:
     """Results on standard output, written once the job has succeeded."""
-    return Results(sys.stdout)
+    return Results(sys.stdout, format=format)
 
 
-def open_results(path: str) -> Results:
+class Collected(Results):
+    """
+    Results kept in a dict, in the order they come (L{octotwist.run}'s
+    answer): the job's keys are unique, so nothing is lost.
+    """
+
+    early = False
+
+    def __init__(self) -> None:
+        self.results: dict[Any, Any] = {}
+
+    def write(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
+        self.results.update(zip(keys, values, strict=True))
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def open_results(path: str, format: str = "tsv") -> Results:
     """
     Results for C{--output path}: replaced when the job succeeds, or, where
     a temporary file cannot be made beside it (a file one may write in a
@@ -115,8 +178,8 @@ def open_results(path: str) -> Results:
         mode = None
     if mode is None or stat.S_ISREG(mode):
         try:
-            return _Replacing(real, None if mode is None else stat.S_IMODE(mode))
+            return _Replacing(real, None if mode is None else stat.S_IMODE(mode), format)
         except PermissionError:
             if mode is None:
                 raise
-    return Results(open(real, "w", encoding="utf-8"), owned=True)
+    return Results(open(real, "w", encoding="utf-8"), owned=True, format=format)

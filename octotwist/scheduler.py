@@ -14,7 +14,22 @@ Phases::
     MAPPING --all map tasks done--> REDUCING --all reduce tasks done--> FINISHED
        \\________________________________\\__ a task failed for good __> FAILED
 
-An empty source goes from MAPPING straight to FINISHED.
+An empty source goes from MAPPING straight to FINISHED; a source whose
+C{__iter__} raises fails the job at once (L{Scheduler.source_error}).
+
+Map tasks carry batches of source items, as C{multiprocessing.Pool.imap}'s
+C{chunksize} does, so that a source of many tiny items does not pay a
+message, an attempt and a round trip per item.  The batch size adapts
+(L{Batching}): the first tasks carry one item each; a batch may grow
+from one that finished within C{target_seconds} (to as many items as would
+have fitted, at most eight times as many), and shrinks when one took
+longer; it is bounded by bytes (C{target_bytes} of packed input, by the
+average size of the items read so far, which the server reports with
+L{InputSized}), by C{max_items}, and, when the source's size is known, so
+that the job still makes C{spread} tasks per worker slot.  A big item thus
+travels alone, slow items go one or a few per task, and a job of a dozen
+items keeps one item per task.  Progress (L{Scheduler.counts}) counts map I{items}, so
+C{len(source)} stays the map total however the items are batched.
 
 What happens when things fail (see docs/guide.md):
 
@@ -24,10 +39,16 @@ What happens when things fail (see docs/guide.md):
     I{suspect}: its running attempts are cancelled and requeued, and it gets
     no work until it is heard from again.
   - An attempt that fails (the user's code raised, or killed its process)
-    counts against its task; the task is retried, on another worker when
-    there is one, until it has failed C{max_attempts} times.  Then the job
-    fails, or, with C{skip_bad_records}, a map task is skipped and its key
-    reported.
+    counts against its task; the task is retried, whole batch and all, on
+    another worker when there is one, until it has failed C{max_attempts}
+    times.  Then the job fails, naming the key the last attempt failed at.
+  - With C{skip_bad_records}, only a single record is ever skipped: a map
+    task of one item that failed every attempt is dropped and its key
+    reported.  A batch that failed every attempt is split instead, each part
+    a new task with attempts of its own: the item it failed at alone, and
+    the rest together; when that item is unknown (the process died), into
+    one task per item.  A bad record therefore costs up to twice
+    C{max_attempts} attempts, and no good record is ever dropped with it.
   - When nothing is left to hand out, an idle worker gets a backup copy of the
     running task that has run longest (once it has run longer than
     C{backup_after}).  The first attempt to succeed wins; the others are
@@ -41,9 +62,10 @@ import statistics
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Final
 
-from octotwist.errors import RemoteProtocolError
+from octotwist.errors import OctotwistError, RemoteProtocolError
 from octotwist.messages import TaskId, TaskKind
 
 
@@ -58,6 +80,7 @@ class TaskStatus(enum.Enum):
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
+    SPLIT = "split"  # a batch that failed for good, replaced by smaller tasks
 
 
 #: The only phase changes there are; L{Scheduler._enter} enforces them.
@@ -117,7 +140,18 @@ class AttemptFailed:
     traceback: str
 
 
-Event = WorkerJoined | WorkerLeft | Heard | Tick | AttemptSucceeded | AttemptFailed
+@dataclass(frozen=True, slots=True)
+class InputSized:
+    """
+    The server packed map task C{task}'s input into C{nbytes} bytes: what
+    the next batches are sized by (L{Batching.target_bytes}).
+    """
+
+    task: TaskId
+    nbytes: int
+
+
+Event = WorkerJoined | WorkerLeft | Heard | Tick | AttemptSucceeded | AttemptFailed | InputSized
 
 
 # Decisions: what the scheduler tells the server.
@@ -125,11 +159,11 @@ Event = WorkerJoined | WorkerLeft | Heard | Tick | AttemptSucceeded | AttemptFai
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """Run C{attempt} of C{task}; for a map task, C{key} is its source key."""
+    """Run C{attempt} of C{task}; for a map task, C{keys} are its source keys, in order."""
 
     task: TaskId
     attempt: int
-    key: Any = None
+    keys: tuple[Any, ...] = ()
     backup: bool = False  # a second copy of a task that is still running
 
 
@@ -186,10 +220,54 @@ class InvalidEvent(RemoteProtocolError):
     """An event that cannot happen in the current state; the state is unchanged."""
 
 
+class SourceError(OctotwistError):
+    """The job's source raised; the exception is the C{__cause__}."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """
+    How many source items a map task carries; see the module docstring.
+    With the defaults, 100,000 tiny items on one worker of two processes
+    make a few dozen tasks, and files of 64 KB or more go one per task.
+
+    @ivar max_items: most items in one task; C{1} turns batching off.
+    @ivar target_bytes: packed input a batch aims at, judged by the average
+        packed size of the items read so far.
+    @ivar target_seconds: a batch grows only from one that finished within
+        this time (to as many items as would have fitted, at most 8 times as
+        many), and shrinks toward it from one that took longer.  The time is
+        the attempt's as the scheduler sees it, from being handed out to its
+        success.
+    @ivar spread: when the source's size is known, it makes at least this
+        many tasks per worker slot, as C{Pool.map}'s default chunksize does
+        (C{len / (4 * processes)}): a small job keeps its parallelism, and
+        one of a dozen items keeps one item per task.
+    """
+
+    max_items: int = 10_000
+    target_bytes: int = 64 * 1024
+    target_seconds: float = 0.1
+    spread: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.target_bytes < 1 or self.spread < 1:
+            raise ValueError("max_items, target_bytes and spread must be at least 1")
+        if not self.target_seconds > 0:
+            raise ValueError("target_seconds must be positive")
+
+
+#: One item per map task, as octo.py had it.
+NO_BATCHING: Final = Batching(max_items=1)
+
+#: Most a batch size grows by from one finished task to the next.
+_GROWTH: Final = 8
+
+
 @dataclass(slots=True)
 class _Task:
     id: TaskId
-    key: Any = None
+    keys: tuple[Any, ...] = ()  # a map task's source keys
     status: TaskStatus = TaskStatus.PENDING
     attempts: int = 0  # attempts started so far
     failures: int = 0
@@ -199,6 +277,7 @@ class _Task:
     # one: a 1.5 GB job has thousands of tasks and these are rarely set.
     abandoned: frozenset[int] = frozenset()  # cancelled attempts
     failed_on: tuple[str, ...] = ()
+    sized: bool = False  # its input's size was counted (L{InputSized})
 
 
 @dataclass(slots=True)
@@ -212,8 +291,16 @@ class _Worker:
 
 @dataclass(frozen=True, slots=True)
 class Counts:
-    """Progress of one phase; C{total} and C{pending} are C{None} while the
-    number of source keys is unknown."""
+    """
+    Progress of one phase; C{total} and C{pending} are C{None} while the
+    number of source keys is unknown.
+
+    Map counts are of source I{items} (keys), not of tasks, since a map task
+    carries a batch of them: C{total} is C{len(source)} (the number of keys
+    drawn, once they ran out), C{done} the items whose task succeeded or was
+    skipped, C{running} those of tasks with an attempt running.  Reduce
+    counts are of tasks, one per partition.
+    """
 
     done: int
     running: int
@@ -222,8 +309,28 @@ class Counts:
 
 
 def _short_repr(key: Any) -> str:
+    """A key as a worker reports it (L{octotwist._child}): its repr, cut at 200 characters."""
     text = repr(key)
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _describe(keys: tuple[Any, ...]) -> str:
+    """A failed map task's key, when the worker could not say which it failed at."""
+    if len(keys) == 1:
+        return _short_repr(keys[0])
+    return f"one of {len(keys)}: {_short_repr(keys[0])} ... {_short_repr(keys[-1])}"
+
+
+def _item_at(keys: tuple[Any, ...], reported: str | None) -> int | None:
+    """
+    Which of a batch's keys a worker reported as the one it failed at (it
+    reports the repr), or C{None} when it did not say or no single key
+    matches.
+    """
+    if reported is None or len(keys) < 2:
+        return None
+    found = [i for i, key in enumerate(keys) if _short_repr(key) == reported]
+    return found[0] if len(found) == 1 else None
 
 
 class Scheduler:
@@ -231,10 +338,14 @@ class Scheduler:
     Hands out map tasks first-come-first-served, then one reduce task per
     partition, and says when the job is finished or has failed.
 
-    @param keys: the source's keys, drawn one at a time as map tasks are
-        handed out (with one key of look-ahead, to know when they run out).
+    @param keys: the source's keys, drawn a batch at a time as map tasks
+        are handed out (with one key of look-ahead, to know when they run
+        out).  If iterating them raises, the job fails at once: L{phase}
+        becomes C{FAILED}, L{source_error} holds the exception and
+        L{failure} stays C{None}.
     @param reduce_tasks: the number of partitions.
-    @param total: the number of keys, when the source knows it (progress only).
+    @param total: the number of keys, when the source knows it (progress,
+        and sizing the last batches).
     @param max_attempts: how many times a task may fail before the job fails.
     @param lease: seconds a worker may stay silent before its attempts are
         cancelled and requeued.
@@ -243,6 +354,8 @@ class Scheduler:
     @param backup_after: seconds a task must have run, at least, before an
         idle worker gets a backup copy of it (C{None}: no backup tasks).
         The bar rises to twice the median time of the phase's finished tasks.
+    @param batching: how many keys a map task carries (L{Batching}, its
+        defaults unless given; L{NO_BATCHING} for one each).
     """
 
     def __init__(
@@ -255,6 +368,7 @@ class Scheduler:
         lease: float = float("inf"),
         skip_bad_records: bool = False,
         backup_after: float | None = None,
+        batching: Batching | None = None,
     ) -> None:
         if reduce_tasks < 1:
             raise ValueError("reduce_tasks must be at least 1")
@@ -267,13 +381,21 @@ class Scheduler:
         self.lease = lease
         self.skip_bad_records = skip_bad_records
         self.backup_after = backup_after
+        self.batching = batching or Batching()
         self.phase = Phase.MAPPING
         self.failure: JobFailure | None = None
+        #: What the source raised while its keys were drawn (the job failed).
+        self.source_error: Exception | None = None
         self.skipped: list[SkippedRecord] = []
         self.now = 0.0
-        self._keys: Iterator[Any] = iter(keys)
         self._total = total
         self._lookahead: list[Any] = []
+        self._drawn = 0  # keys drawn into tasks
+        self._items_done = 0  # keys of map tasks done (or skipped)
+        self._open_maps = 0  # map tasks neither done nor split
+        self._limit = 1  # the batch size finished tasks vouch for (see _resize)
+        self._items_sized = 0  # keys, and bytes, of the inputs the server sized
+        self._bytes_sized = 0
         self._maps: list[_Task] = []
         self._reduces: list[_Task] = []
         self._pending: deque[_Task] = deque()  # tasks to (re)run before new keys
@@ -281,8 +403,14 @@ class Scheduler:
         self._done = dict.fromkeys(TaskKind, 0)  # tasks done, by kind
         self._durations: dict[TaskKind, list[float]] = {kind: [] for kind in TaskKind}
         self._cancellations: list[Cancellation] = []
-        self._peek()
-        self._advance()
+        try:
+            self._keys: Iterator[Any] = iter(keys)
+            self._lookahead.extend(islice(self._keys, 1))
+        except Exception as e:
+            self._keys = iter(())
+            self._source_failed(e)
+        else:
+            self._advance()
 
     # Events in.
 
@@ -318,7 +446,10 @@ class Scheduler:
                     if task is not None:
                         self._forget(task, attempt)
                     return Verdict.DISCARDED
-                self._durations[task_id.kind].append(self.now - task.started[attempt])
+                seconds = self.now - task.started[attempt]
+                self._durations[task_id.kind].append(seconds)
+                if task_id.kind is TaskKind.MAP:
+                    self._resize(len(task.keys), seconds)
                 self._forget(task, attempt)
                 self._complete(task, "another attempt finished first")
                 return Verdict.ACCEPTED
@@ -331,18 +462,28 @@ class Scheduler:
                 self._forget(task, attempt)
                 task.failures += 1
                 task.failed_on += (worker,)
+                reported = key
                 if key is None and task_id.kind is TaskKind.MAP:
-                    key = _short_repr(task.key)  # e.g. the process died: we know it
+                    key = _describe(task.keys)  # e.g. the process died: we know that much
                 if task.failures < self.max_attempts:
                     self._requeue_if_idle(task)
                 elif self.skip_bad_records and task_id.kind is TaskKind.MAP:
-                    self.skipped.append(SkippedRecord(task_id, key, error, task.attempts))
-                    self._complete(task, "the task is skipped")
+                    if len(task.keys) > 1:
+                        self._split(task, _item_at(task.keys, reported))
+                    else:
+                        self.skipped.append(SkippedRecord(task_id, key, error, task.attempts))
+                        self._complete(task, "the task is skipped")
                 else:
                     self.failure = JobFailure(
                         task_id, key, worker, error, tb, task.attempts, tuple(task.failed_on)
                     )
                     self._enter(Phase.FAILED)
+            case InputSized(task_id, nbytes):
+                task = self._task(task_id)
+                if task_id.kind is TaskKind.MAP and not task.sized and nbytes >= 0:
+                    task.sized = True
+                    self._items_sized += len(task.keys)
+                    self._bytes_sized += nbytes
             case _:
                 raise TypeError(f"not a scheduler event: {event!r}")
         return None
@@ -358,6 +499,8 @@ class Scheduler:
         if len(w.running) >= w.slots or w.suspect or self.done:
             return NO_WORK
         task = self._take_pending(worker)
+        if self.done:  # the source raised as its next keys were drawn
+            return NO_WORK
         backup = False
         if task is None:
             task = self._backup_candidate(worker)
@@ -369,7 +512,7 @@ class Scheduler:
         task.running[task.attempts] = worker
         task.started[task.attempts] = self.now
         w.running.add((task.id, task.attempts))
-        return Assignment(task.id, task.attempts, task.key, backup)
+        return Assignment(task.id, task.attempts, task.keys, backup)
 
     def cancellations(self) -> list[Cancellation]:
         """The attempts to cancel since the last call (and forget them)."""
@@ -408,15 +551,17 @@ class Scheduler:
         return sorted(self._worker(worker).running, key=lambda r: (r[0].index, r[1]))
 
     def counts(self, kind: TaskKind) -> Counts:
-        tasks = self._maps if kind is TaskKind.MAP else self._reduces
-        done = self._done[kind]
-        running = sum(t.status is TaskStatus.RUNNING for t in tasks)
+        """Progress of one phase: map items, or reduce tasks (see L{Counts})."""
+        total: int | None
         if kind is TaskKind.REDUCE:
-            total: int | None = self.reduce_tasks
-        elif not self._lookahead:  # every key has been drawn
-            total = len(self._maps)
+            done = self._done[kind]
+            running = sum(t.status is TaskStatus.RUNNING for t in self._reduces)
+            total = self.reduce_tasks
         else:
-            total = self._total
+            done = self._items_done
+            running = sum(len(t.keys) for t in self._maps if t.status is TaskStatus.RUNNING)
+            # Once every key has been drawn, the count is known for sure.
+            total = self._drawn if not self._lookahead else self._total
         pending = None if total is None else total - done - running
         return Counts(done, running, pending, total)
 
@@ -435,21 +580,88 @@ class Scheduler:
 
     def _advance(self) -> None:
         """Move to the next phase when the current one has nothing left."""
-        done = self._done
-        if (
-            self.phase is Phase.MAPPING
-            and not self._lookahead
-            and done[TaskKind.MAP] == len(self._maps)
-        ):
+        if self.phase is Phase.MAPPING and not self._lookahead and not self._open_maps:
             self._enter(Phase.REDUCING if self._maps else Phase.FINISHED)
-        if self.phase is Phase.REDUCING and done[TaskKind.REDUCE] == len(self._reduces):
+        if self.phase is Phase.REDUCING and self._done[TaskKind.REDUCE] == len(self._reduces):
             self._enter(Phase.FINISHED)
 
     def _complete(self, task: _Task, why: str) -> None:
         task.status = TaskStatus.DONE
         self._done[task.id.kind] += 1
+        if task.id.kind is TaskKind.MAP:
+            self._open_maps -= 1
+            self._items_done += len(task.keys)
         self._cancel_all(task, why)
         self._advance()
+
+    def _split(self, task: _Task, item: int | None) -> None:
+        """
+        Replace a batch that failed every attempt by new tasks: the item it
+        failed at alone and the rest together, or, when that item is not
+        known, one task per item.
+        """
+        keys = task.keys
+        if item is None:
+            parts = [(key,) for key in keys]
+        else:
+            parts = [keys[:item] + keys[item + 1 :], keys[item : item + 1]]
+        task.status = TaskStatus.SPLIT
+        self._open_maps -= 1
+        self._cancel_all(task, "the task is split")
+        new = [self._new_map(part) for part in parts]
+        self._pending.extendleft(reversed(new))
+
+    def _new_map(self, keys: tuple[Any, ...]) -> _Task:
+        task = _Task(TaskId(TaskKind.MAP, len(self._maps)), keys)
+        self._maps.append(task)
+        self._open_maps += 1
+        return task
+
+    def _resize(self, items: int, seconds: float) -> None:
+        """Let batches grow after a quick task of C{items}, or shrink after a slow one."""
+        b = self.batching
+        if seconds <= b.target_seconds:
+            # As many items as would have fitted in the target time, but at
+            # most _GROWTH times as many: a quick task of few items says
+            # little about the time of many.
+            grow = _GROWTH if seconds <= 0 else min(_GROWTH, b.target_seconds / seconds)
+            self._limit = max(self._limit, min(b.max_items, int(items * grow)))
+        elif items * _GROWTH >= self._limit:
+            # A slow task of far fewer items than batches have now is an old
+            # one that waited (for a process to start, say): no evidence.
+            self._limit = max(1, min(self._limit, int(items * b.target_seconds / seconds)))
+
+    def _batch_size(self) -> int:
+        """How many keys the next new map task takes (see L{Batching})."""
+        b = self.batching
+        n = min(b.max_items, self._limit)
+        if n > 1 and self._bytes_sized:
+            n = min(n, b.target_bytes * self._items_sized // self._bytes_sized)
+        if n > 1 and self._total is not None:
+            slots = sum(w.slots for w in self._workers.values() if not w.suspect) or 1
+            n = min(n, -(-self._total // (b.spread * slots)))
+        return max(1, n)
+
+    def _draw(self, n: int) -> tuple[Any, ...] | None:
+        """
+        The next C{n} keys at most (and the look-ahead refilled), or C{None}
+        when iterating the source raised: then the job has failed.
+        """
+        keys, self._lookahead = self._lookahead, []
+        try:
+            if n > len(keys):
+                keys.extend(islice(self._keys, n - len(keys)))
+            self._lookahead.extend(islice(self._keys, 1))
+        except Exception as e:
+            self._source_failed(e)
+            return None
+        self._drawn += len(keys)
+        return tuple(keys)
+
+    def _source_failed(self, error: Exception) -> None:
+        self.source_error = error
+        self._lookahead = []
+        self._enter(Phase.FAILED)
 
     def _cancel_all(self, task: _Task, why: str) -> None:
         for attempt, worker in list(task.running.items()):
@@ -473,12 +685,6 @@ class Scheduler:
                 )
                 self._requeue_if_idle(task)
 
-    def _peek(self) -> None:
-        if not self._lookahead:
-            for key in self._keys:
-                self._lookahead.append(key)
-                break
-
     def _take_pending(self, worker: str) -> _Task | None:
         """
         The first pending task, passing over one that already failed on
@@ -500,10 +706,8 @@ class Scheduler:
         if chosen is not None:
             return chosen
         if self.phase is Phase.MAPPING and self._lookahead:
-            task = _Task(TaskId(TaskKind.MAP, len(self._maps)), self._lookahead.pop())
-            self._maps.append(task)
-            self._peek()
-            return task
+            keys = self._draw(self._batch_size())
+            return None if keys is None else self._new_map(keys)
         return None
 
     def _someone_else_for(self, task: _Task, worker: str) -> bool:

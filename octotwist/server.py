@@ -32,10 +32,13 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from octotwist import codec, messages
-from octotwist.errors import OctotwistError, RemoteProtocolError, UsageError
+from octotwist._child import user_traceback
+from octotwist.config import FaultPolicy
+from octotwist.errors import OctotwistError, RemoteProtocolError
 from octotwist.job import Job
 from octotwist.machine import same_machine
 from octotwist.messages import TaskId, TaskKind
+from octotwist.ordering import sorted_order
 from octotwist.outbox import Outbox
 from octotwist.output import Results, stdout
 from octotwist.scheduler import (
@@ -44,6 +47,7 @@ from octotwist.scheduler import (
     AttemptFailed,
     AttemptSucceeded,
     Heard,
+    InputSized,
     Phase,
     Scheduler,
     Tick,
@@ -72,29 +76,6 @@ MAX_ERROR_TEXT = 2000
 MAX_TRACEBACK = 64 * 1024
 
 
-@dataclass(frozen=True)
-class FaultPolicy:
-    """
-    How the server copes with failing workers (docs/guide.md, "What happens
-    when things fail").
-
-    @ivar max_attempts: attempts a task gets before the job fails (Hadoop's 4).
-    @ivar heartbeat: seconds between a worker's heartbeats.
-    @ivar task_timeout: seconds a worker may be silent before its tasks are
-        handed to others (its lease).
-    @ivar skip_bad_records: skip a map task that failed every attempt, and
-        report its key, instead of failing the job.
-    @ivar backup_after: seconds a task must run before an idle worker gets a
-        backup copy of it; C{None} turns backup tasks off.
-    """
-
-    max_attempts: int = 4
-    heartbeat: float = 2.0
-    task_timeout: float = 30.0
-    skip_bad_records: bool = False
-    backup_after: float | None = 10.0
-
-
 @dataclass
 class JobOutcome:
     """How the job ended."""
@@ -117,6 +98,9 @@ class JobServer:
         (standard output by default); it is committed or aborted as the
         job ends.
     @param policy: retries, leases and backup tasks.
+    @param sort: hand C{final()} (or the output) the results in key order
+        (L{octotwist.ordering.sorted_order}), rather than partition by partition as each
+        reduce task ends.
     """
 
     def __init__(
@@ -128,6 +112,7 @@ class JobServer:
         output: Results | None = None,
         store: BlobStore | None = None,
         policy: FaultPolicy | None = None,
+        sort: bool = True,
         progress_interval: float = 10.0,
     ) -> None:
         self.job = job
@@ -136,11 +121,7 @@ class JobServer:
         self.output = output if output is not None else stdout()
         self.store = store if store is not None else BlobStore()
         self.policy = policy = policy or FaultPolicy()
-        if policy.task_timeout <= policy.heartbeat:
-            raise UsageError(
-                f"--task-timeout ({policy.task_timeout:g} s) must be longer than "
-                f"--heartbeat ({policy.heartbeat:g} s)"
-            )
+        self.sort = sort
         self.scheduler = Scheduler(
             job.source,
             self.reduce_tasks,
@@ -174,6 +155,8 @@ class JobServer:
         self._results = 0  # written so far
         self._written = 0  # partitions written (to an output that takes early writes)
         self._finishing: list[Callable[[], None]] = []
+        #: The results' reader went away as they were delivered (a closed pipe).
+        self.output_gone = False
         self._bug_logged = False
 
     def before_final(self, callback: Callable[[], None]) -> None:
@@ -193,10 +176,13 @@ class JobServer:
         """
         maps = self.scheduler.counts(TaskKind.MAP).total
         _log.info(
-            "job {job}: {maps} map tasks, {reduces} reduce tasks{waiting}",
+            "job {job}: {maps} to map, {reduces} reduce task{rs}{waiting}",
             job=self.job.name,
-            maps="an unknown number of" if maps is None else maps,
+            maps="an unknown number of source keys"
+            if maps is None
+            else f"{maps} source key{'' if maps == 1 else 's'}",
             reduces=self.reduce_tasks,
+            rs="" if self.reduce_tasks == 1 else "s",
             waiting="" if workers_coming else "; waiting for workers",
         )
         self._waiting_logged = workers_coming
@@ -297,7 +283,7 @@ class JobServer:
                 # Its input is no longer needed (an attempt still sending it
                 # holds what it reads).
                 self.store.drop(msg.task.index)
-                if self.output.early and self.job.final is None:
+                if self.output.early and self.job.final is None and not self.sort:
                     try:
                         self._write_results(upto=self._reduces_done_in_order())
                     except Exception as e:  # a full disk, a key str() cannot encode
@@ -406,6 +392,9 @@ class JobServer:
                 # Whatever it was, it concerns this worker: it goes, and its
                 # tasks go back in the queue.
                 session.close(self._bug(Failure(), f"sending work to {name}"))
+        if self.scheduler.done:  # the source raised as keys were drawn: say so now
+            self._check_done()
+            return
         if self._sessions or self._waiting_logged:
             return
         self._waiting_logged = True
@@ -424,22 +413,53 @@ class JobServer:
                     task=str(assignment.task),
                     worker=name,
                 )
-            self._send_task(session, assignment.task, assignment.attempt, assignment.key)
+            self._send_task(session, assignment.task, assignment.attempt, assignment.keys)
 
-    def _send_task(self, session: _WorkerSession, task: TaskId, attempt: int, key: Any) -> None:
+    def _send_task(
+        self, session: _WorkerSession, task: TaskId, attempt: int, keys: tuple[Any, ...]
+    ) -> None:
         blobs: Iterable[bytes]
         if task.kind is TaskKind.MAP:
-            try:
-                value = self.job.source[key]
-                blobs = [codec.pack((key, value), compress=not session.same_machine)]
-            except Exception as e:
-                raise _SourceError(f"reading source[{key!r}] raised {type(e).__name__}: {e}") from e
+            blob = self._map_input(task, keys, compress=not session.same_machine)
+            self.scheduler.handle(InputSized(task, len(blob)))
+            blobs = [blob]
         else:
             blobs = self._stored_input(task.index)
         session.outbox.send_blobs(
             blobs, lambda data, end: messages.TaskInput(task, attempt, data, end)
         )
         session.outbox.send(messages.Assign(task, attempt))
+
+    def _map_input(self, task: TaskId, keys: tuple[Any, ...], compress: bool) -> bytes:
+        """
+        A map task's input: its batch of keys and their values, read from
+        the source now and packed as one blob C{(keys, values)}.
+
+        @raise _SourceError: reading a value raised (the message names the
+            key and carries the user's traceback), or a value cannot be
+            pickled.
+        """
+        source = self.job.source
+        values = []
+        key: Any = None
+        try:
+            for key in keys:
+                values.append(source[key])
+        except Exception as e:
+            raise _SourceError(
+                f"reading source[{_short_repr(key)}] raised {_error_line(e)}\n{user_traceback(e)}"
+            ) from e
+        try:
+            return codec.pack((keys, values), compress=compress)
+        except Exception as e:
+            for key, value in zip(keys, values, strict=True):  # which one?
+                try:
+                    codec.pack(value, compress=False)
+                except Exception as bad:
+                    raise _SourceError(
+                        f"source[{_short_repr(key)}] cannot be sent to a worker: {_error_line(bad)}"
+                    ) from bad
+            raise _SourceError(f"the input of {task} cannot be sent: {_error_line(e)}") from e
 
     def _stored_input(self, partition: int) -> Iterator[bytes]:
         """
@@ -468,6 +488,13 @@ class JobServer:
             self._finish_ok()
             return True
         if self.scheduler.phase is Phase.FAILED:
+            source_error = self.scheduler.source_error
+            if source_error is not None:
+                self._fail(
+                    "source raised while listing its keys: "
+                    f"{_error_line(source_error)}\n{user_traceback(source_error)}"
+                )
+                return True
             f = self.scheduler.failure
             assert f is not None
             where = f"{f.task}" + (f" (key {f.key})" if f.key is not None else "")
@@ -475,7 +502,9 @@ class JobServer:
             self._fail(
                 f"{where} failed on worker {f.worker} after {f.attempts} "
                 f"attempt{'s' if f.attempts != 1 else ''} (on {workers}): "
-                f"{f.error}\n{f.traceback}"
+                f"{f.error}"
+                # (a traceback that is only the error line again says nothing more)
+                + (f"\n{f.traceback}" if f.traceback.strip() != f.error.strip() else "")
             )
             return True
         return False
@@ -507,15 +536,21 @@ class JobServer:
 
     def _finish_ok(self) -> None:
         try:
-            if self.job.final is None:
+            if self.sort:
+                self._deliver_sorted()
+            elif self.job.final is None:
                 self._write_results(upto=self.reduce_tasks)
             else:
                 self._call_final(self.job.final)
+        except BrokenPipeError:
+            # Whoever read the results has stopped reading (octo run job.py |
+            # head): the job did its part, and the rest has nowhere to go.
+            self.output_gone = True
         except Exception as e:
             if self.job.final is None:  # a full disk, a key str() cannot encode
                 self._fail(f"cannot write the results: {type(e).__name__}: {e}")
             else:
-                self._fail("final() raised:\n" + "".join(traceback.format_exception(e)))
+                self._fail("final() raised:\n" + user_traceback(e))
             return
         for record in self.scheduler.skipped:
             _log.warn(
@@ -537,6 +572,44 @@ class JobServer:
                 self._results += len(keys)
             self.store.forget(task)
 
+    def _deliver_sorted(self) -> None:
+        """
+        Every partition's results in one key order (L{sorted_order}), to
+        C{final()} or the output, as octo.py called C{final()} over sorted
+        keys.  The partitions are decoded together, which a job's results
+        (far fewer than its records) afford.
+        """
+        keys: list[Any] = []
+        values: list[Any] = []
+        for partition in range(self.reduce_tasks):
+            task = TaskId(TaskKind.REDUCE, partition)
+            for blob in self.store.outputs(task):
+                k, v = codec.unpack(blob)
+                keys += k
+                values += v
+            self.store.forget(task)
+        order = sorted_order(keys)
+        final = self.job.final
+        if final is not None:
+            for i in order:
+                final(keys[i], values[i])
+                self._results += 1
+            return
+        step = 10_000
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            self.output.write([keys[i] for i in chunk], [values[i] for i in chunk])
+            self._results += len(chunk)
+
+    def cancel(self, why: str) -> None:
+        """
+        End the job now, as failed (its server is being stopped): the
+        workers are told why, the output is taken back.  Nothing happens if
+        it has ended already.
+        """
+        if not self.finished:
+            self._fail(why)
+
     def _fail_unless_over(self, error: str) -> None:
         if not self.finished:
             self._fail(error)
@@ -554,7 +627,14 @@ class JobServer:
                 timer.stop()
         outcome.stats = self.status()
         try:
-            self.output.commit() if outcome.ok else self.output.abort()
+            if self.output_gone:
+                pass  # nothing more can reach the reader
+            elif outcome.ok:
+                self.output.commit()
+            else:
+                self.output.abort()
+        except BrokenPipeError:
+            self.output_gone = True
         except OSError as e:  # a full disk, say: the results are not there
             error = f"cannot write the results: {type(e).__name__}: {e}"
             outcome = JobOutcome(False, error, 0, outcome.seconds, outcome.stats)
@@ -562,9 +642,10 @@ class JobServer:
             _log.error("job {job} failed: {error}", job=self.job.name, error=outcome.error)
         if outcome.ok:
             _log.info(
-                "job {job} finished: {n} results in {t:.2f} s",
+                "job {job} finished: {n} result{s} in {t:.2f} s",
                 job=self.job.name,
                 n=outcome.results,
+                s="" if outcome.results == 1 else "s",
                 t=outcome.seconds,
             )
         # Workers hang up when they read this; the transport closes whatever
@@ -673,19 +754,30 @@ class JobServer:
     def _report_progress(self) -> None:
         s = self.status()
         _log.info(
-            "{phase}: map {md}/{mt}, reduce {rd}/{rt}, {w} workers, {t:.0f}s",
+            "{phase}: map {md}/{mt}, reduce {rd}/{rt}, {w} worker{ws}, {t:.0f}s",
             phase=s["phase"],
             md=s["map"]["done"],
             mt=s["map"]["total"] or "?",
             rd=s["reduce"]["done"],
             rt=s["reduce"]["total"],
             w=len(s["workers"]),
+            ws="" if len(s["workers"]) == 1 else "s",
             t=s["elapsed"],
         )
 
 
 class _SourceError(OctotwistError):
     """The job's source raised while a task was being read from it."""
+
+
+def _error_line(e: BaseException) -> str:
+    """C{e} as the last line of its traceback: C{KeyError: 'k'}."""
+    return "".join(traceback.format_exception_only(e)).strip()
+
+
+def _short_repr(key: Any) -> str:
+    text = repr(key)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _check_hello(hello: messages.Hello) -> None:

@@ -49,8 +49,9 @@ Key = Any
 #: C{(keys, values, counts)}; see the module docstring.
 Run = tuple[list[Key], list[Any] | tuple[Any], list[int]]
 PartitionFn = Callable[[Key, int], int]
-CombineFn = Callable[[Key, list[Any]], tuple[Key, Any]]
-ReduceFn = Callable[[Key, list[Any]], tuple[Key, Any]]
+#: Both return C{(key, value)} or a bare value (L{_result}).
+CombineFn = Callable[[Key, list[Any]], Any]
+ReduceFn = Callable[[Key, list[Any]], Any]
 
 #: Values held by one L{MapOutput} (a counted key holds one) before it spills.
 DEFAULT_SPILL_VALUES = 2_000_000
@@ -116,6 +117,40 @@ def _sorted_keys(keys: list[Key]) -> list[Key]:
         return keys
 
 
+def _pairs_iterator(pairs: Any) -> Iterator[Any]:
+    """
+    An iterator over what a mapfn returned, or a C{TypeError} that says what
+    it did instead: the two mistakes an octo.py author makes are forgetting
+    to yield (C{None}) and returning one pair where an iterable of pairs is
+    due.  The latter would otherwise be iterated as two "pairs", its key and
+    its value, and fail on one of them with a message about neither.
+    """
+    if pairs is None:
+        raise TypeError(
+            "mapfn returned None; it must yield key, value pairs (or return a list of them)"
+        )
+    if type(pairs) in (tuple, list) and len(pairs) == 2 and not all(map(_looks_paired, pairs)):
+        raise TypeError(
+            f"mapfn returned a single pair {_short(pairs)}; use `yield k, v` or `return [(k, v)]`"
+        )
+    try:
+        return iter(pairs)
+    except TypeError:
+        raise TypeError(
+            f"mapfn returned {_short(pairs)}, which is not iterable; it must yield "
+            "key, value pairs (or return a list of them)"
+        ) from None
+
+
+def _looks_paired(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2
+
+
+def _short(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _pair(item: Any) -> tuple[Key, Any]:
     try:
         k, v = item
@@ -130,7 +165,8 @@ class MapOutput:
 
     @param partitions: number of reduce partitions.
     @param partitionfn: C{(key, n) -> int}; the stable default when C{None}.
-    @param combinefn: C{(key, values) -> (key, value)}, or C{None}.
+    @param combinefn: C{(key, values) -> (key, value)} or a value (see
+        L{_result}), or C{None}.
     @param spill_values: values to hold before L{add_all} asks for a spill.
     """
 
@@ -164,9 +200,10 @@ class MapOutput:
         Consume the pairs a mapfn produced, yielding the runs of each spill as
         the buffer fills up.  Call L{drain} afterwards for the rest.
 
-        @raise TypeError: an item is not a C{(key, value)} pair.
+        @raise TypeError: an item is not a C{(key, value)} pair, or C{pairs}
+            is not an iterable of them (the message says what mapfn did).
         """
-        it = iter(pairs)
+        it = _pairs_iterator(pairs)
         size = max(1, min(CHUNK, self.spill_values))
         carry = 0  # pairs of the current chunk already taken by _count
         while True:
@@ -292,13 +329,16 @@ class MapOutput:
             counts = {}
         for k, c in counts.items():
             result = combine(k, [one] * c)
-            try:
-                _, combined[k] = result
-            except (TypeError, ValueError):
-                _second(result, "combinefn")
-                raise
+            if type(result) is tuple and len(result) == 2 and result[0] is k:
+                combined[k] = result[1]
+            else:
+                combined[k] = _result(k, result, "combinefn")[1]
         for k, vs in lists.items():
-            combined[k] = _second(combine(k, vs), "combinefn")
+            result = combine(k, vs)
+            if type(result) is tuple and len(result) == 2 and result[0] is k:
+                combined[k] = result[1]
+            else:
+                combined[k] = _result(k, result, "combinefn")[1]
         return combined
 
     def _split(self, keys: list[Key]) -> dict[int, list[Key]]:
@@ -328,27 +368,32 @@ def _sum_combiner(key: Key, values: list[Any]) -> tuple[Key, Any]:
     return key, sum(values)
 
 
+def _bare_sum(key: Key, values: list[Any]) -> Any:
+    return sum(values)
+
+
+_PLAIN_SUMS = [
+    (c.co_code, c.co_consts, c.co_names, c.co_argcount)
+    for c in (_sum_combiner.__code__, _bare_sum.__code__)
+]
+
+
 def _is_plain_sum(fn: Any) -> bool:
     """
-    Whether C{fn} is exactly C{return key, sum(values)} with the built-in
+    Whether C{fn} is exactly C{return key, sum(values)}, or octo.py's
+    C{return sum(values)} (the same result, L{_result}), with the built-in
     C{sum}, whatever its argument names: the word count's combiner, which a
     counted key lets us compute in C (L{MapOutput._combine}).  Compares code,
     not names, so anything else (a print, a default, a closure) is called.
     """
     code = getattr(fn, "__code__", None)
-    ref = _sum_combiner.__code__
     if code is None or getattr(fn, "__defaults__", None) or getattr(fn, "__closure__", None):
         return False
     # co_flags also records __future__ imports, which change nothing here.
     plain = inspect.CO_OPTIMIZED | inspect.CO_NEWLOCALS
+    shape = (code.co_code, code.co_consts, code.co_names, code.co_argcount)
     if (
-        (code.co_code, code.co_consts, code.co_names, code.co_argcount)
-        != (
-            ref.co_code,
-            ref.co_consts,
-            ref.co_names,
-            ref.co_argcount,
-        )
+        shape not in _PLAIN_SUMS
         or code.co_flags & 0xFFFF != plain
         or code.co_kwonlyargcount
         or code.co_posonlyargcount
@@ -361,12 +406,35 @@ def _is_plain_sum(fn: Any) -> bool:
     return found is sum
 
 
-def _second(pair: Any, fname: str) -> Any:
+def _result(key: Key, result: Any, fname: str) -> tuple[Key, Any]:
+    """
+    The C{(key, value)} that a reducefn or combinefn's C{result} for C{key}
+    stands for.  The guide's functions return C{key, value}; octo.py's
+    returned a bare value (C{return sum(values)}, a dict), which it stored
+    under the key.  Both are accepted: a 2-tuple whose first item is, or
+    equals, C{key} is the pair, anything else is the value.  (The callers
+    check the common case, C{result[0] is key}, inline: a call per key less.)
+
+    @raise TypeError: C{result} is a generator: the function yields, and
+        its values would be the generator object, which cannot be pickled.
+    """
+    if type(result) is tuple and len(result) == 2 and _same_key(result[0], key):
+        return result[0], result[1]
+    if inspect.isgenerator(result):
+        raise TypeError(
+            f"{fname} returned a generator: it must return (key, value) or a value; "
+            "use return, not yield"
+        )
+    return key, result
+
+
+def _same_key(first: Any, key: Key) -> bool:
+    if first is key:
+        return True
     try:
-        _, value = pair
-    except (TypeError, ValueError):
-        raise TypeError(f"{fname} must return a (key, value) pair, got {pair!r}") from None
-    return value
+        return bool(first == key)
+    except Exception:  # an == that raises, or answers with an array: not the key
+        return False
 
 
 def merge_runs(runs: Iterable[Run]) -> Iterator[tuple[Key, list[Any]]]:
@@ -460,12 +528,13 @@ def _call_reducefn(
     for k, vs in merge_runs(runs):
         where[0] = k
         result = reducefn(k, vs)
-        try:
-            rk, rv = result
-        except (TypeError, ValueError):
-            raise TypeError(f"reducefn must return a (key, value) pair, got {result!r}") from None
-        add_key(rk)
-        add_value(rv)
+        if type(result) is tuple and len(result) == 2 and result[0] is k:
+            add_key(k)
+            add_value(result[1])
+        else:
+            rk, rv = _result(k, result, "reducefn")
+            add_key(rk)
+            add_value(rv)
     return out_keys, out_values
 
 

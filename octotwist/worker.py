@@ -63,6 +63,7 @@ class _ChildProcess(ProcessProtocol):
         self.pool = pool
         self.number = number
         self.killed = False  # on purpose: a cancelled task
+        self.pid: int | None = None
         self._buffer = bytearray()
         self._on_output: OnOutput | None = None
         self._result: Deferred[Outcome] | None = None
@@ -116,6 +117,11 @@ class _ChildProcess(ProcessProtocol):
             d.callback(outcome)
         self.pool._next()
 
+    def connectionMade(self) -> None:
+        # Kept: once the process is reaped, its transport forgets the pid.
+        assert self.transport is not None
+        self.pid = self.transport.pid
+
     def processEnded(self, reason: Failure) -> None:
         if self._result is not None:
             assert self.transport is not None  # ended: it was started
@@ -125,7 +131,7 @@ class _ChildProcess(ProcessProtocol):
                 Crashed(
                     None,
                     f"the worker process running the task died ({how})",
-                    f"worker process {self.transport.pid or '?'} {how}; the task's "
+                    f"worker process {self.number} (pid {self.pid}) {how}; the task's "
                     "user code may have crashed the interpreter, called os._exit(), "
                     "or run out of memory\n",
                 )

@@ -13,6 +13,7 @@ that names that transport with C{--transport}.
 
 from __future__ import annotations
 
+import ast
 import os
 import select
 import socket
@@ -22,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,12 +242,26 @@ def word_count(files: list[Path]) -> Counter[str]:
     return counts
 
 
-def parse_tsv(text: str) -> dict[str, int]:
+def tsv_field(text: str) -> Any:
+    """
+    One field of octo's TSV output, read back as docs/guide.md says: the
+    Python literal it spells when it parses as one, else the string itself.
+    """
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def parse_tsv(text: str) -> dict[Any, Any]:
     result = {}
-    for line in text.splitlines():
-        key, value = line.rsplit("\t", 1)
+    lines = text.split("\n")
+    assert lines.pop() == "", "the last line does not end with a newline"
+    for line in lines:
+        assert line.count("\t") == 1, f"not one key<TAB>value: {line!r}"
+        key, value = map(tsv_field, line.split("\t"))
         assert key not in result, f"key {key!r} output twice"
-        result[key] = int(value)
+        result[key] = value
     return result
 
 

@@ -6,6 +6,7 @@ exactly with an independent computation.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from conftest import (
     parse_spaced,
     parse_tsv,
     start,
+    tsv_field,
     wait_for_log,
     wait_for_port,
     word_count,
@@ -236,15 +238,18 @@ def test_lazy_source_is_read_as_tasks_are_handed_out(
     assert parse_tsv(r.stdout) == expected
     events = log.read_text().split()
     events = list(zip(events[::2], map(int, events[1::2]), strict=True))
-    # Every key is read exactly once, and never far ahead of its task: when
-    # key i is read, at most i + 2 keys have been drawn from the iterator.
+    # Every key is read exactly once, and never far ahead of its task: keys
+    # are drawn a map task's batch at a time, and its values read at once
+    # (a run of gets), so when a batch is read, the iterator has gone at
+    # most one key of look-ahead past its last key.
     assert sorted(k for e, k in events if e == "get") == list(range(40))
     drawn = 0
-    for event, key in events:
+    for i, (event, _) in enumerate(events):
         if event == "iter":
             drawn += 1
-        else:
-            assert drawn <= key + 2, f"source iterated {drawn} keys ahead of task {key}"
+        elif i == 0 or events[i - 1][0] == "iter":
+            run = [k for _, k in itertools.takewhile(lambda e: e[0] == "get", events[i:])]
+            assert drawn <= run[-1] + 2, f"source iterated {drawn} keys ahead of task {run}"
 
 
 def test_combinefn_partitionfn_and_reduce_tasks(
@@ -264,10 +269,39 @@ def test_combinefn_partitionfn_and_reduce_tasks(
     r = octo("run", str(script), "-w", "2", "--transport", transport, env=env)
     assert r.returncode == 0, r.stderr
     assert parse_tsv(r.stdout) == expected_books
-    # final order is partition order, each partition sorted by key
-    keys = [line.rsplit("\t", 1)[0] for line in r.stdout.splitlines()]
-    low = sorted(k for k in expected_books if k < "m")
-    assert keys == low + sorted(k for k in expected_books if k >= "m")
+    keys = [tsv_field(line.split("\t")[0]) for line in r.stdout.splitlines()]
+    assert keys == sorted(expected_books)
+
+
+@pytest.mark.parametrize("unsorted", [False, True])
+def test_results_come_sorted_unless_unsorted(env: dict, tmp_path: Path, unsorted: bool) -> None:
+    """
+    octo.py's order by default, whatever the partitions: the keys sorted;
+    with --unsorted, partition by partition (here the high keys' first).
+    """
+    script = job(
+        tmp_path,
+        """
+        source = {i: i for i in range(300)}
+        def mapfn(key, value):
+            yield f"k{value:03d}", value
+        def reducefn(key, values):
+            return key, sum(values)
+        def partitionfn(key, n):
+            return 0 if key >= "k150" else 1 + int(key[1:]) % (n - 1)
+        reduce_tasks = 3
+        """,
+    )
+    r = octo("run", str(script), *(["--unsorted"] if unsorted else []), env=env)
+    assert r.returncode == 0, r.stderr
+    keys = [line.split("\t")[0] for line in r.stdout.splitlines()]
+    expected = [f"k{i:03d}" for i in range(300)]
+    assert sorted(keys) == expected
+    if unsorted:
+        assert keys[:150] == expected[150:]  # partition 0 first, in its own key order
+        assert keys[150:] != expected[:150]  # then 1 and 2, each sorted, not merged
+    else:
+        assert keys == expected
 
 
 def test_raising_mapfn_fails_the_job_with_traceback_key_and_worker(
@@ -505,7 +539,7 @@ def test_port_in_use_is_one_clear_line(env: dict, tmp_path: Path) -> None:
         ),
         (["client", "localhost:notaport"], "cannot connect to 'localhost:notaport'"),
         (["client", "--connect", "foo:bar"], "cannot connect to 'foo:bar'"),
-        (["run", "JOB", "-w", "0"], "must be at least 1"),
+        (["run", "JOB", "-w", "-1"], "must be at least 1"),
     ],
 )
 def test_bad_arguments_are_usage_errors(
@@ -543,7 +577,6 @@ NONSENSE_FOR_A_SERVER = [
 NONSENSE = {
     "run": [
         *NONSENSE_FOR_A_SERVER,
-        ("--workers", "0", "must be at least 1"),
         ("--workers", "-2", "must be at least 1"),
         ("--workers", "4097", "at most 4096 (a server refuses more)"),
     ],
@@ -580,7 +613,7 @@ def test_nonsense_option_values_are_refused(
     ("args", "message"),
     [
         (["run", "JOB", "--backup-after", "-5"], "octo: --backup-after -5: must be 0 or more"),
-        (["run", "JOB", "-w", "0"], "octo: --workers 0: must be at least 1"),
+        (["run", "JOB", "-w", "-1"], "octo: --workers -1: must be at least 1"),
         (["server", "JOB", "--heartbeat", "0"], "octo: --heartbeat 0: must be more than 0"),
         (["server", "JOB", "-r", "-1"], "octo: --reduce-tasks -1: must be at least 1"),
         (["client", "--wait", "-1"], "octo: --wait -1: must be 0 or more"),

@@ -7,8 +7,8 @@ transports by name, through the hooks, and import none either.  The
 transport packages are every installed plugin's: the modules the
 C{octotwist} entry points name.  Both rules are checked twice: on the
 source (every import statement, also inside functions, followed from module
-to module within octotwist) and on what importing each module in a fresh
-interpreter really loads.
+to module within octotwist; a package's lazy C{__getattr__} aside) and on
+what importing each module in a fresh interpreter really loads.
 """
 
 from __future__ import annotations
@@ -62,7 +62,18 @@ def imports(path: Path, name: str) -> set[str]:
     """
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # A package's module-level __getattr__ (PEP 562: octotwist.run, imported
+    # when first used) runs when an attribute the package lacks is looked
+    # up, never because a submodule is imported: not followed.
+    lazy: set[int] = set()
+    if path.name == "__init__.py":
+        for top in tree.body:
+            if isinstance(top, ast.FunctionDef) and top.name == "__getattr__":
+                lazy |= {id(n) for n in ast.walk(top)}
+    for node in ast.walk(tree):
+        if id(node) in lazy:
+            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):

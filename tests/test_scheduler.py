@@ -47,10 +47,10 @@ def test_maps_first_come_first_served_then_reduces_then_finished() -> None:
     s.handle(WorkerJoined("w2"))
     a1 = s.next_assignment("w1")
     a2 = s.next_assignment("w2")
-    assert (a1, a2) == (Assignment(M(0), 1, "a"), Assignment(M(1), 1, "b"))
+    assert (a1, a2) == (Assignment(M(0), 1, ("a",)), Assignment(M(1), 1, ("b",)))
     assert s.next_assignment("w1") is NO_WORK  # one slot each, both busy
     s.handle(AttemptSucceeded("w2", M(1), 1))
-    assert s.next_assignment("w2") == Assignment(M(2), 1, "c")
+    assert s.next_assignment("w2") == Assignment(M(2), 1, ("c",))
     s.handle(AttemptSucceeded("w1", M(0), 1))
     assert s.phase is Phase.MAPPING  # map 2 still running
     assert s.next_assignment("w1") is NO_WORK  # reduces wait for every map
@@ -103,7 +103,7 @@ def test_worker_left_requeues_its_running_tasks() -> None:
     assert s.next_assignment("w1").task == M(0)
     s.handle(WorkerLeft("w1"))
     a = s.next_assignment("w2")
-    assert a == Assignment(M(0), 2, "a")  # same task, new attempt
+    assert a == Assignment(M(0), 2, ("a",))  # same task, new attempt
     assert s.workers() == ["w2"]
 
 
@@ -125,7 +125,7 @@ def test_requeued_task_counts_its_new_attempt() -> None:
     s.handle(WorkerLeft("w1"))
     s.handle(WorkerJoined("w1", slots=2))
     a = s.next_assignment("w2")
-    assert a == Assignment(M(0), 2, "a")
+    assert a == Assignment(M(0), 2, ("a",))
     b = s.next_assignment("w1")
     assert b.task == M(1)
     assert s.handle(AttemptSucceeded("w2", M(0), 2)) is Verdict.ACCEPTED
@@ -155,7 +155,7 @@ def test_failure_is_retried_below_max_attempts() -> None:
     a = s.next_assignment("w1")
     s.handle(AttemptFailed("w1", a.task, a.attempt, None, "E", "tb"))
     assert s.phase is Phase.MAPPING
-    assert s.next_assignment("w1") == Assignment(M(0), 2, "a")
+    assert s.next_assignment("w1") == Assignment(M(0), 2, ("a",))
     s.handle(AttemptFailed("w1", M(0), 2, None, "E", "tb"))
     assert s.phase is Phase.FAILED and s.failure.attempts == 2
 
@@ -231,11 +231,11 @@ def test_a_silent_worker_loses_its_attempts_after_its_lease() -> None:
     s.handle(Tick(10.5))  # w1 silent since 0, w2 heard at 5
     assert s.cancellations() == [Cancellation("w1", a.task, 1, "worker silent for over 10 s")]
     assert s.next_assignment("w1") is NO_WORK  # suspect: no new work
-    assert s.next_assignment("w2") == Assignment(M(0), 2, "a")  # requeued first
+    assert s.next_assignment("w2") == Assignment(M(0), 2, ("a",))  # requeued first
     # w1 wakes up (SIGCONT) and reports its stale attempt: discarded, no error.
     s.handle(Heard("w1", 11))
     assert s.handle(AttemptSucceeded("w1", M(0), 1)) is Verdict.DISCARDED
-    assert s.next_assignment("w1") == Assignment(M(1), 1, "b")  # trusted again
+    assert s.next_assignment("w1") == Assignment(M(1), 1, ("b",))  # trusted again
 
 
 def test_an_expired_attempt_that_fails_late_costs_nothing() -> None:
@@ -256,14 +256,14 @@ def test_retries_go_to_another_worker_when_there_is_one() -> None:
     s.handle(AttemptFailed("w1", a.task, 1, "'a'", "E", "tb"))
     # w1 asks again: map 0 failed on it and w2 exists, so w1 gets map 1.
     assert s.next_assignment("w1").task == M(1)
-    assert s.next_assignment("w2") == Assignment(M(0), 2, "a")
+    assert s.next_assignment("w2") == Assignment(M(0), 2, ("a",))
 
 
 def test_a_lone_worker_retries_its_own_failures() -> None:
     s = Scheduler(["a"], reduce_tasks=1, max_attempts=2)
     joined(s, "w1")
     s.handle(AttemptFailed("w1", M(0), s.next_assignment("w1").attempt, None, "E", "tb"))
-    assert s.next_assignment("w1") == Assignment(M(0), 2, "a")
+    assert s.next_assignment("w1") == Assignment(M(0), 2, ("a",))
 
 
 def test_job_fails_after_max_attempts_naming_every_worker() -> None:
@@ -314,7 +314,7 @@ def test_idle_worker_gets_a_backup_of_a_slow_task_and_the_first_success_wins() -
     assert s.next_assignment("fast") is NO_WORK  # not yet past max(5, 2 x 1)
     s.handle(Tick(6))
     backup = s.next_assignment("fast")
-    assert backup == Assignment(b.task, 2, "b", backup=True)
+    assert backup == Assignment(b.task, 2, ("b",), backup=True)
     assert s.next_assignment("slow") is NO_WORK  # its one slot is busy
     assert s.handle(AttemptSucceeded("fast", b.task, 2)) is Verdict.ACCEPTED
     assert s.cancellations() == [Cancellation("slow", b.task, 1, "another attempt finished first")]
@@ -351,7 +351,7 @@ def test_when_every_worker_has_failed_a_task_any_of_them_may_retry_it() -> None:
     s.handle(AttemptFailed("w1", a.task, a.attempt, None, "E", "tb"))
     b = s.next_assignment("w2")
     s.handle(AttemptFailed("w2", b.task, b.attempt, None, "E", "tb"))
-    assert s.next_assignment("w1") == Assignment(M(0), 3, "a")
+    assert s.next_assignment("w1") == Assignment(M(0), 3, ("a",))
 
 
 def test_output_counts_only_from_a_live_attempt_and_is_refused_from_one_never_given() -> None:

@@ -53,7 +53,7 @@ def _first_input(tmp_path: Path, machine: str | None) -> bytes:
     server.start()
     session.message_received(messages.Hello("w", "h", 1, 1, machine=machine))
     (data,) = [m.data for m in channel.sent if isinstance(m, messages.TaskInput)]
-    assert codec.unpack(data) == ("k", "some text " * 100)
+    assert codec.unpack(data) == (("k",), ["some text " * 100])  # a batch of one item
     return data
 
 

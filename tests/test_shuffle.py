@@ -213,8 +213,8 @@ def test_bad_pairs_and_partitions_say_what_is_wrong() -> None:
     list(bad.add_all([("a", 1)]))
     with pytest.raises(ValueError, match=r"partitionfn\('a', 2\) returned 5"):
         bad.drain()
-    with pytest.raises(TypeError, match="reducefn must return"):
-        reduce_partition(lambda k, vs: 3, [(["a"], [[1]], [0])])
+    with pytest.raises(TypeError, match="reducefn returned a generator"):
+        reduce_partition(lambda k, vs: (yield k, 3), [(["a"], [[1]], [0])])
 
 
 def test_reduce_merges_runs_in_order_and_reports_keys() -> None:

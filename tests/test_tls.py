@@ -7,6 +7,7 @@ still seals every frame.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,47 @@ def test_a_trust_root_that_cannot_be_used_is_a_usage_error(
     assert (r.returncode, r.stdout) == (2, ""), r.stderr
     assert r.stderr.startswith(f"octo: cannot connect to {connect!r}: "), r.stderr
     assert why in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_tls_server_hints_a_tls_client_and_a_refused_certificate_is_final(
+    env: dict, tmp_path: Path
+) -> None:
+    """
+    The server's hint is a tls: client command; a worker that trusts another
+    certificate stops at once with what to fix, and one that speaks plain
+    TCP to the TLS port gives up within its --wait.
+    """
+    pytest.importorskip("OpenSSL", reason="TLS needs twisted[tls]")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    key, cert = make_certificate(ours)
+    make_certificate(theirs)
+    wrong = tmp_path / "wrong-trust"
+    wrong.mkdir()
+    (wrong / "cert.pem").write_bytes((theirs / "cert.pem").read_bytes())
+    port = free_port()
+    env = dict(env, OCTO_SECRET=SECRET)
+    server = start(
+        "server", str(books_job(tmp_path)),
+        "--listen", f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+        env=env,
+    )  # fmt: skip
+    wait_for_port(port, server)
+    refused = octo("client", "--connect", f"tls:localhost:{port}:trustRoots={wrong}",
+                   "--wait", "60", env=env, timeout=60)  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(
+        "octo: the server's TLS certificate was refused (certificate verify failed): "
+    ), refused.stderr
+    assert "retrying" not in refused.stderr  # final, not retried for 60 s
+    started = time.monotonic()
+    plain = octo("client", f"127.0.0.1:{port}", "--wait", "5", env=env, timeout=60)
+    assert plain.returncode == 1
+    assert "gave up" in plain.stderr, plain.stderr
+    assert time.monotonic() - started < 14, "the plain client did not keep to --wait 5"
+    server.terminate()
+    _, _, err = finish(server)
+    assert (
+        f"start workers with: octo client --connect tls:127.0.0.1:{port}:trustRoots=DIR " in err
+    ), err

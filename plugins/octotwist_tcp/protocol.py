@@ -284,9 +284,37 @@ class ClientProtocol(_FramedProtocol):
                     "the server closed the connection during authentication: "
                     "it does not have the same secret (check --secret-file / OCTO_SECRET)"
                 )
+            elif _is_tls_failure(reason.value):
+                # Final: the same certificate will be refused again.
+                error = AuthenticationError(
+                    f"the server's TLS certificate was refused ({_tls_reason(reason.value)}): "
+                    "trustRoots= must name a directory holding the certificate of the CA "
+                    "that signed it (or the server's own), and the host name you connect "
+                    "to must be one it names"
+                )
             else:
-                error = ConnectionError(f"connection closed before authentication: {reason.value}")
+                error = ConnectionError(
+                    f"connection closed before authentication: {reason.value}"
+                    + (
+                        " (a TLS port? connect with --connect tls:HOST:PORT:trustRoots=DIR)"
+                        if "non-clean" in str(reason.value)
+                        else ""
+                    )
+                )
             self.ready.errback(error)
+
+
+def _is_tls_failure(error: BaseException) -> bool:
+    """A certificate or TLS handshake refusal (pyOpenSSL's, service_identity's)."""
+    return type(error).__module__.split(".")[0] in ("OpenSSL", "service_identity")
+
+
+def _tls_reason(error: BaseException) -> str:
+    """C{[('SSL routines', '', 'certificate verify failed')]} as C{certificate verify failed}."""
+    args = error.args[0] if error.args else None
+    if isinstance(args, list) and args and all(isinstance(a, tuple) for a in args):
+        return "; ".join(str(a[-1]) for a in args)
+    return str(error) or type(error).__name__
 
 
 class _Factory(Factory):

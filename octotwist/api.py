@@ -1,0 +1,247 @@
+"""
+octotwist from Python: L{run} a job on this machine and get its results
+back, from a script, a notebook or a Twisted program.
+
+    >>> import octotwist
+    >>> counts = octotwist.run("examples/wordcount.py")        # a job script
+    >>> counts = octotwist.run(octotwist.Job(source=..., mapfn=..., reducefn=...))
+
+A job is a job script's path, a module, or a L{Job}; its functions may be
+defined anywhere, a notebook cell included: they travel to the worker
+processes by value.  C{workers=0} runs it all in this process, for
+C{breakpoint()} in a C{mapfn}.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+from twisted.internet.defer import Deferred
+
+from octotwist import job as jobs
+from octotwist.config import JobConfig
+from octotwist.errors import OctotwistError, UsageError
+from octotwist.inline import run_inline
+from octotwist.output import Collected, Results, open_results
+from octotwist.server import MAX_SLOTS, JobOutcome
+from octotwist.service import JobService, local_config, run_here
+from octotwist.threaded import blocking_call, global_reactor
+from octotwist.transport import IReactor, Transport
+
+
+@dataclass
+class Job:
+    """
+    A job written in Python rather than as a script: octo.py's names as
+    fields.
+
+    @ivar source: a dict, or an object with C{__iter__} (its keys) and
+        C{__getitem__}.
+    @ivar mapfn: C{mapfn(key, value)} yields C{(key, value)} pairs.
+    @ivar reducefn: C{reducefn(key, values)} returns C{(key, value)}, or the value.
+    @ivar final: if given, called here with each result, instead of the
+        results being returned.
+    """
+
+    source: Any
+    mapfn: Callable[[Any, Any], Any]
+    reducefn: Callable[[Any, list[Any]], Any]
+    combinefn: Callable[[Any, list[Any]], Any] | None = None
+    partitionfn: Callable[[Any, int], int] | None = None
+    final: Callable[[Any, Any], Any] | None = None
+    reduce_tasks: int | None = None
+    name: str = "job"
+
+
+class JobResult(dict[Any, Any]):
+    """
+    The results of a job, a C{dict} in key order (empty when the job has
+    a C{final()}, which got them instead), and how the job went.
+
+    @ivar job: the job's name.
+    @ivar results: how many results the job produced.
+    @ivar seconds: how long it ran.
+    @ivar status: the status page's figures at its end (docs/status.md):
+        tasks, workers, failures, bytes moved.
+    """
+
+    job: str
+    results: int
+    seconds: float
+    status: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"JobResult({dict.__repr__(self)}, job={self.job!r}, seconds={self.seconds:.3f})"
+
+
+class JobFailed(OctotwistError):
+    """
+    The job ran and failed: a task failed every attempt, C{final()}
+    raised, or it was cancelled.  The message says where and why, with the
+    user's traceback.
+
+    @ivar outcome: the server's L{JobOutcome}.
+    """
+
+    def __init__(self, job: str, outcome: JobOutcome) -> None:
+        super().__init__(f"job {job} failed: {outcome.error}")
+        self.outcome = outcome
+
+
+def run(
+    job: str | os.PathLike[str] | types.ModuleType | Job,
+    *,
+    workers: int = 2,
+    transport: str | None = None,
+    reduce_tasks: int | None = None,
+    web: str | None = None,
+    **options: Any,
+) -> JobResult:
+    """
+    Run C{job} on this machine and return its results.
+
+    @param job: a job script's path, a module with a job's names, or a L{Job}.
+    @param workers: worker processes; 0 runs everything in this process
+        (no pickling: C{breakpoint()} works in C{mapfn}).
+    @param transport: run the workers over this transport (C{"tcp"}, ...)
+        rather than in-process channels, to try it.
+    @param reduce_tasks: reduce partitions (default: the job's, else 8).
+    @param web: serve the live status page on this endpoint (C{"tcp:8080"}).
+    @param options: C{args} (the job's own arguments), C{sort} (default
+        True: results in key order), C{output} (a file to write them to
+        instead of returning them), C{format} (C{"tsv"}, C{"jsonl"}),
+        C{memory_limit} (bytes), and the fault policy: C{max_attempts},
+        C{task_timeout}, C{heartbeat}, C{backup_after},
+        C{skip_bad_records}.
+    @raise JobFailed: the job failed.
+    @raise OctotwistError: the job or an option is wrong (L{UsageError},
+        L{octotwist.errors.JobScriptError}).
+    """
+    config, loaded = _prepare(job, reduce_tasks, options)
+    if workers == 0:
+        return _inline(loaded, config)
+    return blocking_call(lambda reactor: _run(reactor, loaded, config, workers, transport, web))
+
+
+def run_deferred(
+    job: str | os.PathLike[str] | types.ModuleType | Job,
+    *,
+    workers: int = 2,
+    transport: str | None = None,
+    reduce_tasks: int | None = None,
+    web: str | None = None,
+    reactor: IReactor | None = None,
+    **options: Any,
+) -> Deferred[JobResult]:
+    """
+    L{run} for a Twisted program: returns a L{Deferred} that fires with the
+    L{JobResult} (or fails with L{JobFailed}) while the reactor goes on.
+    Cancelling it cancels the job.
+
+    @param reactor: the reactor to use (default: the installed one).
+    """
+    try:
+        config, loaded = _prepare(job, reduce_tasks, options)
+        if workers == 0:
+            return Deferred.fromCoroutine(_async(_inline(loaded, config)))
+    except Exception as e:
+        failed: Deferred[JobResult] = Deferred()
+        failed.errback(e)
+        return failed
+    return Deferred.fromCoroutine(
+        _run(reactor or global_reactor(), loaded, config, workers, transport, web)
+    )
+
+
+async def _async(result: JobResult) -> JobResult:
+    return result
+
+
+def _prepare(job: Any, reduce_tasks: int | None, options: dict[str, Any]) -> tuple[JobConfig, Any]:
+    config = JobConfig.from_keywords(reduce_tasks, options)
+    return config, load(job, config.args)
+
+
+def load(job: str | os.PathLike[str] | types.ModuleType | Job, args: Sequence[str] = ()) -> Any:
+    """
+    The checked, ready to ship form of C{job} (L{octotwist.job.Job}).
+
+    @raise JobScriptError: it lacks a name, or a function cannot be pickled.
+    """
+    if isinstance(job, (str, os.PathLike)):
+        return jobs.load_job(job, args)
+    if isinstance(job, Job):
+        return jobs.job_from_namespace(job, job.name, None, f"job {job.name!r}")
+    if isinstance(job, types.ModuleType):
+        file = getattr(job, "__file__", None)
+        if file is not None and "site-packages" not in file:
+            # A module of the user's own: its workers may not find it.
+            cloudpickle.register_pickle_by_value(job)
+        name = job.__name__.rpartition(".")[2]
+        return jobs.job_from_namespace(job, name, Path(file) if file else None, job.__name__)
+    raise UsageError(
+        f"octotwist.run() takes a job script's path, a module or an octotwist.Job, "
+        f"not {type(job).__name__}"
+    )
+
+
+def _output(config: JobConfig, loaded: Any) -> Results:
+    if config.output is None or loaded.final is not None:
+        return Collected()
+    try:
+        return open_results(config.output, config.format)
+    except OSError as e:
+        raise UsageError(f"cannot write {config.output!r}: {e.strerror}") from None
+
+
+def _result(loaded: Any, outcome: JobOutcome, output: Results) -> JobResult:
+    if not outcome.ok:
+        raise JobFailed(loaded.name, outcome)
+    result = JobResult(output.results if isinstance(output, Collected) else {})
+    result.job = loaded.name
+    result.results = outcome.results
+    result.seconds = outcome.seconds
+    result.status = outcome.stats
+    return result
+
+
+def _inline(loaded: Any, config: JobConfig) -> JobResult:
+    output = _output(config, loaded)
+    return _result(loaded, run_inline(loaded, config, output), output)
+
+
+async def _run(
+    reactor: IReactor,
+    loaded: Any,
+    config: JobConfig,
+    workers: int,
+    transport_name: str | None,
+    web: str | None,
+) -> JobResult:
+    if not 1 <= workers <= MAX_SLOTS:
+        raise UsageError(f"workers must be 0 to {MAX_SLOTS}, not {workers!r}")
+    transport = _transport(transport_name)
+    output = _output(config, loaded)
+    service = JobService(
+        reactor, loaded, config, local_config(reactor, transport, workers, web), transport, output
+    )
+    return _result(loaded, await run_here(service), output)
+
+
+def _transport(name: str | None) -> Transport:
+    if name is None:
+        from octotwist import embedded
+
+        return embedded.TRANSPORT
+    from octotwist.hookspecs import get_transport
+
+    return get_transport(name)
+
+
+__all__ = ["Job", "JobFailed", "JobResult", "load", "run", "run_deferred"]
