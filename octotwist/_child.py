@@ -95,6 +95,12 @@ class _Runner:
             if key is not None and len(key) > 200:
                 key = key[:200] + "..."
             error = "".join(traceback.format_exception_only(e)).strip()
+            if "lost sys.stdin" in error:  # breakpoint(), pdb, input(): no terminal here
+                error += (
+                    " (a worker process has no terminal: to use breakpoint() or pdb, run "
+                    "the job in one process with octo run --inline, or octotwist.run(job, "
+                    "workers=0))"
+                )
             self.emit("failed", key, error, user_traceback(e))
         else:
             self.emit("done", records_in, records_out, time.monotonic() - started)
@@ -206,7 +212,10 @@ def main() -> int:
         if first is None:
             return 0
         _, functions_blob = first
-        functions = codec.load_functions(functions_blob)
+        try:
+            functions = codec.load_functions(functions_blob)
+        except Exception as e:
+            return _cannot_load(e, inp, out)
         # Helper modules the functions import when they run, from the
         # sources the server shipped: this process may run anywhere.
         shipping.install(getattr(functions, "modules", None) or {})
@@ -221,6 +230,24 @@ def main() -> int:
         while (request := read_frame(inp)) is not None:
             runner.handle(*request)
             out.flush()
+    return 0
+
+
+def _cannot_load(e: Exception, inp: BinaryIO, out: BinaryIO) -> int:
+    """
+    The job's functions do not load here (a module they need by name is
+    not importable on this machine): fail every task with why, rather than
+    die and be taken for a crash.
+    """
+    error = "".join(traceback.format_exception_only(e)).strip()
+    hint = (
+        f"the job's functions cannot be loaded on this worker: {error} (a module the job "
+        "uses is not importable here: install it on the worker, or keep it beside the "
+        "job script, whose folder's modules travel with the job)"
+    )
+    while read_frame(inp) is not None:
+        write_frame(out, ("failed", None, hint, user_traceback(e)))
+        out.flush()
     return 0
 
 

@@ -15,6 +15,7 @@ C{breakpoint()} in a C{mapfn}.
 from __future__ import annotations
 
 import os
+import sys
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -159,12 +160,16 @@ def run_deferred(
     )
 
 
+#: What run() takes besides the configuration's names.
+_OWN_KEYWORDS = ("workers", "transport", "web", "reactor")
+
+
 async def _async(result: JobResult) -> JobResult:
     return result
 
 
 def _prepare(job: Any, reduce_tasks: int | None, options: dict[str, Any]) -> tuple[JobConfig, Any]:
-    config = JobConfig.from_keywords(reduce_tasks, options)
+    config = JobConfig.from_keywords(reduce_tasks, options, _OWN_KEYWORDS)
     return config, load(job, config.args)
 
 
@@ -177,18 +182,48 @@ def load(job: str | os.PathLike[str] | types.ModuleType | Job, args: Sequence[st
     if isinstance(job, (str, os.PathLike)):
         return jobs.load_job(job, args)
     if isinstance(job, Job):
+        if args:
+            raise UsageError(
+                "args= is a job script's sys.argv; an octotwist.Job takes its parameters "
+                "from the code that builds it"
+            )
+        _ship_own_modules(job, [job.mapfn, job.reducefn, job.combinefn, job.partitionfn])
         return jobs.job_from_namespace(job, job.name, None, f"job {job.name!r}")
     if isinstance(job, types.ModuleType):
         file = getattr(job, "__file__", None)
         if file is not None and "site-packages" not in file:
             # A module of the user's own: its workers may not find it.
             cloudpickle.register_pickle_by_value(job)
+        _ship_own_modules(job, [getattr(job, "mapfn", None), getattr(job, "reducefn", None)])
         name = job.__name__.rpartition(".")[2]
         return jobs.job_from_namespace(job, name, Path(file) if file else None, job.__name__)
     raise UsageError(
         f"octotwist.run() takes a job script's path, a module or an octotwist.Job, "
         f"not {type(job).__name__}"
     )
+
+
+def _ship_own_modules(job: Any, functions: list[Any]) -> None:
+    """
+    Send the modules beside the job's code by value, as a job script's are
+    (L{octotwist.job}): a helper that a script run from another directory,
+    or a module job, imported from its own folder is not importable where
+    the workers run.
+    """
+    from octotwist.shipping import job_directory
+
+    directory = job_directory(getattr(job, "__file__", None) or "", [f for f in functions if f])
+    if directory is None:
+        return
+    inside = str(directory) + os.sep
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None) or ""
+        if (
+            os.path.abspath(file).startswith(inside)
+            and module.__name__ != "__main__"
+            and not module.__name__.startswith("octotwist")
+        ):
+            cloudpickle.register_pickle_by_value(module)
 
 
 def _output(config: JobConfig, loaded: Any) -> Results:

@@ -8,6 +8,7 @@ over); 1 the job failed; 2 bad usage, a bad job script or a bad option.
 
 from __future__ import annotations
 
+import bdb
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -380,6 +381,9 @@ def _run_inline(opts: RunOptions) -> int:
         outcome = run_inline(job, config, shared.open_output(config, job))
     except BrokenPipeError:
         return EXIT_OK  # octo run --inline job.py | head: the reader has what it wanted
+    except bdb.BdbQuit:
+        sys.stderr.write(f"octo: job {job.name} stopped in the debugger (pdb's quit)\n")
+        return EXIT_FAILED
     except Exception as e:
         from octotwist._child import user_traceback
 

@@ -185,7 +185,9 @@ class WorkerSession:
                 )
                 self.outbox.send(messages.TaskDone(task, attempt, records_in, records_out, seconds))
             case Crashed(key, error, tb):
-                _log.error(
+                # octo run's own workers: the server logs the failure, once.
+                _log.emit(
+                    LogLevel.error if self.task_lines else LogLevel.debug,
                     "{task} failed{at}: {error}",
                     task=str(task),
                     at=f" at key {key}" if key is not None else "",
@@ -274,13 +276,14 @@ async def run_worker(
                 raise ConnectionError(
                     f"gave up: no server at {client.settings.connect} for {wait:.0f} s ({why})"
                 ) from None
+            pause = min(delay, max(since + wait - now, 0.0))  # no later than --wait says
             _log.info(
                 "cannot reach the server at {where} ({error}); retrying in {delay:.1f} s",
                 where=client.settings.connect,
                 error=_short(e),
-                delay=delay,
+                delay=pause,
             )
-            await deferLater(reactor, delay)
+            await deferLater(reactor, pause)
             delay = min(delay * 2, 10.0)
             continue
         since, delay = None, 0.5

@@ -9,6 +9,7 @@ following a setting from the command line to the scheduler is one hop.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -107,20 +108,27 @@ class JobConfig:
         object.__setattr__(self, "args", tuple(map(str, self.args)))
 
     @classmethod
-    def from_keywords(cls, reduce_tasks: int | None, options: Mapping[str, Any]) -> JobConfig:
+    def from_keywords(
+        cls, reduce_tasks: int | None, options: Mapping[str, Any], also: tuple[str, ...] = ()
+    ) -> JobConfig:
         """
         The configuration L{octotwist.run}'s keyword arguments ask for: this
         class's fields and L{FaultPolicy}'s, by name.
 
+        @param also: the caller's own keywords, named in the refusal of an
+            unknown one.
         @raise UsageError: an unknown name, or a value out of range.
         """
         policy_names = set(FaultPolicy.__dataclass_fields__)
         own_names = set(cls.__dataclass_fields__) - {"policy", "reduce_tasks"}
         unknown = sorted(set(options) - policy_names - own_names)
         if unknown:
+            known = sorted(own_names | policy_names | {"reduce_tasks", *also})
+            close = difflib.get_close_matches(unknown[0], known, n=1)
             raise UsageError(
-                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                f"octotwist.run takes {', '.join(sorted(own_names | policy_names))}"
+                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; octotwist.run takes {', '.join(known)}"
             )
         policy = FaultPolicy(**{k: v for k, v in options.items() if k in policy_names})
         own = {k: v for k, v in options.items() if k in own_names}

@@ -6,8 +6,11 @@ C{[key, value]} JSON array a line.  In TSV a string is written as itself,
 unless it would read as another value (C{"7"} beside C{7}, C{"None"}, text
 that starts with a quote or a bracket): then as its C{repr}; anything else
 is written as its C{repr} too.  Tabs, newlines and backslashes are escaped,
-so a line is always one result, and a reader gets every field back with
-C{ast.literal_eval} when it parses, else as the string it is.
+so a line is always one result.  A reader gets a field back with
+C{ast.literal_eval} when it parses (C{inf}, C{-inf} and C{nan} being
+floats), else as the string it is: exactly, for strings, numbers, bytes,
+C{None}, booleans and tuples, lists, dicts and sets of them.  An object
+whose C{repr} is no literal (a dataclass) reads back as that text.
 
 C{--output FILE} is written to a temporary file beside C{FILE} and renamed
 over it only when the job succeeds: a job that fails leaves the previous
@@ -36,7 +39,11 @@ from typing import IO, Any
 Encoder = Callable[[Sequence[Any], Sequence[Any]], list[str]]
 
 #: Strings written as themselves in TSV: they cannot be read as another value.
-_BARE = re.compile(r"[^\d\s+\-.'\"(\[{\\][^\t\n\r\\]*\Z|\Z")
+#: (Not one that starts like a literal: a digit, a sign, a dot, a quote, a
+#: bracket, or a string prefix and a quote, as in C{b'x'}.)
+_BARE = re.compile(r"(?![bBrRuUfF]{1,2}['\"])[^\d\s+\-.'\"(\[{\\][^\t\n\r\\]*\Z")
+#: Words that read as a value: a string that is one is quoted (C{inf} and
+#: C{nan} are how floats are written).
 _LITERAL_WORDS = frozenset({"None", "True", "False", "Ellipsis", "inf", "nan"})
 #: What a C{repr} may still hold that would break a line (a class's own C{__repr__}).
 _ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -44,7 +51,7 @@ _ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 def tsv_field(x: Any) -> str:
     """One TSV field (see the module's docstring)."""
-    if type(x) is str and x not in _LITERAL_WORDS and _BARE.match(x) and x:
+    if type(x) is str and x not in _LITERAL_WORDS and _BARE.match(x):
         return x
     return repr(x).translate(_ESCAPES)
 

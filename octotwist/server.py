@@ -598,8 +598,8 @@ class JobServer:
         step = 10_000
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
+            self._results += len(chunk)  # (counted as handed over: a pipe takes them in part)
             self.output.write([keys[i] for i in chunk], [values[i] for i in chunk])
-            self._results += len(chunk)
 
     def cancel(self, why: str) -> None:
         """
@@ -640,7 +640,15 @@ class JobServer:
             outcome = JobOutcome(False, error, 0, outcome.seconds, outcome.stats)
             self._outcome = outcome
             _log.error("job {job} failed: {error}", job=self.job.name, error=outcome.error)
-        if outcome.ok:
+        if outcome.ok and self.output_gone:
+            _log.info(
+                "job {job} finished in {t:.2f} s; the reader of its results stopped reading "
+                "after {n}",
+                job=self.job.name,
+                n=outcome.results,
+                t=outcome.seconds,
+            )
+        elif outcome.ok:
             _log.info(
                 "job {job} finished: {n} result{s} in {t:.2f} s",
                 job=self.job.name,

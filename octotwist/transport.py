@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorPluggableNameResolver, IReactorTime
+from zope.interface import implementer
 
 from octotwist.endpoints import split_host_port
 from octotwist.errors import PluginError
@@ -279,10 +280,22 @@ class TaskClient(ABC):
         """
 
 
-#: What an endpoint built only to check its string is given for a reactor:
-#: it is never connected, and library code takes the reactor it is handed
-#: rather than importing the global one.
-_CHECKING_ONLY: Any = object()
+@implementer(IReactorPluggableNameResolver)
+class _CheckingOnly:
+    """
+    What an endpoint built only to check its string is given for a reactor:
+    it is never connected, and library code takes the reactor it is handed
+    rather than importing the global one.  (C{tls:} endpoints want a name
+    resolver, and warn without one.)
+    """
+
+    nameResolver: Any = None
+
+    def installNameResolver(self, resolver: Any) -> Any:
+        raise NotImplementedError("an endpoint built to check its string only")
+
+
+_CHECKING_ONLY: Any = _CheckingOnly()
 
 
 def _escape(host: str) -> str:

@@ -247,6 +247,8 @@ def tsv_field(text: str) -> Any:
     One field of octo's TSV output, read back as docs/guide.md says: the
     Python literal it spells when it parses as one, else the string itself.
     """
+    if text in ("inf", "-inf", "nan"):
+        return float(text)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):

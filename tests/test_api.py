@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import BOOKS, EXAMPLES, octo, parse_tsv, word_count
+from conftest import BOOKS, EXAMPLES, octo, parse_tsv, tsv_field, word_count
 
 BOOK_FILES = sorted(BOOKS.glob("*.txt"))
 
@@ -259,7 +259,10 @@ def test_unknown_options_are_refused_by_name(env: dict, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("unknown option max_atempts; octotwist.run takes ")
+    assert lines[0].startswith(
+        "unknown option max_atempts (did you mean max_attempts?); octotwist.run takes args, "
+    )
+    assert ", workers" in lines[0] and ", reduce_tasks," in lines[0]
     assert lines[1] == "--task-timeout (1 s) must be longer than --heartbeat (2 s)"
     assert lines[2] == "format must be one of tsv, jsonl, not 'xml'"
 
@@ -267,13 +270,16 @@ def test_unknown_options_are_refused_by_name(env: dict, tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
 def test_output_formats_keep_what_tsv_lost(env: dict, tmp_path: Path, fmt: str) -> None:
     """Tabs and newlines in keys, 7 beside '7': each result read back as it was."""
-    import ast
     import json
 
-    source = {1: ["a\tb", "line\nbreak", 7, "7", "None", "back\\slash", "plain words"]}
+    source = {
+        1: ["a\tb", "line\nbreak", 7, "7", "None", "back\\slash", "plain words", b"x", "b'x'",
+            "u'y'", float("inf"), "inf", "", (1, "2")]
+    }  # fmt: skip
     (tmp_path / "fmtjob.py").write_text(
         textwrap.dedent(
             f"""
+            inf = float("inf")
             source = {source!r}
             def mapfn(key, value):
                 for item in value:
@@ -287,9 +293,11 @@ def test_output_formats_keep_what_tsv_lost(env: dict, tmp_path: Path, fmt: str) 
     assert r.returncode == 0, r.stderr
     if fmt == "tsv":
         got = parse_tsv(r.stdout)
-    else:
-        got = {json.dumps(k): v for k, v in map(json.loads, r.stdout.splitlines())}
-        got = {ast.literal_eval(v): v for v in got.values()}
+    else:  # JSON keeps the values (reprs, here); a key JSON has no type for is its repr
+        pairs = [json.loads(line) for line in r.stdout.splitlines()]
+        got = {tsv_field(v): v for _, v in pairs}
+        native = [k for k, _ in pairs if k in source[1][:4]]  # JSON's own types
+        assert sorted(native, key=repr) == sorted(source[1][:4], key=repr)
     expected = {item: repr(item) for item in source[1]}
     assert got == expected
     assert len(r.stdout.splitlines()) == len(expected)
@@ -313,3 +321,76 @@ def test_the_example_notebook_runs_in_a_real_jupyter_kernel(tmp_path: Path) -> N
     expected = word_count(BOOK_FILES)
     assert f"{len(expected)} words;" in text
     assert repr(expected.most_common(1)[0]) in text
+
+
+def test_a_helper_beside_a_script_run_from_elsewhere_travels_with_the_job(
+    env: dict, tmp_path: Path
+) -> None:
+    """The workers start in another directory, where `import helpers` finds nothing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "helpers.py").write_text("def norm(w):\n    return w.strip('.,').lower()\n")
+    (work / "helpjob.py").write_text(
+        "from helpers import norm\n"
+        "source = {1: 'Cat hat.', 2: 'cat'}\n"
+        "def mapfn(key, value):\n"
+        "    for w in value.split():\n"
+        "        yield norm(w), 1\n"
+        "def reducefn(key, values):\n"
+        "    return key, sum(values)\n"
+    )
+    (work / "usehelp.py").write_text(
+        "import sys\n"
+        "import octotwist\n"
+        "from helpers import norm\n"
+        "def mapfn(key, value):\n"
+        "    for w in value.split():\n"
+        "        yield norm(w), 1\n"
+        "def reducefn(key, values):\n"
+        "    return key, sum(values)\n"
+        "job = octotwist.Job(source={1: 'Cat hat.', 2: 'cat'}, mapfn=mapfn, reducefn=reducefn)\n"
+        "print(dict(octotwist.run(job)))\n"
+        "sys.path.insert(0, sys.path[0])\n"
+        "import helpjob\n"
+        "print(dict(octotwist.run(helpjob)))\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run(
+        [sys.executable, str(work / "usehelp.py")],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["{'cat': 2, 'hat': 1}"] * 2
+
+
+def test_functions_that_cannot_load_on_a_worker_say_so(env: dict, tmp_path: Path) -> None:
+    """Not 'the worker process died': which module is missing, and what to do."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "faraway.py").write_text("def norm(w):\n    return w\n")
+    r = python(
+        """
+        import sys
+        sys.path.insert(0, "site")  # importable here, not by the workers (another cwd)
+        import faraway, octotwist
+        faraway.__file__ = "/usr/lib/python3/site-packages/faraway.py"  # as if installed
+        def mapfn(key, value):
+            yield faraway.norm(value), 1
+        job = octotwist.Job(source={1: "a"}, mapfn=mapfn, reducefn=lambda k, vs: (k, sum(vs)))
+        try:
+            octotwist.run(job, max_attempts=1)
+        except octotwist.JobFailed as e:
+            print(e)
+        """,
+        env,
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "the job's functions cannot be loaded on this worker: ModuleNotFoundError: " in r.stdout
+    assert "No module named 'faraway'" in r.stdout
+    assert "died" not in r.stdout

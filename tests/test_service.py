@@ -168,3 +168,34 @@ def test_importing_octotwist_loads_no_plugin_and_no_reactor(env: dict) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["[]", "False"]
+
+
+def test_octo_run_logs_each_failure_once_and_no_empty_traceback(env: dict, tmp_path: Path) -> None:
+    """The server says it; its own workers do not say it again."""
+    raising = tmp_path / "raising.py"
+    raising.write_text(
+        "source = {i: i for i in range(4)}\n"
+        "def mapfn(key, value):\n"
+        "    if key == 2:\n"
+        "        raise ValueError('bad record')\n"
+        "    yield key, value\n"
+        "def reducefn(key, values):\n"
+        "    return key, sum(values)\n"
+    )
+    code, _, err = finish(start("run", str(raising), "--max-attempts", "2", env=env))
+    assert code == 1, err
+    attempts = [line for line in err.splitlines() if "at key 2: ValueError: bad record" in line]
+    assert attempts == [
+        "octo: map 2 attempt 1 failed on worker local at key 2: ValueError: bad record",
+        "octo: map 2 attempt 2 failed on worker local at key 2: ValueError: bad record",
+    ], err
+    assert err.count("Traceback (most recent call last):") == 1, err
+    assert "the server says" not in err
+    # An error of the framework's making (mapfn returned None): the message,
+    # with its hint, and no traceback header with nothing under it.
+    none = tmp_path / "none.py"
+    none.write_text(raising.read_text().replace("    yield key, value\n", "    value += 1\n"))
+    code, _, err = finish(start("run", str(none), "--max-attempts", "1", env=env))
+    assert code == 1, err
+    assert "mapfn returned None; it must yield key, value pairs" in err
+    assert "Traceback" not in err, err

@@ -107,6 +107,8 @@ def results(path: Path) -> dict[str, str]:
 
 
 def _field(text: str) -> object:
+    if text in ("inf", "-inf", "nan"):
+        return float(text)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
