@@ -33,15 +33,20 @@ def python(
     )
 
 
-def test_the_api_example_prints_the_ten_most_common_words(env: dict, tmp_path: Path) -> None:
-    r = subprocess.run(
-        [sys.executable, str(EXAMPLES / "wordcount_api.py")],
+def run_script(script: Path, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """C{python SCRIPT}, run from C{cwd}, as a user runs a script of theirs."""
+    return subprocess.run(
+        [sys.executable, str(script)],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=180,
     )
+
+
+def test_the_api_example_prints_the_ten_most_common_words(env: dict, tmp_path: Path) -> None:
+    r = run_script(EXAMPLES / "wordcount_api.py", env, tmp_path)
     assert r.returncode == 0, r.stderr
     *top, summary = r.stdout.splitlines()
     expected = word_count(BOOK_FILES)
@@ -356,14 +361,7 @@ def test_a_helper_beside_a_script_run_from_elsewhere_travels_with_the_job(
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    r = subprocess.run(
-        [sys.executable, str(work / "usehelp.py")],
-        env=env,
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_script(work / "usehelp.py", env, elsewhere)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["{'cat': 2, 'hat': 1}"] * 2
 
