@@ -2,10 +2,13 @@
 octotwist: octo.py's MapReduce for a handful of machines, on Twisted.
 
 A job is a Python script with module-level C{source}, C{mapfn},
-C{reducefn} and optionally C{final}, C{combinefn}, C{partitionfn} and
-C{reduce_tasks}; see docs/guide.md.  Run it with C{octo run job.py}, or
-C{octo server job.py} plus C{octo client HOST} on each worker machine, or
-from Python: C{octotwist.run(job)} returns its results (docs/api.md).
+C{reducefn} and optionally C{final}, C{combinefn}, C{partitionfn},
+C{reduce_tasks} and C{setupfn}, or C{source} and C{steps}, a list of
+L{Step}; see docs/guide.md.  Inside the job's functions,
+C{octotwist.counters.add(name, n)} counts; C{octotwist.sources} reads
+files.  Run it with C{octo run job.py}, or C{octo server job.py} plus
+C{octo client HOST} on each worker machine, or from Python:
+C{octotwist.run(job)} returns its results (docs/api.md).
 
 Public modules: L{octotwist.transport} (the L{TaskServer}/L{TaskClient} a
 transport subclasses), L{octotwist.hookspecs} (plugin hooks and discovery),
@@ -24,8 +27,11 @@ __version__ = "0.1.0"
 #: The public API (L{octotwist.api}), imported when first used: a worker's
 #: task process imports this package too, and needs none of it.
 _API = ("run", "run_deferred", "Job", "JobResult", "JobFailed")
+#: Modules a job's own code uses, as C{octotwist.counters.add(...)} after a
+#: bare C{import octotwist}.
+_MODULES = ("counters", "sources")
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", "Step", *_API, *_MODULES]
 
 
 def __getattr__(name: str) -> Any:
@@ -33,4 +39,12 @@ def __getattr__(name: str) -> Any:
         from octotwist import api
 
         return getattr(api, name)
+    if name == "Step":
+        from octotwist.job import Step
+
+        return Step
+    if name in _MODULES:
+        import importlib
+
+        return importlib.import_module(f"octotwist.{name}")
     raise AttributeError(f"module 'octotwist' has no attribute {name!r}")

@@ -2,28 +2,39 @@
 The process that runs user code: one task at a time, in a plain blocking loop.
 
 Started by L{octotwist.worker} as C{python -m octotwist._child}.  It reads
-requests from file descriptor 3 and writes replies to file descriptor 4, so a
-C{print()} in a user's C{mapfn} goes to the terminal, not into the protocol.
-Both ends are this package on the same machine; the frames are pickled tuples
-with a 4-byte length prefix.
+requests from file descriptor 3 and writes replies to file descriptor 4, so
+nothing the user's code prints can get into the protocol.  Both ends are
+this package on the same machine; the frames are pickled tuples with a
+4-byte length prefix.
 
 Requests::
 
-    ("job", functions)                 once, first: the cloudpickled JobFunctions
-    ("map", partitions, [blob])        blob: pack((keys, values)), a batch of items
-    ("reduce", partitions, [blob...])  the partition's runs, in map task order
+    ("job", functions)                       once, first: the cloudpickled JobFunctions
+    ("map", step, partitions, [blob...])     blob: pack((keys, values)), a batch of items
+    ("reduce", step, partitions, [blob...])  the partition's runs, in map task order
+
+A map task of a later step gets the output blobs of one task of the step
+before, in the same C{(keys, values)} form.  C{partitions} is 0 for a
+map-only step: its pairs go out as they are, C{pack((keys, values))}.
 
 Replies, per request::
 
-    ("output", partition, blob)*                blob: pack(run) or pack((keys, values))
-    ("done", records_in, records_out, seconds)
-  | ("failed", key_repr, error_line, traceback_text)
+    ("output", partition, blob)*   blob: pack(run) or pack((keys, values))
+    ("done", records_in, records_out, seconds, counters, printed)
+  | ("failed", key_repr, error_line, traceback_text, printed)
+
+C{counters} is the attempt's L{octotwist.counters} table; C{printed} what
+the user's code wrote to C{sys.stdout} and C{sys.stderr} during the task
+(C{print()}, C{logging}), the last L{MAX_PRINTED} characters of it
+(L{_Printed}).  Writes to the file descriptors themselves (a C extension's,
+a subprocess's) still go to the worker's terminal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import os
 import pickle
 import signal
@@ -34,8 +45,13 @@ import traceback
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
-from octotwist import allocator, codec, shipping
-from octotwist.shuffle import MapOutput, _pairs_iterator, reduce_partition
+from octotwist import allocator, codec, counters, shipping, sources
+from octotwist.shuffle import MapOutput, _pair, _pairs_iterator, reduce_partition
+
+#: What a task attempt's printed output keeps: its last this many characters.
+MAX_PRINTED = 64 * 1024
+#: Pairs of a map-only step's task per output blob.
+MAP_ONLY_BLOB = 64 * 1024
 
 _HEADER = struct.Struct("!I")
 _NO_KEY = object()
@@ -74,21 +90,87 @@ def user_traceback(e: BaseException) -> str:
     return "".join(lines)
 
 
+class _Printed(io.TextIOBase):
+    """
+    C{sys.stdout} and C{sys.stderr} of a task process: what the user's
+    code prints, kept in memory for the task's reply, never blocking.  One
+    object for the process's life, emptied by each task (L{take}), so that
+    a C{logging} handler made in one task still writes into the next
+    one's.  Keeps the last L{MAX_PRINTED} characters and says how many it
+    cut.
+    """
+
+    def __init__(self, limit: int = MAX_PRINTED) -> None:
+        super().__init__()
+        self.limit = limit
+        self._parts: list[str] = []
+        self._kept = 0
+        self._cut = 0
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._parts.append(text)
+        self._kept += len(text)
+        if self._kept > 2 * self.limit:
+            self._trim()
+        return len(text)
+
+    def _trim(self) -> None:
+        text = "".join(self._parts)
+        excess = len(text) - self.limit
+        if excess > 0:
+            self._cut += excess
+            text = text[excess:]
+        self._parts, self._kept = [text], len(text)
+
+    def take(self) -> str:
+        """What was printed since the last call, the cut, if any, said first."""
+        self._trim()
+        text = self._parts[0] if self._parts else ""
+        if self._cut:
+            text = f"[{self._cut} characters cut; the last {len(text)} follow]\n{text}"
+        self._parts, self._kept, self._cut = [], 0, 0
+        return text
+
+
 class _Runner:
-    def __init__(self, functions: Any, out: BinaryIO) -> None:
+    def __init__(self, functions: Any, out: BinaryIO, printed: _Printed | None = None) -> None:
         self.f = functions
         self.out = out
+        self.printed = printed
         self.key: Any = None
         self.have_key = False
+        self.set_up = functions.setupfn is None
+        self.in_setup = False
+        self.records_in = 0  # of the map task running
+        self.step = functions.steps[0]
 
     def emit(self, *reply: Any) -> None:
         write_frame(self.out, reply)
 
-    def handle(self, kind: str, partitions: int, inputs: list[bytes]) -> None:
+    def _printed(self) -> str:
+        return self.printed.take() if self.printed is not None else ""
+
+    def handle(self, kind: str, step: int, partitions: int, inputs: list[bytes]) -> None:
         """Run one task and report how it went."""
         started = time.monotonic()
         self.key, self.have_key = None, False
+        counters.take()
         try:
+            self.step = self.f.steps[step]
+            if not self.set_up:
+                self.setup()
             records_in, records_out = self.run(kind, partitions, inputs)
         except Exception as e:
             key = repr(self.key) if self.have_key else None
@@ -101,9 +183,24 @@ class _Runner:
                     "the job in one process with octo run --inline, or octotwist.run(job, "
                     "workers=0))"
                 )
-            self.emit("failed", key, error, user_traceback(e))
+            if self.in_setup:
+                error, self.in_setup = f"setupfn() raised {error}", False
+            counters.take()  # a failed attempt counts nothing
+            self.emit("failed", key, error, user_traceback(e), self._printed())
         else:
-            self.emit("done", records_in, records_out, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            self.emit("done", records_in, records_out, seconds, counters.take(), self._printed())
+
+    def setup(self) -> None:
+        """
+        Run the job's C{setupfn()}, once per process, before its first
+        task.  If it raises, the task fails with that error, and the next
+        task tries it again.
+        """
+        self.in_setup = True
+        self.f.setupfn()
+        self.in_setup = False
+        self.set_up = True
 
     def run(self, kind: str, partitions: int, inputs: list[bytes]) -> tuple[int, int]:
         if kind == "map":
@@ -112,7 +209,7 @@ class _Runner:
         current = [_NO_KEY]
         records = [0]
         try:
-            keys, values = reduce_partition(self.f.reducefn, _unpacked(inputs, records), current)
+            keys, values = reduce_partition(self.step.reducefn, _unpacked(inputs, records), current)
         finally:
             if current[0] is not _NO_KEY:
                 self.key, self.have_key = current[0], True
@@ -135,27 +232,70 @@ class _Runner:
             k, v = codec.unpack(blob)
             keys += k
             values += v
-        buffer = MapOutput(partitions, self.f.partitionfn, self.f.combinefn)
-        if len(keys) == 1:
-            self.key, self.have_key = keys[0], True
-            pairs: Iterable[Any] = self.f.mapfn(keys[0], values[0])
+        # A file the server sent by name (octotwist.sources) is read here:
+        # its records, not the item, are what mapfn gets.
+        records = sources.records(keys, values)
+        if not partitions:
+            return self.map_only(records)
+        step = self.step
+        buffer = MapOutput(partitions, step.partitionfn, step.combinefn)
+        self.records_in = 0
+        if len(keys) == 1 and not isinstance(values[0], sources.Reference):
+            self.key, self.have_key, self.records_in = keys[0], True, 1
+            pairs: Iterable[Any] = step.mapfn(keys[0], values[0])
         else:
-            pairs = self._pairs(keys, values)
+            pairs = self._pairs(records)
+        spills = 0
         try:
             for spill in buffer.add_all(pairs):
+                spills += 1
                 self.send_runs(spill)
             self.send_runs(buffer.drain())
         except Exception:
             if not self.have_key:
                 self._locate(partitions, keys, values)
             raise
-        return len(keys), buffer.records
+        counters.add("octotwist.records_read", self.records_in)
+        counters.add("octotwist.pairs_emitted", buffer.records)
+        if spills:
+            counters.add("octotwist.spilled_runs", spills)
+        return self.records_in, buffer.records
 
-    def _pairs(self, keys: list[Any], values: list[Any]) -> Iterator[Any]:
-        """Every item's pairs, in order; what an item's mapfn raises names its key."""
-        mapfn = self.f.mapfn
-        for key, value in zip(keys, values, strict=True):
+    def map_only(self, items: Iterable[tuple[Any, Any]]) -> tuple[int, int]:
+        """
+        A map-only step's task: its pairs go out as they are, in order,
+        C{pack((keys, values))} blobs of L{MAP_ONLY_BLOB} pairs at most,
+        the next step's (or the job's results') input as it is.
+        """
+        out_keys: list[Any] = []
+        out_values: list[Any] = []
+        pairs = records = 0
+        self.have_key = True
+        for key, value in items:
             self.key = key
+            records += 1
+            for item in _pairs_iterator(self.step.mapfn(key, value)):
+                k, v = _pair(item)
+                out_keys.append(k)
+                out_values.append(v)
+                if len(out_keys) >= MAP_ONLY_BLOB:
+                    pairs += len(out_keys)
+                    self.emit("output", 0, codec.pack((out_keys, out_values)))
+                    out_keys, out_values = [], []
+        self.have_key = False
+        if out_keys or not pairs:
+            pairs += len(out_keys)
+            self.emit("output", 0, codec.pack((out_keys, out_values)))
+        counters.add("octotwist.records_read", records)
+        counters.add("octotwist.pairs_emitted", pairs)
+        return records, pairs
+
+    def _pairs(self, items: Iterable[tuple[Any, Any]]) -> Iterator[Any]:
+        """Every record's pairs, in order; what a record's mapfn raises names its key."""
+        mapfn = self.step.mapfn
+        for key, value in items:
+            self.key = key
+            self.records_in += 1
             try:
                 yield from _pairs_iterator(mapfn(key, value))
             except Exception:
@@ -170,8 +310,8 @@ class _Runner:
         into a buffer of their own (the attempt has failed: nothing is
         sent).  Sets L{key} if one item fails alone.
         """
-        f = self.f
-        for key, value in zip(keys, values, strict=True):
+        f = self.step
+        for key, value in sources.records(keys, values):
             buffer = MapOutput(partitions, f.partitionfn, f.combinefn)
             try:
                 for _ in buffer.add_all(f.mapfn(key, value)):
@@ -219,7 +359,12 @@ def main() -> int:
         # Helper modules the functions import when they run, from the
         # sources the server shipped: this process may run anywhere.
         shipping.install(getattr(functions, "modules", None) or {})
-        runner = _Runner(functions, out)
+        # What the user's code prints is the task's, for the server to show
+        # (sys.__stderr__ stays the terminal, for the interpreter's own
+        # last words).
+        printed = _Printed()
+        sys.stdout = sys.stderr = printed
+        runner = _Runner(functions, out, printed)
         # A map task allocates a tuple per pair; with the default thresholds
         # the cyclic collector runs every 700 of them and rescans everything
         # young, which cost a word count 30-40% of its time.  Objects alive
@@ -246,7 +391,7 @@ def _cannot_load(e: Exception, inp: BinaryIO, out: BinaryIO) -> int:
         "job script, whose folder's modules travel with the job)"
     )
     while read_frame(inp) is not None:
-        write_frame(out, ("failed", None, hint, user_traceback(e)))
+        write_frame(out, ("failed", None, hint, user_traceback(e), ""))
         out.flush()
     return 0
 

@@ -27,8 +27,9 @@ from twisted.internet.defer import Deferred
 
 from octotwist import job as jobs
 from octotwist.config import JobConfig
-from octotwist.errors import OctotwistError, UsageError
+from octotwist.errors import JobScriptError, OctotwistError, UsageError
 from octotwist.inline import run_inline
+from octotwist.job import Step
 from octotwist.output import Collected, Results, open_results
 from octotwist.server import MAX_SLOTS, JobOutcome
 from octotwist.service import JobService, local_config, run_here
@@ -43,21 +44,26 @@ class Job:
     fields.
 
     @ivar source: a dict, or an object with C{__iter__} (its keys) and
-        C{__getitem__}.
+        C{__getitem__} (L{octotwist.sources} makes them from files).
     @ivar mapfn: C{mapfn(key, value)} yields C{(key, value)} pairs.
     @ivar reducefn: C{reducefn(key, values)} returns C{(key, value)}, or the value.
     @ivar final: if given, called here with each result, instead of the
         results being returned.
+    @ivar steps: instead of C{mapfn} and C{reducefn}, a list of
+        L{octotwist.Step}: each maps the one before's results.
+    @ivar setupfn: called once in each task process, before its first task.
     """
 
     source: Any
-    mapfn: Callable[[Any, Any], Any]
-    reducefn: Callable[[Any, list[Any]], Any]
+    mapfn: Callable[[Any, Any], Any] | None = None
+    reducefn: Callable[[Any, list[Any]], Any] | None = None
     combinefn: Callable[[Any, list[Any]], Any] | None = None
     partitionfn: Callable[[Any, int], int] | None = None
     final: Callable[[Any, Any], Any] | None = None
     reduce_tasks: int | None = None
     name: str = "job"
+    steps: Sequence[Step] | None = None
+    setupfn: Callable[[], Any] | None = None
 
 
 class JobResult(dict[Any, Any]):
@@ -70,12 +76,15 @@ class JobResult(dict[Any, Any]):
     @ivar seconds: how long it ran.
     @ivar status: the status page's figures at its end (docs/status.md):
         tasks, workers, failures, bytes moved.
+    @ivar counters: the job's counters (L{octotwist.counters}), by name,
+        octotwist's own (C{octotwist.*}) among them.
     """
 
     job: str
     results: int
     seconds: float
     status: dict[str, Any]
+    counters: dict[str, int]
 
     def __repr__(self) -> str:
         return f"JobResult({dict.__repr__(self)}, job={self.job!r}, seconds={self.seconds:.3f})"
@@ -187,7 +196,17 @@ def load(job: str | os.PathLike[str] | types.ModuleType | Job, args: Sequence[st
                 "args= is a job script's sys.argv; an octotwist.Job takes its parameters "
                 "from the code that builds it"
             )
-        _ship_own_modules(job, [job.mapfn, job.reducefn, job.combinefn, job.partitionfn])
+        if job.steps is None:
+            # (A Job's unset mapfn and reducefn are None, not missing.)
+            for name in ("mapfn", "reducefn"):
+                if getattr(job, name) is None:
+                    raise JobScriptError(
+                        f"job {job.name!r}: octotwist.Job needs {name} (or steps=[Step(...)])"
+                    )
+        functions = [job.setupfn, job.mapfn, job.reducefn, job.combinefn, job.partitionfn]
+        for step in job.steps or ():
+            functions += [getattr(step, "mapfn", None), getattr(step, "reducefn", None)]
+        _ship_own_modules(job, functions)
         return jobs.job_from_namespace(job, job.name, None, f"job {job.name!r}")
     if isinstance(job, types.ModuleType):
         file = getattr(job, "__file__", None)
@@ -238,11 +257,28 @@ def _output(config: JobConfig, loaded: Any) -> Results:
 def _result(loaded: Any, outcome: JobOutcome, output: Results) -> JobResult:
     if not outcome.ok:
         raise JobFailed(loaded.name, outcome)
-    result = JobResult(output.results if isinstance(output, Collected) else {})
+    collected = output.results if isinstance(output, Collected) else {}
+    if isinstance(output, Collected) and loaded.final is None and len(collected) < outcome.results:
+        # Only a map-only last step can give a key twice.
+        raise JobFailed(
+            loaded.name,
+            JobOutcome(
+                False,
+                f"its last step is map-only and gave {outcome.results} results for "
+                f"{len(collected)} distinct keys, which a dict cannot hold: give the last step "
+                "a reducefn, or take the results with final= or output=",
+                outcome.results,
+                outcome.seconds,
+                outcome.stats,
+                outcome.counters,
+            ),
+        )
+    result = JobResult(collected)
     result.job = loaded.name
     result.results = outcome.results
     result.seconds = outcome.seconds
     result.status = outcome.stats
+    result.counters = outcome.counters
     return result
 
 

@@ -101,6 +101,11 @@ class WorkerSession:
                     raise RemoteProtocolError(
                         f"Welcome with {message.reduce_tasks} reduce tasks (at least 1)"
                     )
+                if any(p < 0 for p in message.partitions):
+                    raise RemoteProtocolError(
+                        f"Welcome with steps of {list(message.partitions)[:20]} partitions "
+                        "(0 or more)"
+                    )
                 if not message.heartbeat_interval > 0:
                     raise RemoteProtocolError(
                         f"Welcome with a heartbeat interval of {message.heartbeat_interval} s"
@@ -165,15 +170,28 @@ class WorkerSession:
                 blob, lambda data, end: messages.TaskOutput(task, attempt, partition, data, end)
             )
 
-        d, kill = self.pool.run(task.kind, self.welcome.reduce_tasks, inputs, on_output)
+        d, kill = self.pool.run(task, self._partitions(task), inputs, on_output)
         self._running[key] = kill
         d.addCallback(self._report, task, attempt)
+
+    def _partitions(self, task: TaskId) -> int:
+        """
+        The partitions of C{task}'s output: its step's (0: a map-only step),
+        1 for a reduce task.
+
+        @raise RemoteProtocolError: the server named a step the job lacks.
+        """
+        assert self.welcome is not None
+        steps = self.welcome.partitions or (self.welcome.reduce_tasks,)
+        if task.step >= len(steps):
+            raise RemoteProtocolError(f"{task}: the job has {len(steps)} step(s)")
+        return steps[task.step]
 
     def _report(self, outcome: Outcome, task: TaskId, attempt: int) -> None:
         if self._running.pop((task, attempt), None) is None:
             return  # cancelled
         match outcome:
-            case Finished(records_in, records_out, seconds):
+            case Finished(records_in, records_out, seconds, counts, printed):
                 # One line per task: what this worker is doing, at a glance.
                 _log.emit(
                     LogLevel.info if self.task_lines else LogLevel.debug,
@@ -183,8 +201,18 @@ class WorkerSession:
                     n_in=_records(records_in),
                     n_out=_records(records_out),
                 )
-                self.outbox.send(messages.TaskDone(task, attempt, records_in, records_out, seconds))
-            case Crashed(key, error, tb):
+                self.outbox.send(
+                    messages.TaskDone(
+                        task,
+                        attempt,
+                        records_in,
+                        records_out,
+                        seconds,
+                        tuple(sorted(counts.items())),
+                        printed,
+                    )
+                )
+            case Crashed(key, error, tb, printed):
                 # octo run's own workers: the server logs the failure, once.
                 _log.emit(
                     LogLevel.error if self.task_lines else LogLevel.debug,
@@ -193,7 +221,7 @@ class WorkerSession:
                     at=f" at key {key}" if key is not None else "",
                     error=error,
                 )
-                self.outbox.send(messages.TaskFailed(task, attempt, key, error, tb))
+                self.outbox.send(messages.TaskFailed(task, attempt, key, error, tb, printed))
 
     def connection_lost(self, reason: str) -> None:
         self.outbox.clear()

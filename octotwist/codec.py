@@ -58,6 +58,9 @@ PART_SIZE = 4 * 1024 * 1024
 #: several hundred MB/s, which keeps compression off the critical path.
 COMPRESSION_LEVEL = 1
 
+#: Most steps a job may have (L{octotwist.job.Step}); a task id past it is nonsense.
+MAX_STEPS = 1000
+
 _compressor = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
 _PICKLE_5 = bytes([pickle.PROTO[0], 5])
@@ -67,7 +70,7 @@ _PICKLE_5 = bytes([pickle.PROTO[0], 5])
 #
 # On the wire a message is a header and a payload.  The header is a msgpack
 # array: its class name, then each field in declaration order (a TaskId is
-# [kind, index]; tuples are arrays); the message's one bytes field, if it
+# [kind, index, step]; tuples are arrays); the message's one bytes field, if it
 # has one, is the payload, and the header gives its length in its place.
 # Every field is always sent, defaults included, so that a decoder checks
 # the same shape whatever the sender left out.
@@ -95,12 +98,18 @@ def _float(value: Any) -> float:
 
 
 def _task_id(value: Any) -> messages.TaskId:
-    if type(value) is not list or len(value) != 2:
-        raise _Invalid("a task id [kind, index] expected")
-    kind, index = value
-    if kind not in ("map", "reduce") or type(index) is not int or index < 0:
+    if type(value) is not list or len(value) != 3:
+        raise _Invalid("a task id [kind, index, step] expected")
+    kind, index, step = value
+    if (
+        kind not in ("map", "reduce")
+        or type(index) is not int
+        or index < 0
+        or type(step) is not int
+        or not 0 <= step < MAX_STEPS
+    ):
         raise _Invalid(f"not a task id: {value!r:.60}")
-    return messages.TaskId(messages.TaskKind(kind), index)
+    return messages.TaskId(messages.TaskKind(kind), index, step)
 
 
 def _optional(check: _Check) -> _Check:
@@ -151,7 +160,7 @@ def _checker(hint: Any) -> _Check:
 def _wire(value: Any) -> Any:
     """A field's value as msgpack sees it."""
     if isinstance(value, messages.TaskId):
-        return [value.kind.value, value.index]
+        return [value.kind.value, value.index, value.step]
     if isinstance(value, tuple):
         return [_wire(v) for v in value]
     return value

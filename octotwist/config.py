@@ -75,8 +75,9 @@ class JobConfig:
     @ivar policy: retries, leases and backup tasks.
     @ivar memory_limit: bytes of map output the server keeps in memory
         before the rest waits on disk.
-    @ivar output: the file results go to (jobs without C{final()}); C{None}:
-        standard output for a command, the returned dict for the API.
+    @ivar output: the file, directory (a part file per partition) or URL
+        results go to (jobs without C{final()}); C{None}: standard output
+        for a command, the returned dict for the API.
     @ivar format: how results are written: C{"tsv"} or C{"jsonl"}.
     @ivar sort: hand C{final()} and the output the keys in sorted order, as
         octo.py did; C{False}: in partition order, written as each reduce

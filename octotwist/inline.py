@@ -6,20 +6,25 @@ Nothing is pickled and no process is started, so C{breakpoint()} and pdb
 work inside C{mapfn}, and an exception comes up with the user's own
 traceback.  The results are the same as a distributed run's: the same map
 output buffer, combiner, partitioning and reduce merge
-(L{octotwist.shuffle}) run here, in the same order.
+(L{octotwist.shuffle}) run here, in the same order, step after step; the
+counters too (L{octotwist.counters}).  What the job prints goes straight to
+the terminal.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+from octotwist import counters
 from octotwist.config import JobConfig
-from octotwist.job import Job
+from octotwist.job import Job, Step
 from octotwist.ordering import sorted_order
 from octotwist.output import Results
 from octotwist.server import DEFAULT_REDUCE_TASKS, JobOutcome
-from octotwist.shuffle import MapOutput, Run, reduce_partition
+from octotwist.shuffle import MapOutput, Run, _pair, _pairs_iterator, reduce_partition
+from octotwist.sources import expand
 
 
 def run_inline(job: Job, config: JobConfig, output: Results) -> JobOutcome:
@@ -29,32 +34,103 @@ def run_inline(job: Job, config: JobConfig, output: Results) -> JobOutcome:
     Exceptions from the job's own code propagate unchanged.
     """
     started = time.monotonic()
-    partitions = config.reduce_tasks or job.reduce_tasks or DEFAULT_REDUCE_TASKS
-    f = job.functions
-    runs: list[list[Run]] = [[] for _ in range(partitions)]
+    default = config.reduce_tasks or job.reduce_tasks or DEFAULT_REDUCE_TASKS
+    counters.take()
+    if job.functions.setupfn is not None:
+        job.functions.setupfn()
     source = job.source
-    for key in source:
-        buffer = MapOutput(partitions, f.partitionfn, f.combinefn)
-        for spill in buffer.add_all(f.mapfn(key, source[key])):
-            _keep(runs, spill)
-        _keep(runs, buffer.drain())
-    keys: list[Any] = []
-    values: list[Any] = []
+    items: Iterable[tuple[Any, Any]] = expand((key, source[key]) for key in source)
+    steps = job.functions.steps
     try:
-        for partition, partition_runs in enumerate(runs):
-            k, v = reduce_partition(f.reducefn, partition_runs)
-            runs[partition] = []  # let the partition's input go
-            if not config.sort:
-                _deliver(job, output, k, v, range(len(k)))
-            keys += k
-            values += v
-        if config.sort:
-            _deliver(job, output, keys, values, sorted_order(keys))
+        for step in steps[:-1]:
+            # A step's results are the next one's input, in memory.
+            items = [kv for _, k, v in _step(step, items, default) for kv in zip(k, v, strict=True)]
+        n = _deliver_all(job, config, output, _step(steps[-1], items, default))
     except BaseException:
+        counters.take()
         output.abort()
         raise
     output.commit()
-    return JobOutcome(True, None, len(keys), time.monotonic() - started)
+    return JobOutcome(
+        True, None, n, time.monotonic() - started, counters=dict(sorted(counters.take().items()))
+    )
+
+
+#: Pairs of a map-only step handed on at a time.
+_CHUNK = 10_000
+
+#: A step's results: partition, keys, values (a partition may come in pieces).
+_Parts = Iterator[tuple[int, list[Any], list[Any]]]
+
+
+def _step(step: Step, items: Iterable[tuple[Any, Any]], default: int) -> _Parts:
+    """One step's results, partition by partition (a map-only step's pairs, in order)."""
+    if step.reducefn is None:
+        keys: list[Any] = []
+        values: list[Any] = []
+        for key, value in items:
+            n = 0
+            for pair in _pairs_iterator(step.mapfn(key, value)):
+                n += 1
+                k, v = _pair(pair)
+                keys.append(k)
+                values.append(v)
+            counters.add("octotwist.records_read")
+            counters.add("octotwist.pairs_emitted", n)
+            if len(keys) >= _CHUNK:
+                yield 0, keys, values
+                keys, values = [], []
+        yield 0, keys, values
+        return
+    partitions = step.reduce_tasks or default
+    runs: list[list[Run]] = [[] for _ in range(partitions)]
+    for key, value in items:
+        buffer = MapOutput(partitions, step.partitionfn, step.combinefn)
+        for spill in buffer.add_all(step.mapfn(key, value)):
+            _keep(runs, spill)
+        _keep(runs, buffer.drain())
+        counters.add("octotwist.records_read")
+        counters.add("octotwist.pairs_emitted", buffer.records)
+    for partition, partition_runs in enumerate(runs):
+        k, v = reduce_partition(step.reducefn, partition_runs)
+        runs[partition] = []  # let the partition's input go
+        yield partition, k, v
+
+
+def _deliver_all(job: Job, config: JobConfig, output: Results, parts: _Parts) -> int:
+    """
+    Hand the last step's results to C{final()} or the output, as the
+    server does: in key order unless C{config.sort} is off; to an output
+    of a file per partition, each partition in key order.
+
+    @return: how many results there were.
+    """
+    n = 0
+    if job.final is None and output.partitioned:
+        by_partition: dict[int, tuple[list[Any], list[Any]]] = {}
+        for partition, k, v in parts:
+            keys, values = by_partition.setdefault(partition, ([], []))
+            keys += k
+            values += v
+        output.begin(max(by_partition, default=0) + 1)
+        for partition, (keys, values) in sorted(by_partition.items()):
+            order = sorted_order(keys) if config.sort else range(len(keys))
+            output.write_partition(partition, [keys[i] for i in order], [values[i] for i in order])
+            n += len(keys)
+        return n
+    if not config.sort:
+        output.begin(1)
+        for _, keys, values in parts:
+            _deliver(job, output, keys, values, range(len(keys)))
+            n += len(keys)
+        return n
+    keys, values = [], []
+    for _, k, v in parts:
+        keys += k
+        values += v
+    output.begin(1)
+    _deliver(job, output, keys, values, sorted_order(keys))
+    return len(keys)
 
 
 def _keep(runs: list[list[Run]], spill: dict[int, Run]) -> None:

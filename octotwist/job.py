@@ -3,8 +3,10 @@ Load a job script, check it, and get its functions ready to ship.
 
 A job script is an ordinary Python file with octo.py's module-level names:
 C{source}, C{mapfn}, C{reducefn}, and optionally C{final}, C{combinefn},
-C{partitionfn} and C{reduce_tasks} (see docs/guide.md).  It is imported on the
-server only.  Workers get the functions by value through cloudpickle, together
+C{partitionfn}, C{reduce_tasks} and C{setupfn} (see docs/guide.md); or,
+for a job of several steps, C{source} and C{steps}, a list of L{Step}.  A
+job without C{steps} is one step of its C{mapfn} and C{reducefn}.  It is
+imported on the server only.  Workers get the functions by value through cloudpickle, together
 with the module globals they use and any helper module that sits beside the
 script, so a worker machine never needs the script or its helpers.
 
@@ -29,7 +31,34 @@ from octotwist import codec, shipping
 from octotwist.errors import JobScriptError
 
 _REQUIRED = ("source", "mapfn", "reducefn")
-_OPTIONAL_FUNCTIONS = ("combinefn", "partitionfn", "final")
+_STEP_FUNCTIONS = ("mapfn", "reducefn", "combinefn", "partitionfn")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """
+    One map and reduce of a job of several steps (a job script's
+    C{steps}, or L{octotwist.Job}'s): step 1 maps the job's C{source},
+    step I{k}+1 maps step I{k}'s results, and C{final()} (or the output)
+    gets the last step's.  As mrjob's C{MRStep}.
+
+    @ivar mapfn: C{mapfn(key, value)} yields C{(key, value)} pairs.
+    @ivar reducefn: C{reducefn(key, values)} returns C{(key, value)} (or
+        the value); C{None} makes a map-only step, whose pairs go on to
+        the next step (or to the results) as they are, ungrouped.
+    @ivar combinefn: combines a map task's values of one key, as the
+        job-level C{combinefn} does; needs a C{reducefn}.
+    @ivar partitionfn: C{partitionfn(key, partitions)}, the partition of a key.
+    @ivar reduce_tasks: this step's partitions; else C{-r}, else the job's
+        C{reduce_tasks}, else 8.  A step whose answer must be in one place
+        (a top N) says C{reduce_tasks=1}.
+    """
+
+    mapfn: Callable[[Any, Any], Any]
+    reducefn: Callable[[Any, list[Any]], Any] | None = None
+    combinefn: Callable[[Any, list[Any]], Any] | None = None
+    partitionfn: Callable[[Any, int], int] | None = None
+    reduce_tasks: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +69,13 @@ class JobFunctions:
     C{modules} holds the sources of the helper modules beside the script
     that the functions import (L{octotwist.shipping.find_modules}), for the
     imports that run on the worker, inside the functions.
+
+    @ivar steps: the job's steps, one for a job without C{steps}.
+    @ivar setupfn: called once in each task process, before its first task.
     """
 
-    mapfn: Callable[[Any, Any], Any]
-    reducefn: Callable[[Any, list[Any]], Any]
-    combinefn: Callable[[Any, list[Any]], Any] | None = None
-    partitionfn: Callable[[Any, int], int] | None = None
+    steps: tuple[Step, ...]
+    setupfn: Callable[[], Any] | None = None
     modules: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
@@ -100,11 +130,14 @@ def job_from_namespace(namespace: Any, job_name: str, path: Path | None, where: 
     @raise JobScriptError: a required name is missing or wrong, or a
         function cannot be pickled.
     """
-    missing = [name for name in _REQUIRED if not hasattr(namespace, name)]
+    steps = getattr(namespace, "steps", None)
+    required = ("source",) if steps is not None else _REQUIRED
+    missing = [name for name in required if not hasattr(namespace, name)]
     if missing:
         raise JobScriptError(
             f"{where} does not define {', '.join(missing)}; a job script needs "
-            "module-level source, mapfn(key, value) and reducefn(key, values)"
+            "module-level source, mapfn(key, value) and reducefn(key, values) "
+            "(or source and steps, a list of octotwist.Step)"
         )
     source = namespace.source
     if isinstance(source, (list, tuple, str, bytes, range)):
@@ -118,18 +151,18 @@ def job_from_namespace(namespace: Any, job_name: str, path: Path | None, where: 
             "object with __iter__ (its keys) and __getitem__ (a key's value)"
         )
     functions: dict[str, Any] = {}
-    for name in ("mapfn", "reducefn", *_OPTIONAL_FUNCTIONS):
+    for name in ("final", "setupfn", *(() if steps is not None else _STEP_FUNCTIONS)):
         fn = getattr(namespace, name, None)
         if (name in _REQUIRED or fn is not None) and not callable(fn):
             raise JobScriptError(f"{where}: {name} must be a function, not {type(fn).__name__}")
         functions[name] = fn
     reduce_tasks = getattr(namespace, "reduce_tasks", None)
-    if reduce_tasks is not None and not (
-        isinstance(reduce_tasks, int) and not isinstance(reduce_tasks, bool) and reduce_tasks >= 1
-    ):
+    if not _is_count(reduce_tasks):
         raise JobScriptError(f"{where}: reduce_tasks must be a positive int, not {reduce_tasks!r}")
     final = functions.pop("final")
-    job_functions = JobFunctions(**functions)
+    setupfn = functions.pop("setupfn")
+    job_steps = (Step(**functions),) if steps is None else _check_steps(steps, where)
+    job_functions = JobFunctions(job_steps, setupfn)
     return Job(
         name=job_name,
         path=path,
@@ -139,6 +172,48 @@ def job_from_namespace(namespace: Any, job_name: str, path: Path | None, where: 
         reduce_tasks=reduce_tasks,
         pickled_functions=_pickle_functions(job_functions, where),
     )
+
+
+def _is_count(n: Any) -> bool:
+    """Whether C{n} is C{None} or a positive int (a number of reduce tasks)."""
+    return n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)
+
+
+def _check_steps(steps: Any, where: str) -> tuple[Step, ...]:
+    """
+    A job's C{steps}, checked: a non-empty list of L{Step}, each with its
+    functions callable.
+
+    @raise JobScriptError: which step is wrong, and how.
+    """
+    if not isinstance(steps, (list, tuple)) or not steps:
+        raise JobScriptError(
+            f"{where}: steps must be a non-empty list of octotwist.Step, not {steps!r:.80}"
+        )
+    if len(steps) > codec.MAX_STEPS:
+        raise JobScriptError(f"{where}: {len(steps)} steps; a job has at most {codec.MAX_STEPS}")
+    for number, step in enumerate(steps, 1):
+        if not isinstance(step, Step):
+            raise JobScriptError(
+                f"{where}: step {number} is a {type(step).__name__}, not an octotwist.Step; "
+                "write steps = [Step(mapfn, reducefn), ...]"
+            )
+        for name in _STEP_FUNCTIONS:
+            fn = getattr(step, name)
+            if (name == "mapfn" or fn is not None) and not callable(fn):
+                what = "missing" if fn is None else f"a {type(fn).__name__}, not a function"
+                raise JobScriptError(f"{where}: step {number}: {name} is {what}")
+        if step.combinefn is not None and step.reducefn is None:
+            raise JobScriptError(
+                f"{where}: step {number} has a combinefn but no reducefn: a map-only step's "
+                "pairs are not grouped, so there is nothing to combine"
+            )
+        if not _is_count(step.reduce_tasks):
+            raise JobScriptError(
+                f"{where}: step {number}: reduce_tasks must be a positive int, "
+                f"not {step.reduce_tasks!r}"
+            )
+    return tuple(steps)
 
 
 def _import_script(path: Path) -> Any:
@@ -182,9 +257,11 @@ def _import_script(path: Path) -> Any:
 
 
 def _pickle_functions(functions: JobFunctions, where: str) -> bytes:
-    names = ("mapfn", "reducefn", "combinefn", "partitionfn")
-    for name in names:
-        fn = getattr(functions, name)
+    named: list[tuple[str, Any]] = [("setupfn", functions.setupfn)]
+    for number, step in enumerate(functions.steps, 1):
+        prefix = f"step {number}: " if len(functions.steps) > 1 else ""
+        named += [(prefix + name, getattr(step, name)) for name in _STEP_FUNCTIONS]
+    for name, fn in named:
         if fn is None:
             continue
         try:
@@ -196,7 +273,7 @@ def _pickle_functions(functions: JobFunctions, where: str) -> bytes:
                 "such as an open file, a lock or a socket. Open such things inside "
                 "the function instead."
             ) from None
-    fns = [getattr(functions, n) for n in names]
+    fns = [fn for _, fn in named if fn is not None]
     directory = shipping.job_directory(where, fns)
     modules = shipping.find_modules(fns, directory) if directory is not None else {}
     return codec.dump_functions(replace(functions, modules=modules))

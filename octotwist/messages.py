@@ -37,14 +37,21 @@ class TaskKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True, order=True)
 class TaskId:
-    """A task of the job: map task C{index} reads the C{index}-th source key;
-    reduce task C{index} reduces partition C{index}."""
+    """
+    A task of the job: map task C{index} of the first step reads a batch
+    of source keys, map task C{index} of a later step reads the output of
+    one task of the step before, and reduce task C{index} reduces
+    partition C{index} of its step's map output.  Steps count from 0 here
+    and from 1 where a user reads them (L{__str__}).
+    """
 
     kind: TaskKind
     index: int
+    step: int = 0
 
     def __str__(self) -> str:
-        return f"{self.kind.value} {self.index}"
+        task = f"{self.kind.value} {self.index}"
+        return task if self.step == 0 else f"step {self.step + 1} {task}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +60,11 @@ class Welcome:
 
     job_name: str
     functions: bytes  # cloudpickled JobFunctions; decoded only inside worker processes
-    reduce_tasks: int
+    reduce_tasks: int  # the first step's partitions (at least 1)
     heartbeat_interval: float
+    # Each step's partitions of its map output, when the job has several
+    # steps; 0 for a map-only step.  Empty: one step of reduce_tasks.
+    partitions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +121,9 @@ class TaskDone:
     records_in: int = 0
     records_out: int = 0
     seconds: float = 0.0
+    # octotwist.counters.add() totals of this attempt, by name
+    counters: tuple[tuple[str, int], ...] = ()
+    output: str = ""  # what the user's code printed (the end of it, if long)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +135,7 @@ class TaskFailed:
     key: str | None  # repr() of the key being processed, if known
     error: str  # one line: exception type and message
     traceback: str  # as formatted on the worker
+    output: str = ""  # what the user's code printed (the end of it, if long)
 
 
 @dataclass(frozen=True, slots=True)

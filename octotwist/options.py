@@ -450,7 +450,8 @@ OUTPUT_PARAMETERS: list[list[Any]] = [
         "o",
         None,
         "Write the results to this file instead of stdout (for jobs without final()); "
-        "it is replaced only when the job succeeds.",
+        "DIR/ writes a part file per partition, a URL (s3://...) writes through fsspec; "
+        "replaced only when the job succeeds.",
     ],
     [
         "format",

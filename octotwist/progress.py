@@ -108,8 +108,11 @@ class LiveProgress:
         workers = len(status["workers"])
         rate = status["throughput"]
         active = {"mapping": "map", "reducing": "reduce"}.get(status["phase"])
+        steps = status.get("steps", 1)
         for phase, task in self._tasks.items():
             p = status[phase]
+            if steps > 1:  # (both bars are the step's)
+                self.progress.update(task, description=f"step {status['step']}/{steps} {phase}")
             if p["done"] or p["running"]:
                 self.progress.start_task(task)
             info = f"{p['running']} running"

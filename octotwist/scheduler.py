@@ -14,6 +14,16 @@ Phases::
     MAPPING --all map tasks done--> REDUCING --all reduce tasks done--> FINISHED
        \\________________________________\\__ a task failed for good __> FAILED
 
+A job of several steps (L{octotwist.job.Step}) goes round again: when a
+step's last reduce task is done, the next step's MAPPING begins, with one
+map task per reduce task of the step before (its input is that task's
+output, which the server forwards undecoded); a map-only step (no
+partitions) goes from MAPPING to the next step's MAPPING, one map task per
+map task of its own that succeeded.  Each step is a barrier, as in mrjob
+and Hadoop: step I{k}+1 starts when step I{k} is done.  L{Scheduler.step}
+says which step runs; L{Scheduler.output_tasks} which tasks' outputs are
+the job's results.
+
 An empty source goes from MAPPING straight to FINISHED; a source whose
 C{__iter__} raises fails the job at once (L{Scheduler.source_error}).
 
@@ -60,7 +70,7 @@ from __future__ import annotations
 import enum
 import statistics
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final
@@ -85,8 +95,9 @@ class TaskStatus(enum.Enum):
 
 #: The only phase changes there are; L{Scheduler._enter} enforces them.
 _TRANSITIONS: Final[dict[Phase, frozenset[Phase]]] = {
-    Phase.MAPPING: frozenset({Phase.REDUCING, Phase.FINISHED, Phase.FAILED}),
-    Phase.REDUCING: frozenset({Phase.FINISHED, Phase.FAILED}),
+    # (MAPPING -> MAPPING: a map-only step, then the next step's map.)
+    Phase.MAPPING: frozenset({Phase.MAPPING, Phase.REDUCING, Phase.FINISHED, Phase.FAILED}),
+    Phase.REDUCING: frozenset({Phase.MAPPING, Phase.FINISHED, Phase.FAILED}),
     Phase.FINISHED: frozenset(),
     Phase.FAILED: frozenset(),
 }
@@ -159,7 +170,11 @@ Event = WorkerJoined | WorkerLeft | Heard | Tick | AttemptSucceeded | AttemptFai
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """Run C{attempt} of C{task}; for a map task, C{keys} are its source keys, in order."""
+    """
+    Run C{attempt} of C{task}; for a map task of the first step, C{keys}
+    are its source keys, in order; for one of a later step, the one task
+    of the step before whose output it maps.
+    """
 
     task: TaskId
     attempt: int
@@ -336,14 +351,16 @@ def _item_at(keys: tuple[Any, ...], reported: str | None) -> int | None:
 class Scheduler:
     """
     Hands out map tasks first-come-first-served, then one reduce task per
-    partition, and says when the job is finished or has failed.
+    partition, step by step, and says when the job is finished or has
+    failed.
 
     @param keys: the source's keys, drawn a batch at a time as map tasks
         are handed out (with one key of look-ahead, to know when they run
         out).  If iterating them raises, the job fails at once: L{phase}
         becomes C{FAILED}, L{source_error} holds the exception and
         L{failure} stays C{None}.
-    @param reduce_tasks: the number of partitions.
+    @param reduce_tasks: the number of partitions; for a job of several
+        steps, each step's, in order, C{0} for a map-only step.
     @param total: the number of keys, when the source knows it (progress,
         and sizing the last batches).
     @param max_attempts: how many times a task may fail before the job fails.
@@ -361,7 +378,7 @@ class Scheduler:
     def __init__(
         self,
         keys: Iterable[Any],
-        reduce_tasks: int,
+        reduce_tasks: int | Sequence[int],
         *,
         total: int | None = None,
         max_attempts: int = 1,
@@ -370,13 +387,19 @@ class Scheduler:
         backup_after: float | None = None,
         batching: Batching | None = None,
     ) -> None:
-        if reduce_tasks < 1:
+        steps = (reduce_tasks,) if isinstance(reduce_tasks, int) else tuple(reduce_tasks)
+        if isinstance(reduce_tasks, int) and reduce_tasks < 1:
             raise ValueError("reduce_tasks must be at least 1")
+        if not steps or any(p < 0 for p in steps):
+            raise ValueError("each step's partitions must be at least 0 (0: a map-only step)")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if lease <= 0:
             raise ValueError("lease must be positive")
-        self.reduce_tasks = reduce_tasks
+        #: Each step's partitions (0: a map-only step).
+        self.steps = steps
+        #: The step that runs now, from 0.
+        self.step = 0
         self.max_attempts = max_attempts
         self.lease = lease
         self.skip_bad_records = skip_bad_records
@@ -396,8 +419,10 @@ class Scheduler:
         self._limit = 1  # the batch size finished tasks vouch for (see _resize)
         self._items_sized = 0  # keys, and bytes, of the inputs the server sized
         self._bytes_sized = 0
-        self._maps: list[_Task] = []
+        self._maps: list[_Task] = []  # this step's
         self._reduces: list[_Task] = []
+        # Every step's tasks, for late reports of a step that is over.
+        self._tasks: dict[tuple[TaskKind, int], list[_Task]] = {(TaskKind.MAP, 0): self._maps}
         self._pending: deque[_Task] = deque()  # tasks to (re)run before new keys
         self._workers: dict[str, _Worker] = {}
         self._done = dict.fromkeys(TaskKind, 0)  # tasks done, by kind
@@ -411,6 +436,11 @@ class Scheduler:
             self._source_failed(e)
         else:
             self._advance()
+
+    @property
+    def reduce_tasks(self) -> int:
+        """The partitions of this step's map output (0: a map-only step)."""
+        return self.steps[self.step]
 
     # Events in.
 
@@ -480,7 +510,8 @@ class Scheduler:
                     self._enter(Phase.FAILED)
             case InputSized(task_id, nbytes):
                 task = self._task(task_id)
-                if task_id.kind is TaskKind.MAP and not task.sized and nbytes >= 0:
+                first_map = task_id.kind is TaskKind.MAP and task_id.step == 0
+                if first_map and not task.sized and nbytes >= 0:
                     task.sized = True
                     self._items_sized += len(task.keys)
                     self._bytes_sized += nbytes
@@ -539,6 +570,23 @@ class Scheduler:
         """Whether C{task} has succeeded (its output counts)."""
         return self._task(task).status is TaskStatus.DONE
 
+    def keys(self, task: TaskId) -> tuple[Any, ...]:
+        """A map task's keys (L{Assignment.keys}); C{()} for a reduce task."""
+        return self._task(task).keys
+
+    def output_tasks(self, step: int | None = None) -> list[TaskId]:
+        """
+        The tasks whose outputs are C{step}'s results (by default the last
+        step's: the job's), in order: its reduce tasks, or, for a map-only
+        step, its map tasks that succeeded.  Complete once the step is done.
+        """
+        step = len(self.steps) - 1 if step is None else step
+        if self.steps[step]:
+            tasks = self._tasks.get((TaskKind.REDUCE, step), [])
+        else:
+            tasks = self._tasks.get((TaskKind.MAP, step), [])
+        return [t.id for t in tasks if t.status is TaskStatus.DONE]
+
     @property
     def done(self) -> bool:
         return self.phase in (Phase.FINISHED, Phase.FAILED)
@@ -572,7 +620,10 @@ class Scheduler:
             raise AssertionError(f"illegal phase change {self.phase} -> {phase}")
         self.phase = phase
         if phase is Phase.REDUCING:
-            self._reduces = [_Task(TaskId(TaskKind.REDUCE, p)) for p in range(self.reduce_tasks)]
+            self._reduces = [
+                _Task(TaskId(TaskKind.REDUCE, p, self.step)) for p in range(self.reduce_tasks)
+            ]
+            self._tasks[(TaskKind.REDUCE, self.step)] = self._reduces
             self._pending.extend(self._reduces)
         if self.done:  # nothing running matters any more
             for task in (*self._maps, *self._reduces):
@@ -581,9 +632,35 @@ class Scheduler:
     def _advance(self) -> None:
         """Move to the next phase when the current one has nothing left."""
         if self.phase is Phase.MAPPING and not self._lookahead and not self._open_maps:
-            self._enter(Phase.REDUCING if self._maps else Phase.FINISHED)
+            if not self._maps:  # nothing to map: nothing comes of any later step either
+                self._enter(Phase.FINISHED)
+            elif self.reduce_tasks:
+                self._enter(Phase.REDUCING)
+            else:
+                self._next_step()
         if self.phase is Phase.REDUCING and self._done[TaskKind.REDUCE] == len(self._reduces):
+            self._next_step()
+
+    def _next_step(self) -> None:
+        """This step is done: map its outputs in the next step's MAPPING, or finish."""
+        if self.step + 1 == len(self.steps):
             self._enter(Phase.FINISHED)
+            return
+        producers = self.output_tasks(self.step)
+        self.step += 1
+        self._maps, self._reduces = [], []
+        self._tasks[(TaskKind.MAP, self.step)] = self._maps
+        # One map task per producer: its output was sized by the step that
+        # made it, and the server forwards it as it is.
+        self.batching = NO_BATCHING
+        self._keys = iter(producers)
+        self._lookahead = list(islice(self._keys, 1))
+        self._total = len(producers)
+        self._drawn = self._items_done = self._open_maps = 0
+        self._limit, self._items_sized, self._bytes_sized = 1, 0, 0
+        self._done = dict.fromkeys(TaskKind, 0)
+        self._durations = {kind: [] for kind in TaskKind}
+        self._enter(Phase.MAPPING)
 
     def _complete(self, task: _Task, why: str) -> None:
         task.status = TaskStatus.DONE
@@ -612,7 +689,7 @@ class Scheduler:
         self._pending.extendleft(reversed(new))
 
     def _new_map(self, keys: tuple[Any, ...]) -> _Task:
-        task = _Task(TaskId(TaskKind.MAP, len(self._maps)), keys)
+        task = _Task(TaskId(TaskKind.MAP, len(self._maps), self.step), keys)
         self._maps.append(task)
         self._open_maps += 1
         return task
@@ -759,7 +836,7 @@ class Scheduler:
             raise InvalidEvent(f"unknown worker {name!r}") from None
 
     def _task(self, task_id: TaskId) -> _Task:
-        tasks = self._maps if task_id.kind is TaskKind.MAP else self._reduces
+        tasks = self._tasks.get((task_id.kind, task_id.step), [])
         if not 0 <= task_id.index < len(tasks):
             raise InvalidEvent(f"unknown task {task_id}")
         return tasks[task_id.index]

@@ -4,9 +4,16 @@ The server: Twisted glue between transports, the scheduler and the store.
 L{JobServer} owns a L{Scheduler} and a L{BlobStore}.  Each authenticated
 connection gets a L{_WorkerSession}; sessions turn messages into scheduler
 events, and the server turns the scheduler's decisions into messages.  When
-the scheduler says the job is finished, the server decodes the reduce outputs
-in partition order and calls the job's C{final()} (or writes C{key<TAB>value}
-lines), tells every worker to shut down, and fires L{JobServer.result}.
+the scheduler says the job is finished, the server decodes the last step's
+outputs and calls the job's C{final()} (or writes C{key<TAB>value} lines),
+tells every worker to shut down, and fires L{JobServer.result}.  Between two
+steps it forwards one task's output blobs to the next step's map task as
+they are, never decoding them.
+
+An attempt's counters (L{octotwist.counters}) are added to the job's only
+when the scheduler accepts the attempt; what its code printed is logged as
+C{[map 17 attempt 1 on w2] text} and kept for the status page, for every
+attempt that reports it.
 
 One peer cannot stop the job.  Every message has had its field types checked
 by the codec; here its values are checked too (a Hello with no slots, output
@@ -31,7 +38,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from octotwist import codec, messages
+from octotwist import codec, counters, messages
 from octotwist._child import user_traceback
 from octotwist.config import FaultPolicy
 from octotwist.errors import OctotwistError, RemoteProtocolError
@@ -55,6 +62,7 @@ from octotwist.scheduler import (
     WorkerJoined,
     WorkerLeft,
 )
+from octotwist.sources import item
 from octotwist.store import BlobStore, SpillError
 from octotwist.transport import MessageChannel
 
@@ -74,6 +82,13 @@ MAX_NAME = 200
 #: its traceback (each is kept for the status page and the job's failure).
 MAX_ERROR_TEXT = 2000
 MAX_TRACEBACK = 64 * 1024
+#: What the server keeps of an attempt's printed output (the worker keeps
+#: the last 64 KiB: L{octotwist._child.MAX_PRINTED}), and how many attempts'
+#: output the status page shows (the newest).
+MAX_PRINTED = 80 * 1024
+MAX_PRINTED_SHOWN = 50
+#: Most distinct counters a job keeps (a task keeps at most 1000 of its own).
+MAX_JOB_COUNTERS = 10_000
 
 
 @dataclass
@@ -85,6 +100,7 @@ class JobOutcome:
     results: int = 0
     seconds: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 class JobServer:
@@ -117,14 +133,21 @@ class JobServer:
     ) -> None:
         self.job = job
         self.reactor = reactor
-        self.reduce_tasks = reduce_tasks or job.reduce_tasks or DEFAULT_REDUCE_TASKS
+        default = reduce_tasks or job.reduce_tasks or DEFAULT_REDUCE_TASKS
+        steps = job.functions.steps
+        #: Each step's partitions: its own reduce_tasks, else the default;
+        #: 0 for a map-only step.
+        self.partitions = tuple(
+            0 if step.reducefn is None else step.reduce_tasks or default for step in steps
+        )
+        self.reduce_tasks = self.partitions[0] or 1
         self.output = output if output is not None else stdout()
         self.store = store if store is not None else BlobStore()
         self.policy = policy = policy or FaultPolicy()
         self.sort = sort
         self.scheduler = Scheduler(
             job.source,
-            self.reduce_tasks,
+            self.partitions,
             total=job.source_size(),
             max_attempts=policy.max_attempts,
             lease=policy.task_timeout,
@@ -136,7 +159,11 @@ class JobServer:
         self._all_sessions: set[_WorkerSession] = set()
         self._started = reactor.seconds()
         self._welcome = messages.Welcome(
-            job.name, job.pickled_functions, self.reduce_tasks, policy.heartbeat
+            job.name,
+            job.pickled_functions,
+            self.reduce_tasks,
+            policy.heartbeat,
+            self.partitions if len(steps) > 1 or not self.partitions[0] else (),
         )
         self._ticker = LoopingCall(self._tick)
         self._last_tick: float | None = None
@@ -152,9 +179,19 @@ class JobServer:
         #: Failed attempts, newest last (for the status page); bounded.
         self.failures: deque[dict[str, Any]] = deque(maxlen=MAX_FAILURES_SHOWN)
         self.bytes_received = 0
+        #: Task input sent to workers (map inputs, reduce inputs), and of
+        #: it the first step's map inputs, read from the source.
+        self.bytes_sent = 0
+        self.map_input_bytes = 0
+        #: The job's counters: the totals of the attempts that counted.
+        self.counters: dict[str, int] = {}
+        self._counters_full = False
+        #: What attempts printed, newest last (for the status page); bounded.
+        self.printed: deque[dict[str, Any]] = deque(maxlen=MAX_PRINTED_SHOWN)
         self._results = 0  # written so far
         self._written = 0  # partitions written (to an output that takes early writes)
         self._finishing: list[Callable[[], None]] = []
+        self._output_begun = False
         #: The results' reader went away as they were delivered (a closed pipe).
         self.output_gone = False
         self._bug_logged = False
@@ -175,14 +212,17 @@ class JobServer:
             run}): do not tell the user that we wait for some.
         """
         maps = self.scheduler.counts(TaskKind.MAP).total
+        reduces = ", then ".join(
+            f"{p} reduce task{'' if p == 1 else 's'}" if p else "no reduce" for p in self.partitions
+        )
         _log.info(
-            "job {job}: {maps} to map, {reduces} reduce task{rs}{waiting}",
+            "job {job}: {maps} to map, {reduces}{steps}{waiting}",
             job=self.job.name,
             maps="an unknown number of source keys"
             if maps is None
             else f"{maps} source key{'' if maps == 1 else 's'}",
-            reduces=self.reduce_tasks,
-            rs="" if self.reduce_tasks == 1 else "s",
+            reduces=reduces,
+            steps=f" ({len(self.partitions)} steps)" if len(self.partitions) > 1 else "",
             waiting="" if workers_coming else "; waiting for workers",
         )
         self._waiting_logged = workers_coming
@@ -276,16 +316,32 @@ class JobServer:
             self._fail(str(e))
 
     def task_done(self, name: str, msg: messages.TaskDone) -> None:
-        verdict = self.scheduler.handle(AttemptSucceeded(name, msg.task, msg.attempt))
+        _check_counters(msg.counters)
+        self._printed(name, msg.task, msg.attempt, msg.output)
+        task = msg.task
+        verdict = self.scheduler.handle(AttemptSucceeded(name, task, msg.attempt))
         if verdict is Verdict.ACCEPTED:
-            self.store.commit(msg.task, msg.attempt)
-            if msg.task.kind is TaskKind.REDUCE:
+            shuffled = task.kind is TaskKind.MAP and self.partitions[task.step] > 0
+            nbytes = self.store.commit(task, msg.attempt, by_task=not shuffled)
+            self._count(msg.counters)
+            if shuffled:
+                self._count((("octotwist.bytes_shuffled", nbytes),))
+            if task.kind is TaskKind.MAP and task.step > 0:
+                # The output it mapped, of the step before, is not needed again.
+                for producer in self.scheduler.keys(task):
+                    self.store.forget(producer)
+            if task.kind is TaskKind.REDUCE:
                 # Its input is no longer needed (an attempt still sending it
                 # holds what it reads).
-                self.store.drop(msg.task.index)
-                if self.output.early and self.job.final is None and not self.sort:
+                self.store.drop(task.index, task.step)
+                if (
+                    self.output.early
+                    and self.job.final is None
+                    and not self.sort
+                    and task.step == len(self.partitions) - 1
+                ):
                     try:
-                        self._write_results(upto=self._reduces_done_in_order())
+                        self._write_results(self._reduces_done_in_order())
                     except Exception as e:  # a full disk, a key str() cannot encode
                         self._fail(f"cannot write the results: {type(e).__name__}: {e}")
                         return
@@ -294,6 +350,7 @@ class JobServer:
         self._after_change()
 
     def task_failed(self, name: str, msg: messages.TaskFailed) -> None:
+        self._printed(name, msg.task, msg.attempt, msg.output)
         # Kept for the status page and the job's failure: bounded, whatever
         # the worker sent.
         msg = messages.TaskFailed(
@@ -329,6 +386,41 @@ class JobServer:
                 error=msg.error,
             )
         self._after_change()
+
+    def _count(self, counts: Iterable[tuple[str, int]]) -> None:
+        """Add an accepted attempt's counters to the job's."""
+        totals = self.counters
+        for name, n in counts:
+            if name in totals:
+                totals[name] += n
+            elif len(totals) < MAX_JOB_COUNTERS:
+                totals[name] = n
+            elif not self._counters_full:
+                self._counters_full = True
+                _log.warn(
+                    "the job has {n} counters; new ones (such as {name!r}) are not kept: a "
+                    "counter per key is data, to emit as a pair",
+                    n=MAX_JOB_COUNTERS,
+                    name=name[:60],
+                )
+
+    def _printed(self, name: str, task: TaskId, attempt: int, text: str) -> None:
+        """Log what an attempt's code printed, and keep it for the status page."""
+        if not text:
+            return
+        text = _clip(text, MAX_PRINTED)
+        self.printed.append(
+            {
+                "task": str(task),
+                "attempt": attempt,
+                "worker": name,
+                "text": text,
+                "elapsed": round(self.reactor.seconds() - self._started, 3),
+            }
+        )
+        prefix = f"[{task} attempt {attempt} on {name}]"
+        for line in text.splitlines():
+            _log.info("{prefix} {line}", prefix=prefix, line=line, printed=True)
 
     def _tick(self) -> None:
         # A LoopingCall stops for good at the first exception: never let one out.
@@ -419,21 +511,31 @@ class JobServer:
         self, session: _WorkerSession, task: TaskId, attempt: int, keys: tuple[Any, ...]
     ) -> None:
         blobs: Iterable[bytes]
-        if task.kind is TaskKind.MAP:
-            blob = self._map_input(task, keys, compress=not session.same_machine)
+        if task.kind is TaskKind.MAP and task.step == 0:
+            blob = self._map_input(task, keys, local=session.same_machine)
             self.scheduler.handle(InputSized(task, len(blob)))
+            self.map_input_bytes += len(blob)
             blobs = [blob]
+        elif task.kind is TaskKind.MAP:
+            # The outputs of a task of the step before, as they are: a
+            # reduce output and a map-only output are both (keys, values).
+            blobs = self._stored_input(lambda: self.store.outputs(keys[0]))
         else:
-            blobs = self._stored_input(task.index)
-        session.outbox.send_blobs(
-            blobs, lambda data, end: messages.TaskInput(task, attempt, data, end)
-        )
+            blobs = self._stored_input(lambda: self.store.blobs(task.index, task.step))
+
+        def part(data: bytes, end: bool) -> messages.TaskInput:
+            self.bytes_sent += len(data)
+            return messages.TaskInput(task, attempt, data, end)
+
+        session.outbox.send_blobs(blobs, part)
         session.outbox.send(messages.Assign(task, attempt))
 
-    def _map_input(self, task: TaskId, keys: tuple[Any, ...], compress: bool) -> bytes:
+    def _map_input(self, task: TaskId, keys: tuple[Any, ...], local: bool) -> bytes:
         """
         A map task's input: its batch of keys and their values, read from
-        the source now and packed as one blob C{(keys, values)}.
+        the source now and packed as one blob C{(keys, values)}, compressed
+        unless the worker is C{local} (on this machine).  A file of
+        L{octotwist.sources} goes by name when the worker can open it.
 
         @raise _SourceError: reading a value raised (the message names the
             key and carries the user's traceback), or a value cannot be
@@ -444,13 +546,13 @@ class JobServer:
         key: Any = None
         try:
             for key in keys:
-                values.append(source[key])
+                values.append(item(source, key, local=local))
         except Exception as e:
             raise _SourceError(
                 f"reading source[{_short_repr(key)}] raised {_error_line(e)}\n{user_traceback(e)}"
             ) from e
         try:
-            return codec.pack((keys, values), compress=compress)
+            return codec.pack((keys, values), compress=not local)
         except Exception as e:
             for key, value in zip(keys, values, strict=True):  # which one?
                 try:
@@ -461,14 +563,15 @@ class JobServer:
                     ) from bad
             raise _SourceError(f"the input of {task} cannot be sent: {_error_line(e)}") from e
 
-    def _stored_input(self, partition: int) -> Iterator[bytes]:
+    def _stored_input(self, blobs: Callable[[], Iterator[bytes]]) -> Iterator[bytes]:
         """
-        A reduce task's input, read from the store as the outbox sends it.
-        A spill file that cannot be read fails the job, a reactor turn later:
-        the outbox that reads this is mid-send, and the job's end clears it.
+        A task's input from the store (a reduce task's partition, or a
+        later step's map input), read as the outbox sends it.  A spill
+        file that cannot be read fails the job, a reactor turn later: the
+        outbox that reads this is mid-send, and the job's end clears it.
         """
         try:
-            yield from self.store.blobs(partition)
+            yield from blobs()
         except OSError as e:
             error = f"cannot read the spill file: {e.strerror or e}"
             self.reactor.callLater(0, self._fail_unless_over, error)
@@ -497,7 +600,15 @@ class JobServer:
                 return True
             f = self.scheduler.failure
             assert f is not None
-            where = f"{f.task}" + (f" (key {f.key})" if f.key is not None else "")
+            where = (
+                f"{f.task}"
+                if len(self.partitions) == 1
+                else (
+                    f"step {f.task.step + 1} of {len(self.partitions)}: "
+                    f"{f.task.kind.value} {f.task.index}"
+                )
+            )
+            where += f" (key {f.key})" if f.key is not None else ""
             workers = ", ".join(dict.fromkeys(f.workers))
             self._fail(
                 f"{where} failed on worker {f.worker} after {f.attempts} "
@@ -509,37 +620,53 @@ class JobServer:
             return True
         return False
 
-    def _reduces_done_in_order(self) -> int:
-        """How many partitions, counting from 0, have their reduce done."""
-        n = self._written
-        while n < self.reduce_tasks and self.scheduler.is_done(TaskId(TaskKind.REDUCE, n)):
-            n += 1
-        return n
+    def _reduces_done_in_order(self) -> list[TaskId]:
+        """The last step's reduce tasks, from partition 0, up to the first not done."""
+        step = len(self.partitions) - 1
+        done: list[TaskId] = []
+        for n in range(self.partitions[step]):
+            task = TaskId(TaskKind.REDUCE, n, step)
+            if not self.scheduler.is_done(task):
+                break
+            done.append(task)
+        return done
 
-    def _write_results(self, upto: int) -> None:
+    def _write_results(self, tasks: list[TaskId]) -> None:
         """
-        Write partitions C{self._written} to C{upto} (exclusive) to the
-        output, in order, and forget them.  Called as reduce tasks finish
-        when the output takes early writes (L{Results.early}), so that the
-        last reduce is followed by one partition's writing, not all of them.
+        Write the results of C{tasks} from the C{self._written}-th on to
+        the output, in order, and forget them.  Called as reduce tasks
+        finish when the output takes early writes (L{Results.early}), so
+        that the last reduce is followed by one partition's writing, not
+        all of them.
         """
-        while self._written < upto:
-            task = TaskId(TaskKind.REDUCE, self._written)
+        self._begin_output()
+        while self._written < len(tasks):
+            task, partition = tasks[self._written], self._written
             # Counted as written before it is: a partition that fails half
             # way fails the job, and is never written twice.
             self._written += 1
             for blob in self.store.outputs(task):
                 keys, values = codec.unpack(blob)
-                self.output.write(keys, values)
+                self.output.write_partition(partition, keys, values)
                 self._results += len(keys)
             self.store.forget(task)
+
+    def _begin_output(self) -> None:
+        """
+        Tell the output, once, how many partitions the results have (a
+        directory output makes a part file for each): the last step's
+        reduce tasks, or, for a map-only last step, its map tasks.
+        """
+        if not self._output_begun:
+            self._output_begun = True
+            self.output.begin(self.partitions[-1] or len(self.scheduler.output_tasks()))
 
     def _finish_ok(self) -> None:
         try:
             if self.sort:
                 self._deliver_sorted()
             elif self.job.final is None:
-                self._write_results(upto=self.reduce_tasks)
+                self._write_results(self.scheduler.output_tasks())
             else:
                 self._call_final(self.job.final)
         except BrokenPipeError:
@@ -563,8 +690,7 @@ class JobServer:
         self._end(JobOutcome(True, None, self._results, self.reactor.seconds() - self._started))
 
     def _call_final(self, final: Callable[[Any, Any], Any]) -> None:
-        for partition in range(self.reduce_tasks):
-            task = TaskId(TaskKind.REDUCE, partition)
+        for task in self.scheduler.output_tasks():
             for blob in self.store.outputs(task):
                 keys, values = codec.unpack(blob)
                 for key, value in zip(keys, values, strict=True):
@@ -577,17 +703,23 @@ class JobServer:
         Every partition's results in one key order (L{sorted_order}), to
         C{final()} or the output, as octo.py called C{final()} over sorted
         keys.  The partitions are decoded together, which a job's results
-        (far fewer than its records) afford.
+        (far fewer than its records) afford.  An output of a file per
+        partition gets each partition in key order, as Hadoop's do.
         """
+        if self.job.final is None and self.output.partitioned:
+            self._begin_output()
+            for partition, task in enumerate(self.scheduler.output_tasks()):
+                k, v = self._decoded(task)
+                order = sorted_order(k)
+                self.output.write_partition(partition, [k[i] for i in order], [v[i] for i in order])
+                self._results += len(k)
+            return
         keys: list[Any] = []
         values: list[Any] = []
-        for partition in range(self.reduce_tasks):
-            task = TaskId(TaskKind.REDUCE, partition)
-            for blob in self.store.outputs(task):
-                k, v = codec.unpack(blob)
-                keys += k
-                values += v
-            self.store.forget(task)
+        for task in self.scheduler.output_tasks():
+            k, v = self._decoded(task)
+            keys += k
+            values += v
         order = sorted_order(keys)
         final = self.job.final
         if final is not None:
@@ -595,11 +727,23 @@ class JobServer:
                 final(keys[i], values[i])
                 self._results += 1
             return
+        self._begin_output()
         step = 10_000
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
             self._results += len(chunk)  # (counted as handed over: a pipe takes them in part)
             self.output.write([keys[i] for i in chunk], [values[i] for i in chunk])
+
+    def _decoded(self, task: TaskId) -> tuple[list[Any], list[Any]]:
+        """A task's results, decoded, and forgotten by the store."""
+        keys: list[Any] = []
+        values: list[Any] = []
+        for blob in self.store.outputs(task):
+            k, v = codec.unpack(blob)
+            keys += k
+            values += v
+        self.store.forget(task)
+        return keys, values
 
     def cancel(self, why: str) -> None:
         """
@@ -626,6 +770,7 @@ class JobServer:
             if timer.running:
                 timer.stop()
         outcome.stats = self.status()
+        outcome.counters = dict(sorted(self.counters.items()))
         try:
             if self.output_gone:
                 pass  # nothing more can reach the reader
@@ -655,6 +800,21 @@ class JobServer:
                 n=outcome.results,
                 s="" if outcome.results == 1 else "s",
                 t=outcome.seconds,
+            )
+        _log.debug(
+            "task input sent: {sent} bytes, {mapped} of them source items; task output "
+            "received: {received} bytes",
+            sent=self.bytes_sent,
+            mapped=self.map_input_bytes,
+            received=self.bytes_received,
+        )
+        if outcome.ok and outcome.counters:
+            width = max(map(len, outcome.counters))
+            _log.info(
+                "counters:\n{table}",
+                table="\n".join(
+                    f"  {name:<{width}}  {n:>14,}" for name, n in outcome.counters.items()
+                ),
             )
         # Workers hang up when they read this; the transport closes whatever
         # is left when it stops (TaskServer.stop).
@@ -689,6 +849,8 @@ class JobServer:
         return {
             "job": self.job.name,
             "phase": self.scheduler.phase.value,
+            "step": self.scheduler.step + 1,
+            "steps": len(self.partitions),
             "ok": None if outcome is None else outcome.ok,
             "error": None if outcome is None else outcome.error,
             "elapsed": round(outcome.seconds if outcome else elapsed, 3),
@@ -696,6 +858,8 @@ class JobServer:
             "reduce": phases["reduce"],
             "workers": workers,
             "failures": list(self.failures),
+            "printed": list(self.printed),
+            "counters": dict(sorted(self.counters.items())),
             "skipped": [
                 {"task": str(r.task), "key": str(r.key), "error": r.error, "attempts": r.attempts}
                 for r in self.scheduler.skipped
@@ -703,6 +867,8 @@ class JobServer:
             "throughput": {
                 "tasks_per_second": round(done / elapsed, 3) if elapsed > 0 else 0.0,
                 "bytes_received": self.bytes_received,
+                "bytes_sent": self.bytes_sent,
+                "map_input_bytes": self.map_input_bytes,
                 "bytes_per_second": round(self.bytes_received / elapsed) if elapsed > 0 else 0,
             },
         }
@@ -763,7 +929,7 @@ class JobServer:
         s = self.status()
         _log.info(
             "{phase}: map {md}/{mt}, reduce {rd}/{rt}, {w} worker{ws}, {t:.0f}s",
-            phase=s["phase"],
+            phase=s["phase"] if s["steps"] == 1 else f"step {s['step']}/{s['steps']} {s['phase']}",
             md=s["map"]["done"],
             mt=s["map"]["total"] or "?",
             rd=s["reduce"]["done"],
@@ -815,6 +981,18 @@ def _check_hello(hello: messages.Hello) -> None:
         )
     if not 0 <= hello.pid < 2**32:
         raise RemoteProtocolError(f"Hello: pid {hello.pid} is not a process id")
+
+
+def _check_counters(counts: tuple[tuple[str, int], ...]) -> None:
+    """
+    @raise RemoteProtocolError: an attempt's counters are more, or longer
+        named, than L{octotwist.counters} lets a task keep.
+    """
+    if len(counts) > counters.MAX_COUNTERS + 10:  # (and octotwist's own)
+        raise RemoteProtocolError(f"TaskDone with {len(counts)} counters")
+    for name, n in counts:
+        if len(name) > counters.MAX_NAME or not name.isprintable() or abs(n) >= 2**63:
+            raise RemoteProtocolError(f"TaskDone: counter {name[:60]!r} = {n} is not one")
 
 
 def _clip(text: str, limit: int) -> str:
@@ -913,7 +1091,10 @@ class _WorkerSession:
             raise RemoteProtocolError(f"{task}: attempt {attempt} (attempts count from 1)")
 
     def _check_partition(self, task: TaskId, partition: int) -> None:
-        limit = self.server.reduce_tasks if task.kind is TaskKind.MAP else 1
+        steps = self.server.partitions
+        if task.step >= len(steps):
+            raise RemoteProtocolError(f"{task}: the job has {len(steps)} step(s)")
+        limit = (steps[task.step] or 1) if task.kind is TaskKind.MAP else 1
         if not 0 <= partition < limit:
             raise RemoteProtocolError(f"{task}: output for partition {partition} out of range")
 

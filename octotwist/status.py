@@ -283,6 +283,8 @@ def render_main(status: dict[str, Any]) -> str:
     parts.append(_throughput(status))
     parts.append(_workers(status["workers"]))
     parts.append(_failures(status["failures"]))
+    parts.append(_counters(status.get("counters", {})))
+    parts.append(_printed(status.get("printed", [])))
     if status["skipped"]:
         parts.append(_skipped(status["skipped"]))
     return "\n".join(parts)
@@ -296,10 +298,15 @@ def _header(s: dict[str, Any]) -> str:
     else:
         state = s["phase"]
     error = f'<pre class="error">{escape(s["error"])}</pre>' if s["error"] else ""
+    step = (
+        f' &middot; step <span id="step">{s["step"]}</span> of <span id="steps">{s["steps"]}</span>'
+        if s.get("steps", 1) > 1
+        else ""
+    )
     return (
         f'<h1>Job <span id="job">{escape(s["job"])}</span></h1>\n'
         f'<p>Phase: <strong id="phase" class="phase-{escape(state)}">{escape(state)}</strong>'
-        f' &middot; elapsed <span id="elapsed">{_duration(s["elapsed"])}</span></p>{error}'
+        f'{step} &middot; elapsed <span id="elapsed">{_duration(s["elapsed"])}</span></p>{error}'
     )
 
 
@@ -356,16 +363,72 @@ def _workers(workers: list[dict[str, Any]]) -> str:
 def _failures(failures: list[dict[str, Any]]) -> str:
     if not failures:
         return '<section><h2>Failures</h2><p id="failures">None.</p></section>'
-    items = "\n".join(
-        f'<li><details id="failure-{i}"><summary>{escape(f["task"])} attempt {f["attempt"]} on '
-        f"{escape(f['worker'])}{' at key ' + escape(f['key']) if f['key'] is not None else ''}"
-        f": {escape(f['error'])}</summary><pre>{escape(f['traceback'])}</pre></details></li>"
-        for i, f in enumerate(failures)
+    return _attempts(
+        "Failures",
+        ("failures", "failure"),
+        failures,
+        lambda f: (
+            (f" at key {f['key']}" if f["key"] is not None else "") + f": {f['error']}",
+            f["traceback"],
+        ),
+    )
+
+
+def _attempts(
+    title: str,
+    ids: tuple[str, str],
+    entries: list[dict[str, Any]],
+    what: Callable[[dict[str, Any]], tuple[str, str]],
+) -> str:
+    """
+    A list of task attempts, each a summary line to click open for its
+    text (a failure's traceback, what an attempt printed).
+
+    @param ids: the list's id, and the prefix of its items' and count's.
+    @param what: an entry's summary, after its attempt, and its text.
+    """
+    items = []
+    for i, entry in enumerate(entries):
+        summary, text = what(entry)
+        items.append(
+            f'<li><details id="{ids[1]}-{i}"><summary>{escape(entry["task"])} attempt '
+            f"{entry['attempt']} on {escape(entry['worker'])}{escape(summary)}</summary>"
+            f"<pre>{escape(text)}</pre></details></li>"
+        )
+    return (
+        f'<section><h2>{title} (<span id="{ids[1]}-count">{len(entries)}</span>)</h2>'
+        f'<ol id="{ids[0]}">\n' + "\n".join(items) + "\n</ol></section>"
+    )
+
+
+def _counters(counters: dict[str, int]) -> str:
+    if not counters:
+        return '<section><h2>Counters</h2><p id="counters">None yet.</p></section>'
+    rows = "\n".join(
+        f'<tr><td class="name">{escape(name)}</td><td class="n">{n:,}</td></tr>'
+        for name, n in counters.items()
     )
     return (
-        f'<section><h2>Failures (<span id="failure-count">{len(failures)}</span>)</h2>'
-        f'<ol id="failures">\n{items}\n</ol></section>'
+        '<section><h2>Counters</h2><div class="scroll"><table id="counters"><thead><tr>'
+        f'<th>Counter</th><th class="n">Total</th></tr></thead><tbody>\n{rows}\n'
+        "</tbody></table></div></section>"
     )
+
+
+def _printed(printed: list[dict[str, Any]]) -> str:
+    if not printed:
+        return ""
+    return _attempts(
+        "Printed by tasks, newest last",
+        ("printed", "printed"),
+        printed,
+        lambda p: (f": {_first_line(p['text'])}", p["text"]),
+    )
+
+
+def _first_line(text: str) -> str:
+    line = text.split("\n", 1)[0]
+    return line if len(line) <= 120 else line[:120] + "..."
 
 
 def _skipped(skipped: list[dict[str, Any]]) -> str:
@@ -413,6 +476,7 @@ progress { width: 100%; height: 1.2em; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; width: 100%; font-size: .9em; }
 th, td { text-align: left; padding: .25em .5em; border-bottom: 1px solid #ddd; }
+th.n, td.n { text-align: right; font-variant-numeric: tabular-nums; }
 pre { overflow-x: auto; background: #f6f6f6; padding: .5em; font-size: .85em; }
 .error { color: #a00; }
 .phase-failed { color: #a00; } .phase-finished { color: #070; }

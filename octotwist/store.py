@@ -94,10 +94,12 @@ class BlobStore:
         self._spill_end = 0  # where the next spilled blob goes
         self._parts: dict[tuple[TaskId, int, int], list[bytes]] = {}
         self._staged: defaultdict[_Attempt, list[tuple[int, _Ref]]] = defaultdict(list)
-        # Map outputs by partition (a reduce task reads one partition);
-        # reduce outputs by task (the server reads each task's results).
-        self._maps: defaultdict[int, _Committed] = defaultdict(_Committed)
-        self._results: dict[int, list[tuple[int, _Ref]]] = {}
+        # Map outputs by step and partition (a reduce task reads one
+        # partition); the outputs of reduce tasks and of a map-only step's
+        # map tasks by task (the next step, or the server, reads each
+        # task's results).
+        self._maps: defaultdict[tuple[int, int], _Committed] = defaultdict(_Committed)
+        self._results: dict[TaskId, list[tuple[int, _Ref]]] = {}
 
     def add_part(self, task: TaskId, attempt: int, partition: int, data: bytes, end: bool) -> None:
         """
@@ -114,17 +116,25 @@ class BlobStore:
         blob = data if pending is None else b"".join([*pending, data])
         self._staged[(task, attempt)].append((partition, self._put(blob)))
 
-    def commit(self, task: TaskId, attempt: int) -> None:
-        """The attempt won: its staged outputs now count."""
+    def commit(self, task: TaskId, attempt: int, *, by_task: bool = False) -> int:
+        """
+        The attempt won: its staged outputs now count.
+
+        @param by_task: keep a map task's outputs by task, as a reduce
+            task's are (L{outputs}): a map-only step's, which are not
+            shuffled.
+        @return: how many bytes of output it committed.
+        """
         staged = self._staged.pop((task, attempt), [])
-        if task.kind is TaskKind.REDUCE:
-            self._results.setdefault(task.index, []).extend(staged)
+        if task.kind is TaskKind.REDUCE or by_task:
+            self._results.setdefault(task, []).extend(staged)
         else:
             for partition, ref in staged:
-                c = self._maps[partition]
+                c = self._maps[(task.step, partition)]
                 c.tasks.append(task.index)
                 c.refs.append(ref)
         self._drop_parts(task, attempt)
+        return sum(_size(ref) for _, ref in staged)
 
     def discard(self, task: TaskId, attempt: int) -> None:
         """The attempt does not count: forget its outputs."""
@@ -132,30 +142,33 @@ class BlobStore:
             self._release(ref)
         self._drop_parts(task, attempt)
 
-    def blobs(self, partition: int) -> Iterator[bytes]:
+    def blobs(self, partition: int, step: int = 0) -> Iterator[bytes]:
         """
-        The committed map outputs of C{partition}, in task order, each read
-        (from the spill file, say) only as it is reached: a reduce task's
-        input is sent one blob at a time, never gathered whole in memory.
+        The committed map outputs of C{partition} of C{step}, in task
+        order, each read (from the spill file, say) only as it is reached:
+        a reduce task's input is sent one blob at a time, never gathered
+        whole in memory.
         """
-        c = self._maps.get(partition)
+        c = self._maps.get((step, partition))
         refs = c.in_task_order() if c is not None else []
         return (self._get(ref) for ref in refs)
 
     def outputs(self, task: TaskId) -> Iterator[bytes]:
-        """A reduce task's committed results, by partition, then in the order they came."""
-        assert task.kind is TaskKind.REDUCE, "map outputs are read by partition (blobs)"
-        staged = sorted(self._results.get(task.index, ()), key=lambda pr: pr[0])
+        """
+        A task's committed results (a reduce task's, or a map task's
+        committed C{by_task}), by partition, then in the order they came.
+        """
+        staged = sorted(self._results.get(task, ()), key=lambda pr: pr[0])
         return (self._get(ref) for _, ref in staged)
 
     def forget(self, task: TaskId) -> None:
-        """Forget a reduce task's committed results (they have been consumed)."""
-        for _, ref in self._results.pop(task.index, ()):
+        """Forget a task's committed results (they have been consumed)."""
+        for _, ref in self._results.pop(task, ()):
             self._release(ref)
 
-    def drop(self, partition: int) -> None:
+    def drop(self, partition: int, step: int = 0) -> None:
         """Forget a partition's map outputs (its reduce task is done)."""
-        c = self._maps.pop(partition, None)
+        c = self._maps.pop((step, partition), None)
         for ref in c.refs if c is not None else ():
             self._release(ref)
 
@@ -213,3 +226,7 @@ class BlobStore:
             self.in_memory -= len(ref)
         else:
             self.on_disk -= ref & ((1 << _SIZE_BITS) - 1)
+
+
+def _size(ref: _Ref) -> int:
+    return len(ref) if isinstance(ref, bytes) else ref & ((1 << _SIZE_BITS) - 1)

@@ -17,7 +17,7 @@ import pickle
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import error
@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from octotwist._child import encode_frame
-from octotwist.messages import TaskKind
+from octotwist.messages import TaskId
 
 _HEADER = struct.Struct("!I")
 _PIPE_SIZE = 1024 * 1024
@@ -42,6 +42,8 @@ class Finished:
     records_in: int
     records_out: int
     seconds: float
+    counters: dict[str, int] = field(default_factory=dict)
+    printed: str = ""  # what the user's code printed (L{octotwist._child._Printed})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,7 @@ class Crashed:
     key: str | None
     error: str
     traceback: str
+    printed: str = ""
 
 
 Outcome = Finished | Crashed
@@ -74,13 +77,14 @@ class _ChildProcess(ProcessProtocol):
         return self._result is not None
 
     def run(
-        self, kind: TaskKind, partitions: int, inputs: list[bytes], on_output: OnOutput
+        self, task: TaskId, partitions: int, inputs: list[bytes], on_output: OnOutput
     ) -> Deferred[Outcome]:
         assert self._result is None, "child is busy"
         self._result = Deferred()
         self._on_output = on_output
         assert self.transport is not None  # set by spawnProcess, before run
-        self.transport.writeToChild(3, encode_frame((kind.value, partitions, inputs)))
+        request = (task.kind.value, task.step, partitions, inputs)
+        self.transport.writeToChild(3, encode_frame(request))
         return self._result
 
     def kill(self) -> None:
@@ -106,10 +110,10 @@ class _ChildProcess(ProcessProtocol):
             case ("output", partition, blob):
                 assert self._on_output is not None
                 self._on_output(partition, blob)
-            case ("done", records_in, records_out, seconds):
-                self._finish(Finished(records_in, records_out, seconds))
-            case ("failed", key, err, tb):
-                self._finish(Crashed(key, err, tb))
+            case ("done", records_in, records_out, seconds, counts, printed):
+                self._finish(Finished(records_in, records_out, seconds, counts, printed))
+            case ("failed", key, err, tb, printed):
+                self._finish(Crashed(key, err, tb, printed))
 
     def _finish(self, outcome: Outcome) -> None:
         d, self._result, self._on_output = self._result, None, None
@@ -166,7 +170,7 @@ def _describe_exit(reason: Failure) -> str:
 
 @dataclass(slots=True)
 class _Queued:
-    kind: TaskKind
+    task: TaskId
     partitions: int
     inputs: list[bytes]
     on_output: OnOutput
@@ -214,7 +218,7 @@ class ProcessPool:
         self._children.append(child)
 
     def run(
-        self, kind: TaskKind, partitions: int, inputs: list[bytes], on_output: OnOutput
+        self, task: TaskId, partitions: int, inputs: list[bytes], on_output: OnOutput
     ) -> tuple[Deferred[Outcome], Callable[[], None]]:
         """
         Run a task in the next idle child (it waits for one if none is idle:
@@ -223,7 +227,7 @@ class ProcessPool:
         @return: the outcome's Deferred, and a function that cancels the task
             (killing its child if it has started).
         """
-        job = _Queued(kind, partitions, inputs, on_output, Deferred())
+        job = _Queued(task, partitions, inputs, on_output, Deferred())
         self._queue.append(job)
         self._next()
         return job.result, job.cancel
@@ -238,7 +242,7 @@ class ProcessPool:
             if job.cancelled:
                 continue
             job.child = child
-            child.run(job.kind, job.partitions, job.inputs, job.on_output).chainDeferred(job.result)
+            child.run(job.task, job.partitions, job.inputs, job.on_output).chainDeferred(job.result)
 
     def _child_ended(self, child: _ChildProcess) -> None:
         if child in self._children:

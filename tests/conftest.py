@@ -19,6 +19,7 @@ import select
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -230,6 +231,21 @@ def gate(path: Path) -> str:
         "def _gate():\n"
         f"    while not _gate_os.path.exists({str(path)!r}):\n"
         "        _gate_time.sleep(0.02)\n"
+    )
+
+
+def python(
+    code: str, env: dict[str, str] | None = None, cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run C{code}, dedented, in a fresh Python (where octotwist.run() may wait)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 

@@ -14,23 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import BOOKS, EXAMPLES, octo, parse_tsv, tsv_field, word_count
+from conftest import BOOKS, EXAMPLES, octo, parse_tsv, python, tsv_field, word_count
 
 BOOK_FILES = sorted(BOOKS.glob("*.txt"))
-
-
-def python(
-    code: str, env: dict, cwd: Path, stdin: str | None = None
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
 
 
 def run_script(script: Path, env: dict, cwd: Path) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ def test_good_job_loads_and_its_functions_round_trip(tmp_path: Path) -> None:
     job = load_job(write(tmp_path, GOOD))
     assert job.name == "job" and job.final is None and job.reduce_tasks is None
     functions = codec.load_functions(job.pickled_functions)
-    assert list(functions.mapfn("k", "a b a")) == [("a", 1), ("b", 1), ("a", 1)]
+    assert list(functions.steps[0].mapfn("k", "a b a")) == [("a", 1), ("b", 1), ("a", 1)]
     assert job.source_size() == 2
 
 
@@ -50,7 +50,7 @@ def test_helpers_beside_the_script_travel_by_value(tmp_path: Path) -> None:
     del sys.modules["jobhelpers_xyz"]  # as on a worker, which never saw the file
     sys.path.remove(str(tmp_path))
     functions = codec.load_functions(data)
-    assert list(functions.mapfn("k", "a")) == [("A", 1)]
+    assert list(functions.steps[0].mapfn("k", "a")) == [("A", 1)]
 
 
 @pytest.mark.parametrize(

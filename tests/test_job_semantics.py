@@ -455,8 +455,8 @@ def test_the_finder_serves_shipped_modules_in_a_process_elsewhere(tmp_path: Path
         from octotwist import codec, shipping
         f = codec.load_functions(open("blob", "rb").read())
         shipping.install(f.modules)
-        pairs = list(f.mapfn("k", "w0 w1 w1 w3 w2"))
-        print(pairs, f.reducefn("w1", [1, 1]))
+        pairs = list(f.steps[0].mapfn("k", "w0 w1 w1 w3 w2"))
+        print(pairs, f.steps[0].reducefn("w1", [1, 1]))
         import textkit.norm
         print(textkit.norm.__file__)
         """

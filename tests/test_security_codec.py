@@ -18,7 +18,7 @@ from octotwist import codec, messages
 from octotwist.errors import RemoteProtocolError
 from octotwist.messages import TaskId, TaskKind
 
-TASK = ["map", 3]
+TASK = ["map", 3, 0]
 
 
 def header(*items: object) -> bytes:
@@ -31,17 +31,24 @@ WRONG_FIELDS = {
     "slots that are a bool": header("Hello", "w", "h", 1, True, 0, None),
     "a name that is bytes": header("Hello", b"w", "h", 1, 1, 0, None),
     "a machine that is a number": header("Hello", "w", "h", 1, 1, 0, 7),
-    "a task kind nobody knows": header("Assign", ["steal", 3], 1),
-    "a negative task index": header("Assign", ["map", -1], 1),
-    "a task id of three items": header("Assign", ["map", 3, 4], 1),
+    "a task kind nobody knows": header("Assign", ["steal", 3, 0], 1),
+    "a negative task index": header("Assign", ["map", -1, 0], 1),
+    "a task id of four items": header("Assign", ["map", 3, 4, 5], 1),
+    "a task id of two items": header("Assign", ["map", 3], 1),
+    "a step past the most a job has": header("Assign", ["map", 3, 10**6], 1),
+    "a negative step": header("Assign", ["map", 3, -1], 1),
     "a task id that is a string": header("Cancel", "map:3", 1),
-    "an interval that is NaN": header("Welcome", "j", 0, 2, math.nan),
-    "an interval that is infinite": header("Welcome", "j", 0, 2, math.inf),
-    "an interval that is a string": header("Welcome", "j", 0, 2, "1.0"),
+    "an interval that is NaN": header("Welcome", "j", 0, 2, math.nan, []),
+    "an interval that is infinite": header("Welcome", "j", 0, 2, math.inf, []),
+    "an interval that is a string": header("Welcome", "j", 0, 2, "1.0", []),
+    "step partitions that are a number": header("Welcome", "j", 0, 2, 1.0, 3),
+    "a counter that is not a pair": header("TaskDone", TASK, 1, 0, 0, 0.0, [["c"]], ""),
+    "a counter whose count is a string": header("TaskDone", TASK, 1, 0, 0, 0.0, [["c", "1"]], ""),
+    "printed output that is bytes": header("TaskDone", TASK, 1, 0, 0, 0.0, [], b"x"),
     "ok that is an int": header("Shutdown", 1, ""),
     "a heartbeat entry that is not a pair": header("Heartbeat", [[TASK]]),
     "a heartbeat that is a map": header("Heartbeat", {"a": 1}),
-    "a traceback that is a list": header("TaskFailed", TASK, 1, None, "e", ["tb"]),
+    "a traceback that is a list": header("TaskFailed", TASK, 1, None, "e", ["tb"], ""),
 }
 
 
@@ -61,9 +68,15 @@ def test_the_right_types_make_the_message_the_fields_declare() -> None:
     beat = codec.message_from_parts(header("Heartbeat", [[TASK, 2]]), b"")
     assert beat == messages.Heartbeat(((TaskId(TaskKind.MAP, 3), 2),))
     assert type(beat.running) is tuple and type(beat.running[0]) is tuple
-    welcome = codec.message_from_parts(header("Welcome", "j", 3, 2, 1), b"abc")
-    assert welcome == messages.Welcome("j", b"abc", 2, 1.0)
+    welcome = codec.message_from_parts(header("Welcome", "j", 3, 2, 1, [2, 0]), b"abc")
+    assert welcome == messages.Welcome("j", b"abc", 2, 1.0, (2, 0))
     assert type(welcome.heartbeat_interval) is float
+    later = codec.message_from_parts(header("Assign", ["reduce", 3, 2], 1), b"")
+    assert later == messages.Assign(TaskId(TaskKind.REDUCE, 3, step=2), 1)
+    done = codec.message_from_parts(
+        header("TaskDone", TASK, 1, 5, 2, 0.5, [["words", 7]], "hi\n"), b""
+    )
+    assert done.counters == (("words", 7),) and done.output == "hi\n"
 
 
 @pytest.mark.parametrize(

@@ -210,7 +210,13 @@ def test_status_page_escapes_what_it_shows() -> None:
                 }
             ],
             "failures": [],
+            "printed": [
+                {"task": "map 3", "attempt": 1, "worker": evil, "text": evil, "elapsed": 1.0}
+            ],
+            "counters": {evil: 7},
             "skipped": [],
+            "step": 2,
+            "steps": 3,
             "throughput": {"tasks_per_second": 0.1, "bytes_received": 0, "bytes_per_second": 0},
         }
     )
@@ -218,6 +224,8 @@ def test_status_page_escapes_what_it_shows() -> None:
     parser = PageParser()
     parser.feed(html)
     assert parser.by_id["map-total"] == "?" and parser.by_id["elapsed"] == "1 min 15 s"
+    assert (parser.by_id["step"], parser.by_id["steps"]) == ("2", "3")
+    assert parser.by_id["printed-count"] == "1"
     assert "value" not in parser.progress["map-bar"]  # unknown total: indeterminate bar
     # Nothing is fetched from elsewhere: no absolute URL in a src or href.
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)

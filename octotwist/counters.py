@@ -1,0 +1,62 @@
+"""
+Counters a job keeps, as mrjob's C{increment_counter} and Hadoop's
+counters do: C{octotwist.counters.add("lines", 1)} inside C{mapfn},
+C{reducefn} or C{combinefn}.
+
+Each task attempt counts into a table of its own, which travels with its
+result (L{octotwist.messages.TaskDone}); the server adds an attempt's table
+to the job's totals only when that attempt is the one whose output counts.
+A failed attempt, a retried one, the losing copy of a backup task and a
+cancelled one never add anything, so a total is exact however often
+tasks were re-run (Spark's accumulators, by contrast, count re-run tasks
+again: apache/spark#4022).
+
+octotwist's own counters are named C{octotwist.*}
+(L{octotwist._child}): records read, pairs emitted, map output bytes
+shuffled, spilled runs.
+"""
+
+from __future__ import annotations
+
+#: Most distinct counters one task attempt may keep, and the longest name:
+#: a counter is a figure to read, not a place to store data.
+MAX_COUNTERS = 1000
+MAX_NAME = 200
+
+_table: dict[str, int] = {}
+
+
+def add(name: str, n: int = 1) -> None:
+    """
+    Add C{n} to the counter C{name}.
+
+    @raise TypeError: C{name} is not a string, or C{n} not an int.
+    @raise ValueError: the name is empty, too long or not printable, or
+        the attempt already keeps L{MAX_COUNTERS} counters.
+    """
+    if type(name) is not str:
+        raise TypeError(f"a counter's name is a str, not {type(name).__name__} ({name!r:.60})")
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError(f"counter {name!r}: add an int, not {type(n).__name__} ({n!r:.60})")
+    table = _table
+    if name not in table:
+        if not name or len(name) > MAX_NAME or not name.isprintable():
+            raise ValueError(
+                f"counter name {name[:60]!r}: a counter's name is printable text of 1 to "
+                f"{MAX_NAME} characters"
+            )
+        if len(table) >= MAX_COUNTERS:
+            raise ValueError(
+                f"counter {name[:60]!r}: a task keeps at most {MAX_COUNTERS} counters; "
+                "a counter per key is data: emit it as a pair instead"
+            )
+        table[name] = n
+    else:
+        table[name] += n
+
+
+def take() -> dict[str, int]:
+    """The counts since the last call, and a fresh table (between two tasks)."""
+    global _table
+    counts, _table = _table, {}
+    return counts
