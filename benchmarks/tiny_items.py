@@ -103,7 +103,7 @@ def run(argv: list[str], env: dict[str, str], out: Path, n: int) -> tuple[float,
         sys.exit(f"FAILED ({p.returncode}): {' '.join(argv)}\n{p.stderr}")
     if read_result(out) != expected(n):
         sys.exit(f"MISMATCH: {' '.join(argv)} on {n} items gave a wrong result")
-    m = re.search(r"finished: \d+ results in ([\d.]+) s", p.stderr) or re.search(
+    m = re.search(r"finished: \d+ results? in ([\d.]+) s", p.stderr) or re.search(
         r"^job ([\d.]+)$", p.stdout, re.MULTILINE
     )
     if m is None:

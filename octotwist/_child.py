@@ -90,41 +90,27 @@ def user_traceback(e: BaseException) -> str:
     return "".join(lines)
 
 
-class _Printed(io.TextIOBase):
+class _Printed:
     """
-    C{sys.stdout} and C{sys.stderr} of a task process: what the user's
-    code prints, kept in memory for the task's reply, never blocking.  One
-    object for the process's life, emptied by each task (L{take}), so that
-    a C{logging} handler made in one task still writes into the next
-    one's.  Keeps the last L{MAX_PRINTED} characters and says how many it
-    cut.
+    What the user's code prints in a task process, kept in memory for the
+    task's reply, never blocking: the sink of the process's C{sys.stdout}
+    and C{sys.stderr} (L{_Stream}).  One for the process's life, emptied by
+    each task (L{take}), so that a C{logging} handler made in one task
+    still writes into the next one's.  Keeps the last L{MAX_PRINTED}
+    characters and says how many it cut.
     """
 
     def __init__(self, limit: int = MAX_PRINTED) -> None:
-        super().__init__()
         self.limit = limit
         self._parts: list[str] = []
         self._kept = 0
         self._cut = 0
 
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return False
-
-    def write(self, text: str) -> int:
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+    def write(self, text: str) -> None:
         self._parts.append(text)
         self._kept += len(text)
         if self._kept > 2 * self.limit:
             self._trim()
-        return len(text)
 
     def _trim(self) -> None:
         text = "".join(self._parts)
@@ -142,6 +128,68 @@ class _Printed(io.TextIOBase):
             text = f"[{self._cut} characters cut; the last {len(text)} follow]\n{text}"
         self._parts, self._kept, self._cut = [], 0, 0
         return text
+
+
+class _Stream(io.TextIOBase):
+    """
+    C{sys.stdout} or C{sys.stderr} of a task process, writing into a
+    L{_Printed}: text, and bytes through C{buffer} (decoded as UTF-8).  Its
+    C{fileno()} is the real descriptor, for code that hands it to a
+    subprocess or to C{faulthandler}: what is written there goes to the
+    worker's terminal, as any write to a descriptor does.
+    """
+
+    def __init__(self, sink: _Printed, fd: int) -> None:
+        super().__init__()
+        self._sink = sink
+        self._fd = fd
+        self.buffer = _Bytes(sink, fd)
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return "replace"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def reconfigure(self, **_: Any) -> None:
+        """Accepted and ignored (line buffering, encoding): nothing is buffered here."""
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._sink.write(text)
+        return len(text)
+
+
+class _Bytes(io.RawIOBase):
+    """A L{_Stream}'s C{buffer}: bytes written to it are printed text."""
+
+    def __init__(self, sink: _Printed, fd: int) -> None:
+        super().__init__()
+        self._sink = sink
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._sink.write(view.tobytes().decode("utf-8", "replace"))
+        return view.nbytes
 
 
 class _Runner:
@@ -171,8 +219,9 @@ class _Runner:
             self.step = self.f.steps[step]
             if not self.set_up:
                 self.setup()
+                counters.take()  # (setupfn's counts are no task's: not kept)
             records_in, records_out = self.run(kind, partitions, inputs)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # (sys.exit() in a mapfn ends its task)
             key = repr(self.key) if self.have_key else None
             if key is not None and len(key) > 200:
                 key = key[:200] + "..."
@@ -251,6 +300,8 @@ class _Runner:
                 spills += 1
                 self.send_runs(spill)
             self.send_runs(buffer.drain())
+        except sources.SourceReadError:
+            raise  # (it names its file: nothing to locate, and nothing to read twice)
         except Exception:
             if not self.have_key:
                 self._locate(partitions, keys, values)
@@ -360,10 +411,9 @@ def main() -> int:
         # sources the server shipped: this process may run anywhere.
         shipping.install(getattr(functions, "modules", None) or {})
         # What the user's code prints is the task's, for the server to show
-        # (sys.__stderr__ stays the terminal, for the interpreter's own
-        # last words).
+        # (sys.__stderr__ stays the terminal: _run puts it back at the end).
         printed = _Printed()
-        sys.stdout = sys.stderr = printed
+        sys.stdout, sys.stderr = _Stream(printed, 1), _Stream(printed, 2)
         runner = _Runner(functions, out, printed)
         # A map task allocates a tuple per pair; with the default thresholds
         # the cyclic collector runs every 700 of them and rescans everything
@@ -409,6 +459,10 @@ def _run() -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), 4)
         return 0
+    finally:
+        # Whatever ends us (a bug of ours, the interpreter's shutdown) says
+        # so on the terminal, not into a task's printed output nobody reads.
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from octotwist import allocator, auth, embedded, tap
+from octotwist import allocator, auth, counters, embedded, tap
 from octotwist import options as shared
 from octotwist.client import IWorkerReactor, run_worker
 from octotwist.config import DEFAULT_TRANSPORT
@@ -396,6 +396,8 @@ def _run_inline(opts: RunOptions) -> int:
         s="" if outcome.results == 1 else "s",
         t=outcome.seconds,
     )
+    if outcome.counters:
+        _log.info("counters:\n{table}", table=counters.table(outcome.counters))
     return EXIT_OK
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 #: a counter is a figure to read, not a place to store data.
 MAX_COUNTERS = 1000
 MAX_NAME = 200
+#: A counter's value stays within a signed 64-bit int, as it travels.
+LIMIT = 2**63 - 1
 
 _table: dict[str, int] = {}
 
@@ -33,6 +35,7 @@ def add(name: str, n: int = 1) -> None:
     @raise TypeError: C{name} is not a string, or C{n} not an int.
     @raise ValueError: the name is empty, too long or not printable, or
         the attempt already keeps L{MAX_COUNTERS} counters.
+    @raise OverflowError: the counter would go past a signed 64-bit int.
     """
     if type(name) is not str:
         raise TypeError(f"a counter's name is a str, not {type(name).__name__} ({name!r:.60})")
@@ -50,9 +53,14 @@ def add(name: str, n: int = 1) -> None:
                 f"counter {name[:60]!r}: a task keeps at most {MAX_COUNTERS} counters; "
                 "a counter per key is data: emit it as a pair instead"
             )
-        table[name] = n
+        total = n
     else:
-        table[name] += n
+        total = table[name] + n
+    if not -LIMIT <= total <= LIMIT:
+        raise OverflowError(
+            f"counter {name!r}: {total} is past what a counter holds (a signed 64-bit int)"
+        )
+    table[name] = total
 
 
 def take() -> dict[str, int]:
@@ -60,3 +68,9 @@ def take() -> dict[str, int]:
     global _table
     counts, _table = _table, {}
     return counts
+
+
+def table(counts: dict[str, int]) -> str:
+    """Counters as the end of C{octo run} prints them: a line each, aligned."""
+    width = max(map(len, counts), default=0)
+    return "\n".join(f"  {name:<{width}}  {n:>14,}" for name, n in counts.items())

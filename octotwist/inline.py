@@ -36,12 +36,13 @@ def run_inline(job: Job, config: JobConfig, output: Results) -> JobOutcome:
     started = time.monotonic()
     default = config.reduce_tasks or job.reduce_tasks or DEFAULT_REDUCE_TASKS
     counters.take()
-    if job.functions.setupfn is not None:
-        job.functions.setupfn()
     source = job.source
     items: Iterable[tuple[Any, Any]] = expand((key, source[key]) for key in source)
     steps = job.functions.steps
     try:
+        if job.functions.setupfn is not None:
+            job.functions.setupfn()
+            counters.take()  # (setupfn's counts are no task's, as on a worker)
         for step in steps[:-1]:
             # A step's results are the next one's input, in memory.
             items = [kv for _, k, v in _step(step, items, default) for kv in zip(k, v, strict=True)]

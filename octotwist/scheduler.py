@@ -44,7 +44,8 @@ C{len(source)} stays the map total however the items are batched.
 What happens when things fail (see docs/guide.md):
 
   - A worker that leaves loses its running attempts; their tasks go back in
-    the queue.  That is not the task's fault and costs it no attempt.
+    the queue.  That is not the task's fault and costs it no attempt; nor is
+    an attempt the worker gives back (L{AttemptReturned}).
   - A worker silent for longer than its lease (no message of any kind) is
     I{suspect}: its running attempts are cancelled and requeued, and it gets
     no work until it is heard from again.
@@ -53,11 +54,12 @@ What happens when things fail (see docs/guide.md):
     another worker when there is one, until it has failed C{max_attempts}
     times.  Then the job fails, naming the key the last attempt failed at.
   - With C{skip_bad_records}, only a single record is ever skipped: a map
-    task of one item that failed every attempt is dropped and its key
-    reported.  A batch that failed every attempt is split instead, each part
-    a new task with attempts of its own: the item it failed at alone, and
-    the rest together; when that item is unknown (the process died), into
-    one task per item.  A bad record therefore costs up to twice
+    task of the first step of one item that failed every attempt is dropped
+    and its key reported (a later step's map task maps a whole partition of
+    the step before: it fails the job instead).  A batch that failed every
+    attempt is split instead, each part a new task with attempts of its
+    own: the item it failed at alone, and the rest together; when that item
+    is unknown (the process died), into one task per item.  A bad record therefore costs up to twice
     C{max_attempts} attempts, and no good record is ever dropped with it.
   - When nothing is left to hand out, an idle worker gets a backup copy of the
     running task that has run longest (once it has run longer than
@@ -152,6 +154,20 @@ class AttemptFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptReturned:
+    """
+    The attempt could not run on this worker for a reason that is neither
+    the task's fault nor a failure (it could not open the files it was sent
+    by name, and is to be sent their bytes): the task goes back in the
+    queue, as if the worker had left, and costs no attempt.
+    """
+
+    worker: str
+    task: TaskId
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class InputSized:
     """
     The server packed map task C{task}'s input into C{nbytes} bytes: what
@@ -162,7 +178,16 @@ class InputSized:
     nbytes: int
 
 
-Event = WorkerJoined | WorkerLeft | Heard | Tick | AttemptSucceeded | AttemptFailed | InputSized
+Event = (
+    WorkerJoined
+    | WorkerLeft
+    | Heard
+    | Tick
+    | AttemptSucceeded
+    | AttemptFailed
+    | AttemptReturned
+    | InputSized
+)
 
 
 # Decisions: what the scheduler tells the server.
@@ -497,7 +522,7 @@ class Scheduler:
                     key = _describe(task.keys)  # e.g. the process died: we know that much
                 if task.failures < self.max_attempts:
                     self._requeue_if_idle(task)
-                elif self.skip_bad_records and task_id.kind is TaskKind.MAP:
+                elif self.skip_bad_records and task_id.kind is TaskKind.MAP and task_id.step == 0:
                     if len(task.keys) > 1:
                         self._split(task, _item_at(task.keys, reported))
                     else:
@@ -508,6 +533,12 @@ class Scheduler:
                         task_id, key, worker, error, tb, task.attempts, tuple(task.failed_on)
                     )
                     self._enter(Phase.FAILED)
+            case AttemptReturned(worker, task_id, attempt):
+                task = self._reported_attempt(worker, task_id, attempt)
+                if task is not None and task.status is not TaskStatus.DONE and not self.done:
+                    self._release(task, attempt)
+                elif task is not None:
+                    self._forget(task, attempt)
             case InputSized(task_id, nbytes):
                 task = self._task(task_id)
                 first_map = task_id.kind is TaskKind.MAP and task_id.step == 0

@@ -52,6 +52,7 @@ from octotwist.scheduler import (
     NO_WORK,
     Assignment,
     AttemptFailed,
+    AttemptReturned,
     AttemptSucceeded,
     Heard,
     InputSized,
@@ -62,7 +63,7 @@ from octotwist.scheduler import (
     WorkerJoined,
     WorkerLeft,
 )
-from octotwist.sources import item
+from octotwist.sources import UNREACHABLE, Files, Lines, item
 from octotwist.store import BlobStore, SpillError
 from octotwist.transport import MessageChannel
 
@@ -145,13 +146,22 @@ class JobServer:
         self.store = store if store is not None else BlobStore()
         self.policy = policy = policy or FaultPolicy()
         self.sort = sort
+        skip = policy.skip_bad_records
+        if skip and isinstance(job.source, Lines):
+            # One item of lines() is a range of many lines: skipping one
+            # would drop all of them.
+            _log.warn(
+                "--skip-bad-records does not skip ranges of a lines() source (each holds many "
+                "records): a range that fails every attempt fails the job"
+            )
+            skip = False
         self.scheduler = Scheduler(
             job.source,
             self.partitions,
             total=job.source_size(),
             max_attempts=policy.max_attempts,
             lease=policy.task_timeout,
-            skip_bad_records=policy.skip_bad_records,
+            skip_bad_records=skip,
             backup_after=policy.backup_after,
         )
         self.result: Deferred[JobOutcome] = Deferred()
@@ -317,9 +327,10 @@ class JobServer:
 
     def task_done(self, name: str, msg: messages.TaskDone) -> None:
         _check_counters(msg.counters)
-        self._printed(name, msg.task, msg.attempt, msg.output)
         task = msg.task
+        self._sessions[name].sent_by_name.discard((task, msg.attempt))
         verdict = self.scheduler.handle(AttemptSucceeded(name, task, msg.attempt))
+        self._printed(name, task, msg.attempt, msg.output)
         if verdict is Verdict.ACCEPTED:
             shuffled = task.kind is TaskKind.MAP and self.partitions[task.step] > 0
             nbytes = self.store.commit(task, msg.attempt, by_task=not shuffled)
@@ -350,7 +361,12 @@ class JobServer:
         self._after_change()
 
     def task_failed(self, name: str, msg: messages.TaskFailed) -> None:
-        self._printed(name, msg.task, msg.attempt, msg.output)
+        session = self._sessions[name]
+        named = (msg.task, msg.attempt) in session.sent_by_name
+        session.sent_by_name.discard((msg.task, msg.attempt))
+        if named and msg.error.startswith(UNREACHABLE):
+            self._cannot_read_files(name, session, msg)
+            return
         # Kept for the status page and the job's failure: bounded, whatever
         # the worker sent.
         msg = messages.TaskFailed(
@@ -364,6 +380,7 @@ class JobServer:
         self.scheduler.handle(
             AttemptFailed(name, msg.task, msg.attempt, msg.key, msg.error, msg.traceback)
         )
+        self._printed(name, msg.task, msg.attempt, msg.output)
         self.store.discard(msg.task, msg.attempt)
         if live:
             self.failures.append(
@@ -384,6 +401,27 @@ class JobServer:
                 worker=name,
                 at=f" at key {msg.key}" if msg.key is not None else "",
                 error=msg.error,
+            )
+        self._after_change()
+
+    def _cannot_read_files(
+        self, name: str, session: _WorkerSession, msg: messages.TaskFailed
+    ) -> None:
+        """
+        A worker sent a file's path could not open it (it runs in a
+        container, as another user, or on another machine that looked like
+        this one): from now on it gets the files' bytes, and the attempt
+        goes back in the queue at no cost.
+        """
+        self.scheduler.handle(AttemptReturned(name, msg.task, msg.attempt))
+        self._printed(name, msg.task, msg.attempt, msg.output)
+        self.store.discard(msg.task, msg.attempt)
+        if session.reads_files:  # (the other tasks sent by name come back too)
+            session.reads_files = False
+            _log.warn(
+                "worker {worker} cannot open the job's files ({error}); sending it their bytes",
+                worker=name,
+                error=msg.error.removeprefix(UNREACHABLE).strip(),
             )
         self._after_change()
 
@@ -512,8 +550,10 @@ class JobServer:
     ) -> None:
         blobs: Iterable[bytes]
         if task.kind is TaskKind.MAP and task.step == 0:
-            blob = self._map_input(task, keys, local=session.same_machine)
+            blob = self._map_input(task, keys, session)
             self.scheduler.handle(InputSized(task, len(blob)))
+            if session.reads_files and isinstance(self.job.source, (Files, Lines)):
+                session.sent_by_name.add((task, attempt))
             self.map_input_bytes += len(blob)
             blobs = [blob]
         elif task.kind is TaskKind.MAP:
@@ -530,23 +570,24 @@ class JobServer:
         session.outbox.send_blobs(blobs, part)
         session.outbox.send(messages.Assign(task, attempt))
 
-    def _map_input(self, task: TaskId, keys: tuple[Any, ...], local: bool) -> bytes:
+    def _map_input(self, task: TaskId, keys: tuple[Any, ...], session: _WorkerSession) -> bytes:
         """
         A map task's input: its batch of keys and their values, read from
         the source now and packed as one blob C{(keys, values)}, compressed
-        unless the worker is C{local} (on this machine).  A file of
-        L{octotwist.sources} goes by name when the worker can open it.
+        unless the worker is on this machine.  A file of L{octotwist.sources}
+        goes by name when the worker can open it.
 
         @raise _SourceError: reading a value raised (the message names the
             key and carries the user's traceback), or a value cannot be
             pickled.
         """
         source = self.job.source
+        local, sees_files = session.same_machine, session.reads_files
         values = []
         key: Any = None
         try:
             for key in keys:
-                values.append(item(source, key, local=local))
+                values.append(item(source, key, local=local, sees_files=sees_files))
         except Exception as e:
             raise _SourceError(
                 f"reading source[{_short_repr(key)}] raised {_error_line(e)}\n{user_traceback(e)}"
@@ -659,7 +700,7 @@ class JobServer:
         """
         if not self._output_begun:
             self._output_begun = True
-            self.output.begin(self.partitions[-1] or len(self.scheduler.output_tasks()))
+            self.output.begin(self.partitions[-1] or max(1, len(self.scheduler.output_tasks())))
 
     def _finish_ok(self) -> None:
         try:
@@ -809,13 +850,7 @@ class JobServer:
             received=self.bytes_received,
         )
         if outcome.ok and outcome.counters:
-            width = max(map(len, outcome.counters))
-            _log.info(
-                "counters:\n{table}",
-                table="\n".join(
-                    f"  {name:<{width}}  {n:>14,}" for name, n in outcome.counters.items()
-                ),
-            )
+            _log.info("counters:\n{table}", table=counters.table(outcome.counters))
         # Workers hang up when they read this; the transport closes whatever
         # is left when it stops (TaskServer.stop).
         for session in list(self._all_sessions):
@@ -991,7 +1026,7 @@ def _check_counters(counts: tuple[tuple[str, int], ...]) -> None:
     if len(counts) > counters.MAX_COUNTERS + 10:  # (and octotwist's own)
         raise RemoteProtocolError(f"TaskDone with {len(counts)} counters")
     for name, n in counts:
-        if len(name) > counters.MAX_NAME or not name.isprintable() or abs(n) >= 2**63:
+        if len(name) > counters.MAX_NAME or not name.isprintable() or abs(n) > counters.LIMIT:
             raise RemoteProtocolError(f"TaskDone: counter {name[:60]!r} = {n} is not one")
 
 
@@ -1021,6 +1056,13 @@ class _WorkerSession:
         self.tasks_done = 0
         #: We closed the connection: what still arrives is not read.
         self.closed = False
+        #: It can open the files of the job's source that this machine can
+        #: (it runs here): they go by name (L{octotwist.sources}) until it
+        #: says it cannot.
+        self.reads_files = True
+        #: The first step's map attempts sent while it did (some of their
+        #: files by name), until they report.
+        self.sent_by_name: set[tuple[TaskId, int]] = set()
 
     @property
     def same_machine(self) -> bool:

@@ -90,6 +90,20 @@ class SourceReadError(OctotwistError, OSError):
     """
 
 
+class Unreachable(SourceReadError):
+    """
+    A local file could not be opened here.  On a worker sent the file's
+    path, it means this worker does not see the server's files (a
+    container, another user, another machine with the same boot id): the
+    server then sends it the bytes instead (L{octotwist.server}), without
+    counting the attempt as failed.
+    """
+
+
+#: How a worker's report of L{Unreachable} begins (its error line).
+UNREACHABLE = f"{Unreachable.__module__}.{Unreachable.__qualname__}:"
+
+
 # Where an entry's bytes live, which decides what the server ships.
 _LOCAL = 0  # this machine's file system: a worker elsewhere needs a shared mount
 _PROCESS = 1  # this process only (memory://): always shipped as bytes
@@ -140,16 +154,19 @@ class Reference:
         raise NotImplementedError
 
 
-def item(source: Any, key: Any, *, local: bool) -> Any:
+def item(source: Any, key: Any, *, local: bool, sees_files: bool = True) -> Any:
     """
     What the server ships for C{source[key]}: C{source[key]} for an
     ordinary source; for L{Files} and L{Lines}, a small L{Reference} when
     the worker can open the file itself, else the data (see L{Files.ship}).
 
     @param local: whether the worker runs on this machine.
+    @param sees_files: C{False} once the worker said it cannot open a file
+        of this machine's it was sent by name (L{Unreachable}): it gets the
+        bytes of every local file from then on, shared or not.
     """
     if isinstance(source, _FileSource):
-        return source.ship(key, local=local)
+        return source.ship(key, local=local, sees_files=sees_files)
     return source[key]
 
 
@@ -220,13 +237,13 @@ class _FileSource(Mapping[str, Any]):
     def keys(self) -> KeysView[str]:
         return self._items.keys()
 
-    def _reachable(self, entry: _Entry, local: bool) -> bool:
+    def _reachable(self, entry: _Entry, local: bool, sees_files: bool) -> bool:
         """Whether a worker can open C{entry} itself (see L{Files.ship})."""
         if entry.where == _LOCAL:
-            return local or self._shared
+            return sees_files and (local or self._shared)
         return entry.where == _REMOTE
 
-    def ship(self, key: str, *, local: bool) -> Any:
+    def ship(self, key: str, *, local: bool, sees_files: bool = True) -> Any:
         """What the server sends a worker for C{key} (L{item})."""
         raise NotImplementedError
 
@@ -282,7 +299,7 @@ class Files(_FileSource):
             entry.name, entry.location, entry.compression, self._binary, self._storage_options
         )
 
-    def ship(self, key: str, *, local: bool) -> Any:
+    def ship(self, key: str, *, local: bool, sees_files: bool = True) -> Any:
         """
         A L{FileRef} when the worker can open the file: C{local} (it runs on
         this machine), the source is C{shared}, or the file is behind a
@@ -293,10 +310,8 @@ class Files(_FileSource):
         """
         entry = self._items[key]
         ref = self._reference(entry)
-        if self._reachable(entry, local):
+        if self._reachable(entry, local, sees_files):
             return ref
-        if entry.compression is None:
-            return ref.read()
         with _reading(entry.name), _opened(entry.location, self._storage_options) as f:
             raw = f.read()
         return FileData(entry.name, raw, entry.compression, self._binary)
@@ -328,11 +343,15 @@ class FileRef(Reference):
 
 @dataclass(frozen=True, slots=True)
 class FileData(Reference):
-    """A compressed file's bytes, shipped as they are: decompressed on the worker."""
+    """
+    A file's bytes, shipped as they are: decompressed and decoded on the
+    worker, so that a file that is not text fails its task wherever it was
+    read.
+    """
 
     name: str
     data: bytes = field(repr=False)
-    compression: str
+    compression: str | None
     binary: bool
 
     def records(self, key: Any) -> Iterator[tuple[Any, Any]]:
@@ -432,7 +451,7 @@ class Lines(_FileSource):
         count = len({entry.name for entry, _, _ in self._items.values()})
         return self._describe(f"{_count(len(self._items), 'range')} of {_count(count, 'file')}")
 
-    def ship(self, key: str, *, local: bool) -> Any:
+    def ship(self, key: str, *, local: bool, sees_files: bool = True) -> Any:
         """
         The range's L{LineRange} when the worker can open the file (as
         L{Files.ship} decides); otherwise its lines' bytes, read now, as a
@@ -440,7 +459,7 @@ class Lines(_FileSource):
         """
         ref = self[key]
         entry = self._items[key][0]
-        if self._reachable(entry, local):
+        if self._reachable(entry, local, sees_files):
             return ref
         with _reading(entry.name), _opened(entry.location, self._storage_options) as f:
             if ref.compression is not None:
@@ -640,7 +659,11 @@ def _reading(name: str) -> Iterator[None]:
 def _opened(location: str, storage_options: dict[str, Any] | None) -> Iterator[IO[bytes]]:
     """C{location} opened for reading bytes: a local path, or a URL through fsspec."""
     if not _URL.match(location):
-        with open(location, "rb") as f:
+        try:
+            f = open(location, "rb")  # noqa: SIM115  (closed below)
+        except OSError as e:
+            raise Unreachable(f"{location}: cannot open it here ({e.strerror or e})") from e
+        with f:
             yield f
         return
     with _fsspec(location).open(location, "rb", **(storage_options or {})) as f:

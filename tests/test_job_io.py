@@ -14,14 +14,28 @@ import gzip
 import importlib.util
 import json
 import lzma
+import os
 import re
+import shutil
+import subprocess
+import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import BOOKS, EXAMPLES, octo, parse_tsv, python
+from conftest import (
+    BOOKS,
+    EXAMPLES,
+    finish,
+    free_port,
+    octo,
+    parse_tsv,
+    python,
+    start,
+    wait_for_log,
+)
 
 BOOK_FILES = sorted(BOOKS.glob("*.txt"))
 
@@ -247,3 +261,50 @@ def test_the_two_step_example(tmp_path: Path, env: dict) -> None:
     words = expected_words([p.read_text(encoding="utf-8") for p in BOOK_FILES])
     assert parse_tsv(out.read_text()) == dict(Counter(words.values()))
     assert re.search(rf"\bwords +{sum(words.values()):,}\n", r.stderr), r.stderr
+
+
+def can_hide_files() -> bool:
+    """Whether this process may start one in a mount namespace of its own (root, unshare)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_hide_files(), reason="needs root and unshare(1) for a mount namespace")
+def test_a_worker_that_cannot_open_the_files_gets_their_bytes(tmp_path: Path, env: dict) -> None:
+    """
+    A worker on this machine that does not see its files (a container, say:
+    here, a mount namespace with an empty tmpfs over the corpus) is sent
+    paths, says it cannot open them, and is sent the bytes instead; the
+    attempt costs nothing (--max-attempts 1) and the answer is exact.
+    """
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for book in BOOK_FILES[:3]:
+        shutil.copy(book, corpus / book.name)
+    job = job_script(tmp_path, "files", str(corpus))
+    port = free_port()
+    out = tmp_path / "out.tsv"
+    server = start(
+        "server",
+        str(job),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--max-attempts",
+        "1",
+        "-o",
+        str(out),
+        env=env,
+    )
+    log = wait_for_log(server, ["serving job"])
+    hidden = (
+        f"mount -t tmpfs tmpfs {corpus} && exec {sys.executable} -m octotwist client "
+        f"127.0.0.1:{port} -p 1"
+    )
+    client = start("--mount", "sh", "-c", hidden, env=env, program="unshare")
+    code, _, err = finish(server)
+    assert code == 0, log + err
+    assert finish(client)[0] == 0
+    assert "cannot open the job's files" in log + err and "sending it their bytes" in log + err
+    texts = [p.read_text(encoding="utf-8") for p in BOOK_FILES[:3]]
+    assert parse_tsv(out.read_text(encoding="utf-8")) == expected_words(texts)

@@ -36,6 +36,7 @@ from octotwist.sources import (
     NoFilesError,
     Reference,
     SourceReadError,
+    Unreachable,
     expand,
     files,
     item,
@@ -266,7 +267,9 @@ def test_item_files(tmp_path: Path) -> None:
     source = files(tmp_path)
     assert item(source, a, local=True) == FileRef(a, a, None, False)
     assert item(source, b, local=True) == FileRef(b, b, "gzip", False)
-    assert item(source, a, local=False) == "plain"
+    near = item(source, a, local=False)  # bytes, decoded on the worker
+    assert near == FileData(a, b"plain", None, False)
+    assert list(records([a], [near])) == [(a, "plain")]
     far = item(source, b, local=False)  # compressed bytes travel compressed
     assert isinstance(far, FileData) and far.data == (tmp_path / "b.txt.gz").read_bytes()
     assert "data" not in repr(far)
@@ -479,10 +482,11 @@ def test_memory_urls(memory: str) -> None:
     assert list(source) == [f"{root}/a.txt", f"{root}/sub/b.txt.gz"]
     assert source[f"{root}/sub/b.txt.gz"] == "three\n"
     for local in (True, False):
-        assert item(source, f"{root}/a.txt", local=local) == "one\ntwo\n"
+        data = item(source, f"{root}/a.txt", local=local)
+        assert data == FileData(f"{root}/a.txt", b"one\ntwo\n", None, False)
         assert isinstance(item(source, f"{root}/sub/b.txt.gz", local=local), FileData)
     assert item(files(f"{memory}/a.txt", shared=True), f"{memory}/a.txt", local=True) == (
-        "one\ntwo\n"
+        FileData(f"{memory}/a.txt", b"one\ntwo\n", None, False)
     )
     expected = {f"{root}/a.txt": "one\ntwo\n", f"{root}/sub/b.txt.gz": "three\n"}
     assert dict(shipped(source, local=True)) == expected
@@ -503,7 +507,7 @@ def test_file_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert list(source) == [a, f"file://{tmp_path}/b.txt"]
     ref = item(source, a, local=True)
     assert isinstance(ref, FileRef) and ref.location == str(tmp_path / "a.txt")
-    assert item(source, a, local=False) == "content of a.txt\n"
+    assert item(source, a, local=False) == FileData(a, b"content of a.txt\n", None, False)
     ranges = lines(f"file://{tmp_path}/a.txt")
     monkeypatch.setitem(sys.modules, "fsspec", None)
     assert list(records([a], [ref])) == [(a, "content of a.txt\n")]
@@ -619,9 +623,10 @@ def test_file_gone(tmp_path: Path) -> None:
     path.write_text("a\nb\n")
     source, ranges = files(path), lines(path)
     path.unlink()
-    with pytest.raises(SourceReadError, match=starts(path, ": No such file or directory$")):
+    gone = r": cannot open it here \(No such file or directory\)$"
+    with pytest.raises(Unreachable, match=starts(path, gone)):
         list(records([str(path)], [item(source, str(path), local=True)]))
-    with pytest.raises(SourceReadError, match=starts(path, ": No such file or directory$")):
+    with pytest.raises(Unreachable, match=starts(path, gone)):
         item(ranges, f"{path}[0:4]", local=False)
     with pytest.raises(SourceReadError, match=starts(path, ": ")):
         in_process(ranges)

@@ -23,7 +23,10 @@ from octotwist.scheduler import (
     NO_BATCHING,
     NO_WORK,
     Assignment,
+    AttemptFailed,
+    AttemptReturned,
     AttemptSucceeded,
+    InvalidEvent,
     Phase,
     Scheduler,
     Verdict,
@@ -109,6 +112,38 @@ def test_a_late_report_of_a_step_that_is_over_is_discarded() -> None:
     run_all(s, "w1")  # reduce 0, then step 2's map: the job moves on
     assert s.step == 1
     assert s.handle(AttemptSucceeded("w2", backup.task, backup.attempt)) is Verdict.DISCARDED
+
+
+def test_a_later_steps_map_task_is_never_skipped_as_a_bad_record() -> None:
+    """It maps a whole partition of the step before: failing for good fails the job."""
+    s = Scheduler(["a"], reduce_tasks=(1, 1), skip_bad_records=True, batching=NO_BATCHING)
+    s.handle(WorkerJoined("w"))
+    for _ in range(2):  # map 0, reduce 0 of step 1
+        a = s.next_assignment("w")
+        assert isinstance(a, Assignment)
+        s.handle(AttemptSucceeded("w", a.task, a.attempt))
+    a = s.next_assignment("w")
+    assert isinstance(a, Assignment) and a.task == M(0, 1)
+    s.handle(AttemptFailed("w", a.task, a.attempt, "'k'", "ValueError: x", ""))
+    assert s.phase is Phase.FAILED and not s.skipped
+    assert s.failure is not None and s.failure.task == M(0, 1)
+
+
+def test_an_attempt_given_back_goes_back_in_the_queue_at_no_cost() -> None:
+    s = Scheduler(["a"], reduce_tasks=1, max_attempts=1, batching=NO_BATCHING)
+    s.handle(WorkerJoined("w1"))
+    s.handle(WorkerJoined("w2"))
+    a = s.next_assignment("w1")
+    assert isinstance(a, Assignment)
+    s.handle(AttemptReturned("w1", a.task, a.attempt))
+    assert s.running("w1") == [] and s.phase is Phase.MAPPING
+    again = s.next_assignment("w2")
+    assert isinstance(again, Assignment) and again.task == a.task and again.attempt == 2
+    # With max_attempts=1, a failure would have failed the job; this did not count.
+    assert s.handle(AttemptSucceeded("w2", again.task, again.attempt)) is Verdict.ACCEPTED
+    with pytest.raises(InvalidEvent):  # an attempt given back twice: a peer's lie
+        s.handle(AttemptReturned("w1", a.task, a.attempt))
+    assert s.phase is Phase.REDUCING
 
 
 def test_an_empty_source_finishes_every_step_at_once() -> None:
@@ -359,6 +394,24 @@ def test_counters_of_a_backup_copy_never_add_twice(tmp_path: Path) -> None:
     assert result.counters["calls"] == 6
 
 
+def test_a_counter_past_64_bits_fails_the_task_clearly(tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path,
+        """
+        from octotwist import counters
+        source = {"k": 1}
+        def mapfn(key, value):
+            counters.add("big", 2**62)
+            counters.add("big", 2**62)
+            yield key, value
+        def reducefn(key, values):
+            return key, sum(values)
+        """,
+    )
+    with pytest.raises(Failed, match=r"OverflowError: counter 'big': 9223372036854775808 is past"):
+        run(job, workers=1)
+
+
 def test_a_counter_name_that_is_not_a_string_fails_the_task_clearly(tmp_path: Path) -> None:
     job = write_job(
         tmp_path,
@@ -385,6 +438,9 @@ PRINTS = """
     def mapfn(key, value):
         print(f"mapping {key}")
         logging.getLogger("job").warning("warned about %s", key)
+        if key == 3:
+            sys.stdout.buffer.write(b"bytes too\\n")
+            assert sys.stdout.fileno() == 1 and not sys.stderr.isatty()
         yield "k", value
     def reducefn(key, values):
         print("x" * 100_000, file=sys.stderr)  # more than a task keeps
@@ -415,6 +471,7 @@ def test_printed_output_is_in_the_status_and_the_api_result(tmp_path: Path) -> N
     result = run(job, workers=2)
     texts = {p["task"]: p["text"] for p in result.status["printed"]}
     assert texts["map 2"] == "mapping 2\nwarned about 2\n"
+    assert texts["map 3"] == "mapping 3\nwarned about 3\nbytes too\n"
     assert json.dumps(result.status)  # JSON-ready, as status.json serves it
 
 
