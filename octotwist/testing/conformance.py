@@ -179,9 +179,20 @@ def test_a_200_mb_blob(octo: Octo) -> None:
     assert results(out) == {"blob": f"{BLOB_SIZE} {digest}"}
 
 
+#: 5000 one-pair items; no map task ends before the gate file exists (the
+#: test makes it once both clients joined: batched, the job is over in well
+#: under a second, and a client that came after the end would wait for a
+#: server that is gone).
 TINY = """
+import os, time
 source = {i: i * i for i in range(5000)}
+_opened = []
 def mapfn(key, value):
+    while not _opened:
+        if os.path.exists(GATE):
+            _opened.append(True)
+        else:
+            time.sleep(0.02)
     yield key % 10, value
 def reducefn(key, values):
     return key, sum(values)
@@ -190,10 +201,14 @@ reduce_tasks = 2
 
 
 def test_5000_tiny_tasks(octo: Octo) -> None:
-    script = write_job(octo.directory, TINY)
+    gate = octo.directory / "gate"
+    script = write_job(octo.directory, f"GATE = {str(gate)!r}\n" + TINY)
     out = octo.directory / "out.tsv"
     server = octo.server(script, "-o", str(out))
-    clients = [octo.client(server, "-p", "2") for _ in range(2)]
+    clients = [octo.client(server, "-p", "2", "--name", f"c{i}") for i in range(2)]
+    wait_for_text(server, "worker c0 joined")
+    wait_for_text(server, "worker c1 joined")
+    gate.touch()
     assert server.wait(300) == 0, server.err()
     for c in clients:
         assert c.wait() == 0, c.err()
