@@ -141,7 +141,6 @@ class JobServer:
         self.partitions = tuple(
             0 if step.reducefn is None else step.reduce_tasks or default for step in steps
         )
-        self.reduce_tasks = self.partitions[0] or 1
         self.output = output if output is not None else stdout()
         self.store = store if store is not None else BlobStore()
         self.policy = policy = policy or FaultPolicy()
@@ -171,7 +170,7 @@ class JobServer:
         self._welcome = messages.Welcome(
             job.name,
             job.pickled_functions,
-            self.reduce_tasks,
+            self.partitions[0] or 1,
             policy.heartbeat,
             self.partitions if len(steps) > 1 or not self.partitions[0] else (),
         )
