@@ -9,7 +9,8 @@ seed's mapfn/reducefn:
 
   1. baseline: one process, plain Python, dict-of-lists shuffle;
   2. `octo run -w 2`, no combiner;
-  3. `octo run -w 2` with combinefn (sum; reducefn sums too);
+  3. `octo run -w 2` with combinefn (sum; reducefn sums too), and again with
+     --state-dir (every finished task journaled) and --unsorted;
   4. multiprocessing.Pool(2), hand-written map + combine;
   5. per installed transport: `octo server` + 2 `octo client -p 1` processes.
 
@@ -397,6 +398,7 @@ def main() -> None:
         env.pop("OCTO_SECRET", None)
         jsonl = ["--format", "jsonl"]
         combine = str(work / "combine" / "job.py")
+        state = ["--state-dir", str(work / "state")]
         rows: dict[str, tuple[list[list[str]], dict[str, str], int | None]] = {
             "baseline: one process, dict-of-lists": (
                 [[sys.executable, str(work / "baseline.py"), str(work), str(out)]],
@@ -410,6 +412,13 @@ def main() -> None:
             ),
             "octo run -w 2, combinefn": (
                 [octo("run", combine, "-w", "2", "-q", *jsonl, "-o", str(out))],
+                env,
+                None,
+            ),
+            # What journaling every finished task costs (issue 16): each
+            # output blob written and fsynced, one SQLite transaction a task.
+            "octo run -w 2, combinefn, --state-dir": (
+                [octo("run", combine, "-w", "2", "-q", *jsonl, "-o", str(out), *state)],
                 env,
                 None,
             ),

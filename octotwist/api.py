@@ -126,7 +126,9 @@ def run(
     @param options: C{args} (the job's own arguments), C{sort} (default
         True: results in key order), C{output} (a file to write them to
         instead of returning them), C{format} (C{"tsv"}, C{"jsonl"}),
-        C{memory_limit} (bytes), and the fault policy: C{max_attempts},
+        C{memory_limit} (bytes), C{state_dir} (keep the job's progress
+        there: run again after a crash, it resumes; see L{octotwist.resume}),
+        and the fault policy: C{max_attempts},
         C{task_timeout}, C{heartbeat}, C{backup_after},
         C{skip_bad_records}.
     @raise JobFailed: the job failed.

@@ -154,6 +154,7 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
         ["reduce-tasks", "r", None, "Number of reduce partitions.", shared._positive_int],
         shared.WEB_PARAMETER,
         shared.MEMORY_PARAMETER,
+        shared.STATE_DIR_PARAMETER,
         *shared.FAULT_PARAMETERS,
     ]
     optFlags = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,8 @@ class JobConfig:
         octo.py did; C{False}: in partition order, written as each reduce
         task ends.
     @ivar args: the job's own arguments, its C{sys.argv[1:]} while it loads.
+    @ivar state_dir: where to journal the job so that it resumes after its
+        server dies (L{octotwist.resume}); C{None}: nowhere.
     """
 
     reduce_tasks: int | None = None
@@ -92,6 +95,7 @@ class JobConfig:
     format: str = "tsv"
     sort: bool = True
     args: tuple[str, ...] = ()
+    state_dir: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         if self.reduce_tasks is not None:

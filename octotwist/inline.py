@@ -19,6 +19,7 @@ from typing import Any
 
 from octotwist import counters
 from octotwist.config import JobConfig
+from octotwist.errors import UsageError
 from octotwist.job import Job, Step
 from octotwist.ordering import sorted_order
 from octotwist.output import Results
@@ -33,6 +34,11 @@ def run_inline(job: Job, config: JobConfig, output: Results) -> JobOutcome:
     C{final()} or C{output}, in key order unless C{config.sort} is off.
     Exceptions from the job's own code propagate unchanged.
     """
+    if config.state_dir is not None:
+        raise UsageError(
+            "--state-dir keeps a server's progress, and an inline run has no server: "
+            "run it with workers (octo run -w N, octotwist.run(job, workers=N))"
+        )
     started = time.monotonic()
     default = config.reduce_tasks or job.reduce_tasks or DEFAULT_REDUCE_TASKS
     counters.take()

@@ -27,10 +27,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     kind TEXT NOT NULL,
     step INTEGER NOT NULL,
     ident BLOB NOT NULL,
+    counters TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (job, kind, step, ident)
 );
 CREATE TABLE IF NOT EXISTS blobs (
@@ -65,7 +67,8 @@ CREATE TABLE IF NOT EXISTS blobs (
     ident BLOB NOT NULL,
     partition INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    path TEXT NOT NULL,
+    path TEXT NOT NULL,  -- the task's file, in DIR/blobs/
+    offset INTEGER NOT NULL,
     size INTEGER NOT NULL,
     digest TEXT NOT NULL,
     PRIMARY KEY (job, kind, step, ident, partition, seq)
@@ -83,12 +86,22 @@ class JournalLocked(JournalError):
 
 @dataclass(frozen=True, slots=True)
 class Blob:
-    """One output blob of a finished task, on disk."""
+    """
+    One output blob of a finished task, on disk: C{size} bytes at
+    C{offset} in the task's file (one file a task, so that recording it
+    costs one C{fsync}, not one a partition).
+    """
 
     partition: int
     path: Path
     size: int
     digest: str
+    offset: int = 0
+
+    def read(self) -> bytes:
+        """The blob's bytes (checked when the job was replayed)."""
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), self.size, self.offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +119,7 @@ class FinishedTask:
     step: int
     ident: bytes
     blobs: tuple[Blob, ...]
+    counters: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -152,7 +166,7 @@ class Journal:
         @raise JournalLocked: another process holds it (its pid is named).
         @raise JournalError: the directory cannot be created or written.
         """
-        path = Path(directory)
+        path = Path(directory).absolute()
         try:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
             (path / "blobs").mkdir(exist_ok=True, mode=0o700)
@@ -171,6 +185,11 @@ class Journal:
                 f"the state directory {path} is in use by another server (pid {holder}); "
                 "stop it, or give this one another --state-dir"
             ) from None
+        try:
+            _check_private(path)
+        except JournalError:
+            os.close(lock_fd)
+            raise
         os.ftruncate(lock_fd, 0)
         os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
         notes: list[str] = []
@@ -214,14 +233,29 @@ class Journal:
         return Replay(cursor.lastrowid)
 
     def end(self, job: int, ok: bool, error: str | None = None) -> None:
-        """The job is over: it is not resumed again, and its blobs go."""
+        """
+        The job is over: it is not resumed again, and its blobs go.
+
+        @raise JournalError: the database cannot be written.
+        """
+        try:
+            self._end(job, ok, error)
+        except (OSError, sqlite3.Error) as e:
+            raise JournalError(
+                f"cannot end job {job} in the journal of {self.directory}: {e}"
+            ) from e
+
+    def _end(self, job: int, ok: bool, error: str | None) -> None:
         with self._db:
             self._db.execute(
                 "UPDATE jobs SET state = ?, error = ?, ended = ? WHERE id = ?",
                 ("done" if ok else "failed", error, time.time(), job),
             )
             paths = [
-                Path(p) for (p,) in self._db.execute("SELECT path FROM blobs WHERE job = ?", (job,))
+                self.blob_dir / p
+                for (p,) in self._db.execute(
+                    "SELECT DISTINCT path FROM blobs WHERE job = ?", (job,)
+                )
             ]
             self._db.execute("DELETE FROM blobs WHERE job = ?", (job,))
             self._db.execute("DELETE FROM tasks WHERE job = ?", (job,))
@@ -236,35 +270,51 @@ class Journal:
     # Tasks.
 
     def record(
-        self, job: int, kind: str, step: int, ident: bytes, outputs: Mapping[int, list[bytes]]
-    ) -> None:
+        self,
+        job: int,
+        kind: str,
+        step: int,
+        ident: bytes,
+        outputs: Mapping[int, list[bytes]],
+        counters: Iterable[tuple[str, int]] = (),
+    ) -> list[Blob]:
         """
         A task finished and its output counts: write each blob (fsynced,
         file and directory) and then, in one transaction, record the task
         and its blobs.  A crash before the commit leaves stray files (the
         next L{replay} removes them); after it, the task is done for good.
 
+        @return: the blobs as written, by partition in the order of
+            C{outputs}, each partition's in order.
+
         @param outputs: the task's blobs, by partition, in order.
+        @param counters: the task's counters, added to the job's again
+            when it is restored.
         @raise JournalError: the disk is full or not writable (the message
             names the directory).
         """
-        rows = []
+        rows, written = [], []
         try:
+            path = self._write_blobs([data for blobs in outputs.values() for data in blobs])
+            offset = 0
             for partition, blobs in outputs.items():
                 for seq, data in enumerate(blobs):
-                    path = self._write_blob(data)
+                    blob = Blob(partition, path, len(data), _digest(data), offset)
+                    offset += len(data)
+                    written.append(blob)
                     rows.append(
-                        (job, kind, step, ident, partition, seq, str(path), len(data),
-                         _digest(data))
+                        (job, kind, step, ident, partition, seq, path.name, offset - len(data),
+                         blob.size, blob.digest)
                     )  # fmt: skip
             _fsync_dir(self.blob_dir)
             with self._db:
                 self._db.execute(
-                    "INSERT OR IGNORE INTO tasks (job, kind, step, ident) VALUES (?, ?, ?, ?)",
-                    (job, kind, step, ident),
+                    "INSERT OR IGNORE INTO tasks (job, kind, step, ident, counters) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (job, kind, step, ident, json.dumps(list(counters))),
                 )
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                    "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
                 )
         except (OSError, sqlite3.Error) as e:
             raise JournalError(
@@ -272,14 +322,17 @@ class Journal:
                 f"{getattr(e, 'strerror', None) or e}; free space there or use another "
                 "--state-dir"
             ) from e
+        return written
 
-    def _write_blob(self, data: bytes) -> Path:
+    def _write_blobs(self, blobs: list[bytes]) -> Path:
+        """A new file holding C{blobs}, one after another, fsynced."""
         path = self.blob_dir / f"{os.urandom(12).hex()}.blob"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view, written = memoryview(data), 0
-            while written < len(data):
-                written += os.write(fd, view[written:])
+            for data in blobs:
+                view, written = memoryview(data), 0
+                while written < len(data):
+                    written += os.write(fd, view[written:])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -293,26 +346,29 @@ class Journal:
         """
         replay = Replay(job)
         by_task: dict[tuple[str, int, bytes], list[Blob]] = {}
-        for kind, step, ident in self._db.execute(
-            "SELECT kind, step, ident FROM tasks WHERE job = ? ORDER BY rowid", (job,)
+        counts: dict[tuple[str, int, bytes], tuple[tuple[str, int], ...]] = {}
+        for kind, step, ident, counted in self._db.execute(
+            "SELECT kind, step, ident, counters FROM tasks WHERE job = ? ORDER BY rowid", (job,)
         ):
             by_task[(kind, step, ident)] = []
-        for kind, step, ident, partition, path, size, digest in self._db.execute(
-            "SELECT kind, step, ident, partition, path, size, digest FROM blobs "
+            counts[(kind, step, ident)] = tuple((str(n), int(v)) for n, v in json.loads(counted))
+        for kind, step, ident, partition, path, offset, size, digest in self._db.execute(
+            "SELECT kind, step, ident, partition, path, offset, size, digest FROM blobs "
             "WHERE job = ? ORDER BY partition, seq",
             (job,),
         ):
             by_task.setdefault((kind, step, ident), []).append(
-                Blob(partition, Path(path), size, digest)
+                Blob(partition, self.blob_dir / path, size, digest, offset)
             )
         bad: list[tuple[str, int, bytes]] = []
         for (kind, step, ident), blobs in by_task.items():
             why = next((w for b in blobs if (w := _check(b)) is not None), None)
             if why is None:
-                replay.tasks.append(FinishedTask(kind, step, ident, tuple(blobs)))
+                counted = counts.get((kind, step, ident), ())
+                replay.tasks.append(FinishedTask(kind, step, ident, tuple(blobs), counted))
             else:
                 bad.append((kind, step, ident))
-                replay.dropped.append(f"a {kind} task of step {step + 1}: {why}")
+                replay.dropped.append(f"a {kind} task of step {step + 1} runs again: {why}")
         if bad:
             with self._db:
                 for key in bad:
@@ -330,24 +386,43 @@ class Journal:
     def _remove_strays(self) -> None:
         named = {p for (p,) in self._db.execute("SELECT path FROM blobs")}
         for path in self.blob_dir.iterdir():
-            if str(path) not in named:
+            if path.name not in named:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
-    @staticmethod
-    def read(blob: Blob) -> bytes:
-        """A blob's bytes (checked when the job was replayed)."""
-        return blob.path.read_bytes()
+
+def _check_private(path: Path) -> None:
+    """
+    Refuse a state directory another user could write to: the server
+    trusts what it holds (it unpickles the keys and results there), so a
+    directory others may write is a way to run code as the server.
+
+    @raise JournalError: the directory, or its database, is not this
+        user's alone to write.
+    """
+    for p in (path, path / "blobs", path / "journal.sqlite3"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise JournalError(
+                f"the state directory {path} is not safe: {p} is "
+                + ("owned by another user" if st.st_uid != os.getuid() else
+                   "writable by other users")
+                + "; the server runs what it finds there, so give --state-dir a directory "
+                f"only you can write (chmod go-w {p})"
+            )  # fmt: skip
 
 
 def _check(blob: Blob) -> str | None:
     """Why C{blob} is not whole on disk, or C{None} when it is."""
     try:
-        data = blob.path.read_bytes()
+        data = blob.read()
     except OSError as e:
         return f"{blob.path.name}: {e.strerror or e}"
     if len(data) != blob.size:
-        return f"{blob.path.name}: {len(data)} bytes, {blob.size} recorded"
+        return f"{blob.path.name}: {len(data)} bytes at offset {blob.offset}, {blob.size} recorded"
     if _digest(data) != blob.digest:
         return f"{blob.path.name}: its bytes are not those recorded"
     return None

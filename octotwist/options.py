@@ -232,6 +232,18 @@ MEMORY_PARAMETER: list[Any] = [
 ]
 
 
+#: Where the server journals a job, to resume it after a crash; shared
+#: like WEB_PARAMETER.
+STATE_DIR_PARAMETER: list[Any] = [
+    "state-dir",
+    None,
+    None,
+    "Keep the job's progress in this directory (created, yours alone): a server that "
+    "dies or is stopped resumes it when the same command runs again, without running "
+    "the tasks that finished. Each finished task's output is written there and fsynced.",
+]
+
+
 def ignore_twisted_reserved_descriptor() -> None:
     """
     Keep quiet about the descriptor Twisted's TCP ports hold open for the
@@ -372,6 +384,7 @@ def job_config(options: usage.Options) -> JobConfig:
         format=options.get("format") or "tsv",
         sort=not options.get("unsorted"),
         args=tuple(options.get("args") or ()),
+        state_dir=options.get("state-dir"),
     )
 
 

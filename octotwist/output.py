@@ -21,6 +21,9 @@ replaced, the link kept) and the replaced file keeps its permission bits.
 Standard output, a path that is not a regular file (C{/dev/null}, a named
 pipe), and a file in a directory we may not create files in cannot be
 taken back, so the server writes to them only once the job has succeeded.
+The temporary file, C{.FILE.XXXXXXXX.partial}, is locked (C{flock}) by its
+writer: one that a writer killed with C{kill -9} left is removed by the
+next job to write C{FILE}.
 
 C{--output DIR/} (a path ending in a slash, or an existing directory) gets
 one file per reduce partition, as Hadoop writes them: C{part-00000.tsv},
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import importlib
 import io
 import json
@@ -56,7 +60,11 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any
 
+from twisted.logger import Logger
+
 from octotwist.errors import UsageError
+
+_log = Logger()
 
 #: Turns one reduce task's keys and values into lines.
 Encoder = Callable[[Sequence[Any], Sequence[Any]], list[str]]
@@ -171,6 +179,10 @@ class _Replacing(Results):
                 continue
         else:
             raise FileExistsError(f"no free temporary name beside {path}")
+        # Ours while this process writes it: a sibling no process holds was
+        # left by a writer that died (kill -9, a power cut), and goes.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _remove_stale(directory, name)
         if mode is not None:
             os.fchmod(fd, mode)
         super().__init__(os.fdopen(fd, "w", encoding="utf-8"), format=format)
@@ -186,6 +198,32 @@ class _Replacing(Results):
             self.stream.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._temporary)
+
+
+def _remove_stale(directory: str, name: str) -> None:
+    """
+    Remove the C{.NAME.XXXXXXXX.partial} files beside C{NAME} whose writer
+    is gone: each writer holds an exclusive C{flock} on its own until it
+    commits or aborts, and the lock dies with its process.
+    """
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}\.partial")
+    with contextlib.suppress(OSError), os.scandir(directory or ".") as entries:
+        stale = [e.path for e in entries if pattern.fullmatch(e.name) and e.is_file()]
+    for path in stale:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer's
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                _log.info("removed {path}, left by a writer that died", path=path)
+        finally:
+            os.close(fd)
 
 
 def stdout(format: str = "tsv") -> Results:

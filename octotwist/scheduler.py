@@ -24,6 +24,14 @@ and Hadoop: step I{k}+1 starts when step I{k} is done.  L{Scheduler.step}
 says which step runs; L{Scheduler.output_tasks} which tasks' outputs are
 the job's results.
 
+A job that resumes (its server died: L{octotwist.resume}) is handed what
+an earlier run finished (L{Resumed}): the first step's map tasks as
+batches of keys, which become tasks that are done from the start (the
+server leaves their keys out of C{keys}), and, as every later task is
+made, the question whether it was done before.  A task is known across
+runs by its L{Origin}, since its index is not stable: batches are sized
+anew in every run.
+
 An empty source goes from MAPPING straight to FINISHED; a source whose
 C{__iter__} raises fails the job at once (L{Scheduler.source_error}).
 
@@ -75,7 +83,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from octotwist.errors import OctotwistError, RemoteProtocolError
 from octotwist.messages import TaskId, TaskKind
@@ -265,6 +273,37 @@ class SourceError(OctotwistError):
 
 
 @dataclass(frozen=True, slots=True)
+class Origin:
+    """
+    What a task's input is, the same in every run of the job (a task's
+    index is not): for a map task of the first step, its source C{keys};
+    for a reduce task, its C{(step, partition)}; for a map task of a later
+    step, the origin of the task whose output it maps.  With its kind and
+    step, it names the task.
+    """
+
+    keys: tuple[Any, ...] = ()
+    partition: tuple[int, int] | None = None
+
+
+class Resumed(Protocol):
+    """
+    What an earlier run of the job finished (L{octotwist.resume.Resume}).
+
+    @ivar batches: the first step's map tasks that finished, as their keys.
+    """
+
+    @property
+    def batches(self) -> Sequence[tuple[Any, ...]]: ...
+
+    def restore(self, task: TaskId, origin: Origin) -> bool:
+        """
+        Whether the task of this C{origin} (now numbered C{task}) finished
+        in an earlier run; if so, its outputs are in place under C{task}.
+        """
+
+
+@dataclass(frozen=True, slots=True)
 class Batching:
     """
     How many source items a map task carries; see the module docstring.
@@ -398,6 +437,8 @@ class Scheduler:
         The bar rises to twice the median time of the phase's finished tasks.
     @param batching: how many keys a map task carries (L{Batching}, its
         defaults unless given; L{NO_BATCHING} for one each).
+    @param resumed: what an earlier run of the job finished; C{keys} then
+        leaves out the keys of its batches.
     """
 
     def __init__(
@@ -411,6 +452,7 @@ class Scheduler:
         skip_bad_records: bool = False,
         backup_after: float | None = None,
         batching: Batching | None = None,
+        resumed: Resumed | None = None,
     ) -> None:
         steps = (reduce_tasks,) if isinstance(reduce_tasks, int) else tuple(reduce_tasks)
         if isinstance(reduce_tasks, int) and reduce_tasks < 1:
@@ -453,6 +495,14 @@ class Scheduler:
         self._done = dict.fromkeys(TaskKind, 0)  # tasks done, by kind
         self._durations: dict[TaskKind, list[float]] = {kind: [] for kind in TaskKind}
         self._cancellations: list[Cancellation] = []
+        self._resumed = resumed
+        for batch in resumed.batches if resumed is not None else ():
+            task = self._new_map(tuple(batch))
+            self._drawn += len(task.keys)
+            if self._was_done(task):
+                self._restored(task)
+            else:  # (what the journal had of it was lost): it runs again
+                self._pending.append(task)
         try:
             self._keys: Iterator[Any] = iter(keys)
             self._lookahead.extend(islice(self._keys, 1))
@@ -597,6 +647,18 @@ class Scheduler:
         """
         return self._reported_attempt(worker, task, attempt) is not None
 
+    def origin(self, task_id: TaskId) -> Origin:
+        """
+        What C{task_id}'s input is, the same in every run (see L{Origin}):
+        a later step's map task is followed back to the task it maps.
+        """
+        task = self._task(task_id)
+        while task.id.kind is TaskKind.MAP and task.id.step > 0:
+            task = self._task(task.keys[0])
+        if task.id.kind is TaskKind.REDUCE:
+            return Origin(partition=(task.id.step, task.id.index))
+        return Origin(keys=task.keys)
+
     def is_done(self, task: TaskId) -> bool:
         """Whether C{task} has succeeded (its output counts)."""
         return self._task(task).status is TaskStatus.DONE
@@ -655,22 +717,34 @@ class Scheduler:
                 _Task(TaskId(TaskKind.REDUCE, p, self.step)) for p in range(self.reduce_tasks)
             ]
             self._tasks[(TaskKind.REDUCE, self.step)] = self._reduces
-            self._pending.extend(self._reduces)
+            for task in self._reduces:
+                if self._was_done(task):
+                    self._restored(task)
+                else:
+                    self._pending.append(task)
         if self.done:  # nothing running matters any more
             for task in (*self._maps, *self._reduces):
                 self._cancel_all(task, f"the job is {phase.value}")
 
     def _advance(self) -> None:
-        """Move to the next phase when the current one has nothing left."""
-        if self.phase is Phase.MAPPING and not self._lookahead and not self._open_maps:
-            if not self._maps:  # nothing to map: nothing comes of any later step either
-                self._enter(Phase.FINISHED)
-            elif self.reduce_tasks:
-                self._enter(Phase.REDUCING)
-            else:
+        """
+        Move to the next phase when the current one has nothing left, as
+        many times as it takes: in a job that resumes, a whole phase may
+        have been done before.
+        """
+        while True:
+            at = (self.phase, self.step)
+            if self.phase is Phase.MAPPING and not self._lookahead and not self._open_maps:
+                if not self._maps:  # nothing to map: nothing comes of any later step either
+                    self._enter(Phase.FINISHED)
+                elif self.reduce_tasks:
+                    self._enter(Phase.REDUCING)
+                else:
+                    self._next_step()
+            if self.phase is Phase.REDUCING and self._done[TaskKind.REDUCE] == len(self._reduces):
                 self._next_step()
-        if self.phase is Phase.REDUCING and self._done[TaskKind.REDUCE] == len(self._reduces):
-            self._next_step()
+            if (self.phase, self.step) == at:
+                return
 
     def _next_step(self) -> None:
         """This step is done: map its outputs in the next step's MAPPING, or finish."""
@@ -681,17 +755,34 @@ class Scheduler:
         self.step += 1
         self._maps, self._reduces = [], []
         self._tasks[(TaskKind.MAP, self.step)] = self._maps
-        # One map task per producer: its output was sized by the step that
-        # made it, and the server forwards it as it is.
+        # One map task per producer, made now: its output was sized by the
+        # step that made it, and the server forwards it as it is.
         self.batching = NO_BATCHING
-        self._keys = iter(producers)
-        self._lookahead = list(islice(self._keys, 1))
-        self._total = len(producers)
-        self._drawn = self._items_done = self._open_maps = 0
+        self._keys, self._lookahead = iter(()), []
+        self._total = self._drawn = len(producers)
+        self._items_done = self._open_maps = 0
         self._limit, self._items_sized, self._bytes_sized = 1, 0, 0
         self._done = dict.fromkeys(TaskKind, 0)
         self._durations = {kind: [] for kind in TaskKind}
+        for producer in producers:
+            task = self._new_map((producer,))
+            if self._was_done(task):
+                self._restored(task)
+            else:
+                self._pending.append(task)
         self._enter(Phase.MAPPING)
+
+    def _was_done(self, task: _Task) -> bool:
+        """Whether an earlier run finished C{task} (its outputs are then in place)."""
+        return self._resumed is not None and self._resumed.restore(task.id, self.origin(task.id))
+
+    def _restored(self, task: _Task) -> None:
+        """C{task} finished in an earlier run: it is done without running."""
+        task.status = TaskStatus.DONE
+        self._done[task.id.kind] += 1
+        if task.id.kind is TaskKind.MAP:
+            self._open_maps -= 1
+            self._items_done += len(task.keys)
 
     def _complete(self, task: _Task, why: str) -> None:
         task.status = TaskStatus.DONE

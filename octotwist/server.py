@@ -43,11 +43,13 @@ from octotwist._child import user_traceback
 from octotwist.config import FaultPolicy
 from octotwist.errors import OctotwistError, RemoteProtocolError
 from octotwist.job import Job
+from octotwist.journal import FinishedTask, Journal, JournalError
 from octotwist.machine import same_machine
 from octotwist.messages import TaskId, TaskKind
 from octotwist.ordering import sorted_order
 from octotwist.outbox import Outbox
 from octotwist.output import Results, stdout
+from octotwist.resume import Resume
 from octotwist.scheduler import (
     NO_WORK,
     Assignment,
@@ -118,6 +120,10 @@ class JobServer:
     @param sort: hand C{final()} (or the output) the results in key order
         (L{octotwist.ordering.sorted_order}), rather than partition by partition as each
         reduce task ends.
+    @param journal: the state directory's journal (C{--state-dir}): every
+        task that counts is recorded there, and what an earlier run of the
+        same job (L{octotwist.resume.fingerprint}) finished is not run again.
+    @param fingerprint: what names the job in the journal.
     """
 
     def __init__(
@@ -131,6 +137,8 @@ class JobServer:
         policy: FaultPolicy | None = None,
         sort: bool = True,
         progress_interval: float = 10.0,
+        journal: Journal | None = None,
+        fingerprint: str = "",
     ) -> None:
         self.job = job
         self.reactor = reactor
@@ -154,15 +162,31 @@ class JobServer:
                 "records): a range that fails every attempt fails the job"
             )
             skip = False
+        #: The job's counters: the totals of the attempts that counted.
+        self.counters: dict[str, int] = {}
+        self._counters_full = False
+        #: The job's journal, when it has a state directory.
+        self.resume: Resume | None = None
+        #: Later steps' map tasks restored whose inputs the store still holds.
+        self._inputs_done: list[TaskId] = []
+        self._keep_progress = False
+        self._own_workers = False
+        keys: Iterable[Any] = job.source
+        if journal is not None:
+            self.resume = Resume.start(journal, fingerprint, job.name, self.partitions)
+            self.resume.restorer = self._restore
+            keys = self.resume.remaining(job.source)
         self.scheduler = Scheduler(
-            job.source,
+            keys,
             self.partitions,
             total=job.source_size(),
             max_attempts=policy.max_attempts,
             lease=policy.task_timeout,
             skip_bad_records=skip,
             backup_after=policy.backup_after,
+            resumed=self.resume,
         )
+        self._forget_inputs()
         self.result: Deferred[JobOutcome] = Deferred()
         self._sessions: dict[str, _WorkerSession] = {}
         self._all_sessions: set[_WorkerSession] = set()
@@ -192,9 +216,6 @@ class JobServer:
         #: it the first step's map inputs, read from the source.
         self.bytes_sent = 0
         self.map_input_bytes = 0
-        #: The job's counters: the totals of the attempts that counted.
-        self.counters: dict[str, int] = {}
-        self._counters_full = False
         #: What attempts printed, newest last (for the status page); bounded.
         self.printed: deque[dict[str, Any]] = deque(maxlen=MAX_PRINTED_SHOWN)
         self._results = 0  # written so far
@@ -234,7 +255,10 @@ class JobServer:
             steps=f" ({len(self.partitions)} steps)" if len(self.partitions) > 1 else "",
             waiting="" if workers_coming else "; waiting for workers",
         )
+        if self.resume is not None:
+            self._log_resumed(self.resume)
         self._waiting_logged = workers_coming
+        self._own_workers = workers_coming
         if self._progress_interval > 0 and self.log_progress:
             self._progress.start(self._progress_interval, now=False)
         self._ticker.start(min(1.0, self.policy.heartbeat), now=True)
@@ -332,6 +356,8 @@ class JobServer:
         self._printed(name, task, msg.attempt, msg.output)
         if verdict is Verdict.ACCEPTED:
             shuffled = task.kind is TaskKind.MAP and self.partitions[task.step] > 0
+            if self.resume is not None and not self._journal(task, msg, shuffled):
+                return
             nbytes = self.store.commit(task, msg.attempt, by_task=not shuffled)
             self._count(msg.counters)
             if shuffled:
@@ -358,6 +384,65 @@ class JobServer:
         else:
             self.store.discard(msg.task, msg.attempt)
         self._after_change()
+
+    def _journal(self, task: TaskId, msg: messages.TaskDone, shuffled: bool) -> bool:
+        """
+        Record an accepted attempt in the journal before it counts here,
+        so that what counted survives us; C{False}: the journal could not
+        take it (a full disk), and the job has failed saying where.
+        """
+        assert self.resume is not None
+        outputs = self.store.staged(task, msg.attempt)
+        counts = list(msg.counters)
+        if shuffled:
+            size = sum(len(blob) for blobs in outputs.values() for blob in blobs)
+            counts.append(("octotwist.bytes_shuffled", size))
+        try:
+            files = self.resume.record(task, self.scheduler.origin(task), outputs, counts)
+        except JournalError as e:
+            self.store.discard(task, msg.attempt)
+            self._fail(str(e))
+            return False
+        self.store.moved(task, msg.attempt, files)
+        return True
+
+    def _restore(self, task: TaskId, done: FinishedTask) -> None:
+        """
+        A task an earlier run finished (L{Resume.restore}): its outputs and
+        counters count as an accepted attempt's do, from the state directory.
+        """
+        shuffled = task.kind is TaskKind.MAP and self.partitions[task.step] > 0
+        self.store.restore(task, done.blobs, by_task=not shuffled)
+        self._count(done.counters)
+        if task.kind is TaskKind.REDUCE:
+            self.store.drop(task.index, task.step)
+        elif task.step > 0:
+            # Called by the scheduler as it makes the task: what it maps is
+            # forgotten once the scheduler is ours to ask (_forget_inputs).
+            self._inputs_done.append(task)
+
+    def _forget_inputs(self) -> None:
+        """Forget the inputs of later steps' map tasks that were restored."""
+        while self._inputs_done:
+            for producer in self.scheduler.keys(self._inputs_done.pop()):
+                self.store.forget(producer)
+
+    def _log_resumed(self, resume: Resume) -> None:
+        for note in resume.dropped:
+            _log.warn("{note}", note=note)
+        if not resume.resumed:
+            return
+        maps, reduces = resume.restored[TaskKind.MAP], resume.restored[TaskKind.REDUCE]
+        _log.info(
+            "resuming job {job} from {directory}: {maps} map task{ms} and {reduces} reduce "
+            "task{rs} finished before its server stopped, and are not run again",
+            job=self.job.name,
+            directory=str(resume.journal.directory),
+            maps=maps,
+            ms="" if maps == 1 else "s",
+            reduces=reduces,
+            rs="" if reduces == 1 else "s",
+        )
 
     def task_failed(self, name: str, msg: messages.TaskFailed) -> None:
         session = self._sessions[name]
@@ -501,6 +586,7 @@ class JobServer:
     # Decisions.
 
     def _after_change(self) -> None:
+        self._forget_inputs()
         self._cancel()
         if not self._check_done():
             self._dispatch()
@@ -785,14 +871,28 @@ class JobServer:
         self.store.forget(task)
         return keys, values
 
-    def cancel(self, why: str) -> None:
+    def cancel(self, why: str, *, resumable: bool = False) -> None:
         """
         End the job now, as failed (its server is being stopped): the
         workers are told why, the output is taken back.  Nothing happens if
         it has ended already.
+
+        @param resumable: keep what the journal holds, if there is one, for
+            the next run of the same job (the server stops, the job does
+            not end).
         """
-        if not self.finished:
-            self._fail(why)
+        if self.finished:
+            return
+        if resumable and self.resume is not None:
+            self._keep_progress = True
+            _log.info(
+                "the progress of job {job} is kept in {directory}: run the same command to "
+                "resume it{workers}",
+                job=self.job.name,
+                directory=str(self.resume.journal.directory),
+                workers="" if self._own_workers else " (its workers reconnect to it by themselves)",
+            )
+        self._fail(why)
 
     def _fail_unless_over(self, error: str) -> None:
         if not self.finished:
@@ -825,6 +925,11 @@ class JobServer:
             outcome = JobOutcome(False, error, 0, outcome.seconds, outcome.stats)
             self._outcome = outcome
             _log.error("job {job} failed: {error}", job=self.job.name, error=outcome.error)
+        if self.resume is not None and not self._keep_progress:
+            try:
+                self.resume.end(outcome.ok, outcome.error)
+            except JournalError as e:
+                _log.warn("{error}", error=str(e))
         if outcome.ok and self.output_gone:
             _log.info(
                 "job {job} finished in {t:.2f} s; the reader of its results stopped reading "
@@ -851,10 +956,14 @@ class JobServer:
         if outcome.ok and outcome.counters:
             _log.info("counters:\n{table}", table=counters.table(outcome.counters))
         # Workers hang up when they read this; the transport closes whatever
-        # is left when it stops (TaskServer.stop).
+        # is left when it stops (TaskServer.stop).  A job that is not over
+        # (its server stops, and the next resumes it) tells others' workers
+        # nothing: they lose the connection, and reconnect to that server.
+        keep_workers = self._keep_progress and not self._own_workers
         for session in list(self._all_sessions):
             session.outbox.clear()  # task inputs nobody needs any more
-            session.outbox.send(messages.Shutdown(outcome.ok, outcome.error or ""))
+            if not keep_workers:
+                session.outbox.send(messages.Shutdown(outcome.ok, outcome.error or ""))
         self.store.close()
         self.result.callback(outcome)
 
@@ -894,6 +1003,9 @@ class JobServer:
             "failures": list(self.failures),
             "printed": list(self.printed),
             "counters": dict(sorted(self.counters.items())),
+            "resumed": None
+            if self.resume is None or not self.resume.resumed
+            else {kind.value: n for kind, n in self.resume.restored.items()},
             "skipped": [
                 {"task": str(r.task), "key": str(r.key), "error": r.error, "attempts": r.attempts}
                 for r in self.scheduler.skipped

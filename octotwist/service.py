@@ -22,11 +22,12 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from octotwist import webport
+from octotwist import resume, webport
 from octotwist.config import DEFAULT_TRANSPORT, JobConfig, ServiceConfig
 from octotwist.endpoints import server_is_local
 from octotwist.errors import OctotwistError
 from octotwist.job import Job
+from octotwist.journal import Journal
 from octotwist.output import Results
 from octotwist.server import JobOutcome, JobServer
 from octotwist.status import StatusPage, new_token
@@ -73,7 +74,12 @@ class JobService(Service):
         #: The status pages' token (L{octotwist.status.new_token}), needed
         #: by those reachable from other machines.
         self.status_token = new_token()
+        #: The state directory's journal (C{--state-dir}), held (and
+        #: locked) until the service stops.
+        self.journal: Journal | None = None
         try:
+            if config.state_dir is not None:
+                self.journal = Journal.open(config.state_dir)
             self.job_server = JobServer(
                 job,
                 reactor,
@@ -82,8 +88,11 @@ class JobService(Service):
                 store=BlobStore(memory_limit=config.memory_limit),
                 policy=config.policy,
                 sort=config.sort,
+                journal=self.journal,
+                fingerprint=resume.fingerprint(job, config.args) if self.journal else "",
             )
         except BaseException:
+            self._close_journal()
             output.abort()  # no results file for a server that never started
             raise
         try:
@@ -108,6 +117,7 @@ class JobService(Service):
                 self.job_server.accept,
             )
         except BaseException:
+            self._close_journal()
             output.abort()
             raise
         self.address: str | None = None
@@ -149,7 +159,9 @@ class JobService(Service):
         """
         super().stopService()
         if self.address is not None:  # else it never started, or could not listen
-            self.job_server.cancel("the job was cancelled: its server was stopped")
+            # With a state directory the job is not over: the same command
+            # resumes it (what twistd's SIGTERM, or Ctrl-C, mean there).
+            self.job_server.cancel("the job was cancelled: its server was stopped", resumable=True)
         done: Deferred[None] = Deferred()
         self.outcome.addBoth(lambda _: done.callback(None))
         return done
@@ -167,7 +179,13 @@ class JobService(Service):
             self.job_server.output.abort()  # nothing to take back if it was committed
             if self._private is not None:
                 self._private.cleanup()
+            self._close_journal()
         self.outcome.callback(outcome)
+
+    def _close_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     async def _bind(self) -> str | JobOutcome:
         """Bind the status page's port, then the task server's: its address."""

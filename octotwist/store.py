@@ -18,10 +18,11 @@ import os
 import tempfile
 from array import array
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from octotwist.errors import OctotwistError
+from octotwist.journal import Blob
 from octotwist.messages import TaskId, TaskKind
 
 #: Bytes of blobs held in memory before the spill file (C{--memory-limit}).
@@ -33,8 +34,10 @@ DEFAULT_MEMORY_LIMIT = 32 * 1024 * 1024
 
 #: A stored blob: the bytes themselves, or, for a blob in the spill file,
 #: one int packing its offset and size (L{_on_disk}).  A 1.5 GB job commits
-#: some 70 000 blobs; an int each keeps the index to a few MB.
-_Ref = bytes | int
+#: some 70 000 blobs; an int each keeps the index to a few MB.  A task an
+#: earlier run of the job finished has its blobs in the state directory
+#: (L{BlobStore.restore}): a L{Blob}, read from there when it is needed.
+_Ref = bytes | int | Blob
 _Attempt = tuple[TaskId, int]
 _SIZE_BITS = 40  # blobs up to 1 TiB; offsets up to 2**23 TiB
 
@@ -90,6 +93,8 @@ class BlobStore:
         self.spill_dir = spill_dir
         self.in_memory = 0
         self.on_disk = 0
+        #: Bytes of blobs restored from a state directory, not yet consumed.
+        self.durable = 0
         self._spill: BinaryIO | None = None
         self._spill_end = 0  # where the next spilled blob goes
         self._parts: dict[tuple[TaskId, int, int], list[bytes]] = {}
@@ -135,6 +140,40 @@ class BlobStore:
                 c.refs.append(ref)
         self._drop_parts(task, attempt)
         return sum(_size(ref) for _, ref in staged)
+
+    def staged(self, task: TaskId, attempt: int) -> dict[int, list[bytes]]:
+        """An attempt's staged outputs, by partition, in the order they came (to journal)."""
+        out: dict[int, list[bytes]] = {}
+        for partition, ref in self._staged.get((task, attempt), ()):
+            out.setdefault(partition, []).append(self._get(ref))
+        return out
+
+    def moved(self, task: TaskId, attempt: int, blobs: Iterable[Blob]) -> None:
+        """
+        An attempt's staged outputs are now in these files (the journal
+        wrote them, in the order L{staged} gave them): hold the files, not
+        the bytes, so that a state directory keeps what a spill file would.
+        """
+        files: defaultdict[int, list[Blob]] = defaultdict(list)
+        for blob in reversed(list(blobs)):
+            files[blob.partition].append(blob)
+        staged = self._staged.get((task, attempt), [])
+        for i, (partition, ref) in enumerate(staged):
+            blob = files[partition].pop()
+            self._release(ref)
+            self.durable += blob.size
+            staged[i] = (partition, blob)
+
+    def restore(self, task: TaskId, blobs: Iterable[Blob], *, by_task: bool = False) -> None:
+        """
+        Count the outputs of C{task} that an earlier run of the job
+        committed and journaled, as L{commit} counts an attempt's: they stay
+        in their files (read when a task or the results need them).
+        """
+        refs: list[tuple[int, _Ref]] = [(blob.partition, blob) for blob in blobs]
+        self.durable += sum(_size(ref) for _, ref in refs)
+        self._staged[(task, 0)] = refs
+        self.commit(task, 0, by_task=by_task)
 
     def discard(self, task: TaskId, attempt: int) -> None:
         """The attempt does not count: forget its outputs."""
@@ -217,6 +256,8 @@ class BlobStore:
     def _get(self, ref: _Ref) -> bytes:
         if isinstance(ref, bytes):
             return ref
+        if isinstance(ref, Blob):
+            return ref.read()
         assert self._spill is not None
         offset, size = ref >> _SIZE_BITS, ref & ((1 << _SIZE_BITS) - 1)
         return os.pread(self._spill.fileno(), size, offset)
@@ -224,9 +265,13 @@ class BlobStore:
     def _release(self, ref: _Ref) -> None:
         if isinstance(ref, bytes):
             self.in_memory -= len(ref)
+        elif isinstance(ref, Blob):
+            self.durable -= ref.size
         else:
             self.on_disk -= ref & ((1 << _SIZE_BITS) - 1)
 
 
 def _size(ref: _Ref) -> int:
+    if isinstance(ref, Blob):
+        return ref.size
     return len(ref) if isinstance(ref, bytes) else ref & ((1 << _SIZE_BITS) - 1)

@@ -26,6 +26,7 @@ from octotwist.options import (
     MEMORY_PARAMETER,
     OUTPUT_FLAGS,
     OUTPUT_PARAMETERS,
+    STATE_DIR_PARAMETER,
     WEB_PARAMETER,
     WithTransportOptions,
     _positive_int,
@@ -88,6 +89,7 @@ class Options(WithTransportOptions):
         ],
         WEB_PARAMETER,
         MEMORY_PARAMETER,
+        STATE_DIR_PARAMETER,
         *FAULT_PARAMETERS,
     ]
     optFlags = [*OUTPUT_FLAGS, *FAULT_FLAGS]

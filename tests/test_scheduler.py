@@ -367,3 +367,98 @@ def test_output_counts_only_from_a_live_attempt_and_is_refused_from_one_never_gi
     assert not s.accepts_output("w1", a.task, a.attempt)  # late: dropped, no fault
     with pytest.raises(InvalidEvent):
         s.accepts_output("nobody", a.task, a.attempt)
+
+
+# Resuming: what an earlier run finished is done from the start.
+
+
+class _Earlier:
+    """A L{Resumed}: the origins an earlier run finished, and what was asked."""
+
+    def __init__(self, batches: list[tuple[str, ...]], done: set[tuple[str, int, object]]) -> None:
+        self.batches = batches
+        self.done = done
+        self.asked: list[tuple[TaskId, object]] = []
+
+    def restore(self, task: TaskId, origin: object) -> bool:
+        self.asked.append((task, origin))
+        return (task.kind.value, task.step, origin) in self.done
+
+
+def _origin(keys: tuple[str, ...] = (), partition: tuple[int, int] | None = None) -> object:
+    from octotwist.scheduler import Origin
+
+    return Origin(keys, partition)
+
+
+def test_resumed_maps_are_done_and_their_keys_not_drawn_again() -> None:
+    earlier = _Earlier([("a", "b")], {("map", 0, _origin(("a", "b")))})
+    # The server leaves the batch's keys out of the source it hands over.
+    s = Scheduler(["c"], reduce_tasks=2, total=3, resumed=earlier)
+    s.handle(WorkerJoined("w"))
+    assert s.counts(TaskKind.MAP).done == 2
+    ran = run_all(s, "w")
+    assert [a.keys for a in ran if a.task.kind is TaskKind.MAP] == [("c",)]
+    assert [a.task for a in ran if a.task.kind is TaskKind.REDUCE] == [R(0), R(1)]
+    assert s.phase is Phase.FINISHED
+    assert s.origin(M(0)) == _origin(("a", "b")) and s.origin(R(1)) == _origin(partition=(0, 1))
+
+
+def test_a_batch_whose_outputs_were_lost_runs_again() -> None:
+    earlier = _Earlier([("a",), ("b",)], {("map", 0, _origin(("b",)))})
+    s = Scheduler([], reduce_tasks=1, resumed=earlier)
+    s.handle(WorkerJoined("w"))
+    assert [a.keys for a in run_all(s, "w")] == [("a",), ()]
+    assert s.phase is Phase.FINISHED
+
+
+def test_resumed_mid_reduce_runs_only_the_reduces_not_done() -> None:
+    earlier = _Earlier(
+        [("a", "b"), ("c",)],
+        {
+            ("map", 0, _origin(("a", "b"))),
+            ("map", 0, _origin(("c",))),
+            ("reduce", 0, _origin(partition=(0, 0))),
+            ("reduce", 0, _origin(partition=(0, 2))),
+        },
+    )
+    s = Scheduler([], reduce_tasks=3, resumed=earlier)
+    assert s.phase is Phase.REDUCING
+    s.handle(WorkerJoined("w"))
+    assert [a.task for a in run_all(s, "w")] == [R(1)]
+    assert s.phase is Phase.FINISHED
+    assert s.output_tasks() == [R(0), R(1), R(2)]
+
+
+def test_a_job_done_but_for_its_end_finishes_at_once() -> None:
+    earlier = _Earlier(
+        [("a",)],
+        {
+            ("map", 0, _origin(("a",))),
+            ("reduce", 0, _origin(partition=(0, 0))),
+            ("map", 1, _origin(partition=(0, 0))),
+            ("reduce", 1, _origin(partition=(1, 0))),
+        },
+    )
+    s = Scheduler([], reduce_tasks=(1, 1), resumed=earlier)
+    assert s.phase is Phase.FINISHED and s.step == 1
+
+
+def test_a_later_steps_map_is_known_by_what_it_maps() -> None:
+    # Step 1 is map-only; step 2 maps each of its map tasks' outputs.
+    earlier = _Earlier(
+        [("a",), ("b",)],
+        {
+            ("map", 0, _origin(("a",))),
+            ("map", 0, _origin(("b",))),
+            ("map", 1, _origin(("b",))),
+        },
+    )
+    s = Scheduler([], reduce_tasks=(0, 1), resumed=earlier)
+    assert s.step == 1 and s.phase is Phase.MAPPING
+    s.handle(WorkerJoined("w"))
+    ran = run_all(s, "w")
+    assert [a.keys for a in ran] == [(M(0),), ()]
+    asked = [origin for task, origin in earlier.asked if task.step == 1]
+    assert asked == [_origin(("a",)), _origin(("b",)), _origin(partition=(1, 0))]
+    assert s.phase is Phase.FINISHED
