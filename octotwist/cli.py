@@ -1,5 +1,6 @@
 """
-The C{octo} command: C{octo run}, C{octo server}, C{octo client},
+The C{octo} command: C{octo run}, C{octo server}, C{octo client}, C{octo
+serve}, C{octo submit},
 C{octo secret}, C{octo transports}.
 
 Exit status: 0 the job succeeded (or, for a client, the server said it is
@@ -29,7 +30,7 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from octotwist import allocator, auth, counters, embedded, tap
+from octotwist import allocator, auth, counters, embedded, messages, tap
 from octotwist import options as shared
 from octotwist.client import IWorkerReactor, run_worker
 from octotwist.config import DEFAULT_TRANSPORT
@@ -44,7 +45,7 @@ from octotwist.job import load_job
 from octotwist.progress import LiveProgress, LogSink
 from octotwist.server import MAX_SLOTS, JobServer
 from octotwist.service import JobService, local_config, run_here
-from octotwist.transport import ClientSettings, Transport
+from octotwist.transport import ClientSettings, ServerSettings, Transport
 
 _log = Logger()
 
@@ -179,6 +180,77 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
             self["inline"] = True
 
 
+class ServeOptions(_Verbosity, shared.WithTransportOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve a queue of jobs: workers (`octo client HOST`) connect and stay; "
+        "`octo submit JOB.py` sends jobs, which run one after another in the order "
+        "they came."
+    )
+    optParameters = [
+        [
+            "transport",
+            "t",
+            DEFAULT_TRANSPORT,
+            "Transport to serve on; `octo transports` lists them.",
+        ],
+        [
+            "listen",
+            "l",
+            None,
+            "Twisted endpoint to listen on (as for octo server). Default: port 18125 on "
+            "every interface with a configured secret, on 127.0.0.1 only without one.",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            f"File holding the shared secret, at least {auth.MIN_SECRET_LENGTH} characters, "
+            f"mode 0600 (default: ${auth.SECRET_ENV}, else the local one).",
+        ],
+        shared.MEMORY_PARAMETER,
+        *shared.FAULT_PARAMETERS,
+    ]
+    optFlags = [*shared.FAULT_FLAGS]
+
+
+class SubmitOptions(_Verbosity, shared.WithTransportOptions):
+    synopsis = "[options] SCRIPT [-- JOB ARGUMENTS...]"
+    longdesc = (
+        "Send a job to a cluster (octo serve), wait for it and write its results, as "
+        "octo run does. Arguments after the script are the job's own."
+    )
+    optParameters = [
+        [
+            "connect",
+            "c",
+            None,
+            "The cluster's address: HOST[:PORT] or a Twisted client endpoint "
+            "(default localhost:18125).",
+        ],
+        [
+            "transport",
+            "t",
+            DEFAULT_TRANSPORT,
+            "Transport to connect with; `octo transports` lists them.",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            f"File holding the shared secret (default: ${auth.SECRET_ENV}, else the local one).",
+        ],
+        ["output", "o", None, "Write the results to this file (replaced when the job succeeds)."],
+        ["format", None, "tsv", "tsv or jsonl.", shared._format],
+    ]
+    optFlags = [*shared.OUTPUT_FLAGS]
+    transport_side = "client"
+
+    def parseArgs(self, script: str, *args: str) -> None:  # type: ignore[override]
+        self["script"] = script
+        self["args"] = args
+
+
 class TransportsOptions(shared.Versioned):
     synopsis = ""
 
@@ -206,12 +278,15 @@ class Options(shared.Versioned):
     synopsis = "Usage: octo"
     longdesc = (
         "octotwist: MapReduce for a handful of machines, octo.py's way. "
-        "Commands: octo run|server|client|secret|transports; octo COMMAND --help for each."
+        "Commands: octo run|server|client|serve|submit|secret|transports; octo COMMAND "
+        "--help for each."
     )
     subCommands = [
         ["run", None, RunOptions, "Run a job here: server plus local workers."],
         ["server", None, ServerOptions, "Serve a job to workers."],
         ["client", None, ClientOptions, "Work for a server."],
+        ["serve", None, ServeOptions, "Serve a queue of jobs to workers that stay."],
+        ["submit", None, SubmitOptions, "Send a job to octo serve and wait for its results."],
         [
             "secret",
             None,
@@ -223,7 +298,9 @@ class Options(shared.Versioned):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("which command? octo run|server|client|secret|transports")
+            raise usage.UsageError(
+                "which command? octo run|server|client|serve|submit|secret|transports"
+            )
 
 
 def _start_logging(options: usage.Options, sink: LogSink) -> None:
@@ -304,6 +381,91 @@ async def _work(reactor: IWorkerReactor, options: ClientOptions) -> int:
         sys.stderr.write(f"octo: {e}\n")
         return EXIT_FAILED
     return EXIT_OK if shutdown.ok else EXIT_FAILED
+
+
+async def _serve_cluster(reactor: IWorkerReactor, options: ServeOptions) -> int:
+    """C{octo serve}: until interrupted (then exit status 1, as for any server stopped)."""
+    from octotwist.cluster import ClusterServer, ClusterService
+    from octotwist.hookspecs import get_transport
+    from octotwist.service import client_hint
+
+    transport = get_transport(options["transport"])
+    listen, secret = shared.listen_settings(reactor, options, transport)
+    cluster = ClusterServer(
+        reactor,
+        policy=shared.fault_policy(options),
+        memory_limit=int(options["memory-limit"] * 2**20),
+    )
+    service = ClusterService(
+        reactor,
+        cluster,
+        transport,
+        ServerSettings(listen, secret, shared.transport_options(options, transport, "server")),
+    )
+    service.startService()
+    try:
+        address = await service.listening
+    except Exception as e:
+        sys.stderr.write(f"octo: cannot listen on {listen}: {e}\n")
+        await service.stopService()
+        return EXIT_FAILED
+    hint = client_hint(address, transport, listen)
+    _log.info(
+        "serving jobs on {address}; start workers with: octo client {hint}; send jobs "
+        "with: octo submit JOB.py -c {hint}",
+        address=address,
+        hint=hint,
+    )
+    try:
+        await Deferred()  # until the reactor stops (Ctrl-C, SIGTERM)
+    finally:
+        await service.stopService()
+    return EXIT_OK
+
+
+async def _submit(reactor: IWorkerReactor, options: SubmitOptions) -> int:
+    from octotwist.hookspecs import get_transport
+    from octotwist.submit import Sink, script_message, submit
+
+    transport = get_transport(options["transport"])
+    given = options["connect"] or "localhost"
+    try:
+        connect = transport.client_class().address_to_endpoint(given)
+    except ValueError as e:
+        raise UsageError(f"cannot connect to {given!r}: {e}") from None
+    transport_options = shared.transport_options(options, transport, "client")
+    configured = auth.configured_secret(options["secret-file"])
+    secret = configured if configured is not None else auth.client_secret(None)
+    message = script_message(
+        options["script"], tuple(options["args"]), options["format"], not options["unsorted"]
+    )
+    sink = Sink(options["output"], options["format"])
+    client = transport.client_class()(reactor, ClientSettings(connect, secret, transport_options))
+    try:
+        ending = await submit(client, message, sink)
+    except (OctotwistError, ConnectionError) as e:
+        sink.abort()
+        sys.stderr.write(f"octo: {e}\n")
+        return EXIT_FAILED
+    except BaseException:
+        sink.abort()
+        raise
+    if isinstance(ending, messages.JobRefused):
+        sink.abort()
+        sys.stderr.write(f"octo: {ending.error}\n")
+        return EXIT_USAGE
+    if not ending.ok:
+        sink.abort()
+        sys.stderr.write(f"octo: job {ending.job} failed: {ending.error}\n")
+        return EXIT_FAILED
+    sink.commit()
+    _log.info(
+        "job {job} finished: {n} result{s}",
+        job=ending.job,
+        n=ending.results,
+        s="" if ending.results == 1 else "s",
+    )
+    return EXIT_OK
 
 
 def _secret_if_any(options: ClientOptions) -> bytes:
@@ -496,7 +658,13 @@ def _main(argv: list[str] | None) -> None:
             sys.exit(_run_inline(sub))
         allocator.tune()
         assert command is not None  # postOptions refuses no command
-        action = {"run": _run, "server": _serve, "client": _work}[command]
+        action = {
+            "run": _run,
+            "server": _serve,
+            "client": _work,
+            "serve": _serve_cluster,
+            "submit": _submit,
+        }[command]
         try:
             react(_guarded, (action, sub))
         except SystemExit:
@@ -521,6 +689,12 @@ def _guarded(
     """Run C{action} and turn its result or error into the exit status."""
 
     async def go() -> None:
+        # react() calls us before the reactor runs, that is, before it
+        # handles SIGTERM and SIGINT: a signal then would kill us outright,
+        # leaving a .partial output behind.  Nothing starts before they are.
+        running: Deferred[None] = Deferred()
+        reactor.callWhenRunning(running.callback, None)
+        await running
         try:
             code = await action(reactor, options)
         except OctotwistError as e:

@@ -67,6 +67,19 @@ class WorkerSession:
         self._shutdown: messages.Shutdown | None = None
         #: Why we hung up on the server, if we did (it sent something wrong).
         self.refused: str | None = None
+        # Who we are, first: a cluster (octo serve) tells its workers from
+        # its submitters by what they say first; a server of one job
+        # (octo server) sends its Welcome meanwhile.
+        channel.send(
+            messages.Hello(
+                name,
+                socket.gethostname(),
+                os.getpid(),
+                processes,
+                prefetch=processes,
+                machine=machine_id(),
+            )
+        )
 
     def message_received(self, message: messages.Message) -> None:
         if self.refused is not None:
@@ -136,16 +149,6 @@ class WorkerSession:
     def _start(self, welcome: messages.Welcome) -> None:
         self.welcome = welcome
         self.pool = ProcessPool(self.reactor, welcome.functions, self.processes)
-        self.channel.send(
-            messages.Hello(
-                self.name,
-                socket.gethostname(),
-                os.getpid(),
-                self.processes,
-                prefetch=self.processes,
-                machine=machine_id(),
-            )
-        )
         _log.info(
             "running job {job} with {n} process{es}",
             job=welcome.job_name,
@@ -262,7 +265,8 @@ async def run_worker(
     task_lines: bool = True,
 ) -> messages.Shutdown:
     """
-    Work for the server until it says the job is over.
+    Work for the server until it says the job is over (for a cluster, C{octo
+    serve}, that it stops: between its jobs, reconnect and wait for the next).
 
     While the server cannot be reached, retry with exponential backoff (0.5 s
     doubling to 10 s) for up to C{wait} seconds, logging each failure.  A
@@ -316,6 +320,16 @@ async def run_worker(
             continue
         since, delay = None, 0.5
         shutdown = await sessions[-1].ended
+        if shutdown is not None and shutdown.more:
+            # A cluster's job is over and the cluster stays: the next job's
+            # Welcome comes on a new connection.
+            _log.emit(
+                LogLevel.info if task_lines else LogLevel.debug,
+                "the server says the job is over{how}; waiting for its next job",
+                how="" if shutdown.ok else f" (it failed: {_short(Exception(shutdown.reason))})",
+            )
+            refused_delay = 0.5
+            continue
         if shutdown is not None:
             if task_lines:  # (octo run's own workers: the server says it all)
                 _log.info(

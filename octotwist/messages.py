@@ -159,6 +159,64 @@ class Shutdown:
 
     ok: bool
     reason: str = ""
+    #: The server stays for more jobs (C{octo serve}): reconnect for the next.
+    more: bool = False
+
+
+# A cluster's submitters (octo submit) and the server (octo serve).
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """
+    Submitter -> cluster: run this job script (its bytes, under its file
+    name) with these arguments; results in this format, sorted or not.
+    """
+
+    name: str
+    script: bytes
+    args: tuple[str, ...] = ()
+    format: str = "tsv"
+    sort: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class JobAccepted:
+    """Cluster -> submitter: the job loaded and is queued, with C{ahead} jobs before it."""
+
+    job: int
+    ahead: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobRefused:
+    """Cluster -> submitter: the job cannot run (a broken script); nothing was queued."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobStarted:
+    """Cluster -> submitter: the job is running now."""
+
+    job: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResultText:
+    """Cluster -> submitter: whole lines of the job's results (UTF-8), in order."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnded:
+    """Cluster -> submitter: the job is over; its results were all sent before this."""
+
+    job: int
+    ok: bool
+    error: str = ""
+    results: int = 0
 
 
 Message = (
@@ -172,6 +230,12 @@ Message = (
     | Heartbeat
     | Cancel
     | Shutdown
+    | Submit
+    | JobAccepted
+    | JobRefused
+    | JobStarted
+    | ResultText
+    | JobEnded
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -185,6 +249,12 @@ MESSAGE_TYPES: tuple[type, ...] = (
     Heartbeat,
     Cancel,
     Shutdown,
+    Submit,
+    JobAccepted,
+    JobRefused,
+    JobStarted,
+    ResultText,
+    JobEnded,
 )
 
 __all__ = [
@@ -193,8 +263,14 @@ __all__ = [
     "Cancel",
     "Heartbeat",
     "Hello",
+    "JobAccepted",
+    "JobEnded",
+    "JobRefused",
+    "JobStarted",
     "Message",
+    "ResultText",
     "Shutdown",
+    "Submit",
     "TaskDone",
     "TaskFailed",
     "TaskId",

@@ -362,6 +362,17 @@ def _with_transport_options(cls: type[WithTransportOptions]) -> type:
     return completed
 
 
+def fault_policy(options: usage.Options) -> FaultPolicy:
+    """The L{FaultPolicy} that L{FAULT_PARAMETERS} and L{FAULT_FLAGS} ask for."""
+    return FaultPolicy(
+        max_attempts=options["max-attempts"],
+        heartbeat=options["heartbeat"],
+        task_timeout=options["task-timeout"],
+        skip_bad_records=bool(options["skip-bad-records"]),
+        backup_after=options["backup-after"] or None,
+    )
+
+
 def job_config(options: usage.Options) -> JobConfig:
     """
     The L{JobConfig} the options of C{octo run}, C{octo server} or C{twistd
@@ -369,16 +380,9 @@ def job_config(options: usage.Options) -> JobConfig:
 
     @raise UsageError: the options do not go together.
     """
-    policy = FaultPolicy(
-        max_attempts=options["max-attempts"],
-        heartbeat=options["heartbeat"],
-        task_timeout=options["task-timeout"],
-        skip_bad_records=bool(options["skip-bad-records"]),
-        backup_after=options["backup-after"] or None,
-    )
     return JobConfig(
         reduce_tasks=options["reduce-tasks"],
-        policy=policy,
+        policy=fault_policy(options),
         memory_limit=int(options["memory-limit"] * 2**20),
         output=options.get("output"),
         format=options.get("format") or "tsv",

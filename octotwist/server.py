@@ -124,6 +124,8 @@ class JobServer:
         task that counts is recorded there, and what an earlier run of the
         same job (L{octotwist.resume.fingerprint}) finished is not run again.
     @param fingerprint: what names the job in the journal.
+    @param stays: the server outlives the job (C{octo serve}): its
+        workers are told to come back for the next one.
     """
 
     def __init__(
@@ -139,9 +141,11 @@ class JobServer:
         progress_interval: float = 10.0,
         journal: Journal | None = None,
         fingerprint: str = "",
+        stays: bool = False,
     ) -> None:
         self.job = job
         self.reactor = reactor
+        self.stays = stays
         default = reduce_tasks or job.reduce_tasks or DEFAULT_REDUCE_TASKS
         steps = job.functions.steps
         #: Each step's partitions: its own reduce_tasks, else the default;
@@ -271,7 +275,7 @@ class JobServer:
         session = _WorkerSession(self, channel)
         self._all_sessions.add(session)
         if self._outcome is not None:
-            channel.send(messages.Shutdown(self._outcome.ok, "the job is over"))
+            channel.send(messages.Shutdown(self._outcome.ok, "the job is over", self.stays))
             channel.close()
         else:
             channel.send(self._welcome)
@@ -963,7 +967,7 @@ class JobServer:
         for session in list(self._all_sessions):
             session.outbox.clear()  # task inputs nobody needs any more
             if not keep_workers:
-                session.outbox.send(messages.Shutdown(outcome.ok, outcome.error or ""))
+                session.outbox.send(messages.Shutdown(outcome.ok, outcome.error or "", self.stays))
         self.store.close()
         self.result.callback(outcome)
 

@@ -108,9 +108,9 @@ def _with_peer_args(args: tuple[str, ...], env: dict[str, str]) -> tuple[list[st
     setup = _setups.get(args[args.index("--transport") + 1])
     if setup is None:
         return list(args), env
-    if args[0] == "client":
+    if args[0] in ("client", "submit"):
         extra = setup.client_args
-    elif args[0] == "server" or "octo" in args:  # octo server, twistd ... octo
+    elif args[0] in ("server", "serve") or "octo" in args:  # octo server|serve, twistd ... octo
         extra = setup.server_args
     else:
         extra = []

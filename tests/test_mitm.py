@@ -200,13 +200,14 @@ HTTP = "http://127.0.0.1:{}/"
 
 def test_http_worker_refuses_a_rewritten_welcome(tmp_path: Path, env: dict) -> None:
     marker = tmp_path / "pwned"
-    # The first poll answer (200, from frame 0) carries the Welcome.
+    # The first poll answer (200, from frame 0) carries the Welcome, on
+    # whichever connection the worker polls (it uploads its Hello first).
     edit = _first_body(b"Octo-First: 0", lambda body: _frame_body(evil_welcome(marker)))
     client_err, _, relay = run_through(
         tmp_path,
         env,
         "http",
-        first_connection(Editor(), HTTPMessages(edit)),
+        lambda n: (Editor(), HTTPMessages(edit)),
         address=HTTP.format,
     )
     assert_caught(client_err, marker, relay)
@@ -233,7 +234,7 @@ def test_http_poll_answer_with_a_bit_flipped_is_refused(tmp_path: Path, env: dic
         tmp_path,
         env,
         "http",
-        first_connection(Editor(), HTTPMessages(edit)),
+        lambda n: (Editor(), HTTPMessages(edit)),
         address=HTTP.format,
     )
     assert_caught(client_err, tmp_path / "pwned", relay)

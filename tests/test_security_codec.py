@@ -45,7 +45,7 @@ WRONG_FIELDS = {
     "a counter that is not a pair": header("TaskDone", TASK, 1, 0, 0, 0.0, [["c"]], ""),
     "a counter whose count is a string": header("TaskDone", TASK, 1, 0, 0, 0.0, [["c", "1"]], ""),
     "printed output that is bytes": header("TaskDone", TASK, 1, 0, 0, 0.0, [], b"x"),
-    "ok that is an int": header("Shutdown", 1, ""),
+    "ok that is an int": header("Shutdown", 1, "", False),
     "a heartbeat entry that is not a pair": header("Heartbeat", [[TASK]]),
     "a heartbeat that is a map": header("Heartbeat", {"a": 1}),
     "a traceback that is a list": header("TaskFailed", TASK, 1, None, "e", ["tb"], ""),
@@ -99,4 +99,4 @@ def test_a_payload_that_is_not_the_length_the_header_says_is_refused(
 
 def test_a_message_without_a_payload_field_carries_none() -> None:
     with pytest.raises(RemoteProtocolError, match="it carries no payload"):
-        codec.message_from_parts(header("Shutdown", True, ""), b"smuggled")
+        codec.message_from_parts(header("Shutdown", True, "", False), b"smuggled")

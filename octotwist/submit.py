@@ -1,0 +1,185 @@
+"""
+C{octo submit}: send a job script to a cluster (C{octo serve}), wait for it,
+and write its results, as C{octo run} would.
+
+The results arrive as they are written (L{messages.ResultText}) and are
+kept aside, in the temporary file beside C{-o FILE} or in an unnamed one
+for standard output, until the cluster says the job succeeded: a job that
+fails leaves C{FILE} as it was and prints nothing, as C{octo run} does.
+"""
+
+from __future__ import annotations
+
+import codecs
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from octotwist import messages
+from octotwist.errors import OctotwistError, RemoteProtocolError, UsageError
+from octotwist.output import Results, open_results
+from octotwist.transport import MessageChannel, TaskClient
+
+_log = Logger()
+
+#: How a submission ended: the cluster's word on the job, or its refusal.
+Ending = messages.JobEnded | messages.JobRefused
+
+
+class Submission:
+    """
+    The submitter's side of its one connection: it sends its L{messages.Submit}
+    at once, then writes what comes back to C{sink}.
+
+    @ivar ended: fires with the L{messages.JobEnded} or L{messages.JobRefused};
+        fails with L{RemoteProtocolError} if the server is not a cluster, or
+        with L{ConnectionError} if the connection is lost before the end.
+    """
+
+    def __init__(self, channel: MessageChannel, submit: messages.Submit, sink: Sink) -> None:
+        self.channel = channel
+        self.sink = sink
+        self.job: int | None = None
+        self.ended: Deferred[Ending] = Deferred()
+        channel.send(submit)
+
+    def message_received(self, message: messages.Message) -> None:
+        if self.ended.called:
+            return
+        match message:
+            case messages.JobAccepted(job, ahead):
+                self.job = job
+                _log.info(
+                    "job {job} submitted{ahead}",
+                    job=job,
+                    ahead=f"; it runs after the {ahead} ahead of it" if ahead else "",
+                )
+            case messages.JobStarted(job):
+                _log.info("job {job} is running", job=job)
+            case messages.ResultText(data):
+                self.sink.write(data)
+            case messages.JobEnded() | messages.JobRefused():
+                self.ended.callback(message)
+                self.channel.close()
+            case messages.Welcome(job_name=name):
+                self._fail(
+                    RemoteProtocolError(
+                        f"the server at {self.channel.peer} serves one job ({name}: "
+                        "octo server), not a queue of them: submit jobs to octo serve"
+                    )
+                )
+            case messages.Shutdown(reason=reason):
+                self._fail(ConnectionError(f"the server stopped: {reason}"))
+            case _:
+                self._fail(
+                    RemoteProtocolError(f"unexpected {type(message).__name__} from the server")
+                )
+
+    def _fail(self, error: Exception) -> None:
+        self.ended.errback(error)
+        self.channel.close()
+
+    def connection_lost(self, reason: str) -> None:
+        if not self.ended.called:
+            detached = (
+                f" (job {self.job} goes on there; its results are lost)"
+                if self.job is not None
+                else ""
+            )
+            self.ended.errback(
+                ConnectionError(f"lost the connection to the server: {reason}{detached}")
+            )
+
+
+class Sink:
+    """
+    Where the results go: kept aside until L{commit}, taken back by L{abort}.
+
+    @param output: C{-o FILE}, or C{None} for standard output.
+    """
+
+    def __init__(self, output: str | None, format: str) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._results: Results | None = None
+        self._spool: IO[bytes] | None = None
+        if output is None:
+            self._spool = tempfile.TemporaryFile()  # noqa: SIM115  (closed by commit or abort)
+            return
+        try:
+            self._results = open_results(output, format)
+        except OSError as e:
+            raise UsageError(f"cannot write {output!r}: {e.strerror}") from None
+        if self._results.partitioned or not self._results.early:
+            self._results.abort()
+            raise UsageError(
+                f"octo submit writes its results to a file (or standard output), not to "
+                f"{output!r}: give -o a file name"
+            )
+
+    def write(self, data: bytes) -> None:
+        if self._spool is not None:
+            self._spool.write(data)
+        else:
+            assert self._results is not None
+            self._results.stream.write(self._decoder.decode(data))
+
+    def commit(self) -> None:
+        if self._spool is not None:
+            self._spool.seek(0)
+            sys.stdout.flush()
+            shutil.copyfileobj(self._spool, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            self._spool.close()
+        else:
+            assert self._results is not None
+            self._results.stream.write(self._decoder.decode(b"", final=True))
+            self._results.commit()
+
+    def abort(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+        elif self._results is not None:
+            self._results.abort()
+
+
+def script_message(path: str, args: tuple[str, ...], format: str, sort: bool) -> messages.Submit:
+    """
+    The L{messages.Submit} for the job script at C{path}.
+
+    @raise UsageError: it cannot be read.
+    """
+    try:
+        script = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"job script {path!r}: {e.strerror}") from None
+    # Its absolute path: a cluster on this machine, or sharing its
+    # filesystem, loads the file itself, with what lies beside it.
+    return messages.Submit(str(Path(path).absolute()), script, args, format, sort)
+
+
+async def submit(client: TaskClient, submit: messages.Submit, sink: Sink) -> Ending:
+    """
+    Connect, submit, and wait for the job's end; the results are in C{sink}
+    (neither committed nor aborted: the caller decides).
+
+    @raise OctotwistError: the server is not a cluster, or the secret is wrong.
+    @raise ConnectionError: the server cannot be reached, or hung up.
+    """
+    sessions: list[Submission] = []
+
+    def accept(channel: MessageChannel) -> Submission:
+        sessions.append(Submission(channel, submit, sink))
+        return sessions[-1]
+
+    try:
+        await client.connect(accept)
+    except OctotwistError:
+        raise
+    except Exception as e:
+        raise ConnectionError(f"cannot reach the server at {client.settings.connect}: {e}") from e
+    return await sessions[-1].ended

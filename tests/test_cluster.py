@@ -1,0 +1,202 @@
+"""
+A cluster that stays (issue 16, part 1): C{octo serve} with workers that
+stay across jobs, and C{octo submit}, whose results are exactly those of
+C{octo run}.  Real processes on 127.0.0.1, over every transport.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+
+from conftest import (
+    EXAMPLES,
+    finish,
+    free_port,
+    gate,
+    octo,
+    parse_tsv,
+    start,
+    wait_for_log,
+    wait_for_port,
+)
+from test_end_to_end import job
+
+WORDS = """
+source = {{i: " ".join(f"w{{(i * j) % {mod}}}" for j in range(1, 8)) for i in range(30)}}
+def mapfn(key, value):
+    for w in value.split():
+        yield w, 1
+def reducefn(key, values):
+    return key, len(values)
+reduce_tasks = 3
+"""
+
+
+def words(mod: int) -> Counter[str]:
+    return Counter(f"w{(i * j) % mod}" for i in range(30) for j in range(1, 8))
+
+
+def held_job(tmp_path: Path) -> tuple[Path, Path]:
+    """WORDS (mod 5), whose map tasks wait for the gate file (returned, not yet made)."""
+    gate_file = tmp_path / "gate"
+    text = gate(gate_file) + WORDS.format(mod=5).replace(
+        "    for w in", "    _gate()\n    for w in"
+    )
+    return job(tmp_path, text, "held.py"), gate_file
+
+
+def serve(transport: str, env: dict):
+    port = free_port()
+    server = start(
+        "serve", "--transport", transport, "--listen", f"tcp:{port}:interface=127.0.0.1", env=env
+    )
+    wait_for_port(port, server)
+    return server, f"127.0.0.1:{port}"
+
+
+def submit(transport: str, env: dict, address: str, *args: str):
+    return octo("submit", "--transport", transport, "-c", address, *args, env=env)
+
+
+def test_jobs_run_in_order_on_workers_that_stay(transport: str, env: dict, tmp_path: Path) -> None:
+    server, address = serve(transport, env)
+    worker = start("client", address, "--transport", transport, "-p", "2", env=env)
+    first, second = (
+        job(tmp_path, WORDS.format(mod=11), "a.py"),
+        job(tmp_path, WORDS.format(mod=7), "b.py"),
+    )
+    out = tmp_path / "a.tsv"
+    result = submit(transport, env, address, str(first), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert parse_tsv(out.read_text()) == words(11)
+    assert result.stdout == ""
+    # The same worker process serves the next job, on standard output.
+    assert worker.poll() is None
+    result = submit(transport, env, address, str(second))
+    assert result.returncode == 0, result.stderr
+    assert parse_tsv(result.stdout) == words(7)
+    assert "job 2 finished: 7 results" in result.stderr, result.stderr
+    server.send_signal(signal.SIGINT)
+    _, _, log = finish(server)
+    assert log.count("worker ") >= 2 and "job 1 (a) submitted" in log and "job 2 (b)" in log, log
+    worker.kill()
+
+
+def test_jobs_submitted_together_queue_and_all_come_out_exact(env: dict, tmp_path: Path) -> None:
+    server, address = serve("tcp", env)
+    held, gate_file = held_job(tmp_path)
+    first = start("submit", "-c", address, str(held), env=env)
+    wait_for_log(server, ["job 1 (held) submitted"])
+    others, seen = [], ""
+    for n, mod in enumerate((3, 4), start=2):
+        script = str(job(tmp_path, WORDS.format(mod=mod), f"m{mod}.py"))
+        others.append(start("submit", "-c", address, script, env=env))
+        seen += wait_for_log(server, [f"job {n} (m{mod}) submitted from"])
+    assert "1 ahead of it" in seen and "2 ahead of it" in seen, seen
+    worker = start("client", address, "-p", "2", env=env)
+    gate_file.touch()
+    for proc, mod in zip([first, *others], (5, 3, 4), strict=True):
+        code, out, err = finish(proc)
+        assert code == 0, err
+        assert parse_tsv(out) == words(mod)
+    server.send_signal(signal.SIGINT)
+    _, _, log = finish(server)
+    log = seen + log
+    # In the order submitted: each job starts after the one before it finished.
+    order = [log.index(f"job {name}: ") for name in ("held", "m3", "m4")]
+    assert order == sorted(order), log
+    worker.kill()
+
+
+def test_final_prints_reach_the_submitter_as_octo_run_prints_them(
+    env: dict, tmp_path: Path
+) -> None:
+    server, address = serve("tcp", env)
+    worker = start("client", address, "-p", "2", env=env)
+    script = str(EXAMPLES / "wordcount.py")  # final() prints "word count"
+    submitted = submit("tcp", env, address, script)
+    assert submitted.returncode == 0, submitted.stderr
+    ran = octo("run", script, "-q", env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert submitted.stdout == ran.stdout and len(submitted.stdout.splitlines()) > 30_000
+    server.kill()
+    worker.kill()
+
+
+def test_a_failing_job_fails_alone_and_the_next_runs(env: dict, tmp_path: Path) -> None:
+    server, address = serve("tcp", env)
+    worker = start("client", address, "-p", "2", env=env)
+    bad = job(
+        tmp_path,
+        """
+        source = {1: 1, 2: 2}
+        def mapfn(key, value):
+            raise ValueError(f"record {key} is bad")
+        def reducefn(key, values):
+            return key, values
+        """,
+        "bad.py",
+    )
+    out = tmp_path / "out.tsv"
+    out.write_text("previous\t1\n")
+    result = submit("tcp", env, address, str(bad), "-o", str(out))
+    assert result.returncode == 1
+    assert "job 1 failed" in result.stderr and "ValueError: record" in result.stderr
+    assert out.read_text() == "previous\t1\n"  # left as it was
+    assert not list(tmp_path.glob(".out.tsv.*"))
+    result = submit("tcp", env, address, str(job(tmp_path, WORDS.format(mod=9), "ok.py")))
+    assert result.returncode == 0, result.stderr
+    assert parse_tsv(result.stdout) == words(9)
+    assert worker.poll() is None
+    server.kill()
+    worker.kill()
+
+
+def test_a_broken_script_is_refused_with_octo_runs_message(env: dict, tmp_path: Path) -> None:
+    server, address = serve("tcp", env)
+    broken = job(tmp_path, "source = {1: 1}\ndef mapfn(k, v):\n    yield k, v\n", "broken.py")
+    result = submit("tcp", env, address, str(broken))
+    ran = octo("run", str(broken), env=env)
+    assert result.returncode == ran.returncode == 2
+    assert result.stderr.splitlines()[-1] == ran.stderr.splitlines()[-1], (result, ran)
+    assert "does not define reducefn" in result.stderr
+    # Nothing was queued: the next job is the next to run.
+    worker = start("client", address, env=env)
+    result = submit("tcp", env, address, str(job(tmp_path, WORDS.format(mod=2), "ok.py")))
+    assert result.returncode == 0 and parse_tsv(result.stdout) == words(2), result.stderr
+    server.kill()
+    worker.kill()
+
+
+def test_a_submitter_that_goes_away_does_not_stop_its_job(env: dict, tmp_path: Path) -> None:
+    server, address = serve("tcp", env)
+    held, gate_file = held_job(tmp_path)
+    worker = start("client", address, "-p", "2", env=env)
+    gone = start("submit", "-c", address, str(held), env=env)
+    wait_for_log(gone, ["job 1 is running"])
+    gone.kill()
+    gone.wait()
+    gate_file.touch()
+    result = submit("tcp", env, address, str(job(tmp_path, WORDS.format(mod=6), "next.py")))
+    assert result.returncode == 0 and parse_tsv(result.stdout) == words(6), result.stderr
+    server.send_signal(signal.SIGINT)
+    _, _, log = finish(server)
+    assert "job held finished: 5 results" in log, log
+    worker.kill()
+
+
+def test_the_wrong_secret_and_the_wrong_server_are_refused(env: dict, tmp_path: Path) -> None:
+    server, address = serve("tcp", env)
+    script = str(job(tmp_path, WORDS.format(mod=3)))
+    wrong = submit("tcp", dict(env, OCTO_SECRET="not-the-secret-0123456789"), address, script)
+    assert wrong.returncode == 1 and "secret" in wrong.stderr, wrong.stderr
+    server.kill()
+    port = free_port()
+    one_job = start("server", script, "--listen", f"tcp:{port}:interface=127.0.0.1", env=env)
+    wait_for_port(port, one_job)
+    result = submit("tcp", env, f"127.0.0.1:{port}", script)
+    assert result.returncode == 1
+    assert "serves one job" in result.stderr and "octo serve" in result.stderr, result.stderr
+    one_job.kill()
