@@ -1,7 +1,7 @@
 """
 The C{octo} command: C{octo run}, C{octo server}, C{octo client}, C{octo
-serve}, C{octo submit},
-C{octo secret}, C{octo transports}.
+serve}, C{octo submit}, C{octo jobs}, C{octo cancel}, C{octo secret}, C{octo
+transports}.
 
 Exit status: 0 the job succeeded (or, for a client, the server said it is
 over); 1 the job failed; 2 bad usage, a bad job script or a bad option.
@@ -45,7 +45,7 @@ from octotwist.job import load_job
 from octotwist.progress import LiveProgress, LogSink
 from octotwist.server import MAX_SLOTS, JobServer
 from octotwist.service import JobService, local_config, run_here
-from octotwist.transport import ClientSettings, ServerSettings, Transport
+from octotwist.transport import ClientSettings, ServerSettings, TaskClient, Transport
 
 _log = Logger()
 
@@ -214,12 +214,9 @@ class ServeOptions(_Verbosity, shared.WithTransportOptions):
     optFlags = [*shared.FAULT_FLAGS]
 
 
-class SubmitOptions(_Verbosity, shared.WithTransportOptions):
-    synopsis = "[options] SCRIPT [-- JOB ARGUMENTS...]"
-    longdesc = (
-        "Send a job to a cluster (octo serve), wait for it and write its results, as "
-        "octo run does. Arguments after the script are the job's own."
-    )
+class _ClusterOptions(_Verbosity, shared.WithTransportOptions):
+    """What every command that talks to a cluster (octo serve) takes."""
+
     optParameters = [
         [
             "connect",
@@ -240,15 +237,89 @@ class SubmitOptions(_Verbosity, shared.WithTransportOptions):
             None,
             f"File holding the shared secret (default: ${auth.SECRET_ENV}, else the local one).",
         ],
+    ]
+    transport_side = "client"
+
+    def client(self, reactor: IWorkerReactor) -> TaskClient:
+        """
+        A client of the chosen transport, for the cluster at C{--connect}.
+
+        @raise UsageError: the address is malformed, or no secret is found.
+        """
+        from octotwist.hookspecs import get_transport
+
+        transport = get_transport(self["transport"])
+        given = self["connect"] or "localhost"
+        try:
+            connect = transport.client_class().address_to_endpoint(given)
+        except ValueError as e:
+            raise UsageError(f"cannot connect to {given!r}: {e}") from None
+        configured = auth.configured_secret(self["secret-file"])
+        secret = configured if configured is not None else auth.client_secret(None)
+        settings = ClientSettings(
+            connect, secret, shared.transport_options(self, transport, "client")
+        )
+        return transport.client_class()(reactor, settings)
+
+
+class SubmitOptions(_ClusterOptions):
+    synopsis = "[options] SCRIPT [-- JOB ARGUMENTS...]"
+    longdesc = (
+        "Send a job to a cluster (octo serve), wait for it and write its results, as "
+        "octo run does. Arguments after the script are the job's own."
+    )
+    optParameters = [
         ["output", "o", None, "Write the results to this file (replaced when the job succeeds)."],
         ["format", None, "tsv", "tsv or jsonl.", shared._format],
     ]
-    optFlags = [*shared.OUTPUT_FLAGS]
-    transport_side = "client"
+    optFlags = [
+        *shared.OUTPUT_FLAGS,
+        [
+            "detach",
+            "d",
+            "Return once the job is queued, printing its ID; octo results ID fetches its "
+            "results once it is done.",
+        ],
+    ]
 
     def parseArgs(self, script: str, *args: str) -> None:  # type: ignore[override]
         self["script"] = script
         self["args"] = args
+
+    def postOptions(self) -> None:
+        if self["detach"] and self["output"]:
+            raise usage.UsageError("--detach writes no results: octo results ID -o FILE does")
+
+
+class ResultsOptions(_ClusterOptions):
+    synopsis = "[options] ID"
+    longdesc = "Fetch the results of a cluster's job (octo serve) that is done."
+    optParameters = [["output", "o", None, "Write them to this file instead of stdout."]]
+
+    def parseArgs(self, job: str) -> None:  # type: ignore[override]
+        self["job"] = _job_id(job)
+
+
+class JobsOptions(_ClusterOptions):
+    synopsis = "[options]"
+    longdesc = "List a cluster's jobs (octo serve): queued, running, done and failed."
+
+
+class CancelOptions(_ClusterOptions):
+    synopsis = "[options] ID"
+    longdesc = "Cancel a cluster's job (octo serve), queued or running: it fails, saying so."
+
+    def parseArgs(self, job: str) -> None:  # type: ignore[override]
+        self["job"] = _job_id(job)
+
+
+def _job_id(given: str) -> int:
+    try:
+        return shared._positive_int(given)
+    except ValueError:
+        raise usage.UsageError(
+            f"a job ID is a number (octo jobs lists them), not {given!r}"
+        ) from None
 
 
 class TransportsOptions(shared.Versioned):
@@ -273,13 +344,15 @@ class SecretOptions(shared.Versioned):
     ]
 
 
+_COMMANDS = "run|server|client|serve|submit|jobs|cancel|results|secret|transports"
+
+
 class Options(shared.Versioned):
     # Subcommands' usage lines read "Usage: octo client [options] ...".
     synopsis = "Usage: octo"
     longdesc = (
         "octotwist: MapReduce for a handful of machines, octo.py's way. "
-        "Commands: octo run|server|client|serve|submit|secret|transports; octo COMMAND "
-        "--help for each."
+        f"Commands: octo {_COMMANDS}; octo COMMAND --help for each."
     )
     subCommands = [
         ["run", None, RunOptions, "Run a job here: server plus local workers."],
@@ -287,6 +360,9 @@ class Options(shared.Versioned):
         ["client", None, ClientOptions, "Work for a server."],
         ["serve", None, ServeOptions, "Serve a queue of jobs to workers that stay."],
         ["submit", None, SubmitOptions, "Send a job to octo serve and wait for its results."],
+        ["jobs", None, JobsOptions, "List the jobs of octo serve."],
+        ["cancel", None, CancelOptions, "Cancel a job of octo serve."],
+        ["results", None, ResultsOptions, "Fetch the results of a job of octo serve."],
         [
             "secret",
             None,
@@ -298,9 +374,7 @@ class Options(shared.Versioned):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError(
-                "which command? octo run|server|client|serve|submit|secret|transports"
-            )
+            raise usage.UsageError(f"which command? octo {_COMMANDS}")
 
 
 def _start_logging(options: usage.Options, sink: LogSink) -> None:
@@ -424,25 +498,33 @@ async def _serve_cluster(reactor: IWorkerReactor, options: ServeOptions) -> int:
 
 
 async def _submit(reactor: IWorkerReactor, options: SubmitOptions) -> int:
-    from octotwist.hookspecs import get_transport
-    from octotwist.submit import Sink, script_message, submit
+    from octotwist.submit import script_message
 
-    transport = get_transport(options["transport"])
-    given = options["connect"] or "localhost"
-    try:
-        connect = transport.client_class().address_to_endpoint(given)
-    except ValueError as e:
-        raise UsageError(f"cannot connect to {given!r}: {e}") from None
-    transport_options = shared.transport_options(options, transport, "client")
-    configured = auth.configured_secret(options["secret-file"])
-    secret = configured if configured is not None else auth.client_secret(None)
     message = script_message(
         options["script"], tuple(options["args"]), options["format"], not options["unsorted"]
     )
-    sink = Sink(options["output"], options["format"])
-    client = transport.client_class()(reactor, ClientSettings(connect, secret, transport_options))
+    return await _fetch(reactor, options, message, options["format"], options["detach"])
+
+
+async def _results(reactor: IWorkerReactor, options: ResultsOptions) -> int:
+    # (They come as the job's format made them.)
+    return await _fetch(reactor, options, messages.FetchResults(options["job"]), "tsv", False)
+
+
+async def _fetch(
+    reactor: IWorkerReactor,
+    options: SubmitOptions | ResultsOptions,
+    request: messages.Submit | messages.FetchResults,
+    format: str,
+    detach: bool,
+) -> int:
+    """Submit a job (or ask for one's results) and write them: the exit status."""
+    from octotwist.submit import Sink, submit
+
+    client = options.client(reactor)
+    sink = Sink(options["output"], format)
     try:
-        ending = await submit(client, message, sink)
+        ending = await submit(client, request, sink, detach)
     except (OctotwistError, ConnectionError) as e:
         sink.abort()
         sys.stderr.write(f"octo: {e}\n")
@@ -450,6 +532,15 @@ async def _submit(reactor: IWorkerReactor, options: SubmitOptions) -> int:
     except BaseException:
         sink.abort()
         raise
+    if isinstance(ending, messages.JobAccepted):
+        sink.abort()
+        print(ending.job)
+        _log.info(
+            "job {job} submitted; `octo jobs` follows it, `octo results {job}` fetches its "
+            "results once it is done",
+            job=ending.job,
+        )
+        return EXIT_OK
     if isinstance(ending, messages.JobRefused):
         sink.abort()
         sys.stderr.write(f"octo: {ending.error}\n")
@@ -466,6 +557,43 @@ async def _submit(reactor: IWorkerReactor, options: SubmitOptions) -> int:
         s="" if ending.results == 1 else "s",
     )
     return EXIT_OK
+
+
+async def _list_jobs(reactor: IWorkerReactor, options: JobsOptions) -> int:
+    from octotwist.submit import job_table
+
+    answer = await _ask(options.client(reactor), messages.ListJobs())
+    if isinstance(answer, int):
+        return answer
+    if isinstance(answer, messages.JobList):
+        sys.stdout.write(job_table(answer.jobs))
+    return EXIT_OK
+
+
+async def _cancel(reactor: IWorkerReactor, options: CancelOptions) -> int:
+    from octotwist.submit import job_table
+
+    answer = await _ask(options.client(reactor), messages.CancelJob(options["job"]))
+    if isinstance(answer, int):
+        return answer
+    if isinstance(answer, messages.JobRefused):
+        sys.stderr.write(f"octo: {answer.error}\n")
+        return EXIT_USAGE
+    sys.stdout.write(job_table(answer.jobs))
+    return EXIT_OK
+
+
+async def _ask(
+    client: TaskClient, question: messages.Message
+) -> messages.JobList | messages.JobRefused | int:
+    """The cluster's answer, or the exit status after saying why there is none."""
+    from octotwist.submit import ask
+
+    try:
+        return await ask(client, question)
+    except (OctotwistError, ConnectionError) as e:
+        sys.stderr.write(f"octo: {e}\n")
+        return EXIT_FAILED
 
 
 def _secret_if_any(options: ClientOptions) -> bytes:
@@ -664,6 +792,9 @@ def _main(argv: list[str] | None) -> None:
             "client": _work,
             "serve": _serve_cluster,
             "submit": _submit,
+            "jobs": _list_jobs,
+            "cancel": _cancel,
+            "results": _results,
         }[command]
         try:
             react(_guarded, (action, sub))

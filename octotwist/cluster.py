@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ class ClusterJob:
     """
     One submitted job, queued, running or over.
 
-    @ivar state: C{queued}, C{running}, C{done} or C{failed}.
+    @ivar state: C{queued}, C{running}, C{done}, C{failed} or C{cancelled}.
     """
 
     id: int
@@ -71,6 +71,7 @@ class ClusterJob:
     results: int = 0
     submitted: float = field(default_factory=time.time)
     server: JobServer | None = None
+    cancelled: bool = False
 
 
 class ClusterServer:
@@ -100,6 +101,9 @@ class ClusterServer:
         self._idle: list[_Peer] = []  # workers waiting for a job
         self._ids = itertools.count(1)
         self._scripts = Path(tempfile.mkdtemp(prefix="octo-serve-"))
+        #: Each finished job's results, for octo results (while we run).
+        self._results = self._scripts / "results"
+        self._results.mkdir()
         self._stopped = False
 
     def accept(self, channel: MessageChannel) -> _Peer:
@@ -134,6 +138,61 @@ class ClusterServer:
         for queued in self.jobs:
             if queued.submitter is peer:
                 queued.submitter = None  # the job goes on (detached)
+
+    # Questions (octo jobs, octo cancel).
+
+    def ask(
+        self,
+        peer: _Peer,
+        question: messages.ListJobs | messages.CancelJob | messages.FetchResults,
+    ) -> None:
+        """Answer C{question} (the asker hangs up once it has the answer)."""
+        match question:
+            case messages.ListJobs(limit):
+                shown = self.jobs[-limit:] if limit > 0 else []
+                peer.outbox.send(messages.JobList(tuple(_entry(j) for j in shown)))
+            case messages.FetchResults(number):
+                self._send_results(peer, number)
+            case messages.CancelJob(number):
+                found = next((j for j in self.jobs if j.id == number), None)
+                if found is None:
+                    peer.outbox.send(messages.JobRefused(f"there is no job {number}"))
+                else:
+                    self.cancel(
+                        found, f"the job was cancelled by octo cancel from {peer.channel.peer}"
+                    )
+                    peer.outbox.send(messages.JobList((_entry(found),)))
+
+    def _send_results(self, peer: _Peer, number: int) -> None:
+        found = next((j for j in self.jobs if j.id == number), None)
+        if found is None:
+            peer.outbox.send(messages.JobRefused(f"there is no job {number}"))
+        elif found.state in ("queued", "running"):
+            peer.outbox.send(
+                messages.JobRefused(
+                    f"job {number} is {found.state}: its results can be fetched once it is done"
+                )
+            )
+        else:
+            path = self._results / str(number)
+            if found.state == "done" and path.exists():
+                peer.outbox.send_blobs(_chunks(path), lambda part, end: messages.ResultText(part))
+            peer.outbox.send(
+                messages.JobEnded(found.id, found.state == "done", found.error or "", found.results)
+            )
+
+    def cancel(self, queued: ClusterJob, why: str) -> None:
+        """End a queued or running job, as failed (saying C{why}); one that is over stays so."""
+        if queued.state in ("queued", "running"):
+            queued.cancelled = True
+        if queued.state == "queued":
+            self._queue.remove(queued)
+            _log.info("job {id} ({job}) cancelled before it started", id=queued.id, job=queued.name)
+            self._tell_ended(queued, False, why)
+            queued.job = None
+            shutil.rmtree(self._scripts / str(queued.id), ignore_errors=True)
+        elif queued.state == "running" and queued.server is not None:
+            queued.server.cancel(why)  # its end comes through _ended
 
     # Jobs.
 
@@ -195,7 +254,7 @@ class ClusterServer:
             return
         queued = self._queue.popleft()
         assert queued.job is not None
-        output = _Forwarded(queued)
+        output = _Forwarded(queued, self._results / str(queued.id))
         final = queued.job.final
         if final is not None:
             # What final() prints is the job's output: its submitter's, not ours.
@@ -237,9 +296,21 @@ class ClusterServer:
         self.reactor.callLater(0, self._next)
 
     def _tell_ended(self, queued: ClusterJob, ok: bool, error: str) -> None:
-        queued.state, queued.error = ("done" if ok else "failed"), error or None
+        state = "done" if ok else "cancelled" if queued.cancelled else "failed"
+        queued.state, queued.error = state, error or None
         if queued.submitter is not None:
             queued.submitter.outbox.send(messages.JobEnded(queued.id, ok, error, queued.results))
+
+
+def _entry(queued: ClusterJob) -> tuple[int, str, str, float, str]:
+    return (queued.id, queued.name, queued.state, queued.submitted, queued.error or "")
+
+
+def _chunks(path: Path, size: int = 1024 * 1024) -> Iterator[bytes]:
+    """A file's bytes, C{size} at a time, read as they are sent."""
+    with path.open("rb") as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def _holds(path: Path, script: bytes) -> bool:
@@ -255,9 +326,11 @@ class _Forwarded(Results):
 
     early = True  # the submitter keeps them until the job has succeeded
 
-    def __init__(self, queued: ClusterJob) -> None:
+    def __init__(self, queued: ClusterJob, kept: Path) -> None:
         super().__init__(io.StringIO(), format=queued.config.format)
         self._queued = queued
+        self._kept_path = kept
+        self._kept = kept.open("wb")  # for octo results, and a submitter that detached
         #: Where final() prints (L{ClusterServer._next}); sent in chunks.
         self.printed = io.StringIO()
 
@@ -266,11 +339,13 @@ class _Forwarded(Results):
         self.send_printed()
 
     def _send(self, text: str) -> None:
-        peer = self._queued.submitter
-        if peer is None or not text:
-            return  # detached: nobody to send them to
+        if not text:
+            return
         data = text.encode("utf-8", errors="backslashreplace")
-        peer.outbox.send_blob(data, lambda part, end: messages.ResultText(part))
+        self._kept.write(data)
+        peer = self._queued.submitter
+        if peer is not None:  # else detached: octo results fetches them
+            peer.outbox.send_blob(data, lambda part, end: messages.ResultText(part))
 
     def send_printed(self, at_least: int = _CHUNK) -> None:
         """Send what final() printed, once there is C{at_least} of it."""
@@ -281,9 +356,11 @@ class _Forwarded(Results):
 
     def commit(self) -> None:
         self.send_printed(1)
+        self._kept.close()
 
     def abort(self) -> None:
-        pass
+        self._kept.close()
+        self._kept_path.unlink(missing_ok=True)  # a failed job's are not results
 
 
 class _Peer:
@@ -317,6 +394,11 @@ class _Peer:
             case messages.Submit() if self.role is None:
                 self.role = "submitter"
                 self.cluster.submit(self, message)
+            case messages.ListJobs() | messages.CancelJob() | messages.FetchResults() if (
+                self.role is None
+            ):
+                self.role = "asker"
+                self.cluster.ask(self, message)
             case _:
                 _log.warn(
                     "closing the connection from {peer}: it sent {kind} as a {role}",

@@ -219,6 +219,40 @@ class JobEnded:
     results: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ListJobs:
+    """Asker -> cluster (octo jobs): what jobs it has, the newest C{limit}."""
+
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class JobList:
+    """
+    Cluster -> asker: jobs, oldest first, as (id, name, state, submitted
+    (Unix time), error or "").
+    """
+
+    jobs: tuple[tuple[int, str, str, float, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelJob:
+    """Asker -> cluster (octo cancel): end this job; the answer is its L{JobList} entry."""
+
+    job: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResults:
+    """
+    Asker -> cluster (octo results): the results of this job, once it is
+    done: L{ResultText}s, then its L{JobEnded} (or a L{JobRefused}).
+    """
+
+    job: int
+
+
 Message = (
     Welcome
     | Hello
@@ -236,6 +270,10 @@ Message = (
     | JobStarted
     | ResultText
     | JobEnded
+    | ListJobs
+    | JobList
+    | CancelJob
+    | FetchResults
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -255,18 +293,26 @@ MESSAGE_TYPES: tuple[type, ...] = (
     JobStarted,
     ResultText,
     JobEnded,
+    ListJobs,
+    JobList,
+    CancelJob,
+    FetchResults,
 )
 
 __all__ = [
     "MESSAGE_TYPES",
     "Assign",
     "Cancel",
+    "CancelJob",
+    "FetchResults",
     "Heartbeat",
     "Hello",
     "JobAccepted",
     "JobEnded",
+    "JobList",
     "JobRefused",
     "JobStarted",
+    "ListJobs",
     "Message",
     "ResultText",
     "Shutdown",

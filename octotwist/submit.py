@@ -23,12 +23,13 @@ from twisted.logger import Logger
 from octotwist import messages
 from octotwist.errors import OctotwistError, RemoteProtocolError, UsageError
 from octotwist.output import Results, open_results
-from octotwist.transport import MessageChannel, TaskClient
+from octotwist.transport import Accept, MessageChannel, TaskClient
 
 _log = Logger()
 
-#: How a submission ended: the cluster's word on the job, or its refusal.
-Ending = messages.JobEnded | messages.JobRefused
+#: How a submission ended: the cluster's word on the job, or its refusal
+#: (or, with C{detach}, that it accepted the job).
+Ending = messages.JobEnded | messages.JobRefused | messages.JobAccepted
 
 
 class Submission:
@@ -41,17 +42,27 @@ class Submission:
         with L{ConnectionError} if the connection is lost before the end.
     """
 
-    def __init__(self, channel: MessageChannel, submit: messages.Submit, sink: Sink) -> None:
+    def __init__(
+        self,
+        channel: MessageChannel,
+        request: messages.Submit | messages.FetchResults,
+        sink: Sink,
+        detach: bool = False,
+    ) -> None:
         self.channel = channel
         self.sink = sink
+        self.detach = detach
         self.job: int | None = None
         self.ended: Deferred[Ending] = Deferred()
-        channel.send(submit)
+        channel.send(request)
 
     def message_received(self, message: messages.Message) -> None:
         if self.ended.called:
             return
         match message:
+            case messages.JobAccepted(job, ahead) if self.detach:
+                self.ended.callback(message)
+                self.channel.close()
             case messages.JobAccepted(job, ahead):
                 self.job = job
                 _log.info(
@@ -94,6 +105,72 @@ class Submission:
             self.ended.errback(
                 ConnectionError(f"lost the connection to the server: {reason}{detached}")
             )
+
+
+class Question:
+    """
+    The asker's side of one question (C{octo jobs}, C{octo cancel}): it is
+    sent at once; L{answer} fires with the cluster's reply.
+    """
+
+    def __init__(self, channel: MessageChannel, question: messages.Message) -> None:
+        self.channel = channel
+        self.answer: Deferred[messages.JobList | messages.JobRefused] = Deferred()
+        channel.send(question)
+
+    def message_received(self, message: messages.Message) -> None:
+        if self.answer.called:
+            return
+        match message:
+            case messages.JobList() | messages.JobRefused():
+                self.answer.callback(message)
+            case messages.Welcome(job_name=name):
+                self.answer.errback(
+                    RemoteProtocolError(
+                        f"the server at {self.channel.peer} serves one job ({name}: "
+                        "octo server), not a queue of them: ask octo serve"
+                    )
+                )
+            case _:
+                self.answer.errback(
+                    RemoteProtocolError(f"unexpected {type(message).__name__} from the server")
+                )
+        self.channel.close()
+
+    def connection_lost(self, reason: str) -> None:
+        if not self.answer.called:
+            self.answer.errback(ConnectionError(f"lost the connection to the server: {reason}"))
+
+
+async def ask(
+    client: TaskClient, question: messages.Message
+) -> messages.JobList | messages.JobRefused:
+    """
+    Connect, ask, and return the answer.
+
+    @raise OctotwistError: the server is not a cluster, or the secret is wrong.
+    @raise ConnectionError: the server cannot be reached, or hung up.
+    """
+    asked: list[Question] = []
+
+    def accept(channel: MessageChannel) -> Question:
+        asked.append(Question(channel, question))
+        return asked[-1]
+
+    await _connect(client, accept)
+    return await asked[-1].answer
+
+
+def job_table(jobs: tuple[tuple[int, str, str, float, str], ...]) -> str:
+    """What C{octo jobs} prints: a line a job, oldest first."""
+    import time
+
+    lines = [f"{'ID':>4}  {'STATE':9} {'SUBMITTED':19}  JOB"]
+    for number, name, state, submitted, error in jobs:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(submitted))
+        why = f"  ({error.splitlines()[0][:120]})" if error else ""
+        lines.append(f"{number:>4}  {state:9} {when}  {name}{why}")
+    return "\n".join(lines) + "\n"
 
 
 class Sink:
@@ -162,10 +239,16 @@ def script_message(path: str, args: tuple[str, ...], format: str, sort: bool) ->
     return messages.Submit(str(Path(path).absolute()), script, args, format, sort)
 
 
-async def submit(client: TaskClient, submit: messages.Submit, sink: Sink) -> Ending:
+async def submit(
+    client: TaskClient,
+    submit: messages.Submit | messages.FetchResults,
+    sink: Sink,
+    detach: bool = False,
+) -> Ending:
     """
-    Connect, submit, and wait for the job's end; the results are in C{sink}
-    (neither committed nor aborted: the caller decides).
+    Connect, submit (or ask for a finished job's results), and wait for the
+    job's end; the results are in C{sink} (neither committed nor aborted:
+    the caller decides).  With C{detach}, return once the job is queued.
 
     @raise OctotwistError: the server is not a cluster, or the secret is wrong.
     @raise ConnectionError: the server cannot be reached, or hung up.
@@ -173,13 +256,17 @@ async def submit(client: TaskClient, submit: messages.Submit, sink: Sink) -> End
     sessions: list[Submission] = []
 
     def accept(channel: MessageChannel) -> Submission:
-        sessions.append(Submission(channel, submit, sink))
+        sessions.append(Submission(channel, submit, sink, detach))
         return sessions[-1]
 
+    await _connect(client, accept)
+    return await sessions[-1].ended
+
+
+async def _connect(client: TaskClient, accept: Accept) -> None:
     try:
         await client.connect(accept)
     except OctotwistError:
         raise
     except Exception as e:
         raise ConnectionError(f"cannot reach the server at {client.settings.connect}: {e}") from e
-    return await sessions[-1].ended

@@ -200,3 +200,60 @@ def test_the_wrong_secret_and_the_wrong_server_are_refused(env: dict, tmp_path: 
     assert result.returncode == 1
     assert "serves one job" in result.stderr and "octo serve" in result.stderr, result.stderr
     one_job.kill()
+
+
+def test_octo_jobs_lists_them_and_octo_cancel_ends_one(env: dict, tmp_path: Path) -> None:
+    server, address = serve("tcp", env)
+    held, gate_file = held_job(tmp_path)
+    running = start("submit", "-c", address, str(held), env=env)
+    wait_for_log(server, ["job 1 (held) submitted"])
+    queued = start(
+        "submit", "-c", address, str(job(tmp_path, WORDS.format(mod=4), "q.py")), env=env
+    )
+    wait_for_log(server, ["job 2 (q) submitted"])
+    listed = octo("jobs", "-c", address, env=env)
+    assert listed.returncode == 0, listed.stderr
+    states = [line.split()[:2] for line in listed.stdout.splitlines()[1:]]
+    assert states == [["1", "running"], ["2", "queued"]], listed.stdout
+    for number, proc in ((2, queued), (1, running)):
+        cancelled = octo("cancel", str(number), "-c", address, env=env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        code, out, err = finish(proc)
+        assert code == 1 and out == "", err
+        assert f"job {number} failed: the job was cancelled by octo cancel" in err, err
+    unknown = octo("cancel", "9", "-c", address, env=env)
+    assert unknown.returncode == 2 and "there is no job 9" in unknown.stderr
+    listed = octo("jobs", "-c", address, env=env)
+    states = [line.split()[:2] for line in listed.stdout.splitlines()[1:]]
+    assert states == [["1", "cancelled"], ["2", "cancelled"]], listed.stdout
+    # The cluster goes on: the next job runs, on a worker that joins now.
+    gate_file.touch()
+    worker = start("client", address, env=env)
+    result = submit("tcp", env, address, str(job(tmp_path, WORDS.format(mod=8), "after.py")))
+    assert result.returncode == 0 and parse_tsv(result.stdout) == words(8), result.stderr
+    listed = octo("jobs", "-c", address, env=env)
+    assert listed.stdout.splitlines()[-1].split()[:2] == ["3", "done"], listed.stdout
+    server.kill()
+    worker.kill()
+
+
+def test_submit_detach_and_octo_results(env: dict, tmp_path: Path) -> None:
+    server, address = serve("tcp", env)
+    held, gate_file = held_job(tmp_path)
+    detached = octo("submit", "--detach", "-c", address, str(held), env=env)
+    assert detached.returncode == 0, detached.stderr
+    assert detached.stdout == "1\n" and "octo results 1" in detached.stderr
+    early = octo("results", "1", "-c", address, env=env)
+    assert early.returncode == 2 and "job 1 is running" in early.stderr, early.stderr
+    worker = start("client", address, "-p", "2", env=env)
+    gate_file.touch()
+    wait_for_log(server, ["job held finished"])
+    out = tmp_path / "fetched.tsv"
+    fetched = octo("results", "1", "-c", address, "-o", str(out), env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert parse_tsv(out.read_text()) == words(5)
+    again = octo("results", "1", "-c", address, env=env)  # as often as asked
+    assert again.returncode == 0 and parse_tsv(again.stdout) == words(5)
+    assert out.read_text() == again.stdout
+    server.kill()
+    worker.kill()
