@@ -80,6 +80,21 @@ class Logged:
         except (OSError, ValueError):  # closed under us after a failed test
             pass
 
+    def wait_for_port(self, port: int, timeout: float = 30) -> None:
+        """Wait for a listener on 127.0.0.1:PORT; if the process ends first, say what it logged."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                raise AssertionError(
+                    f"exited early ({self.proc.returncode}):\n{''.join(self.lines)}"
+                )
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
     def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
         """The first line matching C{pattern}, once it has been written."""
         deadline = time.monotonic() + timeout
@@ -162,7 +177,7 @@ def test_web_binds_the_interface_of_a_loopback_server(
 ) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}")
-    wait_for_port(web, server.proc)
+    server.wait_for_port(web)
     # Bound to 127.0.0.1, not 0.0.0.0: another loopback address gets no answer.
     assert refused_by(other_loopback, web)
     status, _, body = fetch(f"http://127.0.0.1:{web}/status.json")  # no token on loopback
@@ -191,7 +206,7 @@ def test_octo_run_serves_its_page_on_loopback(
 def test_a_page_beyond_loopback_needs_the_token(env: dict, tmp_path: Path) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}:interface=0.0.0.0")
-    wait_for_port(web, server.proc)
+    server.wait_for_port(web)
     here = f"http://127.0.0.1:{web}/"
 
     # Without the token, or with a wrong one: 403, and nothing about the job.
@@ -229,7 +244,7 @@ def test_the_host_header_is_checked(env: dict, tmp_path: Path) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}:interface=127.0.0.1")
     here = f"http://127.0.0.1:{web}/"
-    wait_for_port(web, server.proc)
+    server.wait_for_port(web)
     refused = ["evil.example", f"evil.example:{web}", "127.0.0.1.evil.example", "localhost.evil"]
     for host in refused:
         status, headers, body = fetch(here + "status.json", Host=host)
@@ -248,7 +263,7 @@ def test_the_host_header_is_checked(env: dict, tmp_path: Path) -> None:
 def test_the_token_does_not_get_around_the_host_check(env: dict, tmp_path: Path) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}:interface=0.0.0.0")
-    wait_for_port(web, server.proc)
+    server.wait_for_port(web)
     assert fetch(f"http://127.0.0.1:{web}/", Host="evil.example")[0] == 421  # checked first
     token = page_line(server).group(1).rsplit("=", 1)[1]
     status, _, body = fetch(f"http://127.0.0.1:{web}/?token={token}", Host="evil.example")
@@ -264,7 +279,7 @@ def csp_hash(text: str) -> str:
 def test_every_response_carries_the_security_headers(env: dict, tmp_path: Path) -> None:
     web = free_port()
     server = serve(tmp_path, env, "--web", f"tcp:{web}:interface=0.0.0.0")
-    wait_for_port(web, server.proc)
+    server.wait_for_port(web)
     here = f"http://127.0.0.1:{web}/"
     assert_security_headers(fetch(here)[1])  # refused (no token)
     token = page_line(server).group(1).rsplit("=", 1)[1]
@@ -301,7 +316,7 @@ def test_the_http_transport_guards_its_status_page_too(
     port = free_port()
     secret_env = dict(env, OCTO_SECRET="status-page-test-secret")
     server = serve(tmp_path, secret_env, "--transport", "http", listen=f"tcp:{port}")
-    wait_for_port(port, server.proc)
+    server.wait_for_port(port)
     here = f"http://127.0.0.1:{port}/"
     status, headers, body = fetch(here)
     assert status == 403
@@ -332,7 +347,7 @@ def test_the_http_transport_page_on_loopback_needs_no_token(
         pytest.skip("only the http transport serves the status page on its own port")
     port = free_port()
     server = serve(tmp_path, env, "--transport", "http", listen=f"tcp:{port}:interface=127.0.0.1")
-    wait_for_port(port, server.proc)
+    server.wait_for_port(port)
     assert fetch(f"http://127.0.0.1:{port}/", Host="evil.example")[0] == 421
     status, headers, body = fetch(f"http://127.0.0.1:{port}/status.json")
     assert status == 200 and json.loads(body)["job"] == NAME
