@@ -8,7 +8,9 @@ L{Step}; see docs/guide.md.  Inside the job's functions,
 C{octotwist.counters.add(name, n)} counts; C{octotwist.sources} reads
 files.  Run it with C{octo run job.py}, or C{octo server job.py} plus
 C{octo client HOST} on each worker machine, or from Python:
-C{octotwist.run(job)} returns its results (docs/api.md).
+C{octotwist.run(job)} returns its results (docs/api.md), and
+C{octotwist.Cluster("HOST:PORT").run(job)} runs it on a cluster that
+stays (C{octo serve}).
 
 Public modules: L{octotwist.transport} (the L{TaskServer}/L{TaskClient} a
 transport subclasses), L{octotwist.hookspecs} (plugin hooks and discovery),
@@ -31,7 +33,7 @@ _API = ("run", "run_deferred", "Job", "JobResult", "JobFailed")
 #: bare C{import octotwist}.
 _MODULES = ("counters", "sources")
 
-__all__ = ["__version__", "Step", *_API, *_MODULES]
+__all__ = ["__version__", "Cluster", "Step", *_API, *_MODULES]
 
 
 def __getattr__(name: str) -> Any:
@@ -39,6 +41,10 @@ def __getattr__(name: str) -> Any:
         from octotwist import api
 
         return getattr(api, name)
+    if name == "Cluster":
+        from octotwist.remote import Cluster
+
+        return Cluster
     if name == "Step":
         from octotwist.job import Step
 

@@ -152,7 +152,7 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
             "them (default: none, the server hands them their messages inside the process).",
         ],
         *shared.OUTPUT_PARAMETERS,
-        ["reduce-tasks", "r", None, "Number of reduce partitions.", shared._positive_int],
+        shared.REDUCE_TASKS_PARAMETER,
         shared.WEB_PARAMETER,
         shared.MEMORY_PARAMETER,
         shared.STATE_DIR_PARAMETER,
@@ -247,19 +247,10 @@ class _ClusterOptions(_Verbosity, shared.WithTransportOptions):
         @raise UsageError: the address is malformed, or no secret is found.
         """
         from octotwist.hookspecs import get_transport
+        from octotwist.submit import cluster_client
 
-        transport = get_transport(self["transport"])
-        given = self["connect"] or "localhost"
-        try:
-            connect = transport.client_class().address_to_endpoint(given)
-        except ValueError as e:
-            raise UsageError(f"cannot connect to {given!r}: {e}") from None
-        configured = auth.configured_secret(self["secret-file"])
-        secret = configured if configured is not None else auth.client_secret(None)
-        settings = ClientSettings(
-            connect, secret, shared.transport_options(self, transport, "client")
-        )
-        return transport.client_class()(reactor, settings)
+        own = shared.transport_options(self, get_transport(self["transport"]), "client")
+        return cluster_client(reactor, self["transport"], self["connect"], self["secret-file"], own)
 
 
 class SubmitOptions(_ClusterOptions):
@@ -271,6 +262,15 @@ class SubmitOptions(_ClusterOptions):
     optParameters = [
         ["output", "o", None, "Write the results to this file (replaced when the job succeeds)."],
         ["format", None, "tsv", "tsv or jsonl.", shared._format],
+        shared.REDUCE_TASKS_PARAMETER,
+        [
+            "max-workers",
+            "m",
+            None,
+            "Take at most this many workers, so that the next job runs beside this one "
+            "on the others (default: every worker).",
+            shared._positive_int,
+        ],
     ]
     optFlags = [
         *shared.OUTPUT_FLAGS,
@@ -501,7 +501,12 @@ async def _submit(reactor: IWorkerReactor, options: SubmitOptions) -> int:
     from octotwist.submit import script_message
 
     message = script_message(
-        options["script"], tuple(options["args"]), options["format"], not options["unsorted"]
+        options["script"],
+        tuple(options["args"]),
+        options["format"],
+        not options["unsorted"],
+        reduce_tasks=options["reduce-tasks"] or 0,
+        max_workers=options["max-workers"] or 0,
     )
     return await _fetch(reactor, options, message, options["format"], options["detach"])
 

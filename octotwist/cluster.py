@@ -1,7 +1,9 @@
 """
 A server that stays: C{octo serve}.  It listens with no job; workers
-(C{octo client HOST}) connect and stay, and submitters (C{octo submit})
-send it jobs, which run one after another in the order they came.
+(C{octo client HOST}) connect and stay, and submitters (C{octo submit},
+L{octotwist.Cluster}) send it jobs, which run in the order they came: one
+at a time, unless a job asks for at most N workers (C{--max-workers}), when
+the next job starts beside it on the workers it leaves.
 
 One port serves both, over any transport, with the same secret: a peer
 says first who it is (a worker its C{Hello}, a submitter its C{Submit}).
@@ -14,17 +16,25 @@ next starts as if it had not been there.
 
 A submitted script is loaded here, as C{octo server} loads one, before
 anything is queued: a broken one is refused with the message C{octo run}
-gives, and nothing runs.  Its results go back to its submitter as they
-are written (L{messages.ResultText}); a submitter that disconnects does not
-stop its job (C{--detach} semantics), whose results then go nowhere.
+gives, and nothing runs.  A job built in Python comes pickled (it was
+loaded by its submitter, as L{octotwist.run} loads one); unpickling it runs
+code as loading a script does, which is why a submitter must hold the
+cluster's secret.  Results go back to the submitter as they are written
+(L{messages.ResultText}, or L{messages.ResultBatch} for a pickled job) and
+are kept for C{octo results}; a submitter that disconnects does not stop
+its job (C{--detach} semantics).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
+import json
+import pickle
 import shutil
+import struct
 import tempfile
 import time
 from collections import deque
@@ -37,7 +47,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from octotwist import messages
+from octotwist import codec, messages
 from octotwist.config import FORMATS, FaultPolicy, JobConfig
 from octotwist.errors import OctotwistError
 from octotwist.job import Job, load_job
@@ -51,6 +61,11 @@ _log = Logger()
 
 #: Bytes of what final() printed gathered before they are sent.
 _CHUNK = 64 * 1024
+#: The largest job a submitter may send: a pickled job carries its source,
+#: which a bigger job had better read from files (L{octotwist.sources}).
+MAX_SUBMIT = 1024**3
+#: The length before each batch of a pickled job's kept results.
+_LENGTH = struct.Struct("!Q")
 
 
 @dataclass(eq=False)
@@ -66,12 +81,36 @@ class ClusterJob:
     job: Job | None
     config: JobConfig
     submitter: _Peer | None
+    #: Its results travel pickled (L{messages.ResultBatch}).
+    pickled: bool = False
+    #: The most workers it takes; 0: as many as come.
+    max_workers: int = 0
     state: str = "queued"
     error: str | None = None
-    results: int = 0
+    outcome: JobOutcome | None = None
     submitted: float = field(default_factory=time.time)
     server: JobServer | None = None
     cancelled: bool = False
+    #: The workers working for it now.
+    workers: list[_Peer] = field(default_factory=list)
+
+    def wants_worker(self) -> bool:
+        return self.server is not None and (
+            self.max_workers == 0 or len(self.workers) < self.max_workers
+        )
+
+    def ended_message(self) -> messages.JobEnded:
+        """What its submitter is told of how it ended."""
+        outcome = self.outcome or JobOutcome(False)
+        return messages.JobEnded(
+            self.id,
+            self.state == "done",
+            self.error or "",
+            outcome.results,
+            outcome.seconds,
+            tuple(sorted(outcome.counters.items())),
+            json.dumps(outcome.stats, default=str),
+        )
 
 
 class ClusterServer:
@@ -97,7 +136,8 @@ class ClusterServer:
         #: Every job submitted, oldest first.
         self.jobs: list[ClusterJob] = []
         self._queue: deque[ClusterJob] = deque()
-        self._running: ClusterJob | None = None
+        #: The running jobs, in the order they started.
+        self._running: list[ClusterJob] = []
         self._idle: list[_Peer] = []  # workers waiting for a job
         self._ids = itertools.count(1)
         self._scripts = Path(tempfile.mkdtemp(prefix="octo-serve-"))
@@ -119,22 +159,38 @@ class ClusterServer:
         for queued in self._queue:
             self._tell_ended(queued, False, "the server was stopped before the job started")
         self._queue.clear()
-        if self._running is not None and self._running.server is not None:
-            self._running.server.cancel("the job was cancelled: its server was stopped")
+        for running in list(self._running):
+            if running.server is not None:
+                running.server.cancel("the job was cancelled: its server was stopped")
         shutil.rmtree(self._scripts, ignore_errors=True)
 
     # Peers.
 
     def worker_arrived(self, peer: _Peer) -> None:
-        running = self._running
-        if running is not None and running.server is not None:
-            peer.join(running.server)
-        else:
-            self._idle.append(peer)
+        """
+        A worker is here: the oldest running job that wants more workers
+        gets it, else the next queued job starts with it, else it waits.
+        """
+        running = next((j for j in self._running if j.wants_worker()), None)
+        if running is not None:
+            peer.join(running)
+            return
+        self._idle.append(peer)
+        assert peer.hello is not None
+        _log.info(
+            "worker {worker} is here from {peer}; {what}",
+            worker=peer.hello.name,
+            peer=peer.channel.peer,
+            what="starting the next job" if self._queue else "waiting for a job",
+        )
+        self._next()
 
     def peer_gone(self, peer: _Peer) -> None:
         with contextlib.suppress(ValueError):
             self._idle.remove(peer)
+        if peer.working_for is not None:
+            with contextlib.suppress(ValueError):
+                peer.working_for.workers.remove(peer)
         for queued in self.jobs:
             if queued.submitter is peer:
                 queued.submitter = None  # the job goes on (detached)
@@ -176,10 +232,13 @@ class ClusterServer:
         else:
             path = self._results / str(number)
             if found.state == "done" and path.exists():
-                peer.outbox.send_blobs(_chunks(path), lambda part, end: messages.ResultText(part))
-            peer.outbox.send(
-                messages.JobEnded(found.id, found.state == "done", found.error or "", found.results)
-            )
+                if found.pickled:
+                    peer.outbox.send_blobs(_batches(path), messages.ResultBatch)
+                else:
+                    peer.outbox.send_blobs(
+                        _chunks(path), lambda part, end: messages.ResultText(part)
+                    )
+            peer.outbox.send(found.ended_message())
 
     def cancel(self, queued: ClusterJob, why: str) -> None:
         """End a queued or running job, as failed (saying C{why}); one that is over stays so."""
@@ -209,7 +268,7 @@ class ClusterServer:
             return
         self.jobs.append(queued)
         self._queue.append(queued)
-        ahead = len(self._queue) - 1 + (self._running is not None)
+        ahead = len(self._queue) - 1 + len(self._running)
         peer.outbox.send(messages.JobAccepted(queued.id, ahead))
         _log.info(
             "job {id} ({job}) submitted from {peer}{ahead}",
@@ -225,11 +284,22 @@ class ClusterServer:
             raise OctotwistError("the server is stopping")
         shown = submit.name
         base = Path(shown).name
-        if not base.endswith(".py") or base in (".py", "..py"):
+        if submit.max_workers < 0 or submit.reduce_tasks < 0:
+            raise OctotwistError("max_workers and reduce_tasks must be 0 (unset) or more")
+        if not submit.pickled and (not base.endswith(".py") or base in (".py", "..py")):
             raise OctotwistError(f"{shown!r} is not a job script (a .py file)")
-        if submit.format not in FORMATS:
+        if not submit.pickled and submit.format not in FORMATS:
             raise OctotwistError(f"format {submit.format!r}: one of {', '.join(FORMATS)}")
         number = next(self._ids)
+        config = JobConfig(
+            format="tsv" if submit.pickled else submit.format,
+            sort=submit.sort,
+            args=submit.args,
+            reduce_tasks=submit.reduce_tasks or None,
+        )
+        if submit.pickled:
+            job = _unpickled(submit.script, shown)
+            return ClusterJob(number, job.name, job, config, peer, True, submit.max_workers)
         path = Path(shown)
         if not (path.is_absolute() and _holds(path, submit.script)):
             # Not on this machine (or not the same file): a copy of it, in a
@@ -239,20 +309,23 @@ class ClusterServer:
             home.mkdir()
             path = home / base
             path.write_bytes(submit.script)
-        config = JobConfig(format=submit.format, sort=submit.sort, args=submit.args)
         try:
             job = load_job(path, submit.args)
         except OctotwistError as e:
             shutil.rmtree(self._scripts / str(number), ignore_errors=True)
             # Said as octo run says it, of the submitter's file, not our copy.
             raise OctotwistError(str(e).replace(str(path), shown)) from None
-        return ClusterJob(number, job.name, job, config, peer)
+        return ClusterJob(number, job.name, job, config, peer, False, submit.max_workers)
 
     def _next(self) -> None:
-        """Start the oldest queued job when none runs."""
-        if self._running is not None or not self._queue or self._stopped:
-            return
-        queued = self._queue.popleft()
+        """
+        Start the oldest queued job when none runs, or beside those that
+        run when they took all the workers they asked for and some wait.
+        """
+        while self._queue and not self._stopped and (not self._running or self._idle):
+            self._start(self._queue.popleft())
+
+    def _start(self, queued: ClusterJob) -> None:
         assert queued.job is not None
         output = _Forwarded(queued, self._results / str(queued.id))
         final = queued.job.final
@@ -269,29 +342,44 @@ class ClusterServer:
         server = JobServer(
             queued.job,
             self.reactor,
+            reduce_tasks=queued.config.reduce_tasks,
             output=output,
             store=BlobStore(memory_limit=self.memory_limit),
             policy=self.policy,
             sort=queued.config.sort,
             stays=True,
         )
-        queued.server, queued.state, self._running = server, "running", queued
+        queued.server, queued.state = server, "running"
+        self._running.append(queued)
         if queued.submitter is not None:
             queued.submitter.outbox.send(messages.JobStarted(queued.id))
-        idle, self._idle = self._idle, []
-        server.start(workers_coming=bool(idle))
-        for peer in idle:
-            peer.join(server)
+        taken = self._idle if not queued.max_workers else self._idle[: queued.max_workers]
+        self._idle = self._idle[len(taken) :]
+        server.start(workers_coming=bool(taken))
+        if queued.max_workers:
+            _log.info(
+                "job {id} ({job}) takes at most {n} worker{s}",
+                id=queued.id,
+                job=queued.name,
+                n=queued.max_workers,
+                s="" if queued.max_workers == 1 else "s",
+            )
+        for peer in taken:
+            peer.join(queued)
         server.result.addBoth(self._ended, queued)
 
     def _ended(self, outcome: JobOutcome | Any, queued: ClusterJob) -> None:
         if not isinstance(outcome, JobOutcome):  # a bug of ours: say so, go on
             _log.failure("job {id} ended with an error", outcome, id=queued.id)
             outcome = JobOutcome(False, f"the server failed: {outcome.getErrorMessage()}")
-        self._running = None
-        queued.results = outcome.results
+        self._running.remove(queued)
+        queued.outcome = outcome
         self._tell_ended(queued, outcome.ok, outcome.error or "")
         queued.job, queued.server = None, None  # what it held is not needed any more
+        # (Its workers were told to come back, and will be new peers.)
+        for peer in queued.workers:
+            peer.working_for = None
+        queued.workers.clear()
         shutil.rmtree(self._scripts / str(queued.id), ignore_errors=True)
         self.reactor.callLater(0, self._next)
 
@@ -299,7 +387,7 @@ class ClusterServer:
         state = "done" if ok else "cancelled" if queued.cancelled else "failed"
         queued.state, queued.error = state, error or None
         if queued.submitter is not None:
-            queued.submitter.outbox.send(messages.JobEnded(queued.id, ok, error, queued.results))
+            queued.submitter.outbox.send(queued.ended_message())
 
 
 def _entry(queued: ClusterJob) -> tuple[int, str, str, float, str]:
@@ -311,6 +399,35 @@ def _chunks(path: Path, size: int = 1024 * 1024) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(size):
             yield chunk
+
+
+def _batches(path: Path) -> Iterator[bytes]:
+    """A pickled job's kept results, a batch at a time, read as they are sent."""
+    with path.open("rb") as f:
+        while header := f.read(_LENGTH.size):
+            (size,) = _LENGTH.unpack(header)
+            yield f.read(size)
+
+
+def _unpickled(data: bytes, shown: str) -> Job:
+    """
+    The job a submitter loaded and pickled (L{octotwist.Cluster}).
+
+    @raise OctotwistError: it does not unpickle here, saying why.
+    """
+    try:
+        import cloudpickle  # noqa: F401  (its reducers must be importable)
+
+        job = pickle.loads(data)  # (from a peer that proved the secret: see the module)
+    except Exception as e:
+        raise OctotwistError(
+            f"job {shown!r} cannot be loaded on the cluster: {type(e).__name__}: {e} "
+            "(a module it uses by name must be installed where octo serve runs, as on "
+            "its workers)"
+        ) from None
+    if not isinstance(job, Job):
+        raise OctotwistError(f"job {shown!r}: what was sent is a {type(job).__name__}, not a job")
+    return job
 
 
 def _holds(path: Path, script: bytes) -> bool:
@@ -329,13 +446,22 @@ class _Forwarded(Results):
     def __init__(self, queued: ClusterJob, kept: Path) -> None:
         super().__init__(io.StringIO(), format=queued.config.format)
         self._queued = queued
+        self._pickled = queued.pickled
         self._kept_path = kept
         self._kept = kept.open("wb")  # for octo results, and a submitter that detached
         #: Where final() prints (L{ClusterServer._next}); sent in chunks.
         self.printed = io.StringIO()
 
     def write(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
-        self._send("".join(self._encode(keys, values)))
+        if self._pickled:
+            blob = codec.pack((list(keys), list(values)))
+            self._kept.write(_LENGTH.pack(len(blob)))
+            self._kept.write(blob)
+            peer = self._queued.submitter
+            if peer is not None:
+                peer.outbox.send_blob(blob, messages.ResultBatch)
+        else:
+            self._send("".join(self._encode(keys, values)))
         self.send_printed()
 
     def _send(self, text: str) -> None:
@@ -375,12 +501,18 @@ class _Peer:
         self.outbox = Outbox(channel)
         self.hello: messages.Hello | None = None
         self.role: str | None = None
+        #: The job this worker works for, while it does.
+        self.working_for: ClusterJob | None = None
         self._job: ChannelHandler | None = None
+        self._parts: list[bytes] = []  # a Submit's script, as it comes
+        self._size = 0
 
-    def join(self, server: JobServer) -> None:
+    def join(self, job: ClusterJob) -> None:
         """Work for this job: its server greets us, and hears our Hello."""
-        assert self.hello is not None
-        self._job = server.accept(self.channel)
+        assert self.hello is not None and job.server is not None
+        self.working_for = job
+        job.workers.append(self)
+        self._job = job.server.accept(self.channel)
         self._job.message_received(self.hello)
 
     def message_received(self, message: messages.Message) -> None:
@@ -391,9 +523,30 @@ class _Peer:
             case messages.Hello() if self.role is None:
                 self.role, self.hello = "worker", message
                 self.cluster.worker_arrived(self)
-            case messages.Submit() if self.role is None:
-                self.role = "submitter"
-                self.cluster.submit(self, message)
+            case messages.Submit() if self.role in (None, "submitting"):
+                self.role = "submitting"
+                self._size += len(message.script)
+                if self._size > MAX_SUBMIT:
+                    self.outbox.send(
+                        messages.JobRefused(
+                            f"the job is over {MAX_SUBMIT >> 20} MiB: give it a source that "
+                            "reads its data from files (octotwist.sources) rather than "
+                            "holding it"
+                        )
+                    )
+                    self.channel.close()
+                elif not message.end:
+                    self._parts.append(message.script)
+                else:
+                    script = b"".join([*self._parts, message.script])
+                    self._parts = []
+                    self.role = "submitter"
+                    self.cluster.submit(self, dataclasses.replace(message, script=script))
+            case messages.CancelJob(number) if self.role == "submitter":
+                # Its submitter gives up on it (interrupted, or its own final() raised).
+                own = [j for j in self.cluster.jobs if j.id == number and j.submitter is self]
+                for job in own:
+                    self.cluster.cancel(job, "the job was cancelled by its submitter")
             case messages.ListJobs() | messages.CancelJob() | messages.FetchResults() if (
                 self.role is None
             ):

@@ -171,6 +171,16 @@ class Submit:
     """
     Submitter -> cluster: run this job script (its bytes, under its file
     name) with these arguments; results in this format, sorted or not.
+
+    A job built in Python (L{octotwist.Cluster}) comes C{pickled}: C{script}
+    is then the cloudpickled L{octotwist.job.Job}, and its results come
+    back pickled too (C{format} C{"pickle"}, as L{ResultBatch}es).  Either
+    may take several messages: every one but the last has C{end} false and
+    carries a part of C{script}; the other fields are the last one's.
+
+    @ivar reduce_tasks: partitions, overriding the job's; 0: the job's.
+    @ivar max_workers: the most workers the job takes, so that another job
+        runs beside it on the rest; 0: as many as come.
     """
 
     name: str
@@ -178,6 +188,10 @@ class Submit:
     args: tuple[str, ...] = ()
     format: str = "tsv"
     sort: bool = True
+    pickled: bool = False
+    reduce_tasks: int = 0
+    max_workers: int = 0
+    end: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,13 +224,31 @@ class ResultText:
 
 
 @dataclass(frozen=True, slots=True)
+class ResultBatch:
+    """
+    Cluster -> submitter: a pickled job's results, in order, a part of one
+    L{octotwist.codec.pack}ed C{(keys, values)} batch; the batch is whole at
+    the part with C{end}.
+    """
+
+    data: bytes
+    end: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class JobEnded:
-    """Cluster -> submitter: the job is over; its results were all sent before this."""
+    """
+    Cluster -> submitter: the job is over; its results were all sent before
+    this.  C{status} is the status page's figures at its end, as JSON.
+    """
 
     job: int
     ok: bool
     error: str = ""
     results: int = 0
+    seconds: float = 0.0
+    counters: tuple[tuple[str, int], ...] = ()
+    status: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +301,7 @@ Message = (
     | JobRefused
     | JobStarted
     | ResultText
+    | ResultBatch
     | JobEnded
     | ListJobs
     | JobList
@@ -292,6 +325,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     JobRefused,
     JobStarted,
     ResultText,
+    ResultBatch,
     JobEnded,
     ListJobs,
     JobList,
@@ -314,6 +348,7 @@ __all__ = [
     "JobStarted",
     "ListJobs",
     "Message",
+    "ResultBatch",
     "ResultText",
     "Shutdown",
     "Submit",

@@ -221,6 +221,15 @@ WEB_PARAMETER: list[Any] = [
 ]
 
 
+#: A job's reduce partitions; every command that runs or sends a job takes it.
+REDUCE_TASKS_PARAMETER: list[Any] = [
+    "reduce-tasks",
+    "r",
+    None,
+    "Number of reduce partitions (default: the job's reduce_tasks, else 8).",
+    _positive_int,
+]
+
 #: How much map output the server holds in memory; shared like WEB_PARAMETER.
 MEMORY_PARAMETER: list[Any] = [
     "memory-limit",

@@ -11,25 +11,38 @@ fails leaves C{FILE} as it was and prints nothing, as C{octo run} does.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from octotwist import messages
+from octotwist import auth, codec, messages
 from octotwist.errors import OctotwistError, RemoteProtocolError, UsageError
-from octotwist.output import Results, open_results
-from octotwist.transport import Accept, MessageChannel, TaskClient
+from octotwist.outbox import Outbox
+from octotwist.output import Results, encoder, open_results
+from octotwist.transport import Accept, ClientSettings, IReactor, MessageChannel, TaskClient
 
 _log = Logger()
 
 #: How a submission ended: the cluster's word on the job, or its refusal
 #: (or, with C{detach}, that it accepted the job).
 Ending = messages.JobEnded | messages.JobRefused | messages.JobAccepted
+
+
+class ResultSink(Protocol):
+    """Where a L{Submission} puts what comes back: text, or a pickled job's batches."""
+
+    def write(self, data: bytes) -> None:
+        """Results as text (UTF-8), or what the job's C{final()} printed."""
+
+    def batch(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
+        """A pickled job's results, in order."""
 
 
 class Submission:
@@ -46,7 +59,7 @@ class Submission:
         self,
         channel: MessageChannel,
         request: messages.Submit | messages.FetchResults,
-        sink: Sink,
+        sink: ResultSink,
         detach: bool = False,
     ) -> None:
         self.channel = channel
@@ -54,11 +67,31 @@ class Submission:
         self.detach = detach
         self.job: int | None = None
         self.ended: Deferred[Ending] = Deferred()
-        channel.send(request)
+        self._batch: list[bytes] = []
+        if isinstance(request, messages.Submit):
+            # A pickled job may be large: in parts, as the channel drains.
+            Outbox(channel).send_blob(
+                request.script,
+                lambda part, end: dataclasses.replace(request, script=part, end=end),
+            )
+        else:
+            channel.send(request)
 
     def message_received(self, message: messages.Message) -> None:
         if self.ended.called:
             return
+        try:
+            self._handle(message)
+        except Exception as e:  # the sink's: a final() of the submitter's raised
+            self.cancel_job()
+            self._fail(e)
+
+    def cancel_job(self) -> None:
+        """Give up on the job: the cluster cancels it (a submitter may cancel its own)."""
+        if self.job is not None and not self.ended.called:
+            self.channel.send(messages.CancelJob(self.job))
+
+    def _handle(self, message: messages.Message) -> None:
         match message:
             case messages.JobAccepted(job, ahead) if self.detach:
                 self.ended.callback(message)
@@ -74,6 +107,12 @@ class Submission:
                 _log.info("job {job} is running", job=job)
             case messages.ResultText(data):
                 self.sink.write(data)
+            case messages.ResultBatch(data, end):
+                self._batch.append(data)
+                if end:
+                    blob, self._batch = b"".join(self._batch), []
+                    keys, values = codec.unpack(blob)
+                    self.sink.batch(keys, values)
             case messages.JobEnded() | messages.JobRefused():
                 self.ended.callback(message)
                 self.channel.close()
@@ -182,6 +221,7 @@ class Sink:
 
     def __init__(self, output: str | None, format: str) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._encode = encoder(format)
         self._results: Results | None = None
         self._spool: IO[bytes] | None = None
         if output is None:
@@ -205,6 +245,10 @@ class Sink:
             assert self._results is not None
             self._results.stream.write(self._decoder.decode(data))
 
+    def batch(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
+        """A job submitted from Python: its results, written as lines."""
+        self.write("".join(self._encode(keys, values)).encode("utf-8", "backslashreplace"))
+
     def commit(self) -> None:
         if self._spool is not None:
             self._spool.seek(0)
@@ -224,7 +268,42 @@ class Sink:
             self._results.abort()
 
 
-def script_message(path: str, args: tuple[str, ...], format: str, sort: bool) -> messages.Submit:
+def cluster_client(
+    reactor: IReactor,
+    transport_name: str,
+    address: str | None,
+    secret_file: str | None,
+    options: dict[str, Any],
+) -> TaskClient:
+    """
+    A client of C{transport_name} for the cluster at C{address} (default
+    C{localhost}), proving the configured secret, else the local one.
+
+    @param options: the transport's own client options, defaults applied.
+    @raise UsageError: the transport is unknown, the address is malformed,
+        or no secret is found.
+    """
+    from octotwist.hookspecs import get_transport
+
+    transport = get_transport(transport_name)
+    given = address or "localhost"
+    try:
+        connect = transport.client_class().address_to_endpoint(given)
+    except ValueError as e:
+        raise UsageError(f"cannot connect to {given!r}: {e}") from None
+    configured = auth.configured_secret(secret_file)
+    secret = configured if configured is not None else auth.client_secret(None)
+    return transport.client_class()(reactor, ClientSettings(connect, secret, options))
+
+
+def script_message(
+    path: str,
+    args: tuple[str, ...],
+    format: str,
+    sort: bool,
+    reduce_tasks: int = 0,
+    max_workers: int = 0,
+) -> messages.Submit:
     """
     The L{messages.Submit} for the job script at C{path}.
 
@@ -236,13 +315,21 @@ def script_message(path: str, args: tuple[str, ...], format: str, sort: bool) ->
         raise UsageError(f"job script {path!r}: {e.strerror}") from None
     # Its absolute path: a cluster on this machine, or sharing its
     # filesystem, loads the file itself, with what lies beside it.
-    return messages.Submit(str(Path(path).absolute()), script, args, format, sort)
+    return messages.Submit(
+        str(Path(path).absolute()),
+        script,
+        args,
+        format,
+        sort,
+        reduce_tasks=reduce_tasks,
+        max_workers=max_workers,
+    )
 
 
 async def submit(
     client: TaskClient,
     submit: messages.Submit | messages.FetchResults,
-    sink: Sink,
+    sink: ResultSink,
     detach: bool = False,
 ) -> Ending:
     """
