@@ -209,9 +209,29 @@ class ServeOptions(_Verbosity, shared.WithTransportOptions):
             f"mode 0600 (default: ${auth.SECRET_ENV}, else the local one).",
         ],
         shared.MEMORY_PARAMETER,
+        [
+            "state-dir",
+            None,
+            None,
+            "Keep the queue, each job's progress and its results in this directory "
+            "(created, yours alone): a server started again on it takes up the jobs that "
+            "were queued or running, resuming those that ran. Default: "
+            "$XDG_STATE_HOME/octotwist/serve (~/.local/state/octotwist/serve).",
+        ],
         *shared.FAULT_PARAMETERS,
     ]
-    optFlags = [*shared.FAULT_FLAGS]
+    optFlags = [
+        [
+            "no-state-dir",
+            None,
+            "Keep nothing: the queue and the results last as long as this server.",
+        ],
+        *shared.FAULT_FLAGS,
+    ]
+
+    def postOptions(self) -> None:
+        if self["no-state-dir"] and self["state-dir"]:
+            raise usage.UsageError("--state-dir and --no-state-dir: give one")
 
 
 class _ClusterOptions(_Verbosity, shared.WithTransportOptions):
@@ -465,11 +485,20 @@ async def _serve_cluster(reactor: IWorkerReactor, options: ServeOptions) -> int:
 
     transport = get_transport(options["transport"])
     listen, secret = shared.listen_settings(reactor, options, transport)
-    cluster = ClusterServer(
-        reactor,
-        policy=shared.fault_policy(options),
-        memory_limit=int(options["memory-limit"] * 2**20),
-    )
+    from octotwist.cluster import default_state_dir
+    from octotwist.journal import JournalError
+
+    state_dir = None if options["no-state-dir"] else options["state-dir"] or default_state_dir()
+    try:
+        cluster = ClusterServer(
+            reactor,
+            policy=shared.fault_policy(options),
+            memory_limit=int(options["memory-limit"] * 2**20),
+            state_dir=state_dir,
+        )
+    except JournalError as e:
+        sys.stderr.write(f"octo: {e}\n")
+        return EXIT_FAILED
     service = ClusterService(
         reactor,
         cluster,
@@ -486,9 +515,10 @@ async def _serve_cluster(reactor: IWorkerReactor, options: ServeOptions) -> int:
     hint = client_hint(address, transport, listen)
     _log.info(
         "serving jobs on {address}; start workers with: octo client {hint}; send jobs "
-        "with: octo submit JOB.py -c {hint}",
+        "with: octo submit JOB.py -c {hint}{kept}",
         address=address,
         hint=hint,
+        kept=f"; the queue is kept in {cluster.journal.directory}" if cluster.journal else "",
     )
     try:
         await Deferred()  # until the reactor stops (Ctrl-C, SIGTERM)

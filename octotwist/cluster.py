@@ -23,6 +23,12 @@ cluster's secret.  Results go back to the submitter as they are written
 (L{messages.ResultText}, or L{messages.ResultBatch} for a pickled job) and
 are kept for C{octo results}; a submitter that disconnects does not stop
 its job (C{--detach} semantics).
+
+With a state directory (C{--state-dir}) the queue outlives the server: each
+job is kept in the directory's journal (L{Journal.submit}) before it is
+accepted, its tasks are journalled as under C{octo server --state-dir}, and
+its results are kept there.  A server started again on that directory
+takes up the jobs that were queued or running, resuming those that ran.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import dataclasses
 import io
 import itertools
 import json
+import os
 import pickle
+import secrets
 import shutil
 import struct
 import tempfile
@@ -51,6 +59,7 @@ from octotwist import codec, messages
 from octotwist.config import FORMATS, FaultPolicy, JobConfig
 from octotwist.errors import OctotwistError
 from octotwist.job import Job, load_job
+from octotwist.journal import Journal, JournalError, Submitted
 from octotwist.outbox import Outbox
 from octotwist.output import Results
 from octotwist.server import JobOutcome, JobServer
@@ -93,6 +102,8 @@ class ClusterJob:
     cancelled: bool = False
     #: The workers working for it now.
     workers: list[_Peer] = field(default_factory=list)
+    #: Where its script's copy is, if it runs one (see L{ClusterServer._load}).
+    home: Path | None = None
 
     def wants_worker(self) -> bool:
         return self.server is not None and (
@@ -121,6 +132,11 @@ class ClusterServer:
     @param policy: the fault policy of every job.
     @param memory_limit: map output each job keeps in memory before it
         spills to disk.
+    @param state_dir: keep the queue, each job's progress and results
+        there (see the module); C{None}: in a temporary directory, for as
+        long as we run.
+    @raise JournalError: the state directory cannot be used, or another
+        server holds it.
     """
 
     def __init__(
@@ -129,6 +145,7 @@ class ClusterServer:
         *,
         policy: FaultPolicy | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.reactor = reactor
         self.policy = policy or FaultPolicy()
@@ -140,11 +157,19 @@ class ClusterServer:
         self._running: list[ClusterJob] = []
         self._idle: list[_Peer] = []  # workers waiting for a job
         self._ids = itertools.count(1)
-        self._scripts = Path(tempfile.mkdtemp(prefix="octo-serve-"))
-        #: Each finished job's results, for octo results (while we run).
+        self.journal = Journal.open(state_dir) if state_dir is not None else None
+        if self.journal is not None:
+            self._scripts = self.journal.directory / "cluster"
+            # Copies of scripts a dead server ran: loaded again as they start.
+            shutil.rmtree(self._scripts / "scripts", ignore_errors=True)
+        else:
+            self._scripts = Path(tempfile.mkdtemp(prefix="octo-serve-"))
+        #: Each finished job's results, for octo results.
         self._results = self._scripts / "results"
-        self._results.mkdir()
+        self._results.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._stopped = False
+        if self.journal is not None:
+            self._take_up(self.journal.submissions())
 
     def accept(self, channel: MessageChannel) -> _Peer:
         """The C{accept} callable handed to a L{TaskServer}."""
@@ -152,17 +177,96 @@ class ClusterServer:
 
     def stop(self) -> None:
         """
-        The server stops: the running job is cancelled (its workers lose
-        the connection and retry, as when a server dies), queued ones go.
+        The server stops: the running jobs are cancelled (their workers
+        lose the connection and retry, as when a server dies), queued ones
+        go; with a state directory, both stay there for the next server.
         """
         self._stopped = True
+        kept = self.journal is not None
         for queued in self._queue:
-            self._tell_ended(queued, False, "the server was stopped before the job started")
+            if kept:
+                self._tell_kept(queued)
+            else:
+                self._tell_ended(queued, False, "the server was stopped before the job started")
         self._queue.clear()
         for running in list(self._running):
             if running.server is not None:
-                running.server.cancel("the job was cancelled: its server was stopped")
-        shutil.rmtree(self._scripts, ignore_errors=True)
+                running.server.cancel(
+                    "the job was cancelled: its server was stopped", resumable=kept
+                )
+        if self.journal is not None:
+            self.journal.close()
+        else:
+            shutil.rmtree(self._scripts, ignore_errors=True)
+
+    def _tell_kept(self, queued: ClusterJob) -> None:
+        """Tell its submitter that the job waits in the state directory for the next server."""
+        if queued.submitter is not None:
+            queued.submitter.outbox.send(
+                messages.JobEnded(
+                    queued.id,
+                    False,
+                    f"the server was stopped; job {queued.id} is kept in its state directory "
+                    f"and goes on when octo serve starts again there (octo results "
+                    f"{queued.id} fetches its results then)",
+                )
+            )
+
+    def _take_up(self, kept: list[Submitted]) -> None:
+        """
+        The jobs a state directory holds, as a server before us left them:
+        those that ended are listed, those queued or running run again
+        (the running ones resume), in the order they were submitted.
+        """
+        assert self.journal is not None
+        for entry in kept:
+            outcome = _outcome(entry.outcome)
+            if entry.state not in ("queued", "running"):
+                self.jobs.append(
+                    ClusterJob(
+                        entry.id,
+                        entry.name,
+                        None,
+                        JobConfig(),
+                        None,
+                        state=entry.state,
+                        error=entry.error,
+                        outcome=outcome,
+                        submitted=entry.submitted,
+                        pickled=_request(entry.request).pickled,
+                    )
+                )
+                continue
+            try:
+                submit = dataclasses.replace(
+                    _request(entry.request), script=self.journal.script(entry)
+                )
+                queued = self._load(None, submit, entry.id)
+            except OctotwistError as e:
+                failed = ClusterJob(entry.id, entry.name, None, JobConfig(), None)
+                failed.submitted = entry.submitted
+                self.jobs.append(failed)
+                _log.warn(
+                    "job {id} ({job}) cannot run again: {error}",
+                    id=entry.id,
+                    job=entry.name,
+                    error=str(e),
+                )
+                self._tell_ended(failed, False, f"it cannot run again: {e}")
+                continue
+            queued.submitted = entry.submitted
+            self.jobs.append(queued)
+            self._queue.append(queued)
+            _log.info(
+                "job {id} ({job}) was {state} when the server stopped: it {what}",
+                id=entry.id,
+                job=entry.name,
+                state=entry.state,
+                what="resumes" if entry.state == "running" else "is queued again",
+            )
+        if self.jobs:
+            self._ids = itertools.count(self.jobs[-1].id + 1)
+        self._next()
 
     # Peers.
 
@@ -260,9 +364,13 @@ class ClusterServer:
         Load the script and queue its job, or refuse it saying why (a
         broken script, a bad option): nothing is queued then.
         """
+        queued = None
         try:
             queued = self._load(peer, submit)
+            queued.id = self._number(queued, submit)
         except OctotwistError as e:
+            if queued is not None and queued.home is not None:
+                shutil.rmtree(queued.home, ignore_errors=True)
             peer.outbox.send(messages.JobRefused(str(e)))
             _log.info("refused a job from {peer}: {error}", peer=peer.channel.peer, error=str(e))
             return
@@ -279,7 +387,24 @@ class ClusterServer:
         )
         self._next()
 
-    def _load(self, peer: _Peer, submit: messages.Submit) -> ClusterJob:
+    def _number(self, queued: ClusterJob, submit: messages.Submit) -> int:
+        """
+        The job's ID; with a state directory, once it is kept there.
+
+        @raise JournalError: the state directory cannot take it (a full disk).
+        """
+        if self.journal is None:
+            return next(self._ids)
+        request = codec.encode_message(dataclasses.replace(submit, script=b""))
+        return self.journal.submit(queued.name, queued.submitted, request, submit.script)
+
+    def _load(self, peer: _Peer | None, submit: messages.Submit, number: int = 0) -> ClusterJob:
+        """
+        The job C{submit} sends, loaded as C{octo server} loads one, and
+        numbered C{number} (0: not yet).
+
+        @raise OctotwistError: it does not load, saying why.
+        """
         if self._stopped:
             raise OctotwistError("the server is stopping")
         shown = submit.name
@@ -290,7 +415,6 @@ class ClusterServer:
             raise OctotwistError(f"{shown!r} is not a job script (a .py file)")
         if not submit.pickled and submit.format not in FORMATS:
             raise OctotwistError(f"format {submit.format!r}: one of {', '.join(FORMATS)}")
-        number = next(self._ids)
         config = JobConfig(
             format="tsv" if submit.pickled else submit.format,
             sort=submit.sort,
@@ -300,22 +424,29 @@ class ClusterServer:
         if submit.pickled:
             job = _unpickled(submit.script, shown)
             return ClusterJob(number, job.name, job, config, peer, True, submit.max_workers)
-        path = Path(shown)
+        path, home = Path(shown), None
         if not (path.is_absolute() and _holds(path, submit.script)):
             # Not on this machine (or not the same file): a copy of it, in a
             # directory of its own.  (Files it finds beside itself, through
             # __file__, are then not there: a shared filesystem keeps them.)
-            home = self._scripts / str(number)
-            home.mkdir()
-            path = home / base
-            path.write_bytes(submit.script)
+            home = self._scripts / "scripts" / secrets.token_hex(8)
+            try:
+                home.mkdir(parents=True, mode=0o700)
+                path = home / base
+                path.write_bytes(submit.script)
+            except OSError as e:
+                shutil.rmtree(home, ignore_errors=True)
+                raise OctotwistError(f"cannot keep a copy of the script in {home}: {e}") from e
         try:
             job = load_job(path, submit.args)
         except OctotwistError as e:
-            shutil.rmtree(self._scripts / str(number), ignore_errors=True)
+            if home is not None:
+                shutil.rmtree(home, ignore_errors=True)
             # Said as octo run says it, of the submitter's file, not our copy.
             raise OctotwistError(str(e).replace(str(path), shown)) from None
-        return ClusterJob(number, job.name, job, config, peer, False, submit.max_workers)
+        queued = ClusterJob(number, job.name, job, config, peer, False, submit.max_workers)
+        queued.home = home
+        return queued
 
     def _next(self) -> None:
         """
@@ -348,8 +479,11 @@ class ClusterServer:
             policy=self.policy,
             sort=queued.config.sort,
             stays=True,
+            journal=self.journal,
+            fingerprint=f"cluster job {queued.id}",
         )
         queued.server, queued.state = server, "running"
+        self._record(queued)
         self._running.append(queued)
         if queued.submitter is not None:
             queued.submitter.outbox.send(messages.JobStarted(queued.id))
@@ -380,14 +514,35 @@ class ClusterServer:
         for peer in queued.workers:
             peer.working_for = None
         queued.workers.clear()
-        shutil.rmtree(self._scripts / str(queued.id), ignore_errors=True)
+        if queued.home is not None:
+            shutil.rmtree(queued.home, ignore_errors=True)
         self.reactor.callLater(0, self._next)
 
     def _tell_ended(self, queued: ClusterJob, ok: bool, error: str) -> None:
+        if self._stopped and self.journal is not None and not queued.cancelled:
+            # Stopped, not over: it is kept for the next server.
+            self._tell_kept(queued)
+            return
         state = "done" if ok else "cancelled" if queued.cancelled else "failed"
         queued.state, queued.error = state, error or None
+        self._record(queued)
         if queued.submitter is not None:
             queued.submitter.outbox.send(queued.ended_message())
+
+    def _record(self, queued: ClusterJob) -> None:
+        """Keep the job's state in the state directory, if there is one."""
+        if self.journal is None or self._stopped:
+            return
+        outcome = None
+        if queued.outcome is not None:
+            o = queued.outcome
+            outcome = json.dumps(
+                [o.results, o.seconds, sorted(o.counters.items()), o.stats], default=str
+            )
+        try:
+            self.journal.set_state(queued.id, queued.state, queued.error, outcome)
+        except JournalError as e:
+            _log.warn("{error}", error=str(e))
 
 
 def _entry(queued: ClusterJob) -> tuple[int, str, str, float, str]:
@@ -399,6 +554,30 @@ def _chunks(path: Path, size: int = 1024 * 1024) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(size):
             yield chunk
+
+
+def default_state_dir() -> Path:
+    """
+    C{octo serve}'s state directory unless told: C{$XDG_STATE_HOME/octotwist/serve},
+    or C{~/.local/state/octotwist/serve} (the XDG base directory default).
+    """
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "octotwist" / "serve"
+
+
+def _request(header: bytes) -> messages.Submit:
+    """A kept job's L{messages.Submit} (without its script), as the journal holds it."""
+    submit = codec.decode_message(header)
+    assert isinstance(submit, messages.Submit)
+    return submit
+
+
+def _outcome(kept: str | None) -> JobOutcome | None:
+    """How a kept job ended, as L{ClusterServer._record} wrote it."""
+    if not kept:
+        return None
+    results, seconds, counters, stats = json.loads(kept)
+    return JobOutcome(True, None, results, seconds, stats, dict(counters))
 
 
 def _batches(path: Path) -> Iterator[bytes]:
@@ -449,14 +628,15 @@ class _Forwarded(Results):
         self._pickled = queued.pickled
         self._kept_path = kept
         self._kept = kept.open("wb")  # for octo results, and a submitter that detached
+        #: Why the results could not be kept (a full disk): the job fails.
+        self._broken: OSError | None = None
         #: Where final() prints (L{ClusterServer._next}); sent in chunks.
         self.printed = io.StringIO()
 
     def write(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
         if self._pickled:
             blob = codec.pack((list(keys), list(values)))
-            self._kept.write(_LENGTH.pack(len(blob)))
-            self._kept.write(blob)
+            self._keep(_LENGTH.pack(len(blob)) + blob)
             peer = self._queued.submitter
             if peer is not None:
                 peer.outbox.send_blob(blob, messages.ResultBatch)
@@ -468,7 +648,7 @@ class _Forwarded(Results):
         if not text:
             return
         data = text.encode("utf-8", errors="backslashreplace")
-        self._kept.write(data)
+        self._keep(data)
         peer = self._queued.submitter
         if peer is not None:  # else detached: octo results fetches them
             peer.outbox.send_blob(data, lambda part, end: messages.ResultText(part))
@@ -480,12 +660,35 @@ class _Forwarded(Results):
             self.printed.seek(0)
             self.printed.truncate()
 
+    def _keep(self, data: bytes) -> None:
+        if self._broken is not None:
+            return
+        try:
+            self._kept.write(data)
+        except OSError as e:
+            self._broken = e
+
     def commit(self) -> None:
+        """
+        @raise OSError: the results could not be kept; the server fails
+            the job saying so, as for an output that cannot be written.
+        """
         self.send_printed(1)
-        self._kept.close()
+        try:
+            self._kept.close()
+        except OSError as e:
+            self._broken = self._broken or e
+        if self._broken is not None:
+            self._kept_path.unlink(missing_ok=True)
+            raise OSError(
+                self._broken.errno,
+                f"cannot keep the results in {self._kept_path.parent}: "
+                f"{self._broken.strerror or self._broken}",
+            )
 
     def abort(self) -> None:
-        self._kept.close()
+        with contextlib.suppress(OSError):
+            self._kept.close()
         self._kept_path.unlink(missing_ok=True)  # a failed job's are not results
 
 

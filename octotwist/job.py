@@ -16,6 +16,7 @@ that names the script and what to change.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -216,6 +217,33 @@ def _check_steps(steps: Any, where: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
+#: The helper modules each job script's folder gave, by folder (L{_import_script}).
+_HELPERS: dict[str, set[str]] = {}
+
+
+def _own_helpers(directory: str) -> None:
+    """
+    Make C{import helper} in a script of C{directory} find that folder's
+    C{helper.py}: forget the modules of the same names that other job
+    scripts' folders gave this process (C{octo serve} loads many jobs, as
+    L{octotwist.run} may), and put C{directory} first on C{sys.path}, as
+    C{python path} would.  (The jobs loaded before keep theirs: their
+    functions hold them, and they were shipped by value.)
+    """
+    for other, names in _HELPERS.items():
+        if other == directory:
+            continue
+        for name in names:
+            module = sys.modules.get(name)
+            if module is not None and (getattr(module, "__file__", None) or "").startswith(
+                other + os.sep
+            ):
+                del sys.modules[name]
+    with contextlib.suppress(ValueError):
+        sys.path.remove(directory)
+    sys.path.insert(0, directory)
+
+
 def _import_script(path: Path) -> Any:
     """Run the script as a fresh module, as C{python path} would, and return it."""
     name = "octo_job_" + "".join(c if c.isalnum() else "_" for c in path.stem)
@@ -231,10 +259,9 @@ def _import_script(path: Path) -> Any:
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     module.__file__ = str(path)
+    _own_helpers(directory)
     before = set(sys.modules)
     sys.modules[name] = module
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
     try:
         exec(code, module.__dict__)
     except Exception as e:
@@ -253,6 +280,7 @@ def _import_script(path: Path) -> Any:
         mod_file = getattr(mod, "__file__", None) or ""
         if mod_file.startswith(directory + os.sep) and "site-packages" not in mod_file:
             cloudpickle.register_pickle_by_value(mod)
+            _HELPERS.setdefault(directory, set()).add(mod_name)
     return module
 
 

@@ -14,6 +14,11 @@ which runs again, and L{Journal.replay} says so.  Blob files no task
 names (a crash between writing and recording) are removed when the journal
 opens.
 
+The same database keeps a cluster's queue (C{octo serve --state-dir}):
+each submitted job, its state, and how it ended (L{Journal.submit}); its
+script (or pickled job) is a file under C{DIR/submitted/}, fsynced before
+the row that names it commits, as blobs are.
+
 One server per state directory: L{Journal.open} takes an exclusive
 C{flock} on C{DIR/lock} and refuses, naming the holder's pid, while
 another process holds it.  The lock dies with its process, so a server
@@ -73,6 +78,18 @@ CREATE TABLE IF NOT EXISTS blobs (
     digest TEXT NOT NULL,
     PRIMARY KEY (job, kind, step, ident, partition, seq)
 );
+CREATE TABLE IF NOT EXISTS submitted (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    submitted REAL NOT NULL,
+    request BLOB NOT NULL,  -- the caller's: how to run it (all but the script)
+    script TEXT NOT NULL,   -- its file, in DIR/submitted/
+    size INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    error TEXT,
+    outcome TEXT            -- the caller's: how it ended
+);
 """
 
 
@@ -122,6 +139,20 @@ class FinishedTask:
     counters: tuple[tuple[str, int], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A job a cluster was sent (L{Journal.submit}), as the journal keeps it."""
+
+    id: int
+    name: str
+    state: str
+    submitted: float
+    request: bytes
+    script: Blob
+    error: str | None
+    outcome: str | None
+
+
 @dataclass(slots=True)
 class Replay:
     """What L{Journal.replay} found: the tasks that count, and what it dropped and why."""
@@ -153,6 +184,7 @@ class Journal:
     def __init__(self, directory: Path, db: sqlite3.Connection, lock_fd: int) -> None:
         self.directory = directory
         self.blob_dir = directory / "blobs"
+        self.submitted_dir = directory / "submitted"
         self._db = db
         self._lock_fd = lock_fd
         #: What opening the journal had to set aside (a corrupt database).
@@ -170,6 +202,7 @@ class Journal:
         try:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
             (path / "blobs").mkdir(exist_ok=True, mode=0o700)
+            (path / "submitted").mkdir(exist_ok=True, mode=0o700)
             lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             raise JournalError(
@@ -324,9 +357,95 @@ class Journal:
             ) from e
         return written
 
-    def _write_blobs(self, blobs: list[bytes]) -> Path:
+    # A cluster's queue.
+
+    def submit(self, name: str, submitted: float, request: bytes, script: bytes) -> int:
+        """
+        Keep a job sent to a cluster, queued: C{script} in a file of its
+        own, fsynced (file and directory), then its row.
+
+        @return: its number, the cluster's job ID.
+        @raise JournalError: the state directory cannot take it.
+        """
+        try:
+            path = self._write_blobs([script], self.submitted_dir)
+            _fsync_dir(self.submitted_dir)
+            with self._db:
+                cursor = self._db.execute(
+                    "INSERT INTO submitted (name, submitted, request, script, size, digest) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, submitted, request, path.name, len(script), _digest(script)),
+                )
+        except (OSError, sqlite3.Error) as e:
+            raise JournalError(
+                f"cannot keep the job in {self.directory}: "
+                f"{getattr(e, 'strerror', None) or e}; free space there or use another "
+                "--state-dir"
+            ) from e
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def set_state(
+        self, number: int, state: str, error: str | None = None, outcome: str | None = None
+    ) -> None:
+        """
+        A submitted job started or ended; one that ended lets its script go.
+
+        @raise JournalError: the database cannot be written.
+        """
+        ended = state not in ("queued", "running")
+        try:
+            with self._db:
+                self._db.execute(
+                    "UPDATE submitted SET state = ?, error = ?, outcome = ? WHERE id = ?",
+                    (state, error, outcome, number),
+                )
+                row = self._db.execute(
+                    "SELECT script FROM submitted WHERE id = ?", (number,)
+                ).fetchone()
+            if ended and row is not None:
+                (self.submitted_dir / row[0]).unlink(missing_ok=True)
+        except (OSError, sqlite3.Error) as e:
+            raise JournalError(f"cannot record job {number} in {self.directory}: {e}") from e
+
+    def submissions(self) -> list[Submitted]:
+        """Every job the cluster was sent, oldest first."""
+        return [
+            Submitted(
+                number,
+                name,
+                state,
+                when,
+                request,
+                Blob(0, self.submitted_dir / script, size, digest),
+                error,
+                outcome,
+            )
+            for number, name, state, when, request, script, size, digest, error, outcome in (
+                self._db.execute(
+                    "SELECT id, name, state, submitted, request, script, size, digest, error, "
+                    "outcome FROM submitted ORDER BY id"
+                )
+            )
+        ]
+
+    @staticmethod
+    def script(submitted: Submitted) -> bytes:
+        """
+        A queued job's script, as it was sent.
+
+        @raise JournalError: its file is gone, short or altered.
+        """
+        why = _check(submitted.script)
+        if why is not None:
+            raise JournalError(
+                f"job {submitted.id}'s script is lost from the state directory: {why}"
+            )
+        return submitted.script.read()
+
+    def _write_blobs(self, blobs: list[bytes], directory: Path | None = None) -> Path:
         """A new file holding C{blobs}, one after another, fsynced."""
-        path = self.blob_dir / f"{os.urandom(12).hex()}.blob"
+        path = (directory or self.blob_dir) / f"{os.urandom(12).hex()}.blob"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for data in blobs:
@@ -334,6 +453,9 @@ class Journal:
                 while written < len(data):
                     written += os.write(fd, view[written:])
             os.fsync(fd)
+        except BaseException:
+            path.unlink(missing_ok=True)  # (a full disk: what was written is not kept)
+            raise
         finally:
             os.close(fd)
         return path
@@ -385,10 +507,17 @@ class Journal:
 
     def _remove_strays(self) -> None:
         named = {p for (p,) in self._db.execute("SELECT path FROM blobs")}
-        for path in self.blob_dir.iterdir():
-            if path.name not in named:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+        queued = {
+            p
+            for (p,) in self._db.execute(
+                "SELECT script FROM submitted WHERE state IN ('queued', 'running')"
+            )
+        }
+        for directory, keep in ((self.blob_dir, named), (self.submitted_dir, queued)):
+            for path in directory.iterdir():
+                if path.name not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
 
 def _check_private(path: Path) -> None:
@@ -400,7 +529,7 @@ def _check_private(path: Path) -> None:
     @raise JournalError: the directory, or its database, is not this
         user's alone to write.
     """
-    for p in (path, path / "blobs", path / "journal.sqlite3"):
+    for p in (path, path / "blobs", path / "submitted", path / "journal.sqlite3"):
         try:
             st = p.stat()
         except FileNotFoundError:

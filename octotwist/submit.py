@@ -137,7 +137,9 @@ class Submission:
     def connection_lost(self, reason: str) -> None:
         if not self.ended.called:
             detached = (
-                f" (job {self.job} goes on there; its results are lost)"
+                f" (job {self.job} goes on there, or, if the server stopped, when it starts "
+                f"again on its state directory: `octo results {self.job}` fetches its "
+                "results once it is done)"
                 if self.job is not None
                 else ""
             )

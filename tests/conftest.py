@@ -47,10 +47,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    """The environment for octo commands: a private config dir, no secret."""
+    """The environment for octo commands: private config and state dirs, no secret."""
     e = dict(os.environ)
     e.pop("OCTO_SECRET", None)
     e["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    e["XDG_STATE_HOME"] = str(tmp_path / "state")  # octo serve's queue, each test its own
     e["PYTHONUNBUFFERED"] = "1"
     return e
 

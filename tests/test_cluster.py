@@ -257,3 +257,31 @@ def test_submit_detach_and_octo_results(env: dict, tmp_path: Path) -> None:
     assert out.read_text() == again.stdout
     server.kill()
     worker.kill()
+
+
+def test_each_job_loaded_by_the_server_imports_its_own_helper(env: dict, tmp_path: Path) -> None:
+    """Two scripts whose top-level `import helper` names different files: each gets its own."""
+    server, address = serve("tcp", env)
+    worker = start("client", address, env=env)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "helper.py").write_text(f"TAG = 'tag-{folder}'\n")
+        script = job(
+            tmp_path / folder,
+            """
+            import helper
+            source = {1: "x"}
+            def mapfn(key, value):
+                yield helper.TAG, 1          # on the worker
+            def reducefn(key, values):
+                return key, len(values)
+            def final(key, value):
+                print(key, value, helper.TAG)  # on the server
+            """,
+            f"job_{folder}.py",
+        )
+        result = submit("tcp", env, address, str(script))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"tag-{folder} 1 tag-{folder}\n"
+    server.kill()
+    worker.kill()

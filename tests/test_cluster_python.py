@@ -82,7 +82,9 @@ def test_cluster_run_gives_what_octotwist_run_gives(env: dict, tmp_path: Path) -
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["there"] == out["here"] == [["a", [3, "Word"]], ["b", [2, "Word"]], ["c", [1, "Word"]]]
+    assert (
+        out["there"] == out["here"] == [["a", [3, "Word"]], ["b", [2, "Word"]], ["c", [1, "Word"]]]
+    )
     expected = {k: sorted((v, str(v)) for v in range(10) if v % 4 == k) for k in range(4)}
     assert out["script"] == [[k, [list(p) for p in v]] for k, v in expected.items()]
     assert out["counters"] == 10 and out["results"] == 4 and out["mapped"] == 10
