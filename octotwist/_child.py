@@ -9,7 +9,8 @@ this package on the same machine; the frames are pickled tuples with a
 
 Requests::
 
-    ("job", functions)                       once, first: the cloudpickled JobFunctions
+    ("job", functions)                       first, and between tasks: the cloudpickled
+                                             JobFunctions of the next job (L{_Job})
     ("map", step, partitions, [blob...])     blob: pack((keys, values)), a batch of items
     ("reduce", step, partitions, [blob...])  the partition's runs, in map task order
 
@@ -17,7 +18,7 @@ A map task of a later step gets the output blobs of one task of the step
 before, in the same C{(keys, values)} form.  C{partitions} is 0 for a
 map-only step: its pairs go out as they are, C{pack((keys, values))}.
 
-Replies, per request::
+Replies, per task request (a C{"job"} request has none)::
 
     ("output", partition, blob)*   blob: pack(run) or pack((keys, values))
     ("done", records_in, records_out, seconds, counters, printed)
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import linecache
 import os
 import pickle
 import signal
@@ -399,22 +401,63 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     allocator.tune()
     with os.fdopen(3, "rb") as inp, os.fdopen(4, "wb") as out:
-        first = read_frame(inp)
-        if first is None:
-            return 0
-        _, functions_blob = first
+        job: _Job | None = None
+        printed = _Printed()
+        while (request := read_frame(inp)) is not None:
+            if request[0] == "job":
+                if job is not None:
+                    job.unload()
+                job = _Job.load(request[1], out, printed)
+                continue
+            assert job is not None, "a task before the job's functions"
+            job.handle(*request)
+            out.flush()
+    return 0
+
+
+class _Job:
+    """
+    One job's functions in this process, and what loading them did to it:
+    the finder of its helper modules (L{shipping.install}).  A worker of a
+    cluster (C{octo serve}) keeps its task processes across jobs, each
+    loaded after the one before is unloaded (L{unload}), so that nothing of
+    a job leaks into the next: not its helper modules (two jobs' C{helper.py}
+    are two modules), not its C{setupfn}'s effect on its own globals (the
+    next job's C{setupfn} runs again, once, before its first task), not its
+    counters.  What the job did to the process itself (an installed
+    package it imported, a C{logging} handler, an environment variable) stays,
+    as it does between the tasks of one job.
+
+    @ivar runner: runs the tasks, or C{None} when the functions did not
+        load here (then each task fails saying why, L{_cannot_load}).
+    """
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        runner: _Runner | None,
+        finder: shipping.ShippedFinder | None = None,
+        cannot_load: tuple[str, str] = ("", ""),
+    ) -> None:
+        self.out = out
+        self.runner = runner
+        self.finder = finder
+        self.cannot_load = cannot_load
+
+    @classmethod
+    def load(cls, blob: bytes, out: BinaryIO, printed: _Printed) -> _Job:
         try:
-            functions = codec.load_functions(functions_blob)
+            functions = codec.load_functions(blob)
         except Exception as e:
-            return _cannot_load(e, inp, out)
+            return cls(out, None, cannot_load=_cannot_load(e))
         # Helper modules the functions import when they run, from the
         # sources the server shipped: this process may run anywhere.
-        shipping.install(getattr(functions, "modules", None) or {})
+        finder = shipping.install(getattr(functions, "modules", None) or {})
         # What the user's code prints is the task's, for the server to show
         # (sys.__stderr__ stays the terminal: _run puts it back at the end).
-        printed = _Printed()
         sys.stdout, sys.stderr = _Stream(printed, 1), _Stream(printed, 2)
         runner = _Runner(functions, out, printed)
+        counters.take()  # (a job's counts start at nothing)
         # A map task allocates a tuple per pair; with the default thresholds
         # the cyclic collector runs every 700 of them and rescans everything
         # young, which cost a word count 30-40% of its time.  Objects alive
@@ -422,17 +465,40 @@ def main() -> int:
         # garbage cycles are still collected, just less often.
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
-        while (request := read_frame(inp)) is not None:
-            runner.handle(*request)
-            out.flush()
-    return 0
+        return cls(out, runner, finder)
+
+    def handle(self, kind: str, step: int, partitions: int, inputs: list[bytes]) -> None:
+        if self.runner is not None:
+            self.runner.handle(kind, step, partitions, inputs)
+        else:
+            hint, tb = self.cannot_load
+            write_frame(self.out, ("failed", None, hint, tb, ""))
+
+    def unload(self) -> None:
+        """
+        Undo what L{load} did, before the next job loads: its helper
+        modules go (L{shipping.uninstall}), its functions and whatever they
+        made become garbage, and are collected.  L{load} froze them
+        (C{gc.freeze()}), and the collector never looks at frozen objects:
+        without C{gc.unfreeze()} a job's cycles (a function and its globals
+        are one) would stay for the process's life, one more job's worth
+        each time.
+        """
+        if self.finder is not None:
+            shipping.uninstall(self.finder)
+        self.runner = self.finder = None
+        counters.take()
+        linecache.clearcache()  # a traceback of the next job reads its own sources
+        gc.unfreeze()
+        gc.collect()
 
 
-def _cannot_load(e: Exception, inp: BinaryIO, out: BinaryIO) -> int:
+def _cannot_load(e: Exception) -> tuple[str, str]:
     """
-    The job's functions do not load here (a module they need by name is
-    not importable on this machine): fail every task with why, rather than
-    die and be taken for a crash.
+    Why the job's functions do not load here (a module they need by name is
+    not importable on this machine), and the traceback: each of the job's
+    tasks fails with them, rather than the process die and be taken for a
+    crash.  The process still reads the next job's functions, which may load.
     """
     error = "".join(traceback.format_exception_only(e)).strip()
     hint = (
@@ -440,10 +506,7 @@ def _cannot_load(e: Exception, inp: BinaryIO, out: BinaryIO) -> int:
         "uses is not importable here: install it on the worker, or keep it beside the "
         "job script, whose folder's modules travel with the job)"
     )
-    while read_frame(inp) is not None:
-        write_frame(out, ("failed", None, hint, user_traceback(e), ""))
-        out.flush()
-    return 0
+    return hint, user_traceback(e)
 
 
 def _run() -> int:

@@ -41,6 +41,10 @@ class WorkerSession:
 
     @ivar ended: fires with the server's L{messages.Shutdown}, or with
         C{None} when the connection was lost before one arrived.
+    @ivar pool: the task processes: those of the job before, kept
+        (L{run_worker}), or made for this job's C{Welcome}.  When the
+        session ends it is still set if the processes stay for the next
+        job (L{connection_lost}), else C{None}.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class WorkerSession:
         name: str,
         processes: int,
         task_lines: bool = True,
+        pool: ProcessPool | None = None,
     ) -> None:
         self.task_lines = task_lines
         self.reactor = reactor
@@ -57,7 +62,7 @@ class WorkerSession:
         self.outbox = Outbox(channel)
         self.name = name
         self.processes = processes
-        self.pool: ProcessPool | None = None
+        self.pool = pool
         self.welcome: messages.Welcome | None = None
         self.ended: Deferred[messages.Shutdown | None] = Deferred()
         self._inputs: dict[tuple[TaskId, int], list[bytes]] = {}
@@ -148,7 +153,11 @@ class WorkerSession:
 
     def _start(self, welcome: messages.Welcome) -> None:
         self.welcome = welcome
-        self.pool = ProcessPool(self.reactor, welcome.functions, self.processes)
+        if self.pool is None:
+            self.pool = ProcessPool(self.reactor, welcome.functions, self.processes)
+        else:
+            # The job before's processes: the same pids, this job's functions.
+            self.pool.load(welcome.functions)
         _log.info(
             "running job {job} with {n} process{es}",
             job=welcome.job_name,
@@ -231,12 +240,35 @@ class WorkerSession:
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         self._running.clear()
-        stopped = self.pool.stop() if self.pool is not None else None
-        shutdown = self._shutdown
-        if stopped is None:
+        shutdown, pool = self._shutdown, self.pool
+        if pool is None:
+            self.ended.callback(shutdown)
+        elif self._keeps_pool():
+            pool.cancel_all()
             self.ended.callback(shutdown)
         else:
-            stopped.addCallback(lambda _: self.ended.callback(shutdown))
+            self.pool = None
+            pool.stop().addCallback(lambda _: self.ended.callback(shutdown))
+
+    def _keeps_pool(self) -> bool:
+        """
+        Whether the task processes stay for the next job: only when the
+        server said this job is over and more will come (C{Shutdown(more=True)},
+        a cluster's), or when no job started on this connection.
+
+        Then the processes are in a state we know: the job is over, so what
+        is left of it (a backup copy still running, say) is cancelled and
+        nothing else of it is owed; they are idle for the next job's
+        functions.  A connection lost mid-job (the server died or restarted,
+        the network failed, we hung up) leaves tasks whose results nobody
+        will count and that the server may already have handed to others,
+        of a job that may be over: they must not go on, and the next
+        C{Welcome} may come from another server; the processes stop, as
+        they did before workers stayed.
+        """
+        if self.welcome is None:
+            return True
+        return self._shutdown is not None and self._shutdown.more
 
 
 def _records(n: int) -> str:
@@ -272,6 +304,13 @@ async def run_worker(
     doubling to 10 s) for up to C{wait} seconds, logging each failure.  A
     lost connection before the job is over is retried the same way.
 
+    The task processes stay from one of a cluster's jobs to the next: the
+    same processes (the same pids) run each job, after loading its
+    functions (L{ProcessPool.load}), so a job pays for no interpreter
+    start-up, and a worker's C{-p} processes are the ones an operator sees.
+    A connection lost mid-job stops them (L{WorkerSession._keeps_pool}
+    says why); the next job starts new ones.
+
     @param task_lines: log a line as each task ends (else only with -v),
         and when the server says the job is over.
     @return: the server's final L{messages.Shutdown}.
@@ -284,70 +323,82 @@ async def run_worker(
     refused_delay = 0.5  # before reconnecting to a server we hung up on
     since: float | None = None
     sessions: list[WorkerSession] = []
+    # The task processes, kept from one of a cluster's jobs to the next
+    # (WorkerSession.connection_lost says when): None while none are.
+    pool: ProcessPool | None = None
 
     def accept(channel: MessageChannel) -> WorkerSession:
-        sessions.append(WorkerSession(reactor, channel, name, processes, task_lines))
+        sessions.append(WorkerSession(reactor, channel, name, processes, task_lines, pool))
         return sessions[-1]
 
-    while True:
-        attempt = client.connect(accept)
-        # An attempt that hangs (a TLS port spoken to in plain TCP) ends when
-        # --wait does; a first one gets at least FIRST_ATTEMPT seconds.
-        left = wait if since is None else since + wait - reactor.seconds()
-        attempt.addTimeout(max(left, FIRST_ATTEMPT if since is None else 0.5), reactor)
-        try:
-            await attempt
-        except (AuthenticationError, RemoteProtocolError):
-            raise
-        except Exception as e:
-            now = reactor.seconds()
-            since = now if since is None else since
-            timed_out = isinstance(e, defer.TimeoutError)
-            if now - since >= wait or timed_out:
-                why = "connecting did not finish in time" if timed_out else str(e)
-                raise ConnectionError(
-                    f"gave up: no server at {client.settings.connect} for {wait:.0f} s ({why})"
-                ) from None
-            pause = min(delay, max(since + wait - now, 0.0))  # no later than --wait says
-            _log.info(
-                "cannot reach the server at {where} ({error}); retrying in {delay:.1f} s",
-                where=client.settings.connect,
-                error=_short(e),
-                delay=pause,
-            )
-            await deferLater(reactor, pause)
-            delay = min(delay * 2, 10.0)
-            continue
-        since, delay = None, 0.5
-        shutdown = await sessions[-1].ended
-        if shutdown is not None and shutdown.more:
-            # A cluster's job is over and the cluster stays: the next job's
-            # Welcome comes on a new connection.
-            _log.emit(
-                LogLevel.info if task_lines else LogLevel.debug,
-                "the server says the job is over{how}; waiting for its next job",
-                how="" if shutdown.ok else f" (it failed: {_short(Exception(shutdown.reason))})",
-            )
-            refused_delay = 0.5
-            continue
-        if shutdown is not None:
-            if task_lines:  # (octo run's own workers: the server says it all)
+    try:
+        while True:
+            attempt = client.connect(accept)
+            # An attempt that hangs (a TLS port spoken to in plain TCP) ends when
+            # --wait does; a first one gets at least FIRST_ATTEMPT seconds.
+            left = wait if since is None else since + wait - reactor.seconds()
+            attempt.addTimeout(max(left, FIRST_ATTEMPT if since is None else 0.5), reactor)
+            try:
+                await attempt
+            except (AuthenticationError, RemoteProtocolError):
+                raise
+            except Exception as e:
+                now = reactor.seconds()
+                since = now if since is None else since
+                timed_out = isinstance(e, defer.TimeoutError)
+                if now - since >= wait or timed_out:
+                    why = "connecting did not finish in time" if timed_out else str(e)
+                    raise ConnectionError(
+                        f"gave up: no server at {client.settings.connect} for {wait:.0f} s ({why})"
+                    ) from None
+                pause = min(delay, max(since + wait - now, 0.0))  # no later than --wait says
                 _log.info(
-                    "the server says the job is over{how}; exiting",
+                    "cannot reach the server at {where} ({error}); retrying in {delay:.1f} s",
+                    where=client.settings.connect,
+                    error=_short(e),
+                    delay=pause,
+                )
+                await deferLater(reactor, pause)
+                delay = min(delay * 2, 10.0)
+                continue
+            since, delay = None, 0.5
+            shutdown = await sessions[-1].ended
+            pool = sessions[-1].pool
+            if shutdown is not None and shutdown.more:
+                # A cluster's job is over and the cluster stays: the next job's
+                # Welcome comes on a new connection.
+                _log.emit(
+                    LogLevel.info if task_lines else LogLevel.debug,
+                    "the server says the job is over{how}; waiting for its next job",
                     how=""
                     if shutdown.ok
                     else f" (it failed: {_short(Exception(shutdown.reason))})",
                 )
-            return shutdown
-        refused = sessions[-1].refused
-        if refused is None:
-            refused_delay = 0.5
-            _log.warn("lost the connection to the server; reconnecting")
-            continue
-        # It will likely say the same again: do not hammer it.
-        _log.warn("reconnecting to the server in {delay:.1f} s", delay=refused_delay)
-        await deferLater(reactor, refused_delay)
-        refused_delay = min(refused_delay * 2, 10.0)
+                refused_delay = 0.5
+                continue
+            if shutdown is not None:
+                if task_lines:  # (octo run's own workers: the server says it all)
+                    _log.info(
+                        "the server says the job is over{how}; exiting",
+                        how=""
+                        if shutdown.ok
+                        else f" (it failed: {_short(Exception(shutdown.reason))})",
+                    )
+                return shutdown
+            refused = sessions[-1].refused
+            if refused is None:
+                refused_delay = 0.5
+                _log.warn("lost the connection to the server; reconnecting")
+                continue
+            # It will likely say the same again: do not hammer it.
+            _log.warn("reconnecting to the server in {delay:.1f} s", delay=refused_delay)
+            await deferLater(reactor, refused_delay)
+            refused_delay = min(refused_delay * 2, 10.0)
+    finally:
+        # Kept processes nobody will use (we gave up reconnecting, or were
+        # stopped): they stop with us, not when their pipes happen to close.
+        if pool is not None and not pool.stopping:
+            await pool.stop()
 
 
 def _short(e: BaseException) -> str:

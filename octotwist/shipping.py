@@ -21,6 +21,7 @@ any import.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import importlib.abc
 import importlib.machinery
@@ -281,3 +282,20 @@ def install(modules: Modules) -> ShippedFinder | None:
     finder = ShippedFinder(modules)
     sys.meta_path.insert(0, finder)
     return finder
+
+
+def uninstall(finder: ShippedFinder) -> None:
+    """
+    Undo L{install}: C{finder} leaves C{sys.meta_path}, and the modules it
+    imported leave C{sys.modules}, so that the next job's module of the same
+    name (another C{helper.py}) is imported from its own source, not found
+    already there.  A module of the same name that C{finder} did not import
+    (the worker's own, imported before the job was) stays.
+    """
+    with contextlib.suppress(ValueError):
+        sys.meta_path.remove(finder)
+    for name in finder.modules:
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None)
+        if module is not None and getattr(spec, "loader", None) is finder:
+            del sys.modules[name]

@@ -188,6 +188,10 @@ class ProcessPool:
     """
     C{size} child processes running the job's functions.
 
+    A pool may outlive its job: a worker of a cluster (C{octo serve}) keeps
+    it for the next job (L{octotwist.client.run_worker}), whose functions
+    L{load} ships to the same processes.
+
     @param functions: the cloudpickled L{octotwist.job.JobFunctions}.
     """
 
@@ -201,6 +205,47 @@ class ProcessPool:
         self._spawned = 0
         for _ in range(size):
             self._spawn()
+
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the children that run (or will run) tasks, in spawn order."""
+        return [c.pid for c in self._children if c.pid is not None and not c.killed]
+
+    def load(self, functions: bytes) -> None:
+        """
+        Make C{functions} the job the children run: each live child gets a
+        C{("job", functions)} frame, which it reads before its next task; a
+        child spawned later (replacing one that died) gets them first.
+
+        Only between jobs: no task may be queued or running, since a task
+        already handed to a child would run the old job's code (a killed
+        child, whose task was cancelled, is left to end: its replacement
+        loads these functions).
+
+        @raise AssertionError: a task is queued or running.
+        """
+        assert not self._stopping, "the pool is stopping"
+        assert not self._queue, "tasks are queued: load functions between jobs only"
+        live = [c for c in self._children if not c.killed]
+        assert not any(c.busy for c in live), "a task is running: load functions between jobs only"
+        self.functions = functions
+        frame = encode_frame(("job", functions))
+        for child in live:
+            assert child.transport is not None  # spawned
+            child.transport.writeToChild(3, frame)
+
+    def cancel_all(self) -> None:
+        """
+        Cancel every queued and running task (killing the children that run
+        one; they are replaced), leaving the pool idle for the next job: the
+        job is over, and what is left of it must not go on.
+        """
+        queued, self._queue = self._queue, []
+        for job in queued:
+            job.cancelled = True
+        for child in self._children:
+            if child.busy:
+                child.kill()
 
     def _spawn(self) -> None:
         self._spawned += 1
@@ -255,10 +300,20 @@ class ProcessPool:
             self._spawn()
             self._next()
 
+    @property
+    def stopping(self) -> bool:
+        """L{stop} was called: the children are ending, and none replaces them."""
+        return self._stopping
+
     def stop(self) -> Deferred[None]:
-        """Ask every child to exit (end of input); fires when all have."""
-        self._stopping = True
+        """
+        Ask every child to exit (end of input); fires when all have.  Called
+        again, it only waits for them.
+        """
         ended = [c.ended for c in self._children]
+        if self._stopping:
+            return DeferredList(ended).addCallback(lambda _: None)
+        self._stopping = True
         for child in self._children:
             assert child.transport is not None
             child.transport.closeChildFD(3)
