@@ -218,6 +218,15 @@ class ServeOptions(_Verbosity, shared.WithTransportOptions):
             "were queued or running, resuming those that ran. Default: "
             "$XDG_STATE_HOME/octotwist/serve (~/.local/state/octotwist/serve).",
         ],
+        [
+            "web",
+            None,
+            None,
+            "Serve the cluster's status page (its jobs at /, each job's page at /jobs/ID/, "
+            "JSON at /jobs.json) on this endpoint, e.g. tcp:8080. Without interface= it "
+            "binds the server's interface; reachable from other machines, it needs the token "
+            "in the URL the server logs. The http transport also serves it on its own port.",
+        ],
         *shared.FAULT_PARAMETERS,
     ]
     optFlags = [
@@ -479,15 +488,19 @@ async def _work(reactor: IWorkerReactor, options: ClientOptions) -> int:
 
 async def _serve_cluster(reactor: IWorkerReactor, options: ServeOptions) -> int:
     """C{octo serve}: until interrupted (then exit status 1, as for any server stopped)."""
-    from octotwist.cluster import ClusterServer, ClusterService
+    from octotwist import webport
+    from octotwist.cluster import ClusterServer, ClusterService, default_state_dir
+    from octotwist.endpoints import check_server_endpoint
     from octotwist.hookspecs import get_transport
+    from octotwist.journal import JournalError
     from octotwist.service import client_hint
 
     transport = get_transport(options["transport"])
     listen, secret = shared.listen_settings(reactor, options, transport)
-    from octotwist.cluster import default_state_dir
-    from octotwist.journal import JournalError
-
+    web = options["web"]
+    if web is not None:
+        check_server_endpoint(reactor, web, "--web")
+        web = webport.web_endpoint(web, webport.listen_interface(listen))
     state_dir = None if options["no-state-dir"] else options["state-dir"] or default_state_dir()
     try:
         cluster = ClusterServer(
@@ -499,17 +512,13 @@ async def _serve_cluster(reactor: IWorkerReactor, options: ServeOptions) -> int:
     except JournalError as e:
         sys.stderr.write(f"octo: {e}\n")
         return EXIT_FAILED
-    service = ClusterService(
-        reactor,
-        cluster,
-        transport,
-        ServerSettings(listen, secret, shared.transport_options(options, transport, "server")),
-    )
+    own = shared.transport_options(options, transport, "server")
+    service = ClusterService(reactor, cluster, transport, ServerSettings(listen, secret, own), web)
     service.startService()
     try:
         address = await service.listening
     except Exception as e:
-        sys.stderr.write(f"octo: cannot listen on {listen}: {e}\n")
+        sys.stderr.write(f"octo: {e}\n")
         await service.stopService()
         return EXIT_FAILED
     hint = client_hint(address, transport, listen)

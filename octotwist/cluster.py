@@ -53,16 +53,19 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from octotwist import codec, messages
+from octotwist import codec, messages, webport
 from octotwist.config import FORMATS, FaultPolicy, JobConfig
+from octotwist.endpoints import server_is_local
 from octotwist.errors import OctotwistError
 from octotwist.job import Job, load_job
 from octotwist.journal import Journal, JournalError, Submitted
 from octotwist.outbox import Outbox
 from octotwist.output import Results
 from octotwist.server import JobOutcome, JobServer
+from octotwist.status import new_token
 from octotwist.store import DEFAULT_MEMORY_LIMIT, BlobStore
 from octotwist.transport import ChannelHandler, IReactor, MessageChannel, ServerSettings, Transport
 
@@ -298,6 +301,38 @@ class ClusterServer:
         for queued in self.jobs:
             if queued.submitter is peer:
                 queued.submitter = None  # the job goes on (detached)
+
+    # The status page (octotwist.clusterpage).
+
+    def status(self, limit: int = 200) -> dict[str, Any]:
+        """The cluster's workers and its newest C{limit} jobs, JSON-ready (docs/status.md)."""
+        return {
+            "workers": {
+                "working": sum(len(j.workers) for j in self._running),
+                "waiting": len(self._idle),
+            },
+            "jobs": [_summary(j) for j in self.jobs[-limit:]],
+        }
+
+    def job_entry(self, number: int) -> dict[str, Any] | None:
+        """Job C{number}'s line of L{status}, or C{None}: there is no such job."""
+        found = self._find(number)
+        return None if found is None else _summary(found)
+
+    def job_status(self, number: int) -> dict[str, Any] | None:
+        """
+        Job C{number}'s own status page's data: live while it runs, its last
+        once it is over; C{None} while it is queued (or it never started).
+        """
+        found = self._find(number)
+        if found is None:
+            return None
+        if found.server is not None:
+            return found.server.status()
+        return (found.outcome.stats or None) if found.outcome is not None else None
+
+    def _find(self, number: int) -> ClusterJob | None:
+        return next((j for j in self.jobs if j.id == number), None)
 
     # Questions (octo jobs, octo cancel).
 
@@ -545,6 +580,35 @@ class ClusterServer:
             _log.warn("{error}", error=str(e))
 
 
+def _summary(job: ClusterJob) -> dict[str, Any]:
+    """A job's line of the cluster's status page."""
+    stats: dict[str, Any] = {}
+    if job.server is not None:
+        stats = job.server.status()
+    elif job.outcome is not None:
+        stats = job.outcome.stats
+    outcome = job.outcome
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state,
+        "submitted": job.submitted,
+        "error": job.error or "",
+        "max_workers": job.max_workers,
+        "workers": len(job.workers),
+        "map": _progress(stats.get("map")),
+        "reduce": _progress(stats.get("reduce")),
+        "results": outcome.results if outcome is not None else None,
+        "seconds": stats.get("elapsed", outcome.seconds if outcome is not None else None),
+    }
+
+
+def _progress(phase: Any) -> dict[str, Any] | None:
+    if not isinstance(phase, dict):
+        return None
+    return {"done": phase.get("done", 0), "total": phase.get("total")}
+
+
 def _entry(queued: ClusterJob) -> tuple[int, str, str, float, str]:
     return (queued.id, queued.name, queued.state, queued.submitted, queued.error or "")
 
@@ -772,8 +836,12 @@ class _Peer:
 
 class ClusterService(Service):
     """
-    C{octo serve}: a L{ClusterServer} on a transport's port, until stopped.
+    C{octo serve}: a L{ClusterServer} on a transport's port, and its status
+    site (L{octotwist.clusterpage}) on C{web} and on an HTTP transport's
+    port, until stopped.
 
+    @param web: the status site's endpoint, its interface filled in
+        (L{octotwist.webport.web_endpoint}); C{None}: none of its own.
     @ivar listening: fires with the port's address once it listens.
     """
 
@@ -783,19 +851,51 @@ class ClusterService(Service):
         cluster: ClusterServer,
         transport: Transport,
         settings: ServerSettings,
+        web: str | None = None,
     ) -> None:
+        from octotwist.clusterpage import ClusterPage
+
         self.reactor = reactor
         self.cluster = cluster
         self.transport = transport
-        self.settings = settings
-        self.task_server = transport.server_class()(reactor, settings, cluster.accept)
+        self.web = web
+        #: The status site's token, needed beyond this machine.
+        self.token = new_token()
+        local = server_is_local(settings.listen)
+        self.settings = dataclasses.replace(
+            settings, status=ClusterPage(cluster, token=None if local else self.token)
+        )
+        self.task_server = transport.server_class()(reactor, self.settings, cluster.accept)
+        self._web_port: IListeningPort | None = None
         self.listening: Deferred[str] = Deferred()
 
     def startService(self) -> None:
         super().startService()
-        self.task_server.listen().chainDeferred(self.listening)
+        Deferred.fromCoroutine(self._listen()).chainDeferred(self.listening)
+
+    async def _listen(self) -> str:
+        from octotwist.clusterpage import ClusterPage
+
+        if self.web is not None:
+            try:
+                self._web_port = await webport.serve_status(
+                    self.reactor,
+                    lambda token: ClusterPage(self.cluster, token=token),
+                    self.web,
+                    self.token,
+                )
+            except Exception as e:
+                raise OctotwistError(f"cannot listen on {self.web}: {e}") from e
+        try:
+            address = await self.task_server.listen()
+        except Exception as e:
+            raise OctotwistError(f"cannot listen on {self.settings.listen}: {e}") from e
+        webport.log_transport_page(address, self.settings.listen, self.token, self.transport)
+        return address
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self.cluster.stop()
+        if self._web_port is not None:
+            self._web_port.stopListening()
         return self.task_server.stop()

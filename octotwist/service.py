@@ -193,7 +193,10 @@ class JobService(Service):
         if web is not None:
             try:
                 self._web_port = await webport.serve_status(
-                    self.reactor, self.job_server.status, web, self.status_token
+                    self.reactor,
+                    lambda token: StatusPage(self.job_server.status, token=token),
+                    web,
+                    self.status_token,
                 )
             except Exception as e:
                 return self._cannot_listen(e, web)
@@ -216,7 +219,7 @@ class JobService(Service):
                 address=address,
                 hint=client_hint(address, self.transport, self.listen),
             )
-            self._log_transport_page(address)
+            webport.log_transport_page(address, self.listen, self.status_token, self.transport)
         self.listening.callback(address)
         if self.local:
             self._workers = self._start_workers(address)
@@ -247,23 +250,6 @@ class JobService(Service):
                 wait=LOCAL_WAIT,
                 task_lines=False,  # the server's progress says it all; -v shows them
             )
-        )
-
-    def _log_transport_page(self, address: str) -> None:
-        """
-        Where the transport serves the status page on its own port (an
-        HTTP transport, whose address is a URL), when that page needs the
-        token: the "serving job" line does not show it.
-        """
-        if not address.startswith(("http://", "https://")) or server_is_local(self.listen):
-            return
-        url = webport.everywhere_to_hostname(address)
-        _log.info(
-            "status page at {url}?token={token} (on the {transport} transport's port; "
-            "the token is required)",
-            url=url if url.endswith("/") else url + "/",
-            token=self.status_token,
-            transport=self.transport.name,
         )
 
     def _cannot_listen(self, error: Exception, where: str) -> JobOutcome:

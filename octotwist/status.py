@@ -63,28 +63,23 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-class StatusPage(Resource):
+class GuardedRoot(Resource):
     """
-    The root of the status site: C{b""} is the HTML page and
-    C{b"status.json"} the JSON; anything else is 404.  Every request is
+    The root of a status site, which guards every request to it: each is
     first checked by L{getChildWithDefault} (C{Host}, then the token), the
     one method through which any Twisted site, or a transport's own root
     resource, reaches the children.
 
-    @param snapshot: returns the current status (L{JobServer.status}).
     @param token: the token a request must present (C{?token=TOKEN}, or the
         cookie set by a request that did), from L{new_token}; C{None} for a
         page only this machine can reach (bound to loopback, or a Unix
         socket), which needs none.
     """
 
-    def __init__(self, snapshot: Snapshot, *, token: str | None) -> None:
+    def __init__(self, *, token: str | None) -> None:
         super().__init__()
-        self.snapshot = snapshot
         self.token = token
         self._host_check = HostCheck()
-        self.putChild(b"", _Page(snapshot))
-        self.putChild(b"status.json", _Json(snapshot))
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         for name, value in SECURITY_HEADERS.items():
@@ -129,6 +124,26 @@ class StatusPage(Resource):
             return True
         cookie = request.getCookie(_cookie_name(request))
         return cookie is not None and hmac.compare_digest(cookie, expected)
+
+
+class StatusPage(GuardedRoot):
+    """
+    The status site of one job: C{b""} is the HTML page and
+    C{b"status.json"} the JSON; anything else is 404.
+
+    @param snapshot: returns the current status (L{JobServer.status}).
+    """
+
+    def __init__(self, snapshot: Snapshot, *, token: str | None) -> None:
+        super().__init__(token=token)
+        self.snapshot = snapshot
+        add_job_pages(self, snapshot)
+
+
+def add_job_pages(parent: Resource, snapshot: Snapshot) -> None:
+    """Put one job's page (C{b""}) and JSON (C{b"status.json"}) under C{parent}."""
+    parent.putChild(b"", _Page(snapshot))
+    parent.putChild(b"status.json", JsonResource(snapshot))
 
 
 def _cookie_name(request: Request) -> bytes:
@@ -233,7 +248,7 @@ class _Refusal(Resource):
         return (self.message + "\n").encode()
 
 
-class _Json(Resource):
+class JsonResource(Resource):
     isLeaf = True
 
     def __init__(self, snapshot: Snapshot) -> None:
@@ -266,14 +281,23 @@ def render_page(status: dict[str, Any]) -> str:
     """The whole HTML document."""
     title = f"octo: {status['job']} ({status['phase']})"
     final = status["phase"] in ("finished", "failed")
+    return render_document(title, render_main(status), live=not final, data="status.json")
+
+
+def render_document(title: str, main: str, *, live: bool, data: str) -> str:
+    """
+    A status site's HTML page: C{main} inside C{<main>}, kept fresh by the
+    page's script while C{live}, with a link to its JSON, C{data}.
+    """
     # Without JavaScript (terminal browsers), a meta refresh keeps it live.
-    refresh = "" if final else '<noscript><meta http-equiv="refresh" content="5"></noscript>'
+    refresh = '<noscript><meta http-equiv="refresh" content="5"></noscript>' if live else ""
     return _PAGE.format(
         title=escape(title),
         refresh=refresh,
-        main=render_main(status),
+        main=main,
         style=_STYLE,
         script=_SCRIPT_TEXT,
+        data=escape(data),
     )
 
 
@@ -306,7 +330,7 @@ def _header(s: dict[str, Any]) -> str:
     return (
         f'<h1>Job <span id="job">{escape(s["job"])}</span></h1>\n'
         f'<p>Phase: <strong id="phase" class="phase-{escape(state)}">{escape(state)}</strong>'
-        f'{step} &middot; elapsed <span id="elapsed">{_duration(s["elapsed"])}</span></p>{error}'
+        f'{step} &middot; elapsed <span id="elapsed">{duration(s["elapsed"])}</span></p>{error}'
     )
 
 
@@ -439,7 +463,7 @@ def _skipped(skipped: list[dict[str, Any]]) -> str:
     return f'<section><h2>Skipped records</h2><ul id="skipped">\n{items}\n</ul></section>'
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds} s"
@@ -462,7 +486,7 @@ _PAGE = """<!DOCTYPE html>
 <body><main id="main">
 {main}
 </main>
-<footer><p><span id="contact"></span><a href="status.json">status.json</a>
+<footer><p><span id="contact"></span><a href="{data}">{data}</a>
 &middot; octotwist</p></footer>
 <script>{script}</script>
 </body></html>
@@ -504,8 +528,13 @@ _SCRIPT = """
       open.forEach(function (id) {
         var d = document.getElementById(id); if (d) { d.open = true; }
       });
-      document.title = "octo: " + document.getElementById("job").textContent +
-        " (" + document.getElementById("phase").textContent + ")";
+      var job = document.getElementById("job"), phase = document.getElementById("phase");
+      var title = document.getElementById("title");
+      if (job && phase) {
+        document.title = "octo: " + job.textContent + " (" + phase.textContent + ")";
+      } else if (title) {
+        document.title = title.textContent;
+      }
       delay = REFRESH_MS;
       document.getElementById("contact").textContent = "";
     }).catch(function () {

@@ -18,9 +18,10 @@ from twisted.internet.endpoints import _parse, serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.resource import IResource
 
 from octotwist.endpoints import server_is_local
-from octotwist.transport import IReactor
+from octotwist.transport import IReactor, Transport
 
 _log = Logger()
 
@@ -92,20 +93,21 @@ def _is_loopback_address(address: str) -> bool:
 
 
 async def serve_status(
-    reactor: IReactor, status: Callable[[], dict[str, Any]], endpoint: str, token: str
+    reactor: IReactor, site_root: Callable[[str | None], IResource], endpoint: str, token: str
 ) -> IListeningPort:
     """
-    Serve the status page (C{status} gives its data) on C{endpoint}
-    (C{--web}, its interface filled in by L{web_endpoint}), and log its
-    URL: with the token when the page is reachable from other machines,
-    which then refuses requests without it.
+    Serve a status site on C{endpoint} (C{--web}, its interface filled in
+    by L{web_endpoint}), and log its URL: with the token when the page is
+    reachable from other machines, which then refuses requests without it.
+
+    @param site_root: makes the site's root resource, a
+        L{octotwist.status.GuardedRoot}, given the token it must ask for
+        (C{None}: none, the page is this machine's only).
     """
     from twisted.web.server import Site
 
-    from octotwist.status import StatusPage
-
     local = server_is_local(endpoint)
-    site = Site(StatusPage(status, token=None if local else token))
+    site = Site(site_root(None if local else token))
     site.noisy = False
     site.displayTracebacks = False
     port = await serverFromString(reactor, endpoint).listen(site)
@@ -130,6 +132,24 @@ async def stop_status(port: IListeningPort, reactor: IReactorTime) -> None:
     stopped = port.stopListening()
     assert stopped is not None  # a listening port's stopListening returns a Deferred
     await stopped
+
+
+def log_transport_page(address: str, listen: str, token: str, transport: Transport) -> None:
+    """
+    Where the transport serves the status page on its own port (an HTTP
+    transport, whose address is a URL), when that page needs the token:
+    the "serving" line does not show it.
+    """
+    if not address.startswith(("http://", "https://")) or server_is_local(listen):
+        return
+    url = everywhere_to_hostname(address)
+    _log.info(
+        "status page at {url}?token={token} (on the {transport} transport's port; "
+        "the token is required)",
+        url=url if url.endswith("/") else url + "/",
+        token=token,
+        transport=transport.name,
+    )
 
 
 def _status_url(bound: Any, endpoint: str, token: str | None) -> str:

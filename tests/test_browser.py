@@ -296,3 +296,39 @@ def assert_no_csp_violation(driver: Any) -> None:
     """The browser's console reported no Content-Security-Policy refusal."""
     refused = csp_refusals(driver)
     assert not refused, refused
+
+
+def test_the_cluster_page_follows_its_jobs_in_a_browser(
+    browser: Any, env: dict, tmp_path: Path
+) -> None:
+    """octo serve --web: a job's row changes state without a reload; its link opens its page."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    port, web = free_port(), free_port()
+    server = start(
+        "serve", "--listen", f"tcp:{port}:interface=127.0.0.1",
+        "--web", f"tcp:{web}:interface=127.0.0.1", env=env,
+    )  # fmt: skip
+    wait_for_port(port, server)
+    wait_for_port(web, server)
+    address = f"127.0.0.1:{port}"
+    script = job(tmp_path, GATED.format(gates=str(gates)))
+    submitted = start("submit", "-c", address, str(script), env=env)  # (key 4 fails it)
+    browser.get(f"http://127.0.0.1:{web}/")
+    wait_for(browser, "job 1 listed", lambda d: text(d, "job-1-state") in ("queued", "running"))
+    browser.execute_script(_WATCH)
+    worker = start("client", address, "-p", "2", env=env)
+    wait_for(browser, "its worker", lambda d: count(d, "workers-working") == 1)
+    assert text(browser, "job-1-state") == "running"
+    (gates / "first").touch()
+    (gates / "second").touch()
+    wait_for(browser, "job 1 over", lambda d: text(d, "job-1-state") in ("done", "failed"))
+    assert browser.execute_script("return window.octoTestMark;") == "still the same page"
+    assert browser.title.startswith("octo serve: 0 running, 0 queued"), browser.title
+    assert not csp_refusals(browser)
+    finish(submitted)
+    browser.find_element(By.LINK_TEXT, "1").click()
+    wait_for(browser, "the job's own page", lambda d: text(d, "phase") in ("finished", "failed"))
+    assert count(browser, "map-total") == 12
+    server.kill()
+    worker.kill()

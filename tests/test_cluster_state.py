@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import finish, free_port, octo, parse_tsv, start, wait_for_log, wait_for_port
 from test_cluster import WORDS, words
 from test_end_to_end import job
