@@ -10,6 +10,7 @@ over); 1 the job failed; 2 bad usage, a bad job script or a bad option.
 from __future__ import annotations
 
 import bdb
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -444,7 +445,7 @@ def _show_progress(job_server: JobServer, reactor: IReactorTime, options: usage.
     """Start live progress bars when a person is watching; say whether we did."""
     if not LiveProgress.wanted(_sink.stream, bool(options.get("quiet"))):
         return False
-    LiveProgress(job_server, reactor, _sink).start()
+    LiveProgress.for_server(job_server, reactor, _sink).start()
     return True
 
 
@@ -567,15 +568,21 @@ async def _fetch(
 
     client = options.client(reactor)
     sink = Sink(options["output"], format)
+    bars = _SubmitterBars(reactor, options)
+    if isinstance(request, messages.Submit) and bars.wanted and not detach:
+        request = dataclasses.replace(request, progress=True)
     try:
-        ending = await submit(client, request, sink, detach)
+        ending = await submit(client, request, sink, detach, bars.update)
     except (OctotwistError, ConnectionError) as e:
+        bars.stop()
         sink.abort()
         sys.stderr.write(f"octo: {e}\n")
         return EXIT_FAILED
     except BaseException:
+        bars.stop()
         sink.abort()
         raise
+    bars.stop()
     if isinstance(ending, messages.JobAccepted):
         sink.abort()
         print(ending.job)
@@ -601,6 +608,26 @@ async def _fetch(
         s="" if ending.results == 1 else "s",
     )
     return EXIT_OK
+
+
+class _SubmitterBars:
+    """C{octo submit}'s bars, drawn from the cluster's L{messages.JobProgress}."""
+
+    def __init__(self, reactor: IReactorTime, options: usage.Options) -> None:
+        self.reactor = reactor
+        self.wanted = LiveProgress.wanted(_sink.stream, bool(options.get("quiet")))
+        self._status: dict[str, Any] | None = None
+        self._bars: LiveProgress | None = None
+
+    def update(self, status: dict[str, Any]) -> None:
+        self._status = status
+        if self._bars is None and self.wanted:
+            self._bars = LiveProgress(lambda: self._status or status, self.reactor, _sink)
+            self._bars.start()
+
+    def stop(self) -> None:
+        if self._bars is not None:
+            self._bars.stop()
 
 
 async def _list_jobs(reactor: IWorkerReactor, options: JobsOptions) -> int:

@@ -54,6 +54,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from octotwist import codec, messages, webport
@@ -64,6 +65,7 @@ from octotwist.job import Job, load_job
 from octotwist.journal import Journal, JournalError, Submitted
 from octotwist.outbox import Outbox
 from octotwist.output import Results
+from octotwist.progress import bar_status
 from octotwist.server import JobOutcome, JobServer
 from octotwist.status import new_token
 from octotwist.store import DEFAULT_MEMORY_LIMIT, BlobStore
@@ -78,6 +80,8 @@ _CHUNK = 64 * 1024
 MAX_SUBMIT = 1024**3
 #: The length before each batch of a pickled job's kept results.
 _LENGTH = struct.Struct("!Q")
+#: Seconds between the L{messages.JobProgress} a submitter asked for.
+PROGRESS_INTERVAL = 0.5
 
 
 @dataclass(eq=False)
@@ -107,6 +111,9 @@ class ClusterJob:
     workers: list[_Peer] = field(default_factory=list)
     #: Where its script's copy is, if it runs one (see L{ClusterServer._load}).
     home: Path | None = None
+    #: Its submitter wants its progress (L{messages.JobProgress}).
+    progress: bool = False
+    _progress_loop: LoopingCall | None = None
 
     def wants_worker(self) -> bool:
         return self.server is not None and (
@@ -403,6 +410,7 @@ class ClusterServer:
         try:
             queued = self._load(peer, submit)
             queued.id = self._number(queued, submit)
+            queued.progress = submit.progress
         except OctotwistError as e:
             if queued is not None and queued.home is not None:
                 shutil.rmtree(queued.home, ignore_errors=True)
@@ -421,6 +429,13 @@ class ClusterServer:
             ahead=f"; {ahead} ahead of it" if ahead else "",
         )
         self._next()
+
+    def _send_progress(self, queued: ClusterJob) -> None:
+        """Tell a submitter that asked (for its bars) how its job goes."""
+        if queued.submitter is None or queued.server is None:
+            return  # gone, or over: the loop stops with the job
+        status = bar_status(queued.server.status())
+        queued.submitter.outbox.send(messages.JobProgress(json.dumps(status)))
 
     def _number(self, queued: ClusterJob, submit: messages.Submit) -> int:
         """
@@ -522,6 +537,10 @@ class ClusterServer:
         self._running.append(queued)
         if queued.submitter is not None:
             queued.submitter.outbox.send(messages.JobStarted(queued.id))
+            if queued.progress:
+                queued._progress_loop = LoopingCall(self._send_progress, queued)
+                queued._progress_loop.clock = self.reactor
+                queued._progress_loop.start(PROGRESS_INTERVAL, now=True)
         taken = self._idle if not queued.max_workers else self._idle[: queued.max_workers]
         self._idle = self._idle[len(taken) :]
         server.start(workers_coming=bool(taken))
@@ -542,6 +561,12 @@ class ClusterServer:
             _log.failure("job {id} ended with an error", outcome, id=queued.id)
             outcome = JobOutcome(False, f"the server failed: {outcome.getErrorMessage()}")
         self._running.remove(queued)
+        if queued._progress_loop is not None and queued._progress_loop.running:
+            queued._progress_loop.stop()
+            if queued.submitter is not None and outcome.stats:
+                # The last frame: the bars end where the job did.
+                last = json.dumps(bar_status(outcome.stats))
+                queued.submitter.outbox.send(messages.JobProgress(last))
         queued.outcome = outcome
         self._tell_ended(queued, outcome.ok, outcome.error or "")
         queued.job, queued.server = None, None  # what it held is not needed any more

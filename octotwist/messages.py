@@ -181,6 +181,7 @@ class Submit:
     @ivar reduce_tasks: partitions, overriding the job's; 0: the job's.
     @ivar max_workers: the most workers the job takes, so that another job
         runs beside it on the rest; 0: as many as come.
+    @ivar progress: send L{JobProgress} while the job runs (for bars).
     """
 
     name: str
@@ -192,6 +193,7 @@ class Submit:
     reduce_tasks: int = 0
     max_workers: int = 0
     end: bool = True
+    progress: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +216,16 @@ class JobStarted:
     """Cluster -> submitter: the job is running now."""
 
     job: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """
+    Cluster -> submitter that asked: the job's progress now, as JSON (the
+    fields of L{octotwist.progress.bar_status}).
+    """
+
+    status: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +312,7 @@ Message = (
     | JobAccepted
     | JobRefused
     | JobStarted
+    | JobProgress
     | ResultText
     | ResultBatch
     | JobEnded
@@ -324,6 +337,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     JobAccepted,
     JobRefused,
     JobStarted,
+    JobProgress,
     ResultText,
     ResultBatch,
     JobEnded,
@@ -344,6 +358,7 @@ __all__ = [
     "JobAccepted",
     "JobEnded",
     "JobList",
+    "JobProgress",
     "JobRefused",
     "JobStarted",
     "ListJobs",

@@ -1,7 +1,7 @@
 """
 Progress a person can watch in a terminal: live bars for the map and reduce
-phases while a job runs (C{octo run}, C{octo server} on a TTY), drawn with
-rich.
+phases while a job runs (C{octo run}, C{octo server} and C{octo submit} on a
+TTY), drawn with rich.
 
 Only on a terminal: when stderr is a file or a pipe, or with C{--quiet},
 nothing here runs and the server's periodic log lines say the same thing in
@@ -15,7 +15,8 @@ bars are up, so they scroll above the bars instead of tearing them.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -48,14 +49,45 @@ class LogSink:
             self.stream.flush()
 
 
+def bar_status(status: dict[str, Any]) -> dict[str, Any]:
+    """What the bars show of a job's status (L{JobServer.status}): to send, small."""
+    return {
+        "phase": status["phase"],
+        "step": status.get("step", 1),
+        "steps": status.get("steps", 1),
+        "map": status["map"],
+        "reduce": status["reduce"],
+        "workers": [w["name"] for w in status["workers"]],
+        "throughput": {
+            "tasks_per_second": status["throughput"]["tasks_per_second"],
+            "bytes_per_second": status["throughput"]["bytes_per_second"],
+        },
+    }
+
+
 class LiveProgress:
     """
-    Bars for a running L{JobServer}: tasks done/total per phase, workers,
-    throughput, time left.  Stops (leaving the last frame on screen) just
-    before the job's results are written.
+    Bars for a running job: tasks done/total per phase, workers,
+    throughput, time left.  L{for_server} follows a L{JobServer} here, and
+    stops (leaving the last frame on screen) just before the job's results
+    are written; C{octo submit} follows its job on a cluster.
+
+    @param snapshot: the job's status now (L{JobServer.status}, or its
+        L{bar_status}).
     """
 
-    def __init__(self, job_server: JobServer, reactor: IReactorTime, sink: LogSink) -> None:
+    @classmethod
+    def for_server(
+        cls, job_server: JobServer, reactor: IReactorTime, sink: LogSink
+    ) -> LiveProgress:
+        progress = cls(job_server.status, reactor, sink)
+        job_server.before_final(progress.stop)
+        job_server.result.addBoth(progress._ended)
+        return progress
+
+    def __init__(
+        self, snapshot: Callable[[], dict[str, Any]], reactor: IReactorTime, sink: LogSink
+    ) -> None:
         # rich is imported only here: most runs (logs to a file, --quiet)
         # never draw a bar, and it costs every command 20 ms to import.
         from rich.console import Console
@@ -67,7 +99,7 @@ class LiveProgress:
             TimeRemainingColumn,
         )
 
-        self.job_server = job_server
+        self.snapshot = snapshot
         self.sink = sink
         self.console = Console(file=sink.stream, highlight=False)
         self.progress = Progress(
@@ -88,8 +120,6 @@ class LiveProgress:
         self._tasks: dict[str, TaskID] = {}
         self._loop = LoopingCall(self.redraw)
         self._loop.clock = reactor
-        job_server.before_final(self.stop)
-        job_server.result.addBoth(self._ended)
 
     @staticmethod
     def wanted(stream: TextIO, quiet: bool) -> bool:
@@ -104,7 +134,7 @@ class LiveProgress:
         self._loop.start(REDRAW_INTERVAL, now=True)
 
     def redraw(self) -> None:
-        status = self.job_server.status()
+        status = self.snapshot()
         workers = len(status["workers"])
         rate = status["throughput"]
         active = {"mapping": "map", "reducing": "reduce"}.get(status["phase"])

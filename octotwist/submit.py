@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -67,6 +68,8 @@ class Submission:
         self.detach = detach
         self.job: int | None = None
         self.ended: Deferred[Ending] = Deferred()
+        #: Called with each L{messages.JobProgress}'s status, if set.
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
         self._batch: list[bytes] = []
         if isinstance(request, messages.Submit):
             # A pickled job may be large: in parts, as the channel drains.
@@ -105,6 +108,9 @@ class Submission:
                 )
             case messages.JobStarted(job):
                 _log.info("job {job} is running", job=job)
+            case messages.JobProgress(status):
+                if self.on_progress is not None:
+                    self.on_progress(json.loads(status))
             case messages.ResultText(data):
                 self.sink.write(data)
             case messages.ResultBatch(data, end):
@@ -333,6 +339,7 @@ async def submit(
     submit: messages.Submit | messages.FetchResults,
     sink: ResultSink,
     detach: bool = False,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Ending:
     """
     Connect, submit (or ask for a finished job's results), and wait for the
@@ -346,6 +353,7 @@ async def submit(
 
     def accept(channel: MessageChannel) -> Submission:
         sessions.append(Submission(channel, submit, sink, detach))
+        sessions[-1].on_progress = on_progress
         return sessions[-1]
 
     await _connect(client, accept)

@@ -6,6 +6,7 @@ C{octo run}.  Real processes on 127.0.0.1, over every transport.
 
 from __future__ import annotations
 
+import re
 import signal
 from collections import Counter
 from pathlib import Path
@@ -283,5 +284,71 @@ def test_each_job_loaded_by_the_server_imports_its_own_helper(env: dict, tmp_pat
         result = submit("tcp", env, address, str(script))
         assert result.returncode == 0, result.stderr
         assert result.stdout == f"tag-{folder} 1 tag-{folder}\n"
+    server.kill()
+    worker.kill()
+
+
+def on_a_terminal(args: list[str], env: dict) -> tuple[int, str, str]:
+    """Run C{octo ARGS} with its stderr on a pseudo-terminal (120 columns): code, out, terminal."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "octotwist", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    os.close(slave)
+    screen: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                return
+            if not data:
+                return
+            screen.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(timeout=120)
+    reader.join(10)
+    os.close(master)
+    return proc.returncode, out.decode(), b"".join(screen).decode(errors="replace")
+
+
+def test_octo_submit_draws_progress_bars_on_a_terminal(env: dict, tmp_path: Path) -> None:
+    server, address = serve("tcp", env)
+    worker = start("client", address, "-p", "2", env=env)
+    slow = job(
+        tmp_path,
+        WORDS.format(mod=5).replace(
+            "    for w in", "    import time; time.sleep(0.05)\n    for w in"
+        ),
+        "slow.py",
+    )
+    code, out, screen = on_a_terminal(["submit", "-c", address, str(slow)], env)
+    assert code == 0, screen
+    assert parse_tsv(out) == words(5)
+    assert "\x1b[" in screen  # drawn, in place: control sequences
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+    # The last frame is where the job ended: every task done.
+    assert "30/30" in plain.rsplit("map ", 1)[-1].splitlines()[0], plain
+    assert "3/3" in plain.rsplit("reduce ", 1)[-1].splitlines()[0], plain
+    # Not on a pipe: plain log lines only.
+    piped = submit("tcp", env, address, str(slow))
+    assert piped.returncode == 0 and "\x1b[" not in piped.stderr and "30/30" not in piped.stderr
     server.kill()
     worker.kill()
