@@ -46,7 +46,7 @@ from octotwist.job import load_job
 from octotwist.progress import LiveProgress, LogSink
 from octotwist.server import MAX_SLOTS, JobServer
 from octotwist.service import JobService, local_config, run_here
-from octotwist.transport import ClientSettings, ServerSettings, TaskClient, Transport
+from octotwist.transport import ClientSettings, TaskClient, Transport
 
 _log = Logger()
 
@@ -189,26 +189,7 @@ class ServeOptions(_Verbosity, shared.WithTransportOptions):
         "they came."
     )
     optParameters = [
-        [
-            "transport",
-            "t",
-            DEFAULT_TRANSPORT,
-            "Transport to serve on; `octo transports` lists them.",
-        ],
-        [
-            "listen",
-            "l",
-            None,
-            "Twisted endpoint to listen on (as for octo server). Default: port 18125 on "
-            "every interface with a configured secret, on 127.0.0.1 only without one.",
-        ],
-        [
-            "secret-file",
-            None,
-            None,
-            f"File holding the shared secret, at least {auth.MIN_SECRET_LENGTH} characters, "
-            f"mode 0600 (default: ${auth.SECRET_ENV}, else the local one).",
-        ],
+        *shared.SERVER_PARAMETERS,
         shared.MEMORY_PARAMETER,
         [
             "state-dir",
@@ -230,14 +211,7 @@ class ServeOptions(_Verbosity, shared.WithTransportOptions):
         ],
         *shared.FAULT_PARAMETERS,
     ]
-    optFlags = [
-        [
-            "no-state-dir",
-            None,
-            "Keep nothing: the queue and the results last as long as this server.",
-        ],
-        *shared.FAULT_FLAGS,
-    ]
+    optFlags = [shared.NO_STATE_DIR_FLAG, *shared.FAULT_FLAGS]
 
     def postOptions(self) -> None:
         if self["no-state-dir"] and self["state-dir"]:
@@ -489,47 +463,20 @@ async def _work(reactor: IWorkerReactor, options: ClientOptions) -> int:
 
 async def _serve_cluster(reactor: IWorkerReactor, options: ServeOptions) -> int:
     """C{octo serve}: until interrupted (then exit status 1, as for any server stopped)."""
-    from octotwist import webport
-    from octotwist.cluster import ClusterServer, ClusterService, default_state_dir
-    from octotwist.endpoints import check_server_endpoint
-    from octotwist.hookspecs import get_transport
     from octotwist.journal import JournalError
-    from octotwist.service import client_hint
 
-    transport = get_transport(options["transport"])
-    listen, secret = shared.listen_settings(reactor, options, transport)
-    web = options["web"]
-    if web is not None:
-        check_server_endpoint(reactor, web, "--web")
-        web = webport.web_endpoint(web, webport.listen_interface(listen))
-    state_dir = None if options["no-state-dir"] else options["state-dir"] or default_state_dir()
     try:
-        cluster = ClusterServer(
-            reactor,
-            policy=shared.fault_policy(options),
-            memory_limit=int(options["memory-limit"] * 2**20),
-            state_dir=state_dir,
-        )
+        service = tap.build_cluster(options, reactor)
     except JournalError as e:
         sys.stderr.write(f"octo: {e}\n")
         return EXIT_FAILED
-    own = shared.transport_options(options, transport, "server")
-    service = ClusterService(reactor, cluster, transport, ServerSettings(listen, secret, own), web)
     service.startService()
     try:
-        address = await service.listening
+        await service.listening
     except Exception as e:
         sys.stderr.write(f"octo: {e}\n")
         await service.stopService()
         return EXIT_FAILED
-    hint = client_hint(address, transport, listen)
-    _log.info(
-        "serving jobs on {address}; start workers with: octo client {hint}; send jobs "
-        "with: octo submit JOB.py -c {hint}{kept}",
-        address=address,
-        hint=hint,
-        kept=f"; the queue is kept in {cluster.journal.directory}" if cluster.journal else "",
-    )
     try:
         await Deferred()  # until the reactor stops (Ctrl-C, SIGTERM)
     finally:

@@ -915,6 +915,17 @@ class ClusterService(Service):
             address = await self.task_server.listen()
         except Exception as e:
             raise OctotwistError(f"cannot listen on {self.settings.listen}: {e}") from e
+        from octotwist.service import client_hint
+
+        hint = client_hint(address, self.transport, self.settings.listen)
+        journal = self.cluster.journal
+        _log.info(
+            "serving jobs on {address}; start workers with: octo client {hint}; send jobs "
+            "with: octo submit JOB.py -c {hint}{kept}",
+            address=address,
+            hint=hint,
+            kept=f"; the queue is kept in {journal.directory}" if journal else "",
+        )
         webport.log_transport_page(address, self.settings.listen, self.token, self.transport)
         return address
 

@@ -21,7 +21,7 @@ from twisted.python import usage
 from twisted.python.reflect import accumulateClassList
 
 from octotwist import auth
-from octotwist.config import FORMATS, FaultPolicy, JobConfig
+from octotwist.config import DEFAULT_TRANSPORT, FORMATS, FaultPolicy, JobConfig
 from octotwist.endpoints import check_server_endpoint, server_is_local
 from octotwist.errors import OctotwistError, UsageError
 from octotwist.job import Job
@@ -208,6 +208,41 @@ def own_option_names(parameters: list[list], flags: list[list]) -> set[str]:
     """The long names a command's own options take (a transport cannot take them)."""
     return {p[0] for p in parameters} | {f[0] for f in flags} | {"help", "version"}
 
+
+#: Where and how a server listens: C{octo server}, C{octo serve}, C{twistd octo}.
+SERVER_PARAMETERS: list[list[Any]] = [
+    [
+        "transport",
+        "t",
+        DEFAULT_TRANSPORT,
+        "Transport to serve on; `octo transports` lists them.",
+    ],
+    [
+        "listen",
+        "l",
+        None,
+        "Twisted endpoint to listen on, e.g. tcp:18125:interface=0.0.0.0, "
+        "ssl:18125:privateKey=key.pem, unix:/tmp/octo.sock. Default: port 18125 on "
+        "every interface with a configured secret, on 127.0.0.1 only without one.",
+    ],
+    [
+        "secret-file",
+        None,
+        None,
+        f"File holding the shared secret, at least {auth.MIN_SECRET_LENGTH} characters, "
+        "mode 0600 (`octo secret -o FILE` makes one; default: "
+        f"${auth.SECRET_ENV}, else a secret generated once and kept in "
+        "~/.config/octotwist/secret).",
+    ],
+]
+
+#: A cluster's state directory (C{octo serve}, C{twistd octo} without a script).
+NO_STATE_DIR_FLAG: list[Any] = [
+    "no-state-dir",
+    None,
+    "Keep nothing: the queue and the results last as long as this server "
+    "(a cluster: octo serve, twistd octo without a script).",
+]
 
 #: The status page, shared by every command that runs a server.
 WEB_PARAMETER: list[Any] = [

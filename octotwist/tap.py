@@ -1,5 +1,6 @@
 """
-The job server as a Twisted service: C{twistd octo --script job.py}.
+The job server as a Twisted service: C{twistd octo --script job.py}, and
+without a script a cluster that stays, as C{octo serve} (L{build_cluster}).
 
 L{Options} is shared with C{octo server}, so the two take the same flags;
 L{makeService} builds the L{JobService} that both run (L{build_service}).
@@ -10,13 +11,15 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
+from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
-from octotwist import allocator, auth, limits, webport
-from octotwist.config import DEFAULT_TRANSPORT, ServiceConfig
+from octotwist import allocator, limits, webport
+from octotwist.config import ServiceConfig
 from octotwist.endpoints import check_server_endpoint
 from octotwist.errors import OctotwistError
 from octotwist.job import load_job
@@ -24,12 +27,15 @@ from octotwist.options import (
     FAULT_FLAGS,
     FAULT_PARAMETERS,
     MEMORY_PARAMETER,
+    NO_STATE_DIR_FLAG,
     OUTPUT_FLAGS,
     OUTPUT_PARAMETERS,
     REDUCE_TASKS_PARAMETER,
+    SERVER_PARAMETERS,
     STATE_DIR_PARAMETER,
     WEB_PARAMETER,
     WithTransportOptions,
+    fault_policy,
     ignore_twisted_reserved_descriptor,
     job_config,
     listen_settings,
@@ -40,7 +46,10 @@ from octotwist.options import (
 from octotwist.output import Results
 from octotwist.server import JobOutcome
 from octotwist.service import JobService
-from octotwist.transport import IReactor
+from octotwist.transport import IReactor, ServerSettings
+
+if TYPE_CHECKING:
+    from octotwist.cluster import ClusterService
 
 _log = Logger()
 
@@ -56,29 +65,7 @@ class Options(WithTransportOptions):
     )
     optParameters = [
         ["script", "s", None, "The job script (may also be given as the argument)."],
-        [
-            "transport",
-            "t",
-            DEFAULT_TRANSPORT,
-            "Transport to serve on; `octo transports` lists them.",
-        ],
-        [
-            "listen",
-            "l",
-            None,
-            "Twisted endpoint to listen on, e.g. tcp:18125:interface=0.0.0.0, "
-            "ssl:18125:privateKey=key.pem, unix:/tmp/octo.sock. Default: port 18125 on "
-            "every interface with a configured secret, on 127.0.0.1 only without one.",
-        ],
-        [
-            "secret-file",
-            None,
-            None,
-            f"File holding the shared secret, at least {auth.MIN_SECRET_LENGTH} characters, "
-            "mode 0600 (`octo secret -o FILE` makes one; default: "
-            f"${auth.SECRET_ENV}, else a secret generated once and kept in "
-            "~/.config/octotwist/secret).",
-        ],
+        *SERVER_PARAMETERS,
         *OUTPUT_PARAMETERS,
         REDUCE_TASKS_PARAMETER,
         WEB_PARAMETER,
@@ -86,7 +73,7 @@ class Options(WithTransportOptions):
         STATE_DIR_PARAMETER,
         *FAULT_PARAMETERS,
     ]
-    optFlags = [*OUTPUT_FLAGS, *FAULT_FLAGS]
+    optFlags = [*OUTPUT_FLAGS, NO_STATE_DIR_FLAG, *FAULT_FLAGS]
 
     def parseArgs(self, *positional: str) -> None:
         # With --script, every argument is the job's; without, the first
@@ -96,8 +83,32 @@ class Options(WithTransportOptions):
         self["args"] = positional
 
     def postOptions(self) -> None:
-        if not self["script"]:
+        if self["script"]:
+            if self["no-state-dir"]:
+                raise usage.UsageError(
+                    "--no-state-dir is a cluster's (no script); a job keeps no state "
+                    "without --state-dir"
+                )
+            return
+        if not _under_twistd(self):
             raise usage.UsageError("no job script: octo server JOB.py (or --script JOB.py)")
+        # twistd octo without a script: a cluster, as octo serve; a job's
+        # own options are octo submit's.
+        given = [
+            f"--{name}"
+            for name in ("output", "reduce-tasks", "unsorted")
+            if self[name] not in (None, False)
+        ]
+        if self["format"] != "tsv":
+            given.append("--format")
+        if given or self["args"]:
+            raise usage.UsageError(
+                f"{', '.join(given) or 'job arguments'} without a script: twistd octo without "
+                "--script serves a queue of jobs (as octo serve), and each job takes its own "
+                "with octo submit"
+            )
+        if self["no-state-dir"] and self["state-dir"]:
+            raise usage.UsageError("--state-dir and --no-state-dir: give one")
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         try:
@@ -137,30 +148,75 @@ def build_service(
         _log.debug(
             "open files: soft limit raised from {before} to {after}", before=before, after=after
         )
-    web = options["web"]
-    if web is not None:
-        check_server_endpoint(reactor, web, "--web")
-        web = webport.web_endpoint(web, webport.listen_interface(listen))
+    web = _web(options, reactor, listen)
     service = ServiceConfig(listen, secret, transport_options(options, transport, "server"), web)
     if output is None:
         output = open_output(config, job)
     return JobService(reactor, job, config, service, transport, output)
 
 
-def makeService(options: Options) -> JobService:
-    """The twistd entry point: stops the reactor when the job ends."""
+def build_cluster(options: usage.Options, reactor: IReactor) -> ClusterService:
+    """
+    C{octo serve}, and C{twistd octo} without a script: a cluster on the
+    transport's port, its queue in its state directory; nothing binds yet.
+
+    @raise OctotwistError: the transport, the options or the state
+        directory are wrong (another server holds it, say).
+    """
+    from octotwist.cluster import ClusterServer, ClusterService, default_state_dir
+    from octotwist.hookspecs import get_transport
+
+    transport = get_transport(options["transport"])
+    listen, secret = listen_settings(reactor, options, transport)
+    limits.raise_open_file_limit()
+    web = _web(options, reactor, listen)
+    state_dir = None if options["no-state-dir"] else options["state-dir"] or default_state_dir()
+    cluster = ClusterServer(
+        reactor,
+        policy=fault_policy(options),
+        memory_limit=int(options["memory-limit"] * 2**20),
+        state_dir=state_dir,
+    )
+    own = transport_options(options, transport, "server")
+    return ClusterService(reactor, cluster, transport, ServerSettings(listen, secret, own), web)
+
+
+def _web(options: usage.Options, reactor: IReactor, listen: str) -> str | None:
+    """C{--web}, checked, its interface the server's unless it names one."""
+    web = options["web"]
+    if web is not None:
+        check_server_endpoint(reactor, web, "--web")
+        web = webport.web_endpoint(web, webport.listen_interface(listen))
+    return web
+
+
+def makeService(options: Options) -> Service:
+    """
+    The twistd entry point: a job's server, which stops the reactor when
+    the job ends, or without a script a cluster, until twistd is stopped.
+    """
     ignore_twisted_reserved_descriptor()
     from twisted.internet import reactor as installed
 
     reactor = cast(IReactor, installed)  # a module to mypy; the reactor twistd installed
     allocator.tune()
     try:
+        if not options["script"]:
+            cluster = build_cluster(options, reactor)
+            cluster.listening.addErrback(_cannot_serve, reactor)
+            return cluster
         service = build_service(options, reactor)
     except OctotwistError as e:
         sys.stderr.write(f"octo: {e}\n")
         raise SystemExit(2) from None
     service.outcome.addCallback(_stop_twistd, reactor)
     return service
+
+
+def _cannot_serve(failure: Failure, reactor: IReactor) -> None:
+    """A cluster under twistd that cannot listen: say why, stop, exit 1."""
+    _log.error("{error}", error=failure.getErrorMessage())
+    _stop_twistd(JobOutcome(False, failure.getErrorMessage()), reactor)
 
 
 def _stop_twistd(outcome: JobOutcome, reactor: IReactor) -> None:

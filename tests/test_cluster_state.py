@@ -19,6 +19,7 @@ import pytest
 from conftest import finish, free_port, octo, parse_tsv, start, wait_for_log, wait_for_port
 from test_cluster import WORDS, words
 from test_end_to_end import job
+from test_service import TWISTD
 
 #: 30 keys, one map task each; keys from 15 on wait for the gate file, and
 #: every execution of a map task appends its key to a log, so that the test
@@ -195,3 +196,45 @@ def test_a_full_state_disk_fails_that_job_and_the_next_runs(
     ]
     server.kill()
     worker.kill()
+
+
+def test_twistd_octo_without_a_script_is_a_cluster_that_keeps_its_queue(
+    env: dict, tmp_path: Path
+) -> None:
+    """twistd octo with no --script serves a queue, as octo serve; SIGTERM keeps it."""
+    port, state = free_port(), tmp_path / "state-dir"
+    address = f"127.0.0.1:{port}"
+    command = [
+        "--nodaemon", "--pidfile=", "octo",
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "--state-dir", str(state),
+    ]  # fmt: skip
+    server = start(*command, env=env, program=TWISTD, cwd=tmp_path)
+    wait_for_port(port, server)
+    first = octo(
+        "submit", "-c", address, "--detach", str(job(tmp_path, WORDS.format(mod=3))), env=env
+    )
+    assert first.returncode == 0, first.stderr
+    server.send_signal(signal.SIGTERM)
+    code, stdout, err = finish(server)
+    assert "serving jobs on" in stdout + err, stdout + err
+    # Started again: the job that waited (there was no worker) runs now.
+    server = start(*command, env=env, program=TWISTD, cwd=tmp_path)
+    wait_for_port(port, server)
+    worker = start("client", address, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        fetched = octo("results", "1", "-c", address, env=env)
+        if fetched.returncode == 0:
+            break
+        time.sleep(0.2)
+    assert fetched.returncode == 0, fetched.stderr
+    assert parse_tsv(fetched.stdout) == words(3)
+    server.send_signal(signal.SIGTERM)
+    finish(server)
+    worker.kill()
+    # A job's own options make no sense without a job.
+    refused = start(
+        "--nodaemon", "--pidfile=", "octo", "-o", "x.tsv", env=env, program=TWISTD, cwd=tmp_path
+    )
+    code, stdout, err = finish(refused)
+    assert code == 2 and "--output without a script" in stdout + err, stdout + err
