@@ -106,6 +106,69 @@ def test_killed_and_started_again_it_resumes_the_running_job_and_the_queue(
     worker.kill()
 
 
+#: Seven reduce tasks, a key each; reduce tasks of keys from 3 on wait for
+#: the gate; every call logs itself.
+REDUCED = """
+import os, time
+GATE, RAN = {gate!r}, {ran!r}
+source = {{i: i for i in range(30)}}
+def log(what):
+    with open(RAN, "a") as f:
+        f.write(what + "\\n")
+def mapfn(key, value):
+    log(f"map {{key}}")
+    yield key % 7, key
+def partitionfn(key, n):
+    return key % n
+def reducefn(key, values):
+    log(f"reduce {{key}}")
+    while key >= 3 and not os.path.exists(GATE):
+        time.sleep(0.02)
+    return key, sorted(values)
+reduce_tasks = 7
+"""
+
+
+def test_killed_mid_reduce_the_finished_reduce_tasks_do_not_run_again(
+    env: dict, tmp_path: Path
+) -> None:
+    port, state = free_port(), tmp_path / "state-dir"
+    address = f"127.0.0.1:{port}"
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    script = job(tmp_path, REDUCED.format(gate=str(gate), ran=str(ran)), "reduced.py")
+    server = serve(env, port, state)
+    worker = start("client", address, "-p", "2", "--wait", "120", env=env)
+    assert octo("submit", "--detach", "-c", address, str(script), env=env).returncode == 0
+    wait_for_log(server, ["worker "])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+        ran.exists() and {"reduce 0", "reduce 1", "reduce 2"} <= set(ran.read_text().splitlines())
+    ):
+        time.sleep(0.05)
+    time.sleep(1.0)  # their outputs journalled
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    server = serve(env, port, state)
+    gate.touch()
+    seen = wait_for_log(server, ["job reduced finished"], timeout=120)
+    assert "resuming job reduced from" in seen and "and 3 reduce tasks finished" in seen, seen
+    fetched = octo("results", "1", "-c", address, env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    lines = [line.split("\t") for line in fetched.stdout.splitlines()]
+    assert {int(k): eval(v) for k, v in lines} == {
+        k: sorted(v for v in range(30) if v % 7 == k) for k in range(7)
+    }
+    calls = ran.read_text().splitlines()
+    assert sorted(c for c in calls if c.startswith("map ")) == sorted(
+        f"map {k}" for k in range(30)
+    ), "a map task ran again"
+    for key in range(3):  # done before the kill: not again
+        assert calls.count(f"reduce {key}") == 1, calls
+    print(f"reduce calls: {sum(c.startswith('reduce ') for c in calls)} for 7 tasks")
+    server.kill()
+    worker.kill()
+
+
 def test_a_second_server_on_the_state_dir_refuses_naming_the_first(
     env: dict, tmp_path: Path
 ) -> None:
