@@ -24,7 +24,6 @@ from octotwist.status import (
     duration,
     render_document,
     render_main,
-    render_page,
 )
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ class ClusterPage(GuardedRoot):
     def __init__(self, cluster: ClusterServer, *, token: str | None) -> None:
         super().__init__(token=token)
         self.cluster = cluster
-        self.putChild(b"", _List(cluster.status))
+        self.putChild(b"", _Live(cluster.status, _list_view, "jobs.json"))
         self.putChild(b"jobs.json", JsonResource(cluster.status))
         self.putChild(b"jobs", _Jobs(cluster))
 
@@ -74,7 +73,7 @@ class _Job(Resource):
         if path == b"status.json":
             return JsonResource(self._snapshot)
         if path == b"":
-            return _JobPage(self._snapshot)
+            return _Live(self._snapshot, _job_view, "status.json")
         return NoResource()
 
     def _snapshot(self) -> dict[str, Any]:
@@ -85,26 +84,39 @@ class _Job(Resource):
         return {"id": self.number, **entry}
 
 
-class _JobPage(Resource):
+#: What a page shows of its data: its title, its <main>, whether it is live.
+View = Callable[[dict[str, Any]], tuple[str, str, bool]]
+
+
+class _Live(Resource):
+    """
+    An HTML page of the site: the whole of it, or (C{?part=main}) the part
+    that its script fetches and swaps in, rendered from C{snapshot()}.
+    """
+
     isLeaf = True
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], view: View, data: str) -> None:
         super().__init__()
         self.snapshot = snapshot
+        self.view = view
+        self.data = data
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        status = self.snapshot()
-        part = request.args.get(b"part") == [b"main"]  # type: ignore[attr-defined]
-        if "phase" not in status:  # not started: what the cluster knows of it
-            main = _summary(status)
-            if part:
-                return main.encode()
-            title = f"octo: {status.get('name', '?')} ({status.get('state', '?')})"
-            return render_document(title, main, live=True, data="status.json").encode()
-        if part:
-            return render_main(status).encode()
-        return render_page(status).encode()
+        title, main, live = self.view(self.snapshot())
+        if request.args.get(b"part") == [b"main"]:  # type: ignore[attr-defined]
+            return main.encode()
+        return render_document(title, main, live=live, data=self.data).encode()
+
+
+def _job_view(status: dict[str, Any]) -> tuple[str, str, bool]:
+    """A job's page: as octo server serves it once it runs; while queued, that it is."""
+    if "phase" in status:
+        title = f"octo: {status['job']} ({status['phase']})"
+        return title, render_main(status), status["phase"] not in ("finished", "failed")
+    title = f"octo: {status.get('name', '?')} ({status.get('state', '?')})"
+    return title, _summary(status), True
 
 
 def _summary(entry: dict[str, Any]) -> str:
@@ -117,20 +129,8 @@ def _summary(entry: dict[str, Any]) -> str:
     )
 
 
-class _List(Resource):
-    isLeaf = True
-
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
-        super().__init__()
-        self.snapshot = snapshot
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        status = self.snapshot()
-        main = render_jobs(status)
-        if request.args.get(b"part") == [b"main"]:  # type: ignore[attr-defined]
-            return main.encode()
-        return render_document(_title(status), main, live=True, data="jobs.json").encode()
+def _list_view(status: dict[str, Any]) -> tuple[str, str, bool]:
+    return _title(status), render_jobs(status), True
 
 
 def _title(status: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ from octotwist.config import DEFAULT_TRANSPORT, JobConfig
 from octotwist.errors import OctotwistError, UsageError
 from octotwist.output import Collected, Results
 from octotwist.server import JobOutcome
-from octotwist.submit import Submission, ask, cluster_client
+from octotwist.submit import Submission, ask, cluster_client, connect
 from octotwist.threaded import blocking_call, global_reactor
 from octotwist.transport import IReactor, MessageChannel, TaskClient
 
@@ -169,12 +169,7 @@ class Cluster:
             return sessions[-1]
 
         try:
-            try:
-                await client.connect(accept)
-            except OctotwistError:
-                raise
-            except Exception as e:
-                raise ConnectionError(f"cannot reach the cluster at {self.address}: {e}") from e
+            await connect(client, accept, "the cluster")
             try:
                 ending = await sessions[-1].ended
             except CancelledError:

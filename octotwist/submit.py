@@ -204,7 +204,7 @@ async def ask(
         asked.append(Question(channel, question))
         return asked[-1]
 
-    await _connect(client, accept)
+    await connect(client, accept)
     return await asked[-1].answer
 
 
@@ -356,14 +356,20 @@ async def submit(
         sessions[-1].on_progress = on_progress
         return sessions[-1]
 
-    await _connect(client, accept)
+    await connect(client, accept)
     return await sessions[-1].ended
 
 
-async def _connect(client: TaskClient, accept: Accept) -> None:
+async def connect(client: TaskClient, accept: Accept, what: str = "the server") -> None:
+    """
+    Connect C{client}, handing the channel to C{accept}.
+
+    @raise OctotwistError: the secret was refused (not a connection's fault).
+    @raise ConnectionError: C{what} cannot be reached.
+    """
     try:
         await client.connect(accept)
     except OctotwistError:
         raise
     except Exception as e:
-        raise ConnectionError(f"cannot reach the server at {client.settings.connect}: {e}") from e
+        raise ConnectionError(f"cannot reach {what} at {client.settings.connect}: {e}") from e
