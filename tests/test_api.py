@@ -294,24 +294,38 @@ def test_output_formats_keep_what_tsv_lost(env: dict, tmp_path: Path, fmt: str) 
     assert len(r.stdout.splitlines()) == len(expected)
 
 
-def test_the_example_notebook_runs_in_a_real_jupyter_kernel(tmp_path: Path) -> None:
-    """examples/wordcount.ipynb, every cell, in an ipykernel (its own event loop)."""
-    nbformat = pytest.importorskip("nbformat", reason="nbformat is a test dependency")
-    nbclient = pytest.importorskip("nbclient", reason="nbclient is a test dependency")
-    pytest.importorskip("ipykernel", reason="ipykernel is a test dependency")
-    notebook = nbformat.read(EXAMPLES / "wordcount.ipynb", as_version=4)
-    client = nbclient.NotebookClient(
-        notebook,
-        timeout=300,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(EXAMPLES)}},  # the kernel's working directory
+def test_the_example_notebook_runs_in_a_real_jupyter_kernel(env: dict, tmp_path: Path) -> None:
+    """
+    examples/wordcount.ipynb, every cell, in an ipykernel (its own event loop).
+    nbclient drives it from a Python of its own: its asyncio loop takes over
+    SIGCHLD in the process it runs in, which would leave this one's reactor
+    (pytest-twisted's) deaf to the end of the processes it starts.
+    """
+    for name in ("nbformat", "nbclient", "ipykernel"):
+        pytest.importorskip(name, reason=f"{name} is a test dependency")
+    r = python(
+        f"""
+        import nbclient, nbformat
+        notebook = nbformat.read({str(EXAMPLES / "wordcount.ipynb")!r}, as_version=4)
+        client = nbclient.NotebookClient(
+            notebook,
+            timeout=300,
+            kernel_name="python3",
+            resources={{"metadata": {{"path": {str(EXAMPLES)!r}}}}},  # the kernel's directory
+        )
+        client.execute()  # raises CellExecutionError, with the cell's traceback
+        outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+        print("\\n".join(
+            o.get("text", "") or o.get("data", {{}}).get("text/plain", "") for o in outputs
+        ))
+        """,
+        env,
+        tmp_path,
     )
-    client.execute()  # raises CellExecutionError, with the cell's traceback, if an assert fails
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
-    text = "\n".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert r.returncode == 0, r.stderr
     expected = word_count(BOOK_FILES)
-    assert f"{len(expected)} words;" in text
-    assert repr(expected.most_common(1)[0]) in text
+    assert f"{len(expected)} words;" in r.stdout
+    assert repr(expected.most_common(1)[0]) in r.stdout
 
 
 def test_a_helper_beside_a_script_run_from_elsewhere_travels_with_the_job(
