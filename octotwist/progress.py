@@ -58,6 +58,7 @@ def bar_status(status: dict[str, Any]) -> dict[str, Any]:
         "map": status["map"],
         "reduce": status["reduce"],
         "workers": [w["name"] for w in status["workers"]],
+        "silent": sum(bool(w.get("suspect")) for w in status["workers"]),
         "throughput": {
             "tasks_per_second": status["throughput"]["tasks_per_second"],
             "bytes_per_second": status["throughput"]["bytes_per_second"],
@@ -136,6 +137,10 @@ class LiveProgress:
     def redraw(self) -> None:
         status = self.snapshot()
         workers = len(status["workers"])
+        silent = status.get("silent", sum(bool(w.get("suspect")) for w in status["workers"]))
+        shown = f"{workers} worker{'s' if workers != 1 else ''}" + (
+            f" ({silent} silent)" if silent else ""
+        )
         rate = status["throughput"]
         active = {"mapping": "map", "reducing": "reduce"}.get(status["phase"])
         steps = status.get("steps", 1)
@@ -148,12 +153,13 @@ class LiveProgress:
             info = f"{p['running']} running"
             if phase == active and self.console.width >= 100:
                 info += (
-                    f" · {workers} worker{'s' if workers != 1 else ''}"
+                    f" · {shown}"
                     f" · {rate['tasks_per_second']:.1f} tasks/s"
                     f" · {rate['bytes_per_second'] / 2**20:.1f} MiB/s"
                 )
             elif phase == active:  # an 80-column terminal
-                info += f" · {workers}w · {rate['tasks_per_second']:.0f}/s"
+                info += f" · {workers}w{f' ({silent} silent)' if silent else ''}"
+                info += f" · {rate['tasks_per_second']:.0f}/s"
             self.progress.update(task, completed=p["done"], total=p["total"], info=info)
         self.progress.refresh()
 

@@ -54,9 +54,12 @@ What happens when things fail (see docs/guide.md):
   - A worker that leaves loses its running attempts; their tasks go back in
     the queue.  That is not the task's fault and costs it no attempt; nor is
     an attempt the worker gives back (L{AttemptReturned}).
-  - A worker silent for longer than its lease (no message of any kind) is
-    I{suspect}: its running attempts are cancelled and requeued, and it gets
-    no work until it is heard from again.
+  - A worker silent for C{suspect_after} seconds (no message of any kind:
+    a few missed heartbeats) is I{suspect}: it gets no new work until it is
+    heard from again, and its running attempts keep their lease (a slow one
+    gets a backup copy elsewhere, as any).  Silent for longer than its lease,
+    its running attempts are cancelled and requeued too.  Both changes are
+    told as L{Silence} news (L{Scheduler.news}), for the server to log.
   - An attempt that fails (the user's code raised, or killed its process)
     counts against its task; the task is retried, whole batch and all, on
     another worker when there is one, until it has failed C{max_attempts}
@@ -364,8 +367,21 @@ class _Worker:
     name: str
     slots: int
     last_heard: float = 0.0
-    suspect: bool = False  # silent past its lease: no new work until heard from
+    suspect: bool = False  # silent a while: no new work until heard from
+    expired: bool = False  # silent past its lease: its attempts were requeued
     running: set[tuple[TaskId, int]] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class Silence:
+    """
+    News of a worker's silence: it became suspect after C{seconds} of it,
+    or (C{back}) it was heard from again after C{seconds}.
+    """
+
+    worker: str
+    seconds: float
+    back: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +446,8 @@ class Scheduler:
     @param max_attempts: how many times a task may fail before the job fails.
     @param lease: seconds a worker may stay silent before its attempts are
         cancelled and requeued.
+    @param suspect_after: seconds a worker may stay silent before it gets
+        no new work (it is I{suspect}); at most C{lease}.
     @param skip_bad_records: skip a map task that failed C{max_attempts}
         times instead of failing the job.
     @param backup_after: seconds a task must have run, at least, before an
@@ -449,6 +467,7 @@ class Scheduler:
         total: int | None = None,
         max_attempts: int = 1,
         lease: float = float("inf"),
+        suspect_after: float = float("inf"),
         skip_bad_records: bool = False,
         backup_after: float | None = None,
         batching: Batching | None = None,
@@ -469,6 +488,8 @@ class Scheduler:
         self.step = 0
         self.max_attempts = max_attempts
         self.lease = lease
+        self.suspect_after = min(suspect_after, lease)
+        self._news: list[Silence] = []
         self.skip_bad_records = skip_bad_records
         self.backup_after = backup_after
         self.batching = batching or Batching()
@@ -540,10 +561,13 @@ class Scheduler:
             case Heard(worker, now):
                 w = self._worker(worker)
                 self.now = max(self.now, now)
+                if w.suspect:
+                    self._news.append(Silence(worker, now - w.last_heard, back=True))
                 w.last_heard = now
-                w.suspect = False
+                w.suspect = w.expired = False
             case Tick(now):
                 self.now = max(self.now, now)
+                self._suspect_the_silent()
                 self._expire_leases()
             case AttemptSucceeded(worker, task_id, attempt):
                 task = self._reported_attempt(worker, task_id, attempt)
@@ -625,6 +649,15 @@ class Scheduler:
         task.started[task.attempts] = self.now
         w.running.add((task.id, task.attempts))
         return Assignment(task.id, task.attempts, task.keys, backup)
+
+    def news(self) -> list[Silence]:
+        """Workers that fell silent or were heard again since the last call (and forget them)."""
+        out, self._news = self._news, []
+        return out
+
+    def is_suspect(self, worker: str) -> bool:
+        """Whether C{worker} has been silent a while (it gets no new work)."""
+        return self._worker(worker).suspect
 
     def cancellations(self) -> list[Cancellation]:
         """The attempts to cancel since the last call (and forget them)."""
@@ -868,11 +901,17 @@ class Scheduler:
             task.abandoned |= {attempt}
             self._cancellations.append(Cancellation(worker, task.id, attempt, why))
 
+    def _suspect_the_silent(self) -> None:
+        for w in self._workers.values():
+            if not w.suspect and self.now - w.last_heard > self.suspect_after:
+                w.suspect = True
+                self._news.append(Silence(w.name, self.now - w.last_heard))
+
     def _expire_leases(self) -> None:
         for w in self._workers.values():
-            if w.suspect or self.now - w.last_heard <= self.lease:
+            if w.expired or self.now - w.last_heard <= self.lease:
                 continue
-            w.suspect = True
+            w.expired = True
             for task_id, attempt in sorted(w.running, key=str):
                 task = self._task(task_id)
                 self._forget(task, attempt)

@@ -73,6 +73,10 @@ _log = Logger()
 
 #: Reduce partitions when neither the job nor the command line says.
 DEFAULT_REDUCE_TASKS = 8
+#: Heartbeat intervals a worker may miss before it is suspect, and gets no
+#: new task until it is heard from (a busy link delays a beat; two and a
+#: half missed are a silence worth acting on).
+SUSPECT_AFTER_BEATS = 2.5
 #: Failed attempts the status page keeps (the newest).
 MAX_FAILURES_SHOWN = 50
 #: Most tasks a worker may say it runs at once (C{octo client -p}), and most
@@ -186,6 +190,7 @@ class JobServer:
             total=job.source_size(),
             max_attempts=policy.max_attempts,
             lease=policy.task_timeout,
+            suspect_after=SUSPECT_AFTER_BEATS * policy.heartbeat,
             skip_bad_records=skip,
             backup_after=policy.backup_after,
             resumed=self.resume,
@@ -335,6 +340,25 @@ class JobServer:
 
     def heard(self, name: str) -> None:
         self.scheduler.handle(Heard(name, self.reactor.seconds()))
+        self._tell_silences()
+
+    def _tell_silences(self) -> None:
+        """Say, once each, which workers fell silent and which are back."""
+        for news in self.scheduler.news():
+            if news.back:
+                _log.info(
+                    "worker {worker} is back, after {t:.1f} s of silence",
+                    worker=news.worker,
+                    t=news.seconds,
+                )
+            elif not self.scheduler.done:
+                _log.warn(
+                    "worker {worker} silent for {t:.0f} s; no new task for it until it is "
+                    "heard from (its running tasks go to others after {lease:g} s)",
+                    worker=news.worker,
+                    t=news.seconds,
+                    lease=self.policy.task_timeout,
+                )
 
     def task_output(self, name: str, msg: messages.TaskOutput) -> None:
         """
@@ -569,6 +593,7 @@ class JobServer:
             for name in self._sessions:
                 self.scheduler.handle(Heard(name, now))
         self.scheduler.handle(Tick(now))
+        self._tell_silences()
         self._after_change()
 
     def _cancel(self) -> None:
@@ -1034,12 +1059,14 @@ class JobServer:
             "running": [],
             "tasks_done": session.tasks_done,
             "last_heard": round(now - session.last_heard, 3),
+            "suspect": False,
         }
         try:
             hello = session.hello
             if hello is not None:
                 entry.update(host=hello.host, pid=hello.pid, processes=hello.slots)
             entry["peer"] = session.channel.peer
+            entry["suspect"] = self.scheduler.is_suspect(name)
             if not self.scheduler.done:
                 running = self.scheduler.running(name)
                 entry["running"] = [f"{task} attempt {attempt}" for task, attempt in running]

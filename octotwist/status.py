@@ -372,8 +372,7 @@ def _workers(workers: list[dict[str, Any]]) -> str:
         f"<td>{w['processes'] or '?'}</td>"
         f"<td>{escape(', '.join(w['running'])) or 'idle'}</td>"
         f"<td>{w['tasks_done']}</td>"
-        f"<td>{w['last_heard']:.1f} s ago</td>"
-        "</tr>"
+        f"{_heard(w)}</tr>"
         for w in workers
     )
     return (
@@ -382,6 +381,13 @@ def _workers(workers: list[dict[str, Any]]) -> str:
         "<th>Processes</th><th>Running</th><th>Tasks done</th><th>Last heard</th></tr></thead>"
         f"<tbody>\n{rows}\n</tbody></table></div></section>"
     )
+
+
+def _heard(w: dict[str, Any]) -> str:
+    """When a worker was last heard from; a suspect one, said so (it gets no new task)."""
+    if w.get("suspect"):
+        return f'<td class="error">silent for {w["last_heard"]:.0f} s</td>'
+    return f"<td>{w['last_heard']:.1f} s ago</td>"
 
 
 def _failures(failures: list[dict[str, Any]]) -> str:

@@ -12,11 +12,13 @@ line that says the state was reached.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
 import subprocess
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -185,6 +187,44 @@ def test_a_stalled_worker_loses_its_tasks_and_its_late_results_do_not_count(
     assert code == 0, err
     assert finish(stalled)[0] == 0
     assert parse_tsv(out.read_text()) == EXPECTED
+
+
+def test_a_silent_worker_is_said_to_be_silent_and_back(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    """
+    Frozen for less than its lease, a worker is suspect (logged once, shown
+    on the status page) and keeps its tasks; heard again, it is said to be
+    back, and the job comes out exact.
+    """
+    web = free_port()
+    held, gate_file = gated_slowish(tmp_path, "map")
+    server, port, out = serve(
+        transport, env, tmp_path, held, "--task-timeout", "60", "--web", f"tcp:{web}"
+    )
+    quiet = client(transport, env, port, "-n", "w2", "-p", "1", "-v")
+    wait_for_line(quiet, "running map ")  # it holds a task that waits for the gate
+    frozen = [quiet.pid, *children(quiet.pid)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    other = client(transport, env, port, "-n", "w1")
+    log = wait_for_log(server, ["worker w2 silent for"])
+    assert "no new task for it until it is heard from" in log, log
+    with urllib.request.urlopen(f"http://127.0.0.1:{web}/status.json", timeout=10) as r:
+        workers = {w["name"]: w for w in json.load(r)["workers"]}
+    assert workers["w2"]["suspect"] is True and workers["w2"]["running"], workers
+    assert "cancelled" not in log  # its tasks keep their lease
+    for pid in frozen:
+        os.kill(pid, signal.SIGCONT)
+    log += wait_for_log(server, ["worker w2 is back, after"])
+    gate_file.touch()
+    code, _, err = finish(server)
+    log += err
+    assert code == 0, log
+    assert log.count("worker w2 silent for") == 1, log
+    assert parse_tsv(out.read_text()) == EXPECTED
+    for worker in (quiet, other):
+        assert finish(worker)[0] == 0
 
 
 BAD_KEY = """

@@ -16,6 +16,7 @@ from octotwist.scheduler import (
     InvalidEvent,
     Phase,
     Scheduler,
+    Silence,
     SkippedRecord,
     Tick,
     Verdict,
@@ -236,6 +237,29 @@ def test_a_silent_worker_loses_its_attempts_after_its_lease() -> None:
     s.handle(Heard("w1", 11))
     assert s.handle(AttemptSucceeded("w1", M(0), 1)) is Verdict.DISCARDED
     assert s.next_assignment("w1") == Assignment(M(1), 1, ("b",))  # trusted again
+
+
+def test_a_worker_silent_a_while_gets_no_new_task_but_keeps_its_own() -> None:
+    """Suspect after a few missed heartbeats: no new work; its attempts keep their lease."""
+    s = Scheduler(["a", "b", "c", "d"], reduce_tasks=1, lease=30, suspect_after=5)
+    joined(s, "w1", "w2")
+    a = s.next_assignment("w2")
+    s.handle(Tick(4))
+    s.handle(Heard("w1", 4))
+    assert s.news() == [] and not s.is_suspect("w2")
+    s.handle(Tick(5.5))  # w2 silent since 0
+    assert s.news() == [Silence("w2", 5.5)] and s.is_suspect("w2")
+    assert s.next_assignment("w2") is NO_WORK  # a free slot, but no new task for it
+    assert s.cancellations() == []  # its own attempt goes on
+    assert s.running("w2") == [(a.task, 1)]
+    b = s.next_assignment("w1")
+    assert b.task != a.task
+    s.handle(Tick(9))
+    assert s.news() == []  # said once
+    s.handle(Heard("w2", 9))  # back: trusted again, its attempt still counts
+    assert s.news() == [Silence("w2", 9, back=True)] and not s.is_suspect("w2")
+    assert s.handle(AttemptSucceeded("w2", a.task, 1)) is Verdict.ACCEPTED
+    assert isinstance(s.next_assignment("w2"), Assignment)
 
 
 def test_an_expired_attempt_that_fails_late_costs_nothing() -> None:
