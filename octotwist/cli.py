@@ -52,6 +52,15 @@ _log = Logger()
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+#: Seconds octo client retries an unreachable server, unless told (--wait).
+DEFAULT_WAIT = 120.0
+#: ...once it has worked for a job of octo server (see run_worker).
+WAIT_AFTER_WORK = 15.0
+
+
+def _wait(options: usage.Options) -> float:
+    return DEFAULT_WAIT if options["wait"] is None else float(options["wait"])
+
 
 class _Verbosity:
     optFlags: list[list[Any]] = [
@@ -107,8 +116,11 @@ class ClientOptions(_Verbosity, shared.WithTransportOptions):
         [
             "wait",
             None,
-            120.0,
-            "Seconds to keep retrying while the server is unreachable.",
+            None,
+            f"Seconds to keep retrying while the server is unreachable (default "
+            f"{DEFAULT_WAIT:g}; once this worker has worked for a job of octo server, "
+            f"{WAIT_AFTER_WORK:g}: then the job most likely ended while the server could not "
+            "reach it, and the worker exits 0).",
             shared._non_negative_float,
         ],
     ]
@@ -453,7 +465,8 @@ async def _work(reactor: IWorkerReactor, options: ClientOptions) -> int:
             client,
             processes=options["processes"],
             name=options["name"],
-            wait=options["wait"],
+            wait=_wait(options),
+            wait_after_work=WAIT_AFTER_WORK if options["wait"] is None else None,
         )
     except (AuthenticationError, RemoteProtocolError, ConnectionError) as e:
         sys.stderr.write(f"octo: {e}\n")
@@ -635,7 +648,7 @@ async def _client_secret(reactor: IWorkerReactor, options: ClientOptions) -> byt
         return configured
     path = auth.default_secret_path()
     waited = 0.0
-    while not _written(path) and waited < options["wait"]:
+    while not _written(path) and waited < _wait(options):
         if waited == 0:
             _log.info(
                 "no secret configured and none in {path} yet; waiting for a local "

@@ -70,6 +70,8 @@ class WorkerSession:
         self._running: dict[tuple[TaskId, int], Callable[[], None]] = {}
         self._heartbeat: LoopingCall | None = None
         self._shutdown: messages.Shutdown | None = None
+        #: A task of the job finished here (the worker has worked for it).
+        self.worked = False
         #: Why we hung up on the server, if we did (it sent something wrong).
         self.refused: str | None = None
         # Who we are, first: a cluster (octo serve) tells its workers from
@@ -204,6 +206,7 @@ class WorkerSession:
             return  # cancelled
         match outcome:
             case Finished(records_in, records_out, seconds, counts, printed):
+                self.worked = True
                 # One line per task: what this worker is doing, at a glance.
                 _log.emit(
                     LogLevel.info if self.task_lines else LogLevel.debug,
@@ -295,6 +298,7 @@ async def run_worker(
     name: str | None = None,
     wait: float = 120.0,
     task_lines: bool = True,
+    wait_after_work: float | None = None,
 ) -> messages.Shutdown:
     """
     Work for the server until it says the job is over (for a cluster, C{octo
@@ -313,6 +317,11 @@ async def run_worker(
 
     @param task_lines: log a line as each task ends (else only with -v),
         and when the server says the job is over.
+    @param wait_after_work: once this worker has finished a task for a job
+        whose server does not stay (C{octo server}), retry for only this
+        long, then take the job for over and return: a server that went
+        away after work was done has most likely ended its job while this
+        worker could not hear it (a link down at the end).  C{None}: C{wait}.
     @return: the server's final L{messages.Shutdown}.
     @raise AuthenticationError: the server rejected our secret (not retried:
         it will not get better).
@@ -326,6 +335,8 @@ async def run_worker(
     # The task processes, kept from one of a cluster's jobs to the next
     # (WorkerSession.connection_lost says when): None while none are.
     pool: ProcessPool | None = None
+    # The job of octo server this worker did work for, if it did.
+    worked_for: str | None = None
 
     def accept(channel: MessageChannel) -> WorkerSession:
         sessions.append(WorkerSession(reactor, channel, name, processes, task_lines, pool))
@@ -336,7 +347,10 @@ async def run_worker(
             attempt = client.connect(accept)
             # An attempt that hangs (a TLS port spoken to in plain TCP) ends when
             # --wait does; a first one gets at least FIRST_ATTEMPT seconds.
-            left = wait if since is None else since + wait - reactor.seconds()
+            # Once we worked for a job whose server does not stay, a server
+            # that is gone has most likely ended it: a short wait.
+            limit = wait if worked_for is None else min(wait, wait_after_work or wait)
+            left = limit if since is None else since + limit - reactor.seconds()
             attempt.addTimeout(max(left, FIRST_ATTEMPT if since is None else 0.5), reactor)
             try:
                 await attempt
@@ -346,12 +360,14 @@ async def run_worker(
                 now = reactor.seconds()
                 since = now if since is None else since
                 timed_out = isinstance(e, defer.TimeoutError)
-                if now - since >= wait or timed_out:
+                if now - since >= limit or timed_out:
+                    if worked_for is not None and limit < wait:
+                        return _gone(worked_for, limit)
                     why = "connecting did not finish in time" if timed_out else str(e)
                     raise ConnectionError(
                         f"gave up: no server at {client.settings.connect} for {wait:.0f} s ({why})"
                     ) from None
-                pause = min(delay, max(since + wait - now, 0.0))  # no later than --wait says
+                pause = min(delay, max(since + limit - now, 0.0))  # no later than --wait says
                 _log.info(
                     "cannot reach the server at {where} ({error}); retrying in {delay:.1f} s",
                     where=client.settings.connect,
@@ -364,6 +380,9 @@ async def run_worker(
             since, delay = None, 0.5
             shutdown = await sessions[-1].ended
             pool = sessions[-1].pool
+            welcome = sessions[-1].welcome
+            if welcome is not None and (sessions[-1].worked or welcome.stays):
+                worked_for = None if welcome.stays else welcome.job_name
             if shutdown is not None and shutdown.more:
                 # A cluster's job is over and the cluster stays: the next job's
                 # Welcome comes on a new connection.
@@ -399,6 +418,16 @@ async def run_worker(
         # stopped): they stop with us, not when their pipes happen to close.
         if pool is not None and not pool.stopping:
             await pool.stop()
+
+
+def _gone(job: str, waited: float) -> messages.Shutdown:
+    """The end we take a job's to be when its server went away after our work."""
+    why = (
+        f"the server of job {job} has been gone for {waited:.0f} s since this worker worked "
+        "for it: the job most likely ended while the server could not reach this worker"
+    )
+    _log.warn("{why}; exiting", why=why)
+    return messages.Shutdown(True, why)
 
 
 def _short(e: BaseException) -> str:

@@ -65,6 +65,9 @@ class Welcome:
     # Each step's partitions of its map output, when the job has several
     # steps; 0 for a map-only step.  Empty: one step of reduce_tasks.
     partitions: tuple[int, ...] = ()
+    # The server outlives the job (a cluster, octo serve): a worker that
+    # loses it keeps trying to reach it, rather than taking the job for over.
+    stays: bool = False
 
 
 @dataclass(frozen=True, slots=True)

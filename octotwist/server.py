@@ -206,6 +206,7 @@ class JobServer:
             self.partitions[0] or 1,
             policy.heartbeat,
             self.partitions if len(steps) > 1 or not self.partitions[0] else (),
+            stays,
         )
         self._ticker = LoopingCall(self._tick)
         self._last_tick: float | None = None

@@ -36,6 +36,9 @@ from octotwist.transport import ClientSettings, IReactor, ServerSettings, TaskSe
 
 _log = Logger()
 
+#: Seconds the task server may take to stop before the log says why it waits.
+SLOW_STOP = 1.0
+
 #: Seconds local workers retry reaching their own server (it is listening
 #: before they start: only a broken transport makes them wait).
 LOCAL_WAIT = 10.0
@@ -227,10 +230,31 @@ class JobService(Service):
         outcome = await self.job_server.result
         if self._workers is not None:
             await self._workers
-        await self.task_server.stop()
+        await self._stop_task_server()
         if self._web_port is not None:
             await webport.stop_status(self._web_port, self.reactor)
         return outcome
+
+    async def _stop_task_server(self) -> None:
+        """
+        Stop the task server, saying so when that takes a while: it waits
+        for each worker to hang up after reading the job's end, and one that
+        cannot be reached (a link down) never does, until the transport
+        gives up on it (10 s at most).
+        """
+        stopped = self.task_server.stop()
+        said = self.reactor.callLater(
+            SLOW_STOP,
+            lambda: _log.info(
+                "the job is over; waiting for the workers to hang up (one that cannot be "
+                "reached did not hear the end: its connection is closed within 10 s)"
+            ),
+        )
+        try:
+            await stopped
+        finally:
+            if said.active():
+                said.cancel()
 
     def _start_workers(self, address: str) -> Deferred[Any]:
         """This machine's workers, connected to our own private server."""

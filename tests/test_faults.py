@@ -227,6 +227,29 @@ def test_a_silent_worker_is_said_to_be_silent_and_back(
         assert finish(worker)[0] == 0
 
 
+@pytest.mark.slow  # waits out the worker's 15 s
+def test_a_worker_whose_server_vanished_after_its_work_exits_0_soon(
+    env: dict, tmp_path: Path
+) -> None:
+    """
+    No Shutdown reached it (the link went down at the end, or the server
+    died): once it worked for the job, it takes the job for over after 15 s,
+    not its 120 s --wait, and says why.
+    """
+    held, gate_file = gated_slowish(tmp_path, "reduce")
+    server, port, _ = serve("tcp", env, tmp_path, held)
+    worker = client("tcp", env, port, "-p", "2")
+    wait_for_line(worker, "done in")  # it finished a task: it worked for the job
+    server.kill()
+    server.wait()
+    started = time.monotonic()
+    code, _, err = finish(worker, timeout=60)
+    assert code == 0, err
+    assert "the server of job job has been gone for 15 s since this worker worked for it" in err
+    assert time.monotonic() - started < 40
+    gate_file.touch()
+
+
 BAD_KEY = """
 source = {f"doc{i}": f"a b doc{i}" for i in range(6)}
 def mapfn(key, value):
