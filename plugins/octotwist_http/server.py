@@ -173,6 +173,8 @@ class _ServerSession(MessageChannel):
         self._parked: server.Request | None = None
         self._hold: IDelayedCall | None = None
         self._active: set[server.Request] = set()
+        #: When the latest poll arrived: the grace counts from then.
+        self._polled = hub.reactor.seconds()
         self._grace: IDelayedCall | None = None
         self._start_grace()
 
@@ -234,6 +236,7 @@ class _ServerSession(MessageChannel):
             self._cancel_hold()
             _finish(old, http.NO_CONTENT)
         self._active.add(request)
+        self._polled = self.hub.reactor.seconds()
         self._cancel_grace()
         request.notifyFinish().addBoth(self._poll_over, request)
         if self._maybe_closed():
@@ -273,7 +276,14 @@ class _ServerSession(MessageChannel):
             self._cancel_hold()
         cut = isinstance(result, Failure)
         if self.ended is None and not self._active:
-            self._start_grace(wire.DROP_GRACE if cut else wire.POLL_GRACE)
+            # Counted from the poll's arrival, not its answer: a worker cut
+            # off while its poll was held has been silent since it sent it
+            # (as a tcp worker is from its last heartbeat).  A worker that
+            # reads the answer polls again at once, so even a poll held to
+            # the end of its wait leaves it the short grace of a cut one.
+            since = self.hub.reactor.seconds() - self._polled
+            grace = max(wire.POLL_GRACE - since, wire.DROP_GRACE)
+            self._start_grace(wire.DROP_GRACE if cut else grace)
         if isinstance(result, Failure):  # cut
             _log.debug("a poll from {peer} was cut: {why}", peer=self._peer, why=result.value)
 
@@ -288,7 +298,8 @@ class _ServerSession(MessageChannel):
 
     def _grace_expired(self, seconds: float) -> None:
         self._grace = None
-        self.end(f"no poll from the worker for {seconds:g} s")
+        silent = self.hub.reactor.seconds() - self._polled
+        self.end(f"no poll from the worker for {round(silent, 1):g} s")
 
     def _maybe_closed(self) -> bool:
         """After L{close}: end once the worker has acknowledged every frame."""
