@@ -126,6 +126,14 @@ class WorkerJoined:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerSlots:
+    """The worker may hold C{slots} attempts at once from now on (its link wants more)."""
+
+    worker: str
+    slots: int
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerLeft:
     """The worker's connection is gone; its running attempts are lost."""
 
@@ -149,9 +157,16 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class AttemptSucceeded:
+    """
+    @ivar seconds: how long the attempt ran, as its worker measured it (a
+        map batch is sized by that, not by the round trip it also took);
+        C{None}: the time from being handed out to now.
+    """
+
     worker: str
     task: TaskId
     attempt: int
+    seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +207,7 @@ class InputSized:
 Event = (
     WorkerJoined
     | WorkerLeft
+    | WorkerSlots
     | Heard
     | Tick
     | AttemptSucceeded
@@ -319,8 +335,9 @@ class Batching:
     @ivar target_seconds: a batch grows only from one that finished within
         this time (to as many items as would have fitted, at most 8 times as
         many), and shrinks toward it from one that took longer.  The time is
-        the attempt's as the scheduler sees it, from being handed out to its
-        success.
+        the attempt's as its worker measured it (L{AttemptSucceeded.seconds}:
+        a long link's round trip is not the batch's doing), else as the
+        scheduler sees it, from being handed out to its success.
     @ivar spread: when the source's size is known, it makes at least this
         many tasks per worker slot, as C{Pool.map}'s default chunksize does
         (C{len / (4 * processes)}): a small job keeps its parallelism, and
@@ -553,6 +570,8 @@ class Scheduler:
                 if worker in self._workers:
                     raise InvalidEvent(f"worker {worker!r} joined twice")
                 self._workers[worker] = _Worker(worker, max(1, slots), self.now)
+            case WorkerSlots(worker, slots):
+                self._worker(worker).slots = max(1, slots)
             case WorkerLeft(worker):
                 gone = self._worker(worker)
                 for task_id, attempt in sorted(gone.running, key=str):
@@ -569,7 +588,7 @@ class Scheduler:
                 self.now = max(self.now, now)
                 self._suspect_the_silent()
                 self._expire_leases()
-            case AttemptSucceeded(worker, task_id, attempt):
+            case AttemptSucceeded(worker, task_id, attempt, ran):
                 task = self._reported_attempt(worker, task_id, attempt)
                 if task is None or task.status is TaskStatus.DONE or self.done:
                     if task is not None:
@@ -578,7 +597,7 @@ class Scheduler:
                 seconds = self.now - task.started[attempt]
                 self._durations[task_id.kind].append(seconds)
                 if task_id.kind is TaskKind.MAP:
-                    self._resize(len(task.keys), seconds)
+                    self._resize(len(task.keys), seconds if ran is None else ran)
                 self._forget(task, attempt)
                 self._complete(task, "another attempt finished first")
                 return Verdict.ACCEPTED

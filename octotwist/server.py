@@ -26,6 +26,8 @@ retried away (a spill file that cannot be written) fails the job instead.
 
 from __future__ import annotations
 
+import math
+import statistics
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -64,6 +66,7 @@ from octotwist.scheduler import (
     Verdict,
     WorkerJoined,
     WorkerLeft,
+    WorkerSlots,
 )
 from octotwist.sources import UNREACHABLE, Files, Lines, item
 from octotwist.store import BlobStore, SpillError
@@ -73,6 +76,9 @@ _log = Logger()
 
 #: Reduce partitions when neither the job nor the command line says.
 DEFAULT_REDUCE_TASKS = 8
+#: The most tasks a worker's process holds ahead of the one it runs, however
+#: long its link (each holds its input in the worker's memory).
+MAX_AHEAD = 8
 #: Heartbeat intervals a worker may miss before it is suspect, and gets no
 #: new task until it is heard from (a busy link delays a beat; two and a
 #: half missed are a silence worth acting on).
@@ -304,6 +310,7 @@ class JobServer:
             n += 1
             name = f"{hello.name}#{n}"
         self.scheduler.handle(WorkerJoined(name, hello.slots + hello.prefetch))
+        session.slots = hello.slots + hello.prefetch
         self._sessions[name] = session
         session.name, session.hello = name, hello
         self.scheduler.handle(Heard(name, self.reactor.seconds()))
@@ -380,8 +387,10 @@ class JobServer:
     def task_done(self, name: str, msg: messages.TaskDone) -> None:
         _check_counters(msg.counters)
         task = msg.task
-        self._sessions[name].sent_by_name.discard((task, msg.attempt))
-        verdict = self.scheduler.handle(AttemptSucceeded(name, task, msg.attempt))
+        session = self._sessions[name]
+        session.sent_by_name.discard((task, msg.attempt))
+        self._measure_link(name, session, msg)
+        verdict = self.scheduler.handle(AttemptSucceeded(name, task, msg.attempt, msg.seconds))
         self._printed(name, task, msg.attempt, msg.output)
         if verdict is Verdict.ACCEPTED:
             shuffled = task.kind is TaskKind.MAP and self.partitions[task.step] > 0
@@ -413,6 +422,37 @@ class JobServer:
         else:
             self.store.discard(msg.task, msg.attempt)
         self._after_change()
+
+    def _measure_link(self, name: str, session: _WorkerSession, msg: messages.TaskDone) -> None:
+        """
+        Keep as many tasks in flight to a worker as its link needs: each of
+        its processes should find its next task there when it finishes one,
+        so a process holds 1 + (round trip / task time) of them, not one
+        ahead (the LAN's).  The round trip is what a task took here beyond
+        what it took there, the least of the last few (a task that waited
+        behind another took longer); the task time, their median.
+        """
+        sent = session.sent_at.pop((msg.task, msg.attempt), None)
+        hello = session.hello
+        if sent is None or hello is None:
+            return
+        session.round_trips.append(max(0.0, self.reactor.seconds() - sent - msg.seconds))
+        session.task_seconds.append(msg.seconds)
+        rtt = min(session.round_trips)
+        work = max(statistics.median(session.task_seconds), 0.001)
+        ahead = min(MAX_AHEAD, max(1, math.ceil(rtt / work)))
+        slots = max(hello.slots + hello.prefetch, hello.slots * (1 + ahead))
+        if slots != session.slots:
+            session.slots = slots
+            self.scheduler.handle(WorkerSlots(name, slots))
+            _log.debug(
+                "worker {worker}: {rtt:.0f} ms round trips, {work:.0f} ms tasks: "
+                "{slots} tasks in flight",
+                worker=name,
+                rtt=rtt * 1000,
+                work=work * 1000,
+                slots=slots,
+            )
 
     def _journal(self, task: TaskId, msg: messages.TaskDone, shuffled: bool) -> bool:
         """
@@ -682,6 +722,7 @@ class JobServer:
             self.bytes_sent += len(data)
             return messages.TaskInput(task, attempt, data, end)
 
+        session.sent_at[(task, attempt)] = self.reactor.seconds()
         session.outbox.send_blobs(blobs, part)
         session.outbox.send(messages.Assign(task, attempt))
 
@@ -1206,6 +1247,12 @@ class _WorkerSession:
         #: The first step's map attempts sent while it did (some of their
         #: files by name), until they report.
         self.sent_by_name: set[tuple[TaskId, int]] = set()
+        #: When each attempt it holds was sent; what its link takes, of the
+        #: last few tasks (L{JobServer._measure_link}); the attempts it may hold.
+        self.sent_at: dict[tuple[TaskId, int], float] = {}
+        self.round_trips: deque[float] = deque(maxlen=16)
+        self.task_seconds: deque[float] = deque(maxlen=16)
+        self.slots = 0
 
     @property
     def same_machine(self) -> bool:

@@ -30,6 +30,7 @@ from octotwist.scheduler import (
     Tick,
     Verdict,
     WorkerJoined,
+    WorkerSlots,
 )
 
 
@@ -146,6 +147,42 @@ def test_slow_items_stay_one_per_task_and_a_slow_batch_shrinks() -> None:
         sizes.append(len(a.keys))
     assert sizes[:4] == [1, 8, 64, 512]
     assert sizes[4:] == [10, 10, 10, 10]  # 0.1 s of such items
+
+
+def test_a_long_link_is_not_held_against_a_batch() -> None:
+    """
+    Over a 100 ms round trip every task takes longer than the target as the
+    scheduler sees it; the worker's own measure says the batch was quick.
+    """
+    s = scheduler(range(10_000), batching=Batching(target_seconds=0.1))
+    sizes: list[int] = []
+    now = 0.0
+    while len(sizes) < 4:
+        a = take(s)
+        now += 0.1 + 0.0001 * len(a.keys)  # the round trip, and 0.1 ms an item
+        s.handle(Tick(now))
+        ran = 0.0001 * len(a.keys)
+        assert s.handle(AttemptSucceeded("w", a.task, a.attempt, ran)) is Verdict.ACCEPTED
+        sizes.append(len(a.keys))
+    assert sizes == [1, 8, 64, 512]
+    # Without the worker's measure, the batches stay as they were.
+    s = scheduler(range(100), batching=Batching(target_seconds=0.1))
+    now, sizes = 0.0, []
+    while len(sizes) < 3:
+        a = take(s)
+        now += 0.1 + 0.0001 * len(a.keys)
+        s.handle(Tick(now))
+        succeed(s, a)
+        sizes.append(len(a.keys))
+    assert sizes == [1, 1, 1]
+
+
+def test_a_worker_given_more_slots_holds_more_attempts() -> None:
+    s = scheduler(range(100), batching=NO_BATCHING)
+    assert take(s) and s.next_assignment("w") is NO_WORK  # one slot
+    s.handle(WorkerSlots("w", 3))
+    assert take(s) and take(s) and s.next_assignment("w") is NO_WORK
+    assert len(s.running("w")) == 3
 
 
 def test_a_slow_old_task_of_few_items_does_not_shrink_the_batches() -> None:

@@ -74,6 +74,10 @@ class SlowLink:
     def up(self) -> None:
         self._up.set()
 
+    @property
+    def is_up(self) -> bool:
+        return self._up.is_set()
+
     def close(self) -> None:
         self._closed = True
         self._up.set()
