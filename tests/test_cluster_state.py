@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,3 +302,41 @@ def test_twistd_octo_without_a_script_is_a_cluster_that_keeps_its_queue(
     )
     code, stdout, err = finish(refused)
     assert code == 2 and "--output without a script" in stdout + err, stdout + err
+
+
+def test_a_job_sent_from_python_is_kept_and_fetched_as_text(env: dict, tmp_path: Path) -> None:
+    """octotwist.Cluster's pickled job survives a kill -9; octo results writes it as TSV."""
+    port, state = free_port(), tmp_path / "state-dir"
+    address = f"127.0.0.1:{port}"
+    server = serve(env, port, state)
+    submitter = start(
+        "-c",
+        f"""
+import octotwist
+job = octotwist.Job(source={{i: i for i in range(20)}}, reduce_tasks=2,
+                    mapfn=lambda k, v: [(v % 3, (v, str(v)))],
+                    reducefn=lambda k, vs: (k, sorted(vs)))
+octotwist.Cluster({address!r}).run(job)
+""",
+        env=env,
+        program=sys.executable,
+    )
+    seen = wait_for_log(server, ["job 1 (job) submitted"])
+    server.send_signal(signal.SIGKILL)  # no worker yet: it was queued, now it is kept
+    server.wait()
+    code, _, err = finish(submitter)
+    assert code == 1 and "ConnectionError: lost the connection" in err, err
+    server = serve(env, port, state)
+    worker = start("client", address, env=env)
+    seen += wait_for_log(server, ["job job finished"])
+    assert "job 1 (job) was " in seen and "when the server stopped" in seen, seen
+    fetched = octo("results", "1", "-c", address, env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    expected = {k: sorted((v, str(v)) for v in range(20) if v % 3 == k) for k in range(3)}
+    got = {
+        int(k): [tuple(p) for p in eval(v)]
+        for k, v in (line.split("\t") for line in fetched.stdout.splitlines())
+    }
+    assert got == expected
+    server.kill()
+    worker.kill()
