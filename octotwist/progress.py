@@ -137,7 +137,11 @@ class LiveProgress:
     def redraw(self) -> None:
         status = self.snapshot()
         workers = len(status["workers"])
-        silent = status.get("silent", sum(bool(w.get("suspect")) for w in status["workers"]))
+        silent = (
+            status["silent"]
+            if "silent" in status
+            else (sum(bool(w.get("suspect")) for w in status["workers"]))
+        )
         shown = f"{workers} worker{'s' if workers != 1 else ''}" + (
             f" ({silent} silent)" if silent else ""
         )

@@ -440,7 +440,7 @@ class JobServer:
         session.task_seconds.append(msg.seconds)
         rtt = min(session.round_trips)
         work = max(statistics.median(session.task_seconds), 0.001)
-        ahead = min(MAX_AHEAD, max(1, math.ceil(rtt / work)))
+        ahead = min(MAX_AHEAD, math.ceil(rtt / work))  # (0 on a LAN: the worker's own)
         slots = max(hello.slots + hello.prefetch, hello.slots * (1 + ahead))
         if slots != session.slots:
             session.slots = slots

@@ -38,10 +38,11 @@ WRONG_FIELDS = {
     "a step past the most a job has": header("Assign", ["map", 3, 10**6], 1),
     "a negative step": header("Assign", ["map", 3, -1], 1),
     "a task id that is a string": header("Cancel", "map:3", 1),
-    "an interval that is NaN": header("Welcome", "j", 0, 2, math.nan, []),
-    "an interval that is infinite": header("Welcome", "j", 0, 2, math.inf, []),
-    "an interval that is a string": header("Welcome", "j", 0, 2, "1.0", []),
-    "step partitions that are a number": header("Welcome", "j", 0, 2, 1.0, 3),
+    "an interval that is NaN": header("Welcome", "j", 0, 2, math.nan, [], False),
+    "an interval that is infinite": header("Welcome", "j", 0, 2, math.inf, [], False),
+    "an interval that is a string": header("Welcome", "j", 0, 2, "1.0", [], False),
+    "step partitions that are a number": header("Welcome", "j", 0, 2, 1.0, 3, False),
+    "a stays that is a number": header("Welcome", "j", 0, 2, 1.0, [], 1),
     "a counter that is not a pair": header("TaskDone", TASK, 1, 0, 0, 0.0, [["c"]], ""),
     "a counter whose count is a string": header("TaskDone", TASK, 1, 0, 0, 0.0, [["c", "1"]], ""),
     "printed output that is bytes": header("TaskDone", TASK, 1, 0, 0, 0.0, [], b"x"),
@@ -68,8 +69,8 @@ def test_the_right_types_make_the_message_the_fields_declare() -> None:
     beat = codec.message_from_parts(header("Heartbeat", [[TASK, 2]]), b"")
     assert beat == messages.Heartbeat(((TaskId(TaskKind.MAP, 3), 2),))
     assert type(beat.running) is tuple and type(beat.running[0]) is tuple
-    welcome = codec.message_from_parts(header("Welcome", "j", 3, 2, 1, [2, 0]), b"abc")
-    assert welcome == messages.Welcome("j", b"abc", 2, 1.0, (2, 0))
+    welcome = codec.message_from_parts(header("Welcome", "j", 3, 2, 1, [2, 0], True), b"abc")
+    assert welcome == messages.Welcome("j", b"abc", 2, 1.0, (2, 0), True)
     assert type(welcome.heartbeat_interval) is float
     later = codec.message_from_parts(header("Assign", ["reduce", 3, 2], 1), b"")
     assert later == messages.Assign(TaskId(TaskKind.REDUCE, 3, step=2), 1)
