@@ -39,7 +39,6 @@ import io
 import itertools
 import json
 import os
-import pickle
 import secrets
 import shutil
 import struct
@@ -684,9 +683,7 @@ def _unpickled(data: bytes, shown: str) -> Job:
     @raise OctotwistError: it does not unpickle here, saying why.
     """
     try:
-        import cloudpickle  # noqa: F401  (its reducers must be importable)
-
-        job = pickle.loads(data)  # (from a peer that proved the secret: see the module)
+        job = codec.load_submitted_job(data)
     except Exception as e:
         raise OctotwistError(
             f"job {shown!r} cannot be loaded on the cluster: {type(e).__name__}: {e} "

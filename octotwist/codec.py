@@ -347,6 +347,15 @@ def load_functions(data: bytes) -> Any:
     return pickle.loads(data)
 
 
+def load_submitted_job(data: bytes) -> Any:
+    """
+    Inverse of L{dump_functions} for a whole job a submitter loaded and sent
+    (L{octotwist.Cluster}): only on a cluster, only from a peer that proved
+    its secret, which is the power to run a job script there anyway.
+    """
+    return load_functions(data)
+
+
 def _named_code(code: types.CodeType, filename: str) -> types.CodeType:
     return code.replace(co_filename=filename)
 
