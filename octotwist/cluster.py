@@ -252,8 +252,9 @@ class ClusterServer:
                 )
                 queued = self._load(None, submit, entry.id)
             except OctotwistError as e:
-                failed = ClusterJob(entry.id, entry.name, None, JobConfig(), None)
-                failed.submitted = entry.submitted
+                failed = ClusterJob(
+                    entry.id, entry.name, None, JobConfig(), None, submitted=entry.submitted
+                )
                 self.jobs.append(failed)
                 _log.warn(
                     "job {id} ({job}) cannot run again: {error}",
@@ -273,8 +274,6 @@ class ClusterServer:
                 state=entry.state,
                 what="resumes" if entry.state == "running" else "is queued again",
             )
-        if self.jobs:
-            self._ids = itertools.count(self.jobs[-1].id + 1)
         self._next()
 
     # Peers.
@@ -355,7 +354,7 @@ class ClusterServer:
             case messages.FetchResults(number):
                 self._send_results(peer, number)
             case messages.CancelJob(number):
-                found = next((j for j in self.jobs if j.id == number), None)
+                found = self._find(number)
                 if found is None:
                     peer.outbox.send(messages.JobRefused(f"there is no job {number}"))
                 else:
@@ -365,7 +364,7 @@ class ClusterServer:
                     peer.outbox.send(messages.JobList((_entry(found),)))
 
     def _send_results(self, peer: _Peer, number: int) -> None:
-        found = next((j for j in self.jobs if j.id == number), None)
+        found = self._find(number)
         if found is None:
             peer.outbox.send(messages.JobRefused(f"there is no job {number}"))
         elif found.state in ("queued", "running"):
