@@ -74,10 +74,10 @@ def test_frame_over_the_limit_and_a_cut_body_are_errors() -> None:
         parser.finish()
 
 
-def test_batches_hold_at_least_one_frame_and_respect_the_limit() -> None:
-    assert wire.take_batch([b"x" * 100], limit=10) == 1
-    assert wire.take_batch([b"x" * 4] * 10, limit=16) == 2
-    assert wire.take_batch([], limit=16) == 0
+def test_bodies_hold_at_least_one_frame_and_respect_the_limit() -> None:
+    assert wire.fits(0, b"x" * 100, limit=10)  # the first, however large
+    assert wire.fits(8, b"x" * 4, limit=16)  # 8 + 4 + 4
+    assert not wire.fits(8, b"x" * 5, limit=16)
 
 
 def test_credentials_round_trip_and_reject_junk() -> None:
@@ -354,6 +354,75 @@ def test_a_dropped_long_poll_loses_nothing(tmp_path: Path, secret_env: dict) -> 
     real_client(port, secret_env)
     err = check_job(server, out)
     assert err.count("worker raw joined") == 1
+
+
+def test_a_poll_answer_stays_open_for_what_the_server_sends_next(
+    tmp_path: Path, secret_env: dict
+) -> None:
+    """
+    The answer to a poll is a stream: what the server sends after it began
+    (here, the task it hands the worker once its Hello is up) comes in the
+    same answer, with no new poll.  A follow-on poll ends that answer and
+    carries on from the frames no answer carried, so nothing comes twice.
+    """
+    server, port, _ = serve(tmp_path, secret_env)
+    s = Session(port)
+    target = s.target("messages?ack=0&wait=20")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/octo/" + target, headers={"Authorization": s.token("GET", target)})
+    answer = conn.getresponse()
+    assert answer.status == 200 and answer.getheader("Octo-First") == "0"
+    assert answer.getheader("Transfer-Encoding") == "chunked"
+    parser = wire.FrameParser()
+    got: list[messages.Message] = []
+
+    def read_until(done: object) -> None:
+        while not done():  # type: ignore[operator]
+            data = answer.read1(65536)
+            assert data, "the answer ended early"
+            got.extend(s.channel.decode(f) for f in parser.feed(data))
+
+    read_until(lambda: got)
+    assert isinstance(got[0], messages.Welcome)
+    hello = _body(s.channel.encode(messages.Hello("raw", "here", 1, 1)))
+    assert s.request("POST", "messages?first=0", hello)[0] == 204
+    read_until(lambda: any(isinstance(m, messages.Assign) for m in got))
+    follow = s.target("messages?ack=1&wait=20&follow=1")
+    conn2 = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn2.request("GET", "/octo/" + follow, headers={"Authorization": s.token("GET", follow)})
+    second = conn2.getresponse()
+    got.extend(s.channel.decode(f) for f in parser.feed(answer.read()))  # it ended the first
+    parser.finish()
+    conn.close()
+    body = second.read()
+    conn2.close()
+    if second.status == 200:
+        # From the frame after the stream's last: the channel layer opens
+        # them in order (a frame repeated or skipped fails its check).
+        assert second.getheader("Octo-First") == str(len(got))
+        got.extend(frames(s, body))
+    else:
+        assert (second.status, body) == (204, b"")  # nothing new: answered at once, not held
+    assert [type(m).__name__ for m in got].count("Welcome") == 1
+    server.kill()
+
+
+def test_a_follow_on_poll_carries_on_where_the_stream_ended(
+    tmp_path: Path, secret_env: dict
+) -> None:
+    """With frames the stream did not carry, the follow-on answer starts right after its last."""
+    server, port, _ = serve(tmp_path, secret_env)
+    s = Session(port)
+    status, body = s.request("GET", "messages?ack=0&wait=20")  # ends after 1 s
+    assert status == 200 and len(frames(s, body)) == 1  # the Welcome
+    # The Welcome is still unacknowledged: a follow-on poll has nothing new
+    # to send and is answered at once; a plain one sends it again.
+    asked = time.monotonic()
+    assert s.request("GET", "messages?ack=0&wait=20&follow=1") == (204, b"")
+    assert time.monotonic() - asked < wire.STREAM_SECONDS
+    status, again = s.request("GET", "messages?ack=0&wait=20")
+    assert status == 200 and again == body
+    server.kill()
 
 
 @pytest.mark.slow  # waits out the grace

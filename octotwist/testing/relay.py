@@ -70,28 +70,46 @@ class Frames(Editor):
 
 class HTTPMessages(Editor):
     """
-    HTTP/1.1 requests or responses, each with a Content-Length body (all
-    the octotwist HTTP transport sends); C{edit(head, body)} returns the
-    body to send instead (the Content-Length is fixed up).
+    HTTP/1.1 requests or responses, with a Content-Length body or a chunked
+    one (all the octotwist HTTP transport sends); C{edit(head, body)}
+    returns the body to send instead (the Content-Length is fixed up).  A
+    chunked body, which streams, is edited frame by frame as it passes:
+    C{body} is then the complete frames (a 4-byte length, then that many
+    bytes) that have arrived, and what C{edit} returns goes on as a chunk.
     """
 
     def __init__(self, edit: Callable[[bytes, bytes], bytes]) -> None:
         self.edit = edit
         self._buffer = b""
+        self._chunked_head: bytes | None = None  # in a chunked body: its head
+        self._frames = b""  # its data, de-chunked, not yet whole frames
 
     def feed(self, data: bytes) -> bytes:
         self._buffer += data
-        out = []
+        out: list[bytes] = []
         while True:
+            if self._chunked_head is not None:
+                if not self._chunk(out):
+                    break
+                continue
             end = self._buffer.find(b"\r\n\r\n")
             if end < 0:
                 break
             head = self._buffer[:end]
             length = 0
+            chunked = False
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
+                name = name.strip().lower()
+                if name == b"content-length":
                     length = int(value)
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+            if chunked:
+                self._buffer = self._buffer[end + 4 :]
+                self._chunked_head = head
+                out.append(head + b"\r\n\r\n")
+                continue
             if len(self._buffer) < end + 4 + length:
                 break
             body = self._buffer[end + 4 : end + 4 + length]
@@ -106,6 +124,40 @@ class HTTPMessages(Editor):
                 head = b"\r\n".join([*lines, b"Content-Length: %d" % len(new)])
             out.append(head + b"\r\n\r\n" + new)
         return b"".join(out)
+
+    def _chunk(self, out: list[bytes]) -> bool:
+        """One chunk of the chunked body, if it is all here; C{False}: wait for more."""
+        line_end = self._buffer.find(b"\r\n")
+        if line_end < 0:
+            return False
+        size = int(self._buffer[:line_end].split(b";")[0], 16)
+        if size == 0:  # the last chunk (no trailers: the transport sends none)
+            if len(self._buffer) < line_end + 4:
+                return False
+            if self._frames:
+                out.append(b"%x\r\n%s\r\n" % (len(self._frames), self._frames))
+            self._frames = b""
+            self._buffer = self._buffer[line_end + 4 :]
+            self._chunked_head = None
+            out.append(b"0\r\n\r\n")
+            return True
+        if len(self._buffer) < line_end + 2 + size + 2:
+            return False
+        self._frames += self._buffer[line_end + 2 : line_end + 2 + size]
+        self._buffer = self._buffer[line_end + 2 + size + 2 :]
+        whole = 0
+        while len(self._frames) >= whole + 4:
+            length = int.from_bytes(self._frames[whole : whole + 4], "big")
+            if len(self._frames) < whole + 4 + length:
+                break
+            whole += 4 + length
+        if whole:
+            assert self._chunked_head is not None
+            body, self._frames = self._frames[:whole], self._frames[whole:]
+            new = self.edit(self._chunked_head, body)
+            if new:
+                out.append(b"%x\r\n%s\r\n" % (len(new), new))
+        return True
 
 
 EditorFactory = Callable[[int], tuple[Editor, Editor]]

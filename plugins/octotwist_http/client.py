@@ -2,12 +2,16 @@
 The HTTP transport's client, on treq with its own connection pool.
 
 L{HTTPTaskClient.connect} opens a session (the handshake in
-L{octotwist_http.wire}) and returns a L{_ClientChannel}, which keeps exactly
-one long poll open for what the server sends, and sends what the core sends
-in order, one upload at a time, several frames per upload.  A poll or an
-upload that fails on the network is tried again once (frames are numbered,
-so nothing is delivered twice); a second failure, or any refusal from the
-server, loses the channel, and the core reconnects with a new session.
+L{octotwist_http.wire}) and returns a L{_ClientChannel}.  Its answers and
+uploads stream: a poll's answer stays open while the server has frames, and
+the next poll goes out as soon as that answer starts, so one always waits at
+the server; an upload's body stays open while the core sends
+(L{_StreamingBody}).  Across a link with a 100 ms round trip a message so
+takes one trip, not a wait for the next request and then a trip.  A poll or
+an upload that fails on the network is tried again once (frames are
+numbered, so nothing is delivered twice); a second failure, or any refusal
+from the server, loses the channel, and the core reconnects with a new
+session.
 """
 
 from __future__ import annotations
@@ -18,17 +22,18 @@ import itertools
 import re
 import urllib.parse
 from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
-from twisted.internet.task import cooperate, deferLater
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from octotwist import auth, secure
@@ -47,6 +52,7 @@ from octotwist.transport import (
     IReactor,
     MessageChannel,
     TaskClient,
+    no_delay,
 )
 from octotwist_http import wire
 
@@ -64,38 +70,75 @@ REQUEST_TIMEOUT = 120.0
 SLOW_LINK = 100 * 1024
 #: Network failures in a row a poll or an upload survives (tried again).
 RETRIES = 1
+#: Seconds before a poll or an upload that failed is tried again.
+RETRY_PAUSE = 0.2
 
 _OPEN, _CLOSING, _CLOSED = "open", "closing", "closed"
 
 
 @implementer(IBodyProducer)
-class _FramesProducer:
-    """A request body made of frames, written one frame at a time as the socket drains."""
+class _StreamingBody:
+    """
+    An upload's body, open while the core sends: each frame queued in the
+    channel is written as it comes (chunked), as the socket drains, until
+    L{wire.BATCH_BYTES} have gone or L{wire.STREAM_SECONDS} have passed, or
+    the channel closes with everything written.  The server reads it frame
+    by frame as it arrives, so a message reaches the server in one trip.
+    """
 
-    def __init__(self, frames: list[bytes]) -> None:
-        self._frames = frames
-        self.length = wire.body_length(frames)
-        self._task: Any = None
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, reactor: IReactor, channel: _ClientChannel) -> None:
+        self._reactor = reactor
+        self._channel = channel
+        self.written = 0  # frames, from the front of the channel's queue
+        self._bytes = 0
+        self._consumer: Any = None
+        self._paused = False
+        self._done: Deferred[None] = Deferred()
+        self._timer: Any = None
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
-        self._task = cooperate(self._write(consumer))
-        return self._task.whenDone().addCallback(lambda _: None)
+        self._consumer = consumer
+        self._timer = self._reactor.callLater(wire.STREAM_SECONDS, self.end)
+        self.pump()
+        return self._done
 
-    def _write(self, consumer: Any) -> Iterator[None]:
-        for frame in self._frames:
-            consumer.write(wire.frame_header(frame))
-            consumer.write(frame)
-            yield None
+    def pump(self) -> None:
+        """Write what is queued and not yet in this body."""
+        queue = self._channel.queued
+        while self._consumer is not None and not self._paused and not self._done.called:
+            if self.written == len(queue):
+                if self._channel.state is not _OPEN:
+                    self.end()  # closing: what is queued is all there will be
+                return
+            frame = queue[self.written]
+            if not wire.fits(self._bytes, frame):
+                self.end()
+                return
+            self.written += 1
+            self._bytes += len(frame) + wire.HEADER.size
+            self._consumer.write(wire.frame_header(frame))
+            self._consumer.write(frame)
+
+    def end(self) -> None:
+        if not self._done.called:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._done.callback(None)
 
     def pauseProducing(self) -> None:
-        self._task.pause()
+        self._paused = True
 
     def resumeProducing(self) -> None:
-        self._task.resume()
+        self._paused = False
+        self.pump()
 
     def stopProducing(self) -> None:
-        with contextlib.suppress(Exception):  # already finished
-            self._task.stop()
+        # The request failed or was cancelled: twisted.web drops our Deferred.
+        self._consumer = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
 
 
 class _Lost(Exception):
@@ -144,11 +187,13 @@ class _ClientChannel(MessageChannel):
         self._out_next = 0
         self._writers: list[Deferred[None]] = []  # waiting in writable()
         self._posting: Deferred[None] | None = None
+        self._body: _StreamingBody | None = None  # the upload being written
         self._drained: list[Deferred[None]] = []
         # server -> worker
         self._in_next = 0
         self._polling: Deferred[None] | None = None
-        self._poll_request: Deferred[Any] | None = None
+        #: Polls sent and bodies being read: what closing cancels.
+        self._in_flight: set[Deferred[Any]] = set()
 
     @property
     def peer(self) -> str:
@@ -160,22 +205,27 @@ class _ClientChannel(MessageChannel):
 
     # Sending.
 
+    @property
+    def queued(self) -> deque[bytes]:
+        """The frames the server has not confirmed; the first is number C{_out_next}."""
+        return self._out
+
     def send(self, message: Message) -> None:
         if self.state is not _OPEN:
             return
         frame = self._secure.encode(message)  # numbered as queued: frame number = sequence
         self._out.append(frame)
         self._out_bytes += len(frame)
-        if self._posting is None:
+        if self._body is not None:
+            self._body.pump()
+        elif self._posting is None:
             self._posting = ensureDeferred(self._post_loop())
             self._posting.addErrback(self._crashed, "sending")
 
     async def _post_loop(self) -> None:
         try:
             while self._out and self.state is not _CLOSED:
-                count = wire.take_batch(self._out)
-                frames = list(itertools.islice(self._out, count))
-                await self._upload(frames, self._out_next)
+                count = await self._upload(self._out_next)
                 for _ in range(count):
                     self._out_bytes -= len(self._out.popleft())
                 self._out_next += count
@@ -193,7 +243,7 @@ class _ClientChannel(MessageChannel):
             self._release_writers()
 
     def writable(self) -> Deferred[None]:
-        """Backpressure: wait while more than a batch is queued for upload."""
+        """Backpressure: wait while more than a batch is unconfirmed."""
         if self.state is not _OPEN or self._out_bytes < wire.BATCH_BYTES:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -206,27 +256,41 @@ class _ClientChannel(MessageChannel):
             for d in writers:
                 d.callback(None)
 
-    async def _upload(self, frames: list[bytes], first: int) -> None:
+    async def _upload(self, first: int) -> int:
+        """One upload, from frame C{first} (the front of the queue); how many frames it carried."""
         target = f"session/{self._session}/messages?first={first}"
         # The answer comes once the whole body is up: allow for slow links.
-        timeout = REQUEST_TIMEOUT + wire.body_length(frames) / SLOW_LINK
-        for attempt in itertools.count():
+        timeout = REQUEST_TIMEOUT + wire.STREAM_SECONDS + wire.BATCH_BYTES / SLOW_LINK
+        failures = 0
+        reached = 0  # frames the furthest failed attempt had written
+        while True:
+            body = self._body = _StreamingBody(self._reactor, self)
             try:
-                response = await self._request(
-                    b"POST", target, data=_FramesProducer(frames), timeout=timeout
-                )
+                response = await self._request(b"POST", target, data=body, timeout=timeout)
             except CancelledError:
                 raise
             except Exception as e:
                 if self.state is _CLOSED:
                     raise CancelledError() from None
-                if attempt >= RETRIES:
+                # A body that got further than the last one made progress
+                # (it may stream for a while): only failures in a row that
+                # got no further give up.
+                failures = 1 if body.written > reached else failures + 1
+                reached = max(reached, body.written)
+                if failures > RETRIES:
                     raise _Lost(f"sending to the server failed: {_describe(e)}") from None
                 _log.debug("upload failed ({error}); trying again", error=_describe(e))
+                # (After a pause: the other pooled connections a cut took
+                # down with it must be seen gone first, or the retry picks
+                # one of them.)
+                await deferLater(self._reactor, RETRY_PAUSE)
                 continue
+            finally:
+                if self._body is body:
+                    self._body = None
             if response.code == 204:
                 await _text(response)
-                return
+                return body.written
             raise _Lost(_refusal("our messages", response.code, await _text(response)))
 
     def _request(
@@ -252,16 +316,47 @@ class _ClientChannel(MessageChannel):
 
     # Receiving.
 
+    def _poll(self, follow: bool) -> Deferred[Any]:
+        """
+        Ask for the server's frames from C{_in_next} on; or, C{follow}, for
+        those after the answer still coming (sent as that answer starts, so
+        that a poll is always waiting at the server: no round trip between
+        answers).
+        """
+        target = f"session/{self._session}/messages?ack={self._in_next}&wait={POLL_WAIT}"
+        if follow:
+            target += "&follow=1"
+        return self._track(self._request(b"GET", target, timeout=POLL_WAIT + POLL_SLACK))
+
+    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
+        self._in_flight.add(d)
+
+        def untrack(result: object) -> object:
+            self._in_flight.discard(d)
+            return result
+
+        return d.addBoth(untrack)
+
     async def _poll_loop(self) -> None:
         failures = 0
+        pending: Deferred[Any] | None = None  # a poll sent, its answer not yet read
         while self.state is _OPEN:
             asked_from = self._in_next
-            target = f"session/{self._session}/messages?ack={self._in_next}&wait={POLL_WAIT}"
             try:
-                self._poll_request = self._request(b"GET", target, timeout=POLL_WAIT + POLL_SLACK)
-                response = await self._poll_request
+                if pending is None:
+                    pending = self._poll(follow=False)
+                response = await pending
+                pending = None
                 if response.code == 200:
-                    await self._read_frames(response)
+                    first = _first_frame(response)
+                    if first > self._in_next:
+                        # A follow-on answer past one that was cut: ask
+                        # again from what we have, and drop this one.
+                        pending = self._poll(follow=False)
+                        await self._discard(response)
+                        continue
+                    pending = self._poll(follow=True)
+                    await self._read_frames(response, first)
                 elif response.code == 204:
                     await _text(response)
                 else:
@@ -278,6 +373,9 @@ class _ClientChannel(MessageChannel):
             except Exception as e:
                 if self.state is not _OPEN:
                     return
+                if pending is not None:  # it follows what failed: ask again instead
+                    _drop(pending)
+                    pending = None
                 # A poll cut after it delivered frames made progress: only
                 # failures in a row with nothing delivered give up.
                 failures = 1 if self._in_next > asked_from else failures + 1
@@ -285,25 +383,27 @@ class _ClientChannel(MessageChannel):
                     self._finish(f"polling the server failed: {_describe(e)}")
                     return
                 _log.debug("poll failed ({error}); polling again", error=_describe(e))
-                await deferLater(self._reactor, 0.2)
-            finally:
-                self._poll_request = None
+                await deferLater(self._reactor, RETRY_PAUSE)
 
-    async def _read_frames(self, response: Any) -> None:
-        first = response.headers.getRawHeaders(wire.FIRST_HEADER, [b""])[0]
-        if first != b"%d" % self._in_next:
-            raise _Lost(f"the server sent frames from {first!r}, expected {self._in_next}")
+    async def _discard(self, response: Any) -> None:
+        with contextlib.suppress(Exception):
+            await self._track(_treq().collect(response, lambda data: None))
+
+    async def _read_frames(self, response: Any, first: int) -> None:
+        """Decode the frames of a poll's answer as they come; skip those we have."""
         parser = wire.FrameParser(wire.MAX_FRAME)
-        received = 0
+        number = first
 
         def collect(data: bytes) -> None:
-            nonlocal received
-            received += len(data)
+            nonlocal number
             try:
                 frames = list(parser.feed(data))
             except wire.FramingError as e:
                 raise _Lost(f"the server sent a bad body: {e}") from None
             for frame in frames:
+                number += 1
+                if number <= self._in_next:
+                    continue  # sent again after a cut answer; we have it
                 try:
                     message = self._secure.decode(frame)
                 except RemoteProtocolError as e:  # IntegrityError included
@@ -313,9 +413,8 @@ class _ClientChannel(MessageChannel):
                 if self.handler is not None:
                     self.handler.message_received(message)
 
-        self._poll_request = _treq().collect(response, collect)
-        await self._poll_request
-        if parser.pending or (isinstance(response.length, int) and received != response.length):
+        await self._track(_treq().collect(response, collect))
+        if parser.pending:
             raise ConnectionError("the poll response was cut short")
 
     # Closing.
@@ -323,6 +422,8 @@ class _ClientChannel(MessageChannel):
     def close(self) -> None:
         if self.state is _OPEN:
             self.state = _CLOSING
+            if self._body is not None:
+                self._body.pump()  # ends it once everything queued is written
             d = ensureDeferred(self._close())
             d.addErrback(self._crashed, "closing")
 
@@ -349,9 +450,9 @@ class _ClientChannel(MessageChannel):
             return
         self.state = _CLOSED
         self._release_writers()
-        for d in (self._poll_request, self._posting):
+        for d in [*self._in_flight, self._posting]:
             if d is not None and not d.called:
-                d.cancel()
+                _drop(d)
         handler, self.handler = self.handler, None
         ensureDeferred(self._release(reason, handler)).addErrback(self._crashed, "closing")
 
@@ -371,6 +472,20 @@ class _ClientChannel(MessageChannel):
         _log.failure("bug while {doing}", failure, doing=doing)
         self._finish(f"internal error while {doing}: {failure.getErrorMessage()}")
         return None
+
+
+def _drop(d: Deferred[Any]) -> None:
+    """Cancel C{d}; whoever awaits it hears so, and no one else is told of its failure."""
+    d.cancel()
+    d.addErrback(lambda _: None)
+
+
+def _first_frame(response: Any) -> int:
+    """The number of the first frame in a poll's answer."""
+    value = response.headers.getRawHeaders(wire.FIRST_HEADER, [b""])[0]
+    if not value.isdigit() or len(value) > 18:
+        raise _Lost(f"the server sent frames without a valid {wire.FIRST_HEADER.decode()}")
+    return int(value)
 
 
 def _describe(e: BaseException) -> str:
@@ -485,9 +600,7 @@ class HTTPTaskClient(TaskClient):
             if self._trust is not None
             else BrowserLikePolicyForHTTPS()
         )
-        agent = Agent(
-            self.reactor, contextFactory=policy, pool=pool, connectTimeout=CONNECT_TIMEOUT
-        )
+        agent = Agent.usingEndpointFactory(self.reactor, _Endpoints(self.reactor, policy), pool)
         http = _treq().client.HTTPClient(agent)
         try:
             return await self._open(http, pool, base, accept)
@@ -544,6 +657,44 @@ class HTTPTaskClient(TaskClient):
         channel.handler = accept(channel)
         channel.start()
         return channel
+
+
+@implementer(IStreamClientEndpoint)
+class _NoDelay:
+    """An endpoint whose connections have Nagle's algorithm off."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        def connected(protocol: IProtocol) -> IProtocol:
+            no_delay(getattr(protocol, "transport", None))
+            return protocol
+
+        return self._endpoint.connect(factory).addCallback(connected)
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """
+    Twisted's own choice of endpoint (TCP for http, TLS over TCP for
+    https), with Nagle's algorithm off: a streamed body's small frames
+    would otherwise each wait for the acknowledgement of the one before,
+    one round trip apiece across a slow link.
+    """
+
+    def __init__(self, reactor: IReactor, policy: BrowserLikePolicyForHTTPS) -> None:
+        self._reactor = reactor
+        self._policy = policy
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT
+        )
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+        return _NoDelay(endpoint)
 
 
 def _treq() -> Any:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import itertools
 import urllib.parse
 from collections import deque
 from collections.abc import Callable
@@ -27,7 +26,13 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import _parse, serverFromString
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPullProducer, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IListeningPort,
+    IPushProducer,
+    ITCPTransport,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -115,28 +120,79 @@ class _Upload:
             raise self.session.violation(400, str(e)) from None
 
 
-@implementer(IPullProducer)
-class _FrameWriter:
-    """Writes a poll response one frame at a time, as the socket drains."""
+@implementer(IPushProducer)
+class _Stream:
+    """
+    A poll's response, kept open while the session has frames to send: each
+    frame is written as the core sends it (chunked), as long as the socket
+    drains, until the worker's next poll arrives (it sends one as soon as
+    this response's head reaches it), L{wire.BATCH_BYTES} have gone, or
+    L{wire.STREAM_SECONDS} have passed.  So a message crosses the link in
+    one trip, not in the wait for a poll plus a trip; the cap in time keeps
+    a proxy that holds responses back to a short delay, not a stall.
+    """
 
-    def __init__(self, request: server.Request, frames: list[bytes]) -> None:
+    def __init__(self, session: _ServerSession, request: server.Request) -> None:
+        self.session = session
         self.request = request
-        self.frames = iter(frames)
+        self.paused = False
+        self.over = False
+        self.sent = 0  # bytes
+        request.setResponseCode(http.OK)
+        request.setHeader(b"Content-Type", _OCTET_STREAM)
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Accel-Buffering", b"no")  # nginx: pass it on as it comes
+        request.setHeader(wire.FIRST_HEADER, b"%d" % session.sent_upto)
+        request.registerProducer(self, True)
+        self._timer = session.hub.reactor.callLater(wire.STREAM_SECONDS, self.end)
 
-    def resumeProducing(self) -> None:
+    def pump(self) -> None:
+        """Write what the session has unsent, while the socket takes it."""
+        session, request = self.session, self.request
+        while not (self.paused or self.over):
+            if request._disconnected or request.channel is None:
+                self.stopProducing()
+                return
+            frame = session.next_frame()
+            if frame is None:
+                return
+            if not wire.fits(self.sent, frame):
+                self.end()  # the rest goes in the next poll's answer
+                return
+            session.sent_upto += 1
+            self.sent += len(frame) + wire.HEADER.size
+            request.write(wire.frame_header(frame))
+            request.write(frame)
+
+    def end(self) -> None:
+        """Finish the response after the frames written so far."""
+        if self.over:
+            return
+        self.over = True
+        _cancel(self._timer)
+        if self.session.stream is self:
+            self.session.stream = None
         request = self.request
-        if request._disconnected or request.channel is None:
-            return  # the channel stops us
-        frame = next(self.frames, None)
-        if frame is None:
+        if not (request._disconnected or request.finished):
             request.unregisterProducer()
             request.finish()
-            return
-        request.write(wire.frame_header(frame))
-        request.write(frame)
+
+    # IPushProducer, registered on the request: the socket's backpressure.
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.pump()
 
     def stopProducing(self) -> None:
-        self.frames = iter(())
+        """The connection is gone: what it carried unacknowledged is sent again."""
+        if not self.over:
+            self.over = True
+            _cancel(self._timer)
+            if self.session.stream is self:
+                self.session.stream = None
 
 
 class _ServerSession(MessageChannel):
@@ -146,25 +202,28 @@ class _ServerSession(MessageChannel):
     """
 
     def __init__(
-        self, hub: _Hub, sid: str, key: bytes, channel: secure.SecureChannel, peer: str
+        self, hub: _Hub, sid: str, key: bytes, channel: secure.SecureChannel, address: IAddress
     ) -> None:
         self.hub = hub
         self.id = sid
         self.key = key
         #: Seals what we queue and opens what the worker uploads, in frame order.
         self.secure = channel
-        self._peer = peer
+        self._address = address
+        self._peer = _peer_name(address)
         self.handler: ChannelHandler | None = None
         self.replay = wire.ReplayWindow()
         self.ended: str | None = None  # why, once ended
         self.done: Deferred[None] = Deferred()
         self.closing = False
         # server -> worker: _out[0] is frame number _out_base; frames below
-        # _sent_upto have been written in some poll response.
+        # sent_upto have been written in some poll response.
         self._out: deque[bytes] = deque()
         self._out_bytes = 0  # in _out
         self._out_base = 0
-        self._sent_upto = 0
+        self.sent_upto = 0
+        #: The poll response frames are written to, while one is open.
+        self.stream: _Stream | None = None
         self._writers: list[Deferred[None]] = []  # waiting in writable()
         # worker -> server
         self._in_next = 0
@@ -184,16 +243,23 @@ class _ServerSession(MessageChannel):
     def peer(self) -> str:
         return self._peer
 
+    @property
+    def peer_address(self) -> IAddress:
+        """Where the session was opened from (later requests may come from elsewhere)."""
+        return self._address
+
     def send(self, message: Message) -> None:
         if self.ended is not None or self.closing:
             return
         frame = self.secure.encode(message)  # numbered as queued: frame number = sequence
         self._out.append(frame)
         self._out_bytes += len(frame)
-        if self._parked is not None:
+        if self.stream is not None:
+            self.stream.pump()
+        elif self._parked is not None:
             request, self._parked = self._parked, None
             self._cancel_hold()
-            self._answer_frames(request)
+            self._start_stream(request)
 
     def writable(self) -> Deferred[None]:
         """
@@ -218,19 +284,35 @@ class _ServerSession(MessageChannel):
             self.closing = True
             self._maybe_closed()
 
+    def abort(self) -> None:
+        self.end("dropped by the server: the worker was silent")
+
     # Polls
 
-    def poll(self, request: server.Request, ack: int, wait: float) -> None:
-        if not self._out_base <= ack <= self._sent_upto:
+    def poll(self, request: server.Request, ack: int, wait: float, follow: bool = False) -> None:
+        """
+        A poll from the worker, which has the first C{ack} frames.
+
+        A plain poll is answered from frame C{ack} on, so that one whose
+        answer was lost gets it again.  A I{follow-on} poll (C{follow}) is
+        one the worker sent while the previous answer was still coming: it
+        ends that answer and carries on with the frames no answer has
+        carried yet.  With nothing new to send, it is answered C{204} at
+        once if frames are still unacknowledged, so that the worker comes
+        back with its acknowledgement instead of waiting out the hold.
+        """
+        if ack > self.sent_upto:
             raise self.violation(
                 400,
                 f"acknowledged {ack} frames, but frames {self._out_base} to "
-                f"{self._sent_upto} are the ones in flight",
+                f"{self.sent_upto} are the ones in flight",
             )
-        while self._out_base < ack:
+        while self._out_base < ack:  # (an ack below it is a late poll's)
             self._out_bytes -= len(self._out.popleft())
             self._out_base += 1
         self._release_writers()
+        if self.stream is not None:
+            self.stream.end()
         if self._parked is not None:  # the worker gave up on it: answer it empty
             old, self._parked = self._parked, None
             self._cancel_hold()
@@ -242,21 +324,24 @@ class _ServerSession(MessageChannel):
         if self._maybe_closed():
             _finish(request, http.GONE, f"session ended: {self.ended}")
             return
-        if self._out:
-            self._answer_frames(request)
+        if not follow:
+            self.sent_upto = self._out_base
+        if self.sent_upto < self._out_base + len(self._out):
+            self._start_stream(request)
+        elif follow and self.sent_upto > self._out_base:
+            _finish(request, http.NO_CONTENT)
         else:
             self._parked = request
             self._hold = self.hub.reactor.callLater(wait, self._hold_expired)
 
-    def _answer_frames(self, request: server.Request) -> None:
-        count = wire.take_batch(self._out)
-        frames = list(itertools.islice(self._out, count))
-        self._sent_upto = max(self._sent_upto, self._out_base + count)
-        request.setResponseCode(http.OK)
-        request.setHeader(b"Content-Type", _OCTET_STREAM)
-        request.setHeader(b"Content-Length", b"%d" % wire.body_length(frames))
-        request.setHeader(wire.FIRST_HEADER, b"%d" % self._out_base)
-        request.registerProducer(_FrameWriter(request, frames), False)
+    def next_frame(self) -> bytes | None:
+        """The first frame no poll answer has carried yet, if any."""
+        index = self.sent_upto - self._out_base
+        return self._out[index] if index < len(self._out) else None
+
+    def _start_stream(self, request: server.Request) -> None:
+        self.stream = _Stream(self, request)
+        self.stream.pump()
 
     def _hold_expired(self) -> None:
         self._hold = None
@@ -271,6 +356,8 @@ class _ServerSession(MessageChannel):
 
     def _poll_over(self, result: object, request: server.Request) -> None:
         self._active.discard(request)
+        if self.stream is not None and self.stream.request is request:
+            self.stream.stopProducing()
         if self._parked is request:
             self._parked = None
             self._cancel_hold()
@@ -352,6 +439,8 @@ class _ServerSession(MessageChannel):
         self._cancel_grace()
         self._cancel_hold()
         self._upload = None
+        if self.stream is not None:
+            self.stream.end()  # the worker's next poll gets the reason
         self._out.clear()
         self._out_bytes = 0
         self._release_writers()
@@ -439,14 +528,15 @@ class _Hub:
         return _Reject(http.UNAUTHORIZED, why, self._challenge_header())
 
     def admit(
-        self, method: bytes, raw_target: bytes, headers: Headers, length: int | None, peer: str
+        self, method: bytes, raw_target: bytes, headers: Headers, length: int | None, address: Any
     ) -> _Admission:
         """
         Decide, from the request line and headers only, whether a request
-        may go on.
+        from C{address} may go on.
 
         @raise _Reject: it may not; the code and message to answer with.
         """
+        peer = _peer_name(address)
         target = wire.split_target(raw_target)
         if target is None:
             if method.upper() not in (b"GET", b"HEAD"):
@@ -461,7 +551,7 @@ class _Hub:
             raise _Reject(http.NOT_FOUND, f"no such API call: {method.decode()} {target.decode()}")
         credentials = parse_header(headers, b"Authorization")
         if call.kind == "create":
-            return self._admit_create(credentials, length, peer)
+            return self._admit_create(credentials, length, address)
         token = wire.parse_request_token(credentials) if credentials else None
         if token is None:
             raise self._refuse(peer, "missing or malformed token")
@@ -490,12 +580,14 @@ class _Hub:
                 raise session.violation(http.BAD_REQUEST, "poll without ack=N")
             wait = wire.int_param(call.query, b"wait")
             hold = wire.DEFAULT_HOLD if wait is None else min(float(wait), wire.MAX_HOLD)
-            return _Admission("poll", session, ack=ack, wait=hold)
+            follow = call.query.get(b"follow") == b"1"
+            return _Admission("poll", session, ack=ack, wait=hold, follow=follow)
         return _Admission("delete", session)
 
     def _admit_create(
-        self, credentials: dict[str, str] | None, length: int | None, peer: str
+        self, credentials: dict[str, str] | None, length: int | None, address: IAddress
     ) -> _Admission:
+        peer = _peer_name(address)
         if not self.accepting:
             raise _Reject(http.SERVICE_UNAVAILABLE, "the server is shutting down")
         if credentials is None:
@@ -514,14 +606,14 @@ class _Hub:
         if length != 0:
             raise _Reject(http.BAD_REQUEST, "a session request has no body")
         self.challenges.use(request.challenge, now)
-        return _Admission("create", None, request=request, peer=peer)
+        return _Admission("create", None, request=request, address=address)
 
     def create(self, admission: _Admission) -> tuple[_ServerSession, bytes]:
         request: wire.SessionRequest = admission.extra["request"]
         sid = wire.new_session_id()
         key = wire.session_key(self.secret, request.challenge, request.cnonce)
         channel = wire.session_channel(self.secret, request.challenge, request.cnonce, client=False)
-        session = _ServerSession(self, sid, key, channel, admission.extra["peer"])
+        session = _ServerSession(self, sid, key, channel, admission.extra["address"])
         self.sessions[sid] = session
         handler = self.accept(session)
         if session.ended is None:
@@ -599,7 +691,7 @@ class _OctoRequest(server.Request):
         raw_target = getattr(channel, "_path", b"")
         try:
             self.admission = hub.admit(
-                method, raw_target, self.requestHeaders, length, _peer_name(channel.getPeer())
+                method, raw_target, self.requestHeaders, length, channel.getPeer()
             )
             if self.admission.kind != "status":  # its credentials checked out
                 channel.authenticated()
@@ -701,7 +793,8 @@ class _OctoRequest(server.Request):
         if session.ended is not None:
             raise _Reject(http.GONE, f"session ended: {session.ended}")
         if admission.kind == "poll":
-            session.poll(self, admission.extra["ack"], admission.extra["wait"])
+            extra = admission.extra
+            session.poll(self, extra["ack"], extra["wait"], extra["follow"])
         elif admission.kind == "upload":
             upload: _Upload = admission.extra["upload"]
             if upload is not session._upload:

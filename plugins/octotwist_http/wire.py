@@ -10,8 +10,16 @@ the status page.  Paths below are relative to that root::
     POST   session                         create a session (see "Tokens")
     GET    session/ID/messages?ack=N&wait=S   long poll: frames N, N+1, ... (200),
                                            or nothing within S seconds (204)
+    GET    session/ID/messages?ack=N&wait=S&follow=1
+                                           the same, sent while the previous answer
+                                           is still coming: it ends that answer and
+                                           goes on with the frames no answer carried
     POST   session/ID/messages?first=N     frames N, N+1, ... from the worker (204)
     DELETE session/ID                      the worker hangs up (204)
+
+A poll's answer and an upload's body stay open while frames come, for up to
+L{STREAM_SECONDS} (chunked): a message crosses the link as soon as it is
+sent, not with the next request.
 
 Bodies (both directions) are frames: a 4-byte big-endian length, then one
 message sealed by the core's channel layer (L{octotwist.secure}: encrypted
@@ -56,7 +64,7 @@ import hmac
 import re
 import secrets
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from octotwist import auth, secure
@@ -83,6 +91,11 @@ MAX_SMALL_BODY = 64 * 1024
 #: larger single frame travels alone.
 BATCH_BYTES = 16 * 1024 * 1024
 
+#: Seconds a poll's answer, or an upload's body, stays open for frames that
+#: come while it is on the way (see L{octotwist_http.server._Stream}); then
+#: it ends, so that what it carried is acknowledged, and a proxy that holds
+#: bodies back until they end delays messages this long at most.
+STREAM_SECONDS = 1.0
 #: Seconds a poll waits for messages when the client does not say (C{wait=}).
 DEFAULT_HOLD = 25.0
 #: Longest hold a client may ask for.
@@ -137,24 +150,13 @@ def frame_header(frame: bytes) -> bytes:
     return HEADER.pack(len(frame))
 
 
-def body_length(frames: list[bytes]) -> int:
-    """How many bytes C{frames} take in a body."""
-    return sum(len(f) for f in frames) + HEADER.size * len(frames)
-
-
-def take_batch(queue: Iterable[bytes], limit: int = BATCH_BYTES) -> int:
+def fits(sent: int, frame: bytes, limit: int = BATCH_BYTES) -> bool:
     """
-    How many frames from the front of C{queue} (a sequence of frames) go
-    in the next body: as many as fit in C{limit} bytes, and at least one.
+    Whether C{frame} may go in a body that holds C{sent} bytes already: the
+    first frame always does (however large), the others while the body
+    stays within C{limit} bytes.
     """
-    size = 0
-    count = 0
-    for frame in queue:
-        size += len(frame) + HEADER.size
-        if count and size > limit:
-            break
-        count += 1
-    return count
+    return not sent or sent + HEADER.size + len(frame) <= limit
 
 
 class FrameParser:
