@@ -57,7 +57,8 @@ What happens when things fail (see docs/guide.md):
   - A worker silent for C{suspect_after} seconds (no message of any kind:
     a few missed heartbeats) is I{suspect}: it gets no new work until it is
     heard from again, and its running attempts keep their lease (a slow one
-    gets a backup copy elsewhere, as any).  Silent for longer than its lease,
+    gets a backup copy elsewhere, as any, and once nothing else is left to
+    hand out, at once).  Silent for longer than its lease,
     its running attempts are cancelled and requeued too.  Both changes are
     told as L{Silence} news (L{Scheduler.news}), for the server to log.
   - An attempt that fails (the user's code raised, or killed its process)
@@ -974,7 +975,11 @@ class Scheduler:
         )
 
     def _backup_candidate(self, worker: str) -> _Task | None:
-        """The longest-running task with a single attempt elsewhere, if slow enough."""
+        """
+        The longest-running task with a single attempt elsewhere, if slow
+        enough; first, and at once, one whose attempt is on a suspect
+        worker (silent: it may never report, and the lease is long).
+        """
         if self.backup_after is None or self._pending or self._lookahead:
             return None
         tasks = self._maps if self.phase is Phase.MAPPING else self._reduces
@@ -983,15 +988,22 @@ class Scheduler:
         bar = max(self.backup_after, 2 * statistics.median(durations) if durations else 0.0)
         best: _Task | None = None
         best_start = self.now - bar
+        stranded: _Task | None = None
+        stranded_start = float("inf")
         for task in tasks:
             if task.status is not TaskStatus.RUNNING or len(task.running) != 1:
                 continue
             ((attempt, owner),) = task.running.items()
             if owner == worker:
                 continue
-            if task.started[attempt] <= best_start:
-                best, best_start = task, task.started[attempt]
-        return best
+            started = task.started[attempt]
+            holder = self._workers.get(owner)
+            if holder is not None and holder.suspect:
+                if started < stranded_start:
+                    stranded, stranded_start = task, started
+            elif started <= best_start:
+                best, best_start = task, started
+        return stranded or best
 
     def _forget(self, task: _Task, attempt: int) -> None:
         worker = task.running.pop(attempt)

@@ -46,7 +46,7 @@ from octotwist.config import FaultPolicy
 from octotwist.errors import OctotwistError, RemoteProtocolError
 from octotwist.job import Job
 from octotwist.journal import FinishedTask, Journal, JournalError
-from octotwist.machine import same_machine
+from octotwist.machine import local_address, same_machine
 from octotwist.messages import TaskId, TaskKind
 from octotwist.ordering import sorted_order
 from octotwist.outbox import Outbox
@@ -314,12 +314,18 @@ class JobServer:
         self._sessions[name] = session
         session.name, session.hello = name, hello
         self.scheduler.handle(Heard(name, self.reactor.seconds()))
+        # The same kernel (boot id), and a connection from its own network
+        # stack: containers and namespaces share the first, not the second.
+        session.same_machine = same_machine(hello.machine) and (
+            local_address(session.channel.peer_address) is not False
+        )
         _log.info(
-            "worker {worker} joined from {peer} ({slots} process{es})",
+            "worker {worker} joined from {peer} ({slots} process{es}{here})",
             worker=name,
             peer=session.channel.peer,
             slots=hello.slots,
             es="" if hello.slots == 1 else "es",
+            here=", on this machine" if session.same_machine else "",
         )
         self._dispatch()
 
@@ -693,9 +699,16 @@ class JobServer:
                 return
             assert isinstance(assignment, Assignment)  # mypy does not narrow `is NO_WORK`
             if assignment.backup:
+                silent = [
+                    other
+                    for other in self._sessions
+                    if self.scheduler.is_suspect(other)
+                    and any(t == assignment.task for t, _ in self.scheduler.running(other))
+                ]
                 _log.info(
-                    "{task} is slow; running a backup copy on {worker}",
+                    "{task} is {why}; running a backup copy on {worker}",
                     task=str(assignment.task),
+                    why=f"on silent worker {silent[0]}" if silent else "slow",
                     worker=name,
                 )
             self._send_task(session, assignment.task, assignment.attempt, assignment.keys)
@@ -1030,10 +1043,24 @@ class JobServer:
         # is left when it stops (TaskServer.stop).  A job that is not over
         # (its server stops, and the next resumes it) tells others' workers
         # nothing: they lose the connection, and reconnect to that server.
+        # A silent worker would not read it: it is dropped at once, so that
+        # stopping does not wait for it to hang up (it takes the job for
+        # over when it finds us gone).
         keep_workers = self._keep_progress and not self._own_workers
         for session in list(self._all_sessions):
             session.outbox.clear()  # task inputs nobody needs any more
-            if not keep_workers:
+            if keep_workers:
+                continue
+            name = session.name
+            if (
+                name is not None
+                and self._sessions.get(name) is session
+                and self.scheduler.is_suspect(name)
+            ):
+                _log.info("dropping silent worker {worker}: the job is over", worker=name)
+                session.closed = True
+                session.channel.abort()
+            else:
                 session.outbox.send(messages.Shutdown(outcome.ok, outcome.error or "", self.stays))
         self.store.close()
         self.result.callback(outcome)
@@ -1253,11 +1280,9 @@ class _WorkerSession:
         self.round_trips: deque[float] = deque(maxlen=16)
         self.task_seconds: deque[float] = deque(maxlen=16)
         self.slots = 0
-
-    @property
-    def same_machine(self) -> bool:
-        """Whether the worker runs on this machine (its inputs go uncompressed)."""
-        return self.hello is not None and same_machine(self.hello.machine)
+        #: It runs on this machine, in this network namespace: its inputs
+        #: go uncompressed (set when it joins).
+        self.same_machine = False
 
     def message_received(self, message: messages.Message) -> None:
         if self.closed:

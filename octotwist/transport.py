@@ -33,7 +33,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorCore, IReactorPluggableNameResolver, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IReactorCore,
+    IReactorPluggableNameResolver,
+    IReactorTime,
+)
 from zope.interface import implementer
 
 from octotwist.endpoints import split_host_port
@@ -52,6 +57,18 @@ class MessageChannel(ABC):
     def peer(self) -> str:
         """A readable name of the other end, for logs (C{"tcp:10.0.0.5:51234"})."""
 
+    @property
+    def peer_address(self) -> IAddress | None:
+        """
+        The other end's address as this side's socket sees it (an
+        L{IPv4Address}, L{IPv6Address} or L{UNIXAddress}), or C{None} where
+        the transport has none to give.  The server compresses a worker's
+        inputs unless this says the worker is on its own machine
+        (L{octotwist.machine.local_address}); C{None} leaves that to the
+        machine id the worker sends.
+        """
+        return None
+
     @abstractmethod
     def send(self, message: Message) -> None:
         """
@@ -63,6 +80,15 @@ class MessageChannel(ABC):
     @abstractmethod
     def close(self) -> None:
         """Close the connection after what was sent has been written."""
+
+    def abort(self) -> None:
+        """
+        Drop the connection now, with what is queued unsent: for a peer
+        that cannot be reached (silent, its link down), which would never
+        read it, so that stopping need not wait for it.  By default
+        L{close}; a transport that can do better overrides it.
+        """
+        self.close()
 
     def writable(self) -> Deferred[None]:
         """

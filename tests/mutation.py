@@ -513,6 +513,31 @@ MUTANTS: list[Mutant] = [
         Edit(HTTP_WIRE, "                if length > self.max_frame:", "                if False:"),
         [T_HTTP + "test_frame_over_the_limit_and_a_cut_body_are_errors"],
     ),
+    _m(
+        "http-follow-on-poll-rewinds",
+        "a follow-on poll is answered from its ack, as a plain one (every frame crosses twice)",
+        Edit(HTTP_SERVER, "        if not follow:", "        if True:"),
+        [T_HTTP + "test_a_follow_on_poll_carries_on_where_the_stream_ended"],
+    ),
+    _m(
+        "silent-workers-tasks-wait-for-the-bar",
+        "a silent worker's task gets a backup copy only after --backup-after, as a slow one",
+        Edit("octotwist/scheduler.py", "        return stranded or best", "        return best"),
+        [
+            "tests/test_scheduler.py::test_a_suspect_workers_task_gets_a_backup_copy_as_soon_as_others_are_idle"
+        ],
+    ),
+    # -- where a worker is --------------------------------------------------
+    _m(
+        "any-address-is-this-machine",
+        "a worker in another network namespace (our boot id) gets its inputs uncompressed",
+        Edit(
+            "octotwist/machine.py",
+            "        return False\n    return True",
+            "        return True\n    return True",
+        ),
+        ["tests/test_server_inputs.py"],
+    ),
     # -- the SSH transport ----------------------------------------------------
     _m(
         "ssh-frame-no-limit",

@@ -145,7 +145,11 @@ def test_quiet_server_and_client_print_only_warnings_and_errors(env: dict, tmp_p
     assert code == 0 and wcode == 0, err + werr
     problems = [line for line in err.splitlines() if "bad record four" in line]
     assert _matches(problems, SERVER_PROBLEMS), err
-    assert "octo: worker w1 joined from tcp:127.0.0.1:" in err
+    assert re.search(
+        r"^octo: worker w1 joined from tcp:127\.0\.0\.1:\d+ \(1 process, on this machine\)$",
+        err,
+        re.M,
+    ), err
     assert re.search(r"^octo: job job finished: 6 results in [\d.]+ s$", err, re.M), err
     assert [line for line in werr.splitlines() if "bad record four" in line] == CLIENT_PROBLEMS
     assert "octo: running job job with 1 process" in werr

@@ -227,6 +227,45 @@ def test_a_silent_worker_is_said_to_be_silent_and_back(
         assert finish(worker)[0] == 0
 
 
+def test_a_silent_workers_task_is_copied_at_once_and_the_end_does_not_wait_for_it(
+    transport: str, env: dict, tmp_path: Path
+) -> None:
+    """
+    w2 freezes holding a task: once nothing else is left, w1 runs a copy of
+    it (not after --backup-after, nor the 60 s lease), and the job ends
+    exact while w2 is still frozen; the server drops w2 instead of waiting
+    for it to hang up.
+    """
+    held, gate_file = gated_slowish(tmp_path, "map")
+    server, port, out = serve(
+        transport, env, tmp_path, held, "--task-timeout", "60", "--backup-after", "600"
+    )
+    quiet = client(transport, env, port, "-n", "w2", "-p", "1", "-v")
+    wait_for_line(quiet, "running map ")  # it holds a task that waits for the gate
+    frozen = [quiet.pid, *children(quiet.pid)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        other = client(transport, env, port, "-n", "w1")
+        log = wait_for_log(server, ["worker w2 silent for"])
+        gate_file.touch()
+        log += wait_for_log(server, ["on silent worker w2; running a backup copy on w1"])
+        log += wait_for_log(server, ["dropping silent worker w2: the job is over"])
+        dropped = time.monotonic()
+        code, _, err = finish(server)
+        log += err
+        assert code == 0, log
+        assert time.monotonic() - dropped < 4, "the server waited for the silent worker"
+        assert parse_tsv(out.read_text()) == EXPECTED
+        assert finish(other)[0] == 0
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        quiet.kill()
+        quiet.wait()
+
+
 @pytest.mark.slow  # waits out the worker's 15 s
 def test_a_worker_whose_server_vanished_after_its_work_exits_0_soon(
     env: dict, tmp_path: Path

@@ -103,6 +103,16 @@ def test_a_worker_cut_off_by_the_network_loses_its_tasks_after_the_lease(
         assert time.monotonic() - cut < 60
         assert finish(local)[0] == 0
         assert parse_tsv(out.read_text()) == EXPECTED
+        # Both share the kernel (one boot id); only the worker in the
+        # server's own namespace counts as on its machine (plain inputs).
+        joins = [line for line in err.splitlines() if "joined from" in line]
+        assert any(
+            f"joined from tcp:{WORKER_ADDRESS}:" in j and "this machine" not in j for j in joins
+        )
+        assert any(
+            f"joined from tcp:{SERVER_ADDRESS}:" in j and j.endswith(", on this machine)")
+            for j in joins
+        ), joins
     finally:
         remote.kill()
         remote.wait()

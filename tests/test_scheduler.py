@@ -262,6 +262,25 @@ def test_a_worker_silent_a_while_gets_no_new_task_but_keeps_its_own() -> None:
     assert isinstance(s.next_assignment("w2"), Assignment)
 
 
+def test_a_suspect_workers_task_gets_a_backup_copy_as_soon_as_others_are_idle() -> None:
+    """Not after backup_after, nor after the lease: its worker may never report."""
+    s = Scheduler(["a", "b"], reduce_tasks=1, lease=30, suspect_after=5, backup_after=10)
+    joined(s, "w1", "w2")
+    a = s.next_assignment("w2")
+    b = s.next_assignment("w1")
+    s.handle(Tick(3))
+    s.handle(Heard("w1", 3))
+    assert s.next_assignment("w1") is NO_WORK  # map 0 is young, w2 heard from lately
+    s.handle(AttemptSucceeded("w1", b.task, b.attempt))
+    s.handle(Tick(5.5))
+    s.handle(Heard("w1", 5.5))
+    assert s.is_suspect("w2")
+    backup = s.next_assignment("w1")
+    assert backup == Assignment(a.task, 2, ("a",), backup=True)  # at 5.5 s, not 10
+    assert s.handle(AttemptSucceeded("w1", a.task, 2)) is Verdict.ACCEPTED
+    assert s.cancellations() == [Cancellation("w2", a.task, 1, "another attempt finished first")]
+
+
 def test_an_expired_attempt_that_fails_late_costs_nothing() -> None:
     s = Scheduler(["a"], reduce_tasks=1, lease=1, max_attempts=1)
     joined(s, "w1", "w2")

@@ -178,17 +178,16 @@ def free_port() -> int:
 def tasks_taken_from(worker: str, log: str) -> int:
     """
     How many running tasks the server's C{log} says it took from C{worker}:
-    those that went back in the queue when it left, and those whose lease
-    ran out first (a transport without a connection to lose, such as HTTP,
-    notices a dead worker by its silence).
+    those that went back in the queue when it left, those whose lease ran
+    out first (a transport without a connection to lose, such as HTTP,
+    notices a dead worker by its silence), and those copied to another
+    worker while it was silent (once nothing else was left to hand out).
     """
-    left = re.findall(
-        rf"worker {re.escape(worker)} left \(.*\); (\d+) running tasks? go(?:es)? back", log
-    )
-    silent = re.findall(
-        rf"cancelled \S+ \d+ attempt \d+ on {re.escape(worker)}: worker silent", log
-    )
-    return sum(map(int, left)) + len(silent)
+    name = re.escape(worker)
+    left = re.findall(rf"worker {name} left \(.*\); (\d+) running tasks? go(?:es)? back", log)
+    silent = re.findall(rf"cancelled \S+ \d+ attempt \d+ on {name}: worker silent", log)
+    copied = re.findall(rf"\S+ \d+ is on silent worker {name}; running a backup copy", log)
+    return sum(map(int, left)) + len(silent) + len(copied)
 
 
 def wait_for_text(process: Process, text: str, timeout: float = 60) -> None:

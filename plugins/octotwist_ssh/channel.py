@@ -34,6 +34,7 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.connection import SSHConnection
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -183,11 +184,18 @@ class _Messages(MessageChannel):
     def peer(self) -> str:
         return self._channel.peer_name
 
+    @property
+    def peer_address(self) -> IAddress | None:
+        return self._channel.peer_address
+
     def send(self, message: Message) -> None:
         self._channel.send_message(message)
 
     def close(self) -> None:
         self._channel.close_gracefully()
+
+    def abort(self) -> None:
+        self._channel.abort()
 
     def writable(self) -> Deferred[None]:
         return self._channel.writable()
@@ -220,11 +228,18 @@ class FramedChannel(ConchLogging, SSHChannel):
     # Naming
 
     @property
-    def peer_name(self) -> str:
+    def peer_address(self) -> IAddress | None:
+        """The address of the SSH connection's other end, while connected."""
         try:
             # Either transport may be None (not yet, or no longer connected).
-            addr: Any = self.conn.transport.transport.getPeer()  # type: ignore[union-attr]
+            return self.conn.transport.transport.getPeer()  # type: ignore[union-attr]
         except AttributeError:
+            return None
+
+    @property
+    def peer_name(self) -> str:
+        addr: Any = self.peer_address
+        if addr is None:
             return "ssh:?"
         host = getattr(addr, "host", None)
         where = f"{host}:{addr.port}" if host is not None else "unix"
@@ -348,6 +363,23 @@ class FramedChannel(ConchLogging, SSHChannel):
 
     def end_stream(self) -> None:
         """Hook for what goes before EOF (the server sends an exit status)."""
+
+    def abort(self) -> None:
+        """
+        Drop the SSH connection under this channel at once, with what is
+        queued unsent (its peer cannot be reached); where there is no socket
+        to drop, close gracefully.
+        """
+        try:
+            socket = self.conn.transport.transport  # type: ignore[union-attr]
+        except AttributeError:
+            socket = None
+        abort = getattr(socket, "abortConnection", None)
+        if abort is None:
+            self.close_gracefully()
+        else:
+            self.state = State.CLOSED
+            abort()
 
     def loseConnection(self) -> None:
         self.close_gracefully()

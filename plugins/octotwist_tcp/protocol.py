@@ -19,7 +19,13 @@ import enum
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -69,11 +75,21 @@ class _Channel(MessageChannel):
     def peer(self) -> str:
         return self._protocol.peer_name
 
+    @property
+    def peer_address(self) -> IAddress | None:
+        transport = self._protocol.transport
+        return None if transport is None else transport.getPeer()
+
     def send(self, message: Message) -> None:
         self._protocol.send_message(message)
 
     def close(self) -> None:
         self._protocol.close()
+
+    def abort(self) -> None:
+        transport = self._protocol.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def writable(self) -> Deferred[None]:
         return self._protocol.flow.writable()
