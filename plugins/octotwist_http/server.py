@@ -285,7 +285,7 @@ class _ServerSession(MessageChannel):
             self._maybe_closed()
 
     def abort(self) -> None:
-        self.end("dropped by the server: the worker was silent")
+        self.end("dropped by the server")
 
     # Polls
 
