@@ -5,14 +5,21 @@ Word count: octotwist against the anchors, in one invocation.
 
 Build the 150 MB corpus with `python3 ../shared/corpus/build.py DIR`
 (`--target-bytes N` for other sizes).  Rows, all on the same files with the
-seed's mapfn/reducefn:
+seed's mapfn:
 
   1. baseline: one process, plain Python, dict-of-lists shuffle;
-  2. `octo run -w 2`, no combiner;
-  3. `octo run -w 2` with combinefn (sum; reducefn sums too), and again with
-     --state-dir (every finished task journaled) and --unsorted;
-  4. multiprocessing.Pool(2), hand-written map + combine;
-  5. per installed transport: `octo server` + 2 `octo client -p 1` processes.
+  2. `octo run -w 2`, the seed's job (no combiner, `len(values)`), with its
+     lazy source and with the guide's eager dict source;
+  3. `octo run -w 2` with the eager source and a summing combiner and
+     reducer: written by hand, `octotwist.aggregate.sum`, and the aggregate
+     with a reducefn of the user's; the aggregate again with --state-dir
+     (every finished task journaled) and --unsorted;
+  4. multiprocessing.Pool(2), hand-written map + combine: lazy (each process
+     reads its files), and forked from a parent holding the eager dict;
+  5. Dask LocalCluster(2) with a Counter per partition, if Dask is installed;
+  6. per installed transport: `octo server` + 2 `octo client -p 1` processes.
+
+The targets of issue 18 are printed last, as ratios of these rows.
 
 Every figure is the median of --runs whole-process runs; every row carries its
 ratio to the baseline measured in this same invocation (the machines we run
@@ -48,11 +55,13 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # The seed's mapfn/reducefn over the files listed in $CORPUS_LIST; the list
 # comes from the environment so that the same script serves every row.
-JOB = """\
+FILES = """\
 import os
 with open(os.environ["CORPUS_LIST"]) as f:
     text_files = f.read().split("\\n")
+"""
 
+LAZY = """
 class Files:
     # lazy: the server reads a file when its map task is handed out
     def __iter__(self):
@@ -64,7 +73,19 @@ class Files:
             return f.read()
 
 source = Files()
+"""
 
+# As the guide (and examples/wordcount.py) writes it: every file read into
+# a dict when the script loads.
+EAGER = """
+def file_contents(file_name):
+    with open(file_name) as f:
+        return f.read()
+
+source = dict((f, file_contents(f)) for f in text_files)
+"""
+
+SEED = """
 def mapfn(key, value):
     for line in value.splitlines():
         for word in line.split():
@@ -74,13 +95,41 @@ def reducefn(key, value):
     return key, len(value)
 """
 
-COMBINE = """
+JOB = FILES + LAZY + SEED
+
+#: The job's other spellings, each a folder's job.py: its source and functions.
+SPELLINGS = {
+    "eager": EAGER + SEED,
+    # a combiner and reducer written by hand, the way the docs used to
+    "hand_sum": EAGER
+    + SEED
+    + """
 def combinefn(key, values):
     return key, sum(values)
 
 def reducefn(key, values):
     return key, sum(values)
-"""
+""",
+    "aggregate_sum": EAGER
+    + SEED
+    + """
+import octotwist.aggregate
+combinefn = reducefn = octotwist.aggregate.sum
+""",
+    # the aggregate's combiner, and a reducefn equivalent to it, written as a
+    # user might: a docstring, a temporary, a start value
+    "aggregate_hand_reduce": EAGER
+    + SEED
+    + """
+import octotwist.aggregate
+combinefn = octotwist.aggregate.sum
+
+def reducefn(word, counts):
+    \"\"\"The word's count: the map tasks' counts added up.\"\"\"
+    total = sum(counts, 0)
+    return word, total
+""",
+}
 
 BASELINE = """\
 import json
@@ -100,30 +149,89 @@ with open(sys.argv[2], "w") as out:
 
 # The best one can write by hand: each process maps whole files and sums per
 # word as it goes (the combine); the parent adds up the per-file tables.
+# With the lazy job each process reads its files; with the eager one the
+# processes are forked from the parent that read them all, and read its dict.
 POOL = """\
 import json
 import sys
 from collections import defaultdict
-from multiprocessing import Pool
+from multiprocessing import get_context
 sys.path.insert(0, sys.argv[1])
 import job
 
-def count(name):
+def count(names):
     sums = defaultdict(int)
-    for k, v in job.mapfn(name, job.source[name]):
-        sums[k] += v
+    for name in names:
+        for k, v in job.mapfn(name, job.source[name]):
+            sums[k] += v
     return sums
 
 if __name__ == "__main__":
+    names = list(job.source)
+    batches = [names[i::16] for i in range(16)]
     total = defaultdict(int)
-    with Pool(2) as pool:
-        for sums in pool.imap_unordered(count, list(job.source), chunksize=4):
+    with get_context("fork").Pool(2) as pool:
+        for sums in pool.imap_unordered(count, batches):
             for k, v in sums.items():
                 total[k] += v
     with open(sys.argv[2], "w") as out:
         for k in sorted(total):
             out.write(json.dumps([k, total[k]], ensure_ascii=False) + "\\n")
 """
+
+# Dask's best spelling we found: a bag of file names, a Counter per
+# partition, the Counters added up; two worker processes of one thread.
+DASK = """\
+import json
+import sys
+from collections import Counter
+sys.path.insert(0, sys.argv[1])
+import job
+
+def count(names):
+    counts = Counter()
+    for name in names:
+        for k, v in job.mapfn(name, job.source[name]):
+            counts[k] += v
+    return counts
+
+def add(counters):
+    total = Counter()
+    for c in counters:
+        total.update(c)
+    return total
+
+if __name__ == "__main__":
+    import dask.bag as db
+    from dask.distributed import Client, LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster):
+        bag = db.from_sequence(list(job.source), npartitions=16)
+        total = bag.reduction(count, add).compute()
+    with open(sys.argv[2], "w") as out:
+        for k in sorted(total):
+            out.write(json.dumps([k, total[k]], ensure_ascii=False) + "\\n")
+"""
+
+#: The targets of issue 18: (what, numerator row, denominator row, at most).
+BASE = "baseline: one process, dict-of-lists"
+SEED_LAZY = "octo run -w 2"
+SEED_EAGER = "octo run -w 2, eager dict"
+HAND_SUM = "octo run -w 2, eager, hand-written sums"
+AGG = "octo run -w 2, eager, aggregate.sum"
+AGG_HAND = "octo run -w 2, eager, aggregate.sum + own reducefn"
+POOL_LAZY = "Pool(2), hand combine, lazy"
+POOL_FORK = "Pool(2) fork, hand combine, eager"
+DASK_ROW = "Dask LocalCluster(2), Counter"
+TARGETS = [
+    ("seed job, eager dict / baseline", SEED_EAGER, BASE, 0.45),
+    ("seed job, lazy source / baseline", SEED_LAZY, BASE, 0.45),
+    ("aggregate.sum / Pool(2) fork", AGG, POOL_FORK, 1.0),
+    ("own reducefn / aggregate.sum", AGG_HAND, AGG, 1.1),
+    ("hand-written sums / aggregate.sum", HAND_SUM, AGG, None),
+    ("seed job, lazy / Dask LocalCluster(2)", SEED_LAZY, DASK_ROW, 0.5),
+    ("seed job, eager / Dask LocalCluster(2)", SEED_EAGER, DASK_ROW, 0.5),
+]
 
 SMALL = """\
 import os
@@ -312,6 +420,15 @@ def transport_rows(
     return rows
 
 
+def _have_dask() -> bool:
+    try:
+        import dask.bag  # noqa: F401
+        import distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def pick_files(corpus: Path, limit: int | None) -> list[Path]:
     files = sorted(corpus.glob("*.txt"))
     if limit is None:
@@ -384,10 +501,13 @@ def main() -> None:
         work = Path(tmp)
         (work / "files.txt").write_text("\n".join(str(f) for f in files))
         (work / "job.py").write_text(JOB)
-        (work / "combine").mkdir()
-        (work / "combine" / "job.py").write_text(JOB + COMBINE)
-        (work / "baseline.py").write_text(BASELINE)
-        (work / "pool.py").write_text(POOL)
+        jobs = {}
+        for name, functions in SPELLINGS.items():
+            (work / name).mkdir()
+            jobs[name] = work / name / "job.py"
+            jobs[name].write_text(FILES + functions)
+        for script in ("baseline", "pool", "dask"):
+            (work / f"run_{script}.py").write_text(globals()[script.upper()])
         out = work / "out.tsv"
         env = dict(
             os.environ,
@@ -397,43 +517,35 @@ def main() -> None:
         )
         env.pop("OCTO_SECRET", None)
         jsonl = ["--format", "jsonl"]
-        combine = str(work / "combine" / "job.py")
         state = ["--state-dir", str(work / "state")]
+
+        def run(job: Path, *more: str) -> list[list[str]]:
+            return [octo("run", str(job), "-w", "2", "-q", *jsonl, "-o", str(out), *more)]
+
+        def script(name: str, job_dir: Path) -> list[list[str]]:
+            return [[sys.executable, str(work / f"run_{name}.py"), str(job_dir), str(out)]]
+
         rows: dict[str, tuple[list[list[str]], dict[str, str], int | None]] = {
-            "baseline: one process, dict-of-lists": (
-                [[sys.executable, str(work / "baseline.py"), str(work), str(out)]],
-                env,
-                None,
-            ),
-            "octo run -w 2": (
-                [octo("run", str(work / "job.py"), "-w", "2", "-q", *jsonl, "-o", str(out))],
-                env,
-                None,
-            ),
-            "octo run -w 2, combinefn": (
-                [octo("run", combine, "-w", "2", "-q", *jsonl, "-o", str(out))],
-                env,
-                None,
-            ),
+            BASE: (script("baseline", work), env, None),
+            SEED_LAZY: (run(work / "job.py"), env, None),
+            SEED_EAGER: (run(jobs["eager"]), env, None),
+            HAND_SUM: (run(jobs["hand_sum"]), env, None),
+            AGG: (run(jobs["aggregate_sum"]), env, None),
+            AGG_HAND: (run(jobs["aggregate_hand_reduce"]), env, None),
             # What journaling every finished task costs (issue 16): each
             # output blob written and fsynced, one SQLite transaction a task.
-            "octo run -w 2, combinefn, --state-dir": (
-                [octo("run", combine, "-w", "2", "-q", *jsonl, "-o", str(out), *state)],
-                env,
-                None,
-            ),
+            AGG + ", --state-dir": (run(jobs["aggregate_sum"], *state), env, None),
             # What handing final() and the output sorted keys costs.
-            "octo run -w 2, combinefn, --unsorted": (
-                [octo("run", combine, "-w", "2", "-q", "--unsorted", *jsonl, "-o", str(out))],
-                env,
-                None,
-            ),
-            "multiprocessing.Pool(2), hand combine": (
-                [[sys.executable, str(work / "pool.py"), str(work), str(out)]],
-                env,
-                None,
-            ),
+            AGG + ", --unsorted": (run(jobs["aggregate_sum"], "--unsorted"), env, None),
+            POOL_LAZY: (script("pool", work), env, None),
+            POOL_FORK: (script("pool", jobs["eager"].parent), env, None),
         }
+        if _have_dask():
+            # the workers unpickle count() by reference to the job module
+            dask_env = dict(env, PYTHONPATH=os.pathsep.join([str(work), *sys.path]))
+            rows[DASK_ROW] = (script("dask", work), dask_env, None)
+        else:
+            print("note: Dask row skipped: pip install 'dask[bag]' distributed", flush=True)
         rows.update(transport_rows(work, env, work / "job.py", out))
         wanted = [w for w in a.rows.split(",") if w]
         if wanted:
@@ -462,21 +574,28 @@ def main() -> None:
             results.append(row)
             print(f"  done: {name}", file=sys.stderr, flush=True)
         base = results[0].median("wall")
-        pool = next((r.median("wall") for r in results if "Pool" in r.name), None)
         print(
-            f"{'':40} {'wall s':>7} {'cpu s':>7} {'ratio':>7} {'server':>9} {'tree':>9}", flush=True
+            f"{'':52} {'wall s':>7} {'cpu s':>7} {'ratio':>7} {'server':>9} {'tree':>9}", flush=True
         )
         for row in results:
             wall = row.median("wall")
-            extra = ""
-            if "combinefn" in row.name and pool:
-                extra = f"  ({wall / pool:.2f}x the Pool(2) combine)"
             server_mib = row.median("server_rss") / 2**20
             tree_mib = row.median("tree_rss") / 2**20
             print(
-                f"{row.name:40} {wall:7.2f} {row.median('cpu'):7.2f} {wall / base:6.2f}x "
-                f"{server_mib:5.0f} MiB {tree_mib:5.0f} MiB{extra}"
+                f"{row.name:52} {wall:7.2f} {row.median('cpu'):7.2f} {wall / base:6.2f}x "
+                f"{server_mib:5.0f} MiB {tree_mib:5.0f} MiB"
             )
+        walls = {row.name: row.median("wall") for row in results}
+        print("targets (ratios of medians in this invocation):")
+        for what, top, bottom, goal in TARGETS:
+            if top in walls and bottom in walls:
+                ratio = walls[top] / walls[bottom]
+                verdict = (
+                    ""
+                    if goal is None
+                    else f"  target <= {goal:.2f}x: " + ("met" if ratio <= goal else "NOT met")
+                )
+                print(f"  {what:44} {ratio:6.2f}x{verdict}")
         assert reference is not None
         print(
             f"results identical across all rows and runs: {len(reference)} distinct words",

@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 _API = ("run", "run_deferred", "Job", "JobResult", "JobFailed")
 #: Modules a job's own code uses, as C{octotwist.counters.add(...)} after a
 #: bare C{import octotwist}.
-_MODULES = ("counters", "sources")
+_MODULES = ("aggregate", "counters", "sources")
 
 __all__ = ["__version__", "Cluster", "Step", *_API, *_MODULES]
 

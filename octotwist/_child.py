@@ -260,7 +260,9 @@ class _Runner:
         current = [_NO_KEY]
         records = [0]
         try:
-            keys, values = reduce_partition(self.step.reducefn, _unpacked(inputs, records), current)
+            keys, values = reduce_partition(
+                self.step.reducefn, _unpacked(inputs, records), current, self.step.combinefn
+            )
         finally:
             if current[0] is not _NO_KEY:
                 self.key, self.have_key = current[0], True

@@ -99,7 +99,7 @@ def _step(step: Step, items: Iterable[tuple[Any, Any]], default: int) -> _Parts:
         counters.add("octotwist.records_read")
         counters.add("octotwist.pairs_emitted", buffer.records)
     for partition, partition_runs in enumerate(runs):
-        k, v = reduce_partition(step.reducefn, partition_runs)
+        k, v = reduce_partition(step.reducefn, partition_runs, combinefn=step.combinefn)
         runs[partition] = []  # let the partition's input go
         yield partition, k, v
 

@@ -29,21 +29,25 @@ indistinguishable (C{1 == True == 1.0} and C{0.0 == -0.0} are not), and equal
 to the buffer's value.  Any other chunk makes the rest of the spill group pair
 by pair, keeping each key's values in the order they were yielded.
 
+An L{octotwist.aggregate} as C{combinefn} or C{reducefn} is not called per
+key: it is computed for every key at once, from the counts alone where the
+keys were only counted (a word count's C{count} or C{sum}).  Recognising it
+is an identity check; a user's function is always called as written.
+
 Partitioning is stable across processes and machines: L{stable_hash} never
 uses the built-in C{hash()}, which is salted per process for C{str}.
 """
 
 from __future__ import annotations
 
-import builtins
 import inspect
-import itertools
 import pickle
-import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
+
+from octotwist.aggregate import Aggregate
 
 Key = Any
 #: C{(keys, values, counts)}; see the module docstring.
@@ -318,15 +322,13 @@ class MapOutput:
         C{combinefn} once per buffered key, as documented: its value replaces
         the key's list (counted keys get C{[one] * count}).  The result is
         unpacked in the loop rather than by a helper: one call per key less.
+        An L{Aggregate} is computed for every key at once instead.
         """
         combine = self.combinefn
         assert combine is not None
+        if isinstance(combine, Aggregate):
+            return combine.of_counts(one, counts) if counts else combine.of_lists(lists)
         combined: dict[Key, Any] = {}
-        if counts and type(one) is int and _is_plain_sum(combine):
-            # sum([one] * c) is one * c, an int either way: the same value
-            # the call would return, without a Python call per key.
-            combined = dict(zip(counts, map(one.__mul__, counts.values()), strict=True))
-            counts = {}
         for k, c in counts.items():
             result = combine(k, [one] * c)
             if type(result) is tuple and len(result) == 2 and result[0] is k:
@@ -364,48 +366,6 @@ class MapOutput:
         return {p: split[p] for p in sorted(split)}
 
 
-def _sum_combiner(key: Key, values: list[Any]) -> tuple[Key, Any]:
-    return key, sum(values)
-
-
-def _bare_sum(key: Key, values: list[Any]) -> Any:
-    return sum(values)
-
-
-_PLAIN_SUMS = [
-    (c.co_code, c.co_consts, c.co_names, c.co_argcount)
-    for c in (_sum_combiner.__code__, _bare_sum.__code__)
-]
-
-
-def _is_plain_sum(fn: Any) -> bool:
-    """
-    Whether C{fn} is exactly C{return key, sum(values)}, or octo.py's
-    C{return sum(values)} (the same result, L{_result}), with the built-in
-    C{sum}, whatever its argument names: the word count's combiner, which a
-    counted key lets us compute in C (L{MapOutput._combine}).  Compares code,
-    not names, so anything else (a print, a default, a closure) is called.
-    """
-    code = getattr(fn, "__code__", None)
-    if code is None or getattr(fn, "__defaults__", None) or getattr(fn, "__closure__", None):
-        return False
-    # co_flags also records __future__ imports, which change nothing here.
-    plain = inspect.CO_OPTIMIZED | inspect.CO_NEWLOCALS
-    shape = (code.co_code, code.co_consts, code.co_names, code.co_argcount)
-    if (
-        shape not in _PLAIN_SUMS
-        or code.co_flags & 0xFFFF != plain
-        or code.co_kwonlyargcount
-        or code.co_posonlyargcount
-    ):
-        return False
-    found = fn.__globals__.get("sum", _UNSET)
-    if found is _UNSET:
-        scope = fn.__globals__.get("__builtins__", builtins)
-        found = scope.get("sum") if isinstance(scope, dict) else getattr(scope, "sum", None)
-    return found is sum
-
-
 def _result(key: Key, result: Any, fname: str) -> tuple[Key, Any]:
     """
     The C{(key, value)} that a reducefn or combinefn's C{result} for C{key}
@@ -437,14 +397,12 @@ def _same_key(first: Any, key: Key) -> bool:
         return False
 
 
-def merge_runs(runs: Iterable[Run]) -> Iterator[tuple[Key, list[Any]]]:
+def _merge(runs: Iterable[Run]) -> tuple[Any, dict[Key, int], dict[Key, list[Any]]]:
     """
-    Merge a partition's runs (in map task order) into one group per key, in
-    key order.  Values keep the order of the runs, and each run's order
-    within a key.
-
-    While every run is counted with the same value, only counts are added up;
-    the first run that is not turns them into lists, in order.
+    A partition's runs (in map task order), merged: C{(one, counted,
+    groups)}.  While every run is counted with the same value C{one}, only
+    counts are added up (C{counted}); the first run that is not turns them
+    into lists, in order (C{groups}).  One of the two is empty.
     """
     counted: dict[Key, int] = {}
     one: Any = _UNSET
@@ -482,6 +440,16 @@ def merge_runs(runs: Iterable[Run]) -> Iterator[tuple[Key, list[Any]]]:
                 groups[k] = vs
             else:
                 have += vs
+    return one, counted, groups
+
+
+def merge_runs(runs: Iterable[Run]) -> Iterator[tuple[Key, list[Any]]]:
+    """
+    Merge a partition's runs (in map task order) into one group per key, in
+    key order.  Values keep the order of the runs, and each run's order
+    within a key.
+    """
+    one, counted, groups = _merge(runs)
     if counted:
         for k in _sorted_keys(list(counted)):
             yield k, [one] * counted[k]
@@ -491,30 +459,54 @@ def merge_runs(runs: Iterable[Run]) -> Iterator[tuple[Key, list[Any]]]:
 
 
 def reduce_partition(
-    reducefn: ReduceFn, runs: Iterable[Run], current: list[Any] | None = None
+    reducefn: ReduceFn,
+    runs: Iterable[Run],
+    current: list[Any] | None = None,
+    combinefn: CombineFn | None = None,
 ) -> tuple[list[Key], list[Any]]:
     """
     Run C{reducefn} once per key of a partition, in key order.
 
     @param current: if given, C{current[0]} is set to each key before
         C{reducefn} sees it, so that a failure can name the key it failed on.
+    @param combinefn: the step's: a reducefn that is the same L{Aggregate}
+        merges its partial values rather than aggregating them anew.
     @return: the results, as two lists: keys and values.
     """
-    if _is_plain_sum(reducefn):
-        if sys.version_info >= (3, 12):  # see _sum_ints: check every run first
-            runs = list(runs)
-            if not all(map(_all_ints, runs)):
-                return _call_reducefn(reducefn, runs, current)
-        runs = iter(runs)
-        totals, rest = _sum_ints(runs)
-        if rest is None:
-            keys = _sorted_keys(list(totals))
-            return keys, list(map(totals.__getitem__, keys))
-        # A value that is not an int: call the function, each key's sum so
-        # far standing for the values it came from (see _sum_ints).
-        partial: Run = (list(totals), list(totals.values()), [1] * len(totals))
-        runs = itertools.chain([partial, rest], runs)
+    if isinstance(reducefn, Aggregate):
+        return _aggregate(reducefn, runs, current, partials=combinefn is reducefn)
     return _call_reducefn(reducefn, runs, current)
+
+
+def _aggregate(
+    agg: Aggregate, runs: Iterable[Run], current: list[Any] | None, partials: bool
+) -> tuple[list[Key], list[Any]]:
+    """
+    L{reduce_partition} for an aggregation: every key at once, from its
+    count alone where the runs were only counted.  If that raises (a
+    C{sum} of strings), the keys are gone through one at a time, so that
+    the error names the key it is about.
+    """
+    one, counted, groups = _merge(runs)
+    if counted and partials:
+        groups = {k: [one] * c for k, c in counted.items()}
+        counted = {}
+    try:
+        if counted:
+            results = agg.of_counts(one, counted)
+        elif partials:
+            results = agg.of_partial_lists(groups)
+        else:
+            results = agg.of_lists(groups)
+    except Exception:
+        each = agg.of_partials if partials else agg.of_values
+        where = current if current is not None else [None]
+        for k in counted or groups:
+            where[0] = k
+            each([one] * counted[k] if counted else groups[k])
+        raise
+    keys = _sorted_keys(list(results))
+    return keys, list(map(results.__getitem__, keys))
 
 
 def _call_reducefn(
@@ -536,51 +528,3 @@ def _call_reducefn(
             add_key(rk)
             add_value(rv)
     return out_keys, out_values
-
-
-def _sum_ints(runs: Iterator[Run]) -> tuple[dict[Key, int], Run | None]:
-    """
-    What a C{reducefn} that is exactly C{return key, sum(values)} returns
-    for each key, added up run by run as the runs arrive, without a list of
-    values or a call per key (the word count with a summing combiner).
-
-    Only C{int} values are added here.  At the first run holding anything
-    else, the totals so far and that run are returned, the rest of C{runs}
-    left unread, and the caller calls C{reducefn} with each key's total
-    first in its list: C{sum()} adds left to right from 0, and adding ints
-    is exact, so C{sum([total, *later])} is C{sum([*earlier, *later])} to
-    the last bit, whatever the later values are.  That holds for Python
-    3.11's C{sum()}; from 3.12 on, C{sum()} compensates float rounding only
-    while its running total fits a machine word, so the hand-over could
-    differ: there L{reduce_partition} checks every run before adding any.
-
-    @return: the totals, and C{None} or the run that stopped the adding.
-    """
-    totals: dict[Key, int] = {}
-    get = totals.get
-    counts: Sequence[int]  # a run's counts, or its values: all ints here
-    for run in runs:
-        if not _all_ints(run):
-            return totals, run
-        keys, values, counts = run
-        if type(values) is tuple:
-            (one,) = values
-            if one != 1:
-                counts = list(map(one.__mul__, counts))
-        else:
-            counts = values
-        if totals:
-            for k, c in zip(keys, counts, strict=True):
-                totals[k] = get(k, 0) + c
-        else:
-            totals = dict(zip(keys, counts, strict=True))
-            get = totals.get
-    return totals, None
-
-
-def _all_ints(run: Run) -> bool:
-    """Whether every value of C{run} is an C{int} (not a C{bool}), one per count."""
-    _, values, counts = run
-    if type(values) is tuple:
-        return type(values[0]) is int
-    return counts.count(1) == len(counts) and not set(map(type, values)) - {int}

@@ -608,6 +608,26 @@ MUTANTS: list[Mutant] = [
     ),
     # -- the example transport -----------------------------------------------
     _m(
+        "aggregate-partials-counted-again",
+        "combinefn = reducefn = aggregate.count counts the map tasks' counts",
+        Edit(
+            "octotwist/shuffle.py",
+            "partials=combinefn is reducefn",
+            "partials=False",
+        ),
+        ["tests/test_aggregate.py"],
+    ),
+    _m(
+        "aggregate-error-names-no-key",
+        "an aggregation that raises does not say which key it failed on",
+        Edit(
+            "octotwist/shuffle.py",
+            "            where[0] = k\n            each(",
+            "            each(",
+        ),
+        ["tests/test_aggregate.py"],
+    ),
+    _m(
         "unixcred-any-uid",
         "the unixcred server does not check the peer's user id",
         Edit(

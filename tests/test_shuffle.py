@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -246,84 +245,3 @@ def test_a_bad_pair_is_named_on_the_counting_path() -> None:
     out = MapOutput(1)
     with pytest.raises(TypeError, match=r"mapfn must yield \(key, value\) pairs, got 'abc'"):
         list(out.add_all([("a", 1), ("b", 1), "abc"]))
-
-
-def _sum_combiner(key, values):
-    return key, sum(values)
-
-
-def _sum_combiner_called(key, values):
-    total = sum(values)
-    return key, total
-
-
-@pytest.mark.parametrize(
-    "pairs",
-    [
-        [("a", 1), ("b", 1), ("a", 1)],
-        [("a", 3), ("b", 3), ("a", 3)],
-        [("a", True), ("b", True), ("a", True)],  # sum of bools is an int: called
-        [("a", 1), ("b", 2), ("a", 1)],  # not counted: called
-    ],
-)
-def test_a_plain_sum_combiner_gives_what_calling_it_gives(pairs) -> None:
-    runs = []
-    for fn in (_sum_combiner, _sum_combiner_called):
-        out = MapOutput(2, combinefn=fn)
-        assert list(out.add_all(pairs)) == []
-        runs.append(out.drain())
-    assert runs[0] == runs[1]
-    for run in runs[0].values():
-        assert [type(v) for v in run[1]] == [int] * len(run[0])
-
-
-@pytest.mark.parametrize(
-    "pairs",
-    [
-        [("a", 1), ("b", 1), ("a", 1)],  # counted runs of 1
-        [("a", 3), ("b", 3), ("a", 3)],  # counted runs of 3
-        [("a", 1), ("b", 2), ("a", 10**30)],  # listed ints, one a bignum
-        [("a", True), ("b", True), ("a", True)],  # bools: the function is called
-        [("a", 0.1), ("a", 0.2), ("b", 1)],  # floats: called (order matters to them)
-        [(1, 1), (1.0, 1), (True, 1), ("x", 1)],  # equal keys, unsortable mix
-    ],
-)
-@pytest.mark.parametrize("combine", [False, True])
-def test_a_plain_sum_reducefn_gives_what_calling_it_gives(pairs, combine) -> None:
-    # Two map tasks' runs, the second with its pairs reversed.
-    runs = []
-    for task in (pairs, pairs[::-1]):
-        out = MapOutput(1, combinefn=_sum_combiner if combine else None)
-        assert list(out.add_all(task)) == []
-        runs.append(out.drain()[0])
-    # (merging may extend the runs' own lists: each call gets a copy)
-    fast = reduce_partition(_sum_combiner, copy.deepcopy(runs))
-    called = reduce_partition(_sum_combiner_called, copy.deepcopy(runs))
-    assert fast == called
-    assert [type(v) for v in fast[1]] == [type(v) for v in called[1]]
-
-
-@pytest.mark.parametrize(
-    "later",
-    [
-        (["a"], [0.1], [1]),  # a float after ints: added in the same order
-        (["a", "b"], (True,), [2, 1]),  # bools
-        (["b"], ["x"], [1]),  # a str: the same TypeError as calling it
-    ],
-)
-def test_a_plain_sum_reducefn_that_meets_other_values_midway_gives_the_same(later) -> None:
-    runs = [
-        (["a", "b"], (1,), [3, 1]),
-        (["a", "c"], [10**20, 7], [1, 1]),
-        later,
-        (["a", "b"], [-(10**20), 5], [1, 1]),
-    ]
-    outcomes = []
-    for fn in (_sum_combiner, _sum_combiner_called):
-        try:
-            outcomes.append(reduce_partition(fn, iter(copy.deepcopy(runs))))
-        except TypeError as e:
-            outcomes.append(str(e))
-    assert outcomes[0] == outcomes[1]
-    if not isinstance(outcomes[0], str):
-        assert [type(v) for v in outcomes[0][1]] == [type(v) for v in outcomes[1][1]]
