@@ -48,7 +48,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
 from octotwist import allocator, codec, counters, shipping, sources
-from octotwist.shuffle import MapOutput, _pair, _pairs_iterator, reduce_partition
+from octotwist.shuffle import MapOutput, _pair, _pairs_iterator, is_flat, reduce_partition
 
 #: What a task attempt's printed output keeps: its last this many characters.
 MAX_PRINTED = 64 * 1024
@@ -267,7 +267,8 @@ class _Runner:
             if current[0] is not _NO_KEY:
                 self.key, self.have_key = current[0], True
         self.have_key = False
-        self.emit("output", 0, codec.pack((keys, values)))
+        pack = codec.pack_flat if is_flat(keys, values) else codec.pack
+        self.emit("output", 0, pack((keys, values)))
         return records[0], len(keys)
 
     def map(self, partitions: int, inputs: list[bytes]) -> tuple[int, int]:
@@ -378,7 +379,8 @@ class _Runner:
 
     def send_runs(self, runs: dict[int, Any]) -> None:
         for partition, run in runs.items():
-            self.emit("output", partition, codec.pack(run))
+            pack = codec.pack_flat if is_flat(run[0], run[1]) else codec.pack
+            self.emit("output", partition, pack(run))
 
 
 def _unpacked(blobs: list[bytes], records: list[int]) -> Iterator[Any]:

@@ -301,6 +301,25 @@ def pack(obj: Any, compress: bool = True) -> bytes:
     return _compressor.compress(data) if compress else data
 
 
+def pack_flat(obj: Any, compress: bool = True) -> bytes:
+    """
+    L{pack} for data made of atoms only (strs, ints, floats, bytes, C{None}
+    in lists and tuples: a shuffle run of a word count), pickled without
+    the memo (C{Pickler.fast}).  The memo is what lets a pickle hold one
+    object twice or hold itself; atoms need neither (a repeated C{str}
+    comes back as an equal one), and skipping it makes a list of 10 000
+    words a third cheaper to pickle, on the task process every map task
+    waits for.  The caller checks that C{obj} is such data
+    (L{octotwist.shuffle.is_flat}): anything else must go through L{pack}.
+    """
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=5)
+    pickler.fast = True
+    pickler.dump(obj)
+    data = buffer.getvalue()
+    return _compressor.compress(data) if compress else data
+
+
 def _cloudpickle_dumps(obj: Any) -> bytes:
     """L{pack}'s slow path; its output loads with plain C{pickle.loads}."""
     import cloudpickle

@@ -43,7 +43,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
@@ -364,6 +364,20 @@ class MapOutput:
             else:
                 bucket.append(k)
         return {p: split[p] for p in sorted(split)}
+
+
+#: Types with no parts: a run of only these can be pickled without a memo.
+_ATOMS = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def is_flat(*columns: Sequence[Any]) -> bool:
+    """
+    Whether C{columns} (a run's keys and values; a reduce task's results)
+    hold atoms only, each item one of L{_ATOMS}, so that they may be
+    pickled without a memo (L{octotwist.codec.pack_flat}).  One C pass
+    over each; a word count's always do.
+    """
+    return all(set(map(type, column)) <= _ATOMS for column in columns)
 
 
 def _result(key: Key, result: Any, fname: str) -> tuple[Key, Any]:

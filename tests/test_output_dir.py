@@ -448,3 +448,56 @@ def test_a_job_writes_a_directory_output(tmp_path: Path) -> None:
     text = "".join(parts(out).values())
     assert parse_tsv(text) == {"a": 2, "b": 2, "c": 1, "d": 1}
     assert listing(tmp_path) == ["out"]
+
+
+class _Shown:
+    def __repr__(self) -> str:
+        return "Shown()"
+
+
+#: Columns of one type (written a column at a time) and of many.
+_VALUES = [
+    1,
+    True,
+    None,
+    1.5,
+    float("inf"),
+    'x\t\n"é\u2028',
+    b"b",
+    [1, "a"],
+    {"a": 1},
+    (1, 2),
+    _Shown(),
+    10**30,
+    -3,
+    "",
+    "None",
+    "7",
+]
+_COLUMNS = [
+    (["a", "b\u00e9", 'c"\\'], [1, 2, -(10**20)]),
+    ([1, 2, 3], ["x", "y\n", "None"]),
+    (["a", "b"], [True, False]),
+    (_VALUES, _VALUES[::-1]),
+]
+
+
+@pytest.mark.parametrize(("keys", "values"), _COLUMNS)
+def test_jsonl_lines_are_each_results_json_array(keys, values, tmp_path: Path) -> None:
+    output = open_results(str(tmp_path / "out.jsonl"), "jsonl")
+    output.write(keys, values)
+    output.commit()
+    encode = json.JSONEncoder(ensure_ascii=False, default=repr).encode
+    want = "".join(encode([k, v]) + "\n" for k, v in zip(keys, values, strict=True))
+    assert (tmp_path / "out.jsonl").read_text() == want
+
+
+@pytest.mark.parametrize(("keys", "values"), _COLUMNS)
+def test_tsv_lines_are_each_results_two_fields(keys, values, tmp_path: Path) -> None:
+    from octotwist.output import tsv_field
+
+    output = open_results(str(tmp_path / "out.tsv"), "tsv")
+    output.write(keys, values)
+    output.commit()
+    want = "".join(f"{tsv_field(k)}\t{tsv_field(v)}\n" for k, v in zip(keys, values, strict=True))
+    assert (tmp_path / "out.tsv").read_text() == want

@@ -245,3 +245,21 @@ def test_a_bad_pair_is_named_on_the_counting_path() -> None:
     out = MapOutput(1)
     with pytest.raises(TypeError, match=r"mapfn must yield \(key, value\) pairs, got 'abc'"):
         list(out.add_all([("a", 1), ("b", 1), "abc"]))
+
+
+def test_runs_of_atoms_pack_without_a_memo_and_unpack_the_same() -> None:
+    from octotwist import codec
+    from octotwist.shuffle import is_flat
+
+    out = MapOutput(3)
+    list(out.add_all([("a", 1), ("b", 1), ("a", 1), ("é", 1)]))
+    for run in out.drain().values():
+        assert is_flat(run[0], run[1])
+        assert codec.unpack(codec.pack_flat(run)) == codec.unpack(codec.pack(run))
+    mixed = (["a", 1, 2.5, b"x", None, True], [10**30, -1, "s", 0.1, False, None])
+    assert is_flat(*mixed)
+    assert codec.unpack(codec.pack_flat(mixed, compress=False)) == mixed
+    # anything with parts keeps the memo: a list of values, a tuple key, an object
+    assert not is_flat(["a"], [[1, 1]])
+    assert not is_flat([("a", 1)], [1])
+    assert not is_flat(["a"], [object()])
