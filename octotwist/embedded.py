@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from octotwist.flow import Backpressure
 from octotwist.messages import Message
 from octotwist.transport import (
     Accept,
@@ -67,7 +68,8 @@ class _End(MessageChannel):
         self._inbox: deque[Message] = deque()  # for this end's handler
         self._inbox_bytes = 0
         self._delivery: Any = None  # the pending IDelayedCall
-        self._waiting: list[Deferred[None]] = []  # our writable() callers
+        # Our senders wait while the other end's inbox is full.
+        self.pressure = Backpressure(HIGH_WATER)
         self.closed = False
         self._receiving = True  # False once this end's own side closed it
         self._lost = False
@@ -82,6 +84,7 @@ class _End(MessageChannel):
         other = self.other
         other._inbox.append(message)
         other._inbox_bytes += _size(message)
+        self.pressure.update(other._inbox_bytes)
         other._schedule()
 
     def close(self) -> None:
@@ -94,15 +97,13 @@ class _End(MessageChannel):
         if self.closed:
             return
         self.closed = self.other.closed = True
+        self.pressure.stopProducing()
+        self.other.pressure.stopProducing()
         self.other._schedule()
         self._schedule()
 
     def writable(self) -> Deferred[None]:
-        if self.closed or self.other._inbox_bytes < HIGH_WATER:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        return d
+        return self.pressure.writable()
 
     def _schedule(self) -> None:
         if self._delivery is None:
@@ -130,10 +131,7 @@ class _End(MessageChannel):
                 if self.handler is not None:
                     self.handler.connection_lost("connection closed")
         finally:
-            if self._inbox_bytes < HIGH_WATER or self.closed:
-                waiting, self.other._waiting = self.other._waiting, []
-                for d in waiting:
-                    d.callback(None)
+            self.other.pressure.update(self._inbox_bytes)
 
 
 class EmbeddedServer(TaskServer):

@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import os
 import pickle
-import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +27,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from octotwist._child import encode_frame
+from octotwist.framing import FrameBuffer
 from octotwist.messages import TaskId
 
-_HEADER = struct.Struct("!I")
 _PIPE_SIZE = 1024 * 1024
 _log = Logger()
 
@@ -67,7 +66,8 @@ class _ChildProcess(ProcessProtocol):
         self.number = number
         self.killed = False  # on purpose: a cancelled task
         self.pid: int | None = None
-        self._buffer = bytearray()
+        # Our own child's replies: no limit but the prefix's.
+        self._frames = FrameBuffer(2**32 - 1)
         self._on_output: OnOutput | None = None
         self._result: Deferred[Outcome] | None = None
         self.ended: Deferred[None] = Deferred()
@@ -96,13 +96,8 @@ class _ChildProcess(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != 4:
             return
-        self._buffer += data
-        while len(self._buffer) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(self._buffer)
-            if len(self._buffer) < _HEADER.size + size:
-                break
-            frame = bytes(self._buffer[_HEADER.size : _HEADER.size + size])
-            del self._buffer[: _HEADER.size + size]
+        self._frames.feed(data)
+        while (frame := self._frames.next_frame()) is not None:
             self._reply(pickle.loads(frame))
 
     def _reply(self, reply: tuple) -> None:

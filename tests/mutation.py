@@ -628,6 +628,27 @@ MUTANTS: list[Mutant] = [
         ["tests/test_aggregate.py"],
     ),
     _m(
+        "tcp-pre-auth-frames-unlimited",
+        "the tcp server buffers a stranger's 48 MiB frame before the handshake",
+        Edit(TCP, "    MAX_LENGTH = HANDSHAKE_MAX_FRAME\n", "    MAX_LENGTH = 2**30\n"),
+        ["tests/test_conformance.py::test_a_stranger_cannot_make_the_server_hold_a_large_message"],
+        args=("--octo-transport", "tcp"),
+    ),
+    _m(
+        "streams-pre-auth-frames-unlimited",
+        "a transport on the stream base buffers a stranger's frame before it authenticated",
+        Edit(
+            "octotwist/streams.py",
+            "    MAX_LENGTH = handshake.MAX_FRAME\n",
+            "    MAX_LENGTH = 2**30\n",
+        ),
+        [
+            UNIXCRED + "/tests/test_conformance.py::"
+            "test_a_stranger_cannot_make_the_server_hold_a_large_message"
+        ],
+        args=("--octo-transport", "unixcred"),
+    ),
+    _m(
         "unixcred-any-uid",
         "the unixcred server does not check the peer's user id",
         Edit(

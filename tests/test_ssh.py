@@ -43,6 +43,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
+from octotwist.framing import FrameBuffer, FrameTooLarge
 from octotwist.hookspecs import conformance_setup, get_transport
 from octotwist.limits import REFUSAL_WINDOW, REFUSALS_LOGGED, RefusalLog
 from octotwist.transport import TaskClient, TaskServer
@@ -52,8 +53,6 @@ from octotwist_ssh.channel import (
     MAGIC,
     PROOF_SIZE,
     FramedChannel,
-    FrameDecoder,
-    FrameTooLarge,
     client_password,
     hello_frame,
     session_proof,
@@ -85,19 +84,32 @@ def test_discovered_with_its_options() -> None:
 
 @pytest.mark.parametrize("step", [1, 3, 7, 4096])
 def test_frames_survive_any_split(step: int) -> None:
-    frames = [b"", b"x", os.urandom(5000), b"end"]
+    frames = [b"", b"x", os.urandom(5000), b"end", b"", os.urandom(70_000)]
     stream = b"".join(struct.pack(">I", len(f)) + f for f in frames)
-    decoder = FrameDecoder(max_frame=10_000)
+    decoder = FrameBuffer(max_frame=100_000)
     got = []
     for i in range(0, len(stream), step):
-        got += decoder.feed(stream[i : i + step])
+        decoder.feed(stream[i : i + step])
+        got += decoder.frames()
     assert got == frames
+    assert not decoder.pending
 
 
 def test_oversized_frame_is_refused_before_it_arrives() -> None:
-    decoder = FrameDecoder(max_frame=256)
+    decoder = FrameBuffer(max_frame=256)
+    decoder.feed(struct.pack(">I", 257))
     with pytest.raises(FrameTooLarge, match="257 bytes"):
-        decoder.feed(struct.pack(">I", 257))
+        decoder.next_frame()
+
+
+def test_a_limit_raised_after_a_frame_holds_from_the_next_frame_of_the_same_read() -> None:
+    """The handshake raises the limit; the big frame after it came in the same read."""
+    big = os.urandom(1000)
+    decoder = FrameBuffer(max_frame=256)
+    decoder.feed(struct.pack(">I", 5) + b"hello" + struct.pack(">I", len(big)) + big)
+    assert decoder.next_frame() == b"hello"
+    decoder.max_frame = 2000
+    assert decoder.next_frame() == big
 
 
 class _Connection:
@@ -133,7 +145,9 @@ def test_channel_sends_within_the_window_and_drains_before_closing() -> None:
     channel.addWindowBytes(len(big) + 100)
     assert waiting.called
     wire = b"".join(conn.data)
-    assert FrameDecoder(len(big)).feed(wire) == [b"hello", big]
+    received = FrameBuffer(len(big))
+    received.feed(wire)
+    assert received.frames() == [b"hello", big]
     assert conn.ended == ["eof", "close"]
 
 

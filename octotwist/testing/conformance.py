@@ -40,6 +40,7 @@ __all__ = [
     "test_5000_tiny_tasks",
     "test_a_200_mb_blob",
     "test_a_client_killed_mid_task_loses_nothing",
+    "test_a_stranger_cannot_make_the_server_hold_a_large_message",
     "test_an_evil_pickle_from_a_peer_that_authenticated_runs_nothing",
     "test_an_evil_pickle_from_a_stranger_runs_nothing",
     "test_bad_credentials_are_refused",
@@ -348,6 +349,69 @@ def test_garbage_from_a_peer_does_not_disturb_the_job(octo: Octo) -> None:
         struct.pack("!I", 32) + bytes(32),
     ]
     all_refused(server, {f"junk starting {junk[:8]!r}": junk + PAD for junk in garbage})
+    good = octo.client(server)
+    assert good.wait() == 0, good.err()
+    assert server.wait() == 0, server.err()
+    assert results(out) == SMALL_EXPECTED
+    quiet(server)
+
+
+#: What a stranger offers in one message, before authenticating.
+HUGE = 48 * 1024 * 1024
+#: How much more memory at most the server may hold at its peak after two
+#: strangers offered L{HUGE} bytes each: a transport that buffers a message
+#: before it knows who sent it grows by at least L{HUGE}.
+PRE_AUTH_GROWTH = 16 * 1024 * 1024
+
+
+def peak_memory(pid: int) -> int:
+    """The peak resident memory of process C{pid} so far, in bytes (Linux's C{VmHWM})."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def test_a_stranger_cannot_make_the_server_hold_a_large_message(octo: Octo) -> None:
+    """
+    Limits hold before authentication: a peer that has not authenticated
+    announces a 48 MiB message, as a frame's length prefix and as an HTTP
+    upload's Content-Length, and sends all of it.  The server must hang up
+    on both without holding them (its peak memory grows by less than 16
+    MiB), and then run the job exactly.
+    """
+    script = write_job(octo.directory, SMALL)
+    out = octo.directory / "out.tsv"
+    server = octo.server(script, "-o", str(out))
+    before = peak_memory(server.pid)
+    openings = {
+        "a frame's length prefix": struct.pack("!I", HUGE),
+        "an HTTP upload": (
+            b"POST /octo/session/0/upload?first=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % HUGE
+        ),
+    }
+    body = bytes(HUGE)
+    for what, opening in openings.items():
+        s = connect_raw(server.listen)
+        try:
+            s.settimeout(90)  # a server that stops reading but keeps the socket fails below
+            try:
+                send_regardless(s, opening + body)
+            except TimeoutError:
+                why = "the server stopped reading but did not hang up"
+                raise AssertionError(f"{what}: {why}") from None
+            try:
+                hung_up(s, timeout=90)
+            except AssertionError as e:
+                raise AssertionError(f"{what}: {e}") from None
+        finally:
+            s.close()
+    grew = peak_memory(server.pid) - before
+    assert grew < PRE_AUTH_GROWTH, (
+        f"the server's peak memory grew by {grew / 2**20:.0f} MiB while strangers offered "
+        f"{HUGE >> 20} MiB messages: something buffers a message before its sender authenticated"
+    )
     good = octo.client(server)
     assert good.wait() == 0, good.err()
     assert server.wait() == 0, server.err()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import deferLater
@@ -44,6 +44,7 @@ from octotwist.errors import (
     RemoteProtocolError,
     UsageError,
 )
+from octotwist.flow import Backpressure
 from octotwist.messages import Message
 from octotwist.transport import (
     Accept,
@@ -185,7 +186,8 @@ class _ClientChannel(MessageChannel):
         self._out: deque[bytes] = deque()
         self._out_bytes = 0  # in _out
         self._out_next = 0
-        self._writers: list[Deferred[None]] = []  # waiting in writable()
+        #: Senders wait while more than a batch is unconfirmed.
+        self._pressure = Backpressure(wire.BATCH_BYTES)
         self._posting: Deferred[None] | None = None
         self._body: _StreamingBody | None = None  # the upload being written
         self._drained: list[Deferred[None]] = []
@@ -216,6 +218,7 @@ class _ClientChannel(MessageChannel):
         frame = self._secure.encode(message)  # numbered as queued: frame number = sequence
         self._out.append(frame)
         self._out_bytes += len(frame)
+        self._pressure.update(self._out_bytes)
         if self._body is not None:
             self._body.pump()
         elif self._posting is None:
@@ -229,7 +232,7 @@ class _ClientChannel(MessageChannel):
                 for _ in range(count):
                     self._out_bytes -= len(self._out.popleft())
                 self._out_next += count
-                self._release_writers()
+                self._pressure.update(self._out_bytes)
         except _Lost as e:
             self._posting = None  # running: _finish must not cancel it
             self._finish(str(e))
@@ -240,21 +243,12 @@ class _ClientChannel(MessageChannel):
             waiters, self._drained = self._drained, []
             for d in waiters:
                 d.callback(None)
-            self._release_writers()
+            if self.state is not _OPEN:
+                self._pressure.stopProducing()
 
     def writable(self) -> Deferred[None]:
         """Backpressure: wait while more than a batch is unconfirmed."""
-        if self.state is not _OPEN or self._out_bytes < wire.BATCH_BYTES:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._writers.append(d)
-        return d
-
-    def _release_writers(self) -> None:
-        if self._out_bytes < wire.BATCH_BYTES or self.state is not _OPEN:
-            writers, self._writers = self._writers, []
-            for d in writers:
-                d.callback(None)
+        return self._pressure.writable()
 
     async def _upload(self, first: int) -> int:
         """One upload, from frame C{first} (the front of the queue); how many frames it carried."""
@@ -422,6 +416,7 @@ class _ClientChannel(MessageChannel):
     def close(self) -> None:
         if self.state is _OPEN:
             self.state = _CLOSING
+            self._pressure.stopProducing()
             if self._body is not None:
                 self._body.pump()  # ends it once everything queued is written
             d = ensureDeferred(self._close())
@@ -449,7 +444,7 @@ class _ClientChannel(MessageChannel):
         if self.state is _CLOSED:
             return
         self.state = _CLOSED
-        self._release_writers()
+        self._pressure.stopProducing()
         for d in [*self._in_flight, self._posting]:
             if d is not None and not d.called:
                 _drop(d)

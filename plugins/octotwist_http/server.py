@@ -24,7 +24,7 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import _parse, serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -44,8 +44,10 @@ from zope.interface import implementer
 from octotwist import limits, secure
 from octotwist.endpoints import with_backlog
 from octotwist.errors import RemoteProtocolError
+from octotwist.flow import Backpressure
 from octotwist.messages import Message
 from octotwist.status import SECURITY_HEADERS
+from octotwist.streams import peer_name
 from octotwist.transport import (
     Accept,
     ChannelHandler,
@@ -88,13 +90,6 @@ class _Reject(Exception):
 
 class _Superseded(Exception):
     """A newer upload of the same session took over; drop this one's bytes."""
-
-
-def _peer_name(address: Any) -> str:
-    host = getattr(address, "host", None)
-    if host is not None:
-        return f"{address.type.lower()}:{host}:{address.port}"
-    return f"unix:{getattr(address, 'name', '') or 'peer'}"
 
 
 class _Upload:
@@ -210,7 +205,7 @@ class _ServerSession(MessageChannel):
         #: Seals what we queue and opens what the worker uploads, in frame order.
         self.secure = channel
         self._address = address
-        self._peer = _peer_name(address)
+        self._peer = peer_name(address)
         self.handler: ChannelHandler | None = None
         self.replay = wire.ReplayWindow()
         self.ended: str | None = None  # why, once ended
@@ -224,7 +219,10 @@ class _ServerSession(MessageChannel):
         self.sent_upto = 0
         #: The poll response frames are written to, while one is open.
         self.stream: _Stream | None = None
-        self._writers: list[Deferred[None]] = []  # waiting in writable()
+        #: Senders wait while a batch in flight and a batch ready are
+        #: unacknowledged, so that the core hands us a large blob a part at
+        #: a time instead of all at once.
+        self._pressure = Backpressure(2 * wire.BATCH_BYTES)
         # worker -> server
         self._in_next = 0
         self._upload: _Upload | None = None
@@ -254,6 +252,7 @@ class _ServerSession(MessageChannel):
         frame = self.secure.encode(message)  # numbered as queued: frame number = sequence
         self._out.append(frame)
         self._out_bytes += len(frame)
+        self._pressure.update(self._out_bytes)
         if self.stream is not None:
             self.stream.pump()
         elif self._parked is not None:
@@ -262,26 +261,12 @@ class _ServerSession(MessageChannel):
             self._start_stream(request)
 
     def writable(self) -> Deferred[None]:
-        """
-        Backpressure: wait while more than a batch in flight and a batch
-        ready are unacknowledged, so that the core hands us a large blob a
-        part at a time instead of all at once.
-        """
-        if self.ended is not None or self.closing or self._out_bytes < 2 * wire.BATCH_BYTES:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._writers.append(d)
-        return d
-
-    def _release_writers(self) -> None:
-        if self.ended is not None or self._out_bytes < 2 * wire.BATCH_BYTES:
-            writers, self._writers = self._writers, []
-            for d in writers:
-                d.callback(None)
+        return self._pressure.writable()
 
     def close(self) -> None:
         if self.ended is None and not self.closing:
             self.closing = True
+            self._pressure.stopProducing()
             self._maybe_closed()
 
     def abort(self) -> None:
@@ -310,7 +295,7 @@ class _ServerSession(MessageChannel):
         while self._out_base < ack:  # (an ack below it is a late poll's)
             self._out_bytes -= len(self._out.popleft())
             self._out_base += 1
-        self._release_writers()
+        self._pressure.update(self._out_bytes)
         if self.stream is not None:
             self.stream.end()
         if self._parked is not None:  # the worker gave up on it: answer it empty
@@ -443,7 +428,7 @@ class _ServerSession(MessageChannel):
             self.stream.end()  # the worker's next poll gets the reason
         self._out.clear()
         self._out_bytes = 0
-        self._release_writers()
+        self._pressure.stopProducing()
         if self._parked is not None:
             request, self._parked = self._parked, None
             _finish(request, http.GONE, f"session ended: {reason}")
@@ -536,7 +521,7 @@ class _Hub:
 
         @raise _Reject: it may not; the code and message to answer with.
         """
-        peer = _peer_name(address)
+        peer = peer_name(address)
         target = wire.split_target(raw_target)
         if target is None:
             if method.upper() not in (b"GET", b"HEAD"):
@@ -587,7 +572,7 @@ class _Hub:
     def _admit_create(
         self, credentials: dict[str, str] | None, length: int | None, address: IAddress
     ) -> _Admission:
-        peer = _peer_name(address)
+        peer = peer_name(address)
         if not self.accepting:
             raise _Reject(http.SERVICE_UNAVAILABLE, "the server is shutting down")
         if credentials is None:
@@ -870,7 +855,7 @@ class _Channel(http.HTTPChannel):
         self.site.hub.refusals.emit(
             LogLevel.info,
             "closing connection from {peer}: {why}",
-            peer=_peer_name(self.getPeer()),
+            peer=peer_name(self.getPeer()),
             why=why,
         )
         self.transport.abortConnection()

@@ -64,10 +64,10 @@ import hmac
 import re
 import secrets
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from octotwist import auth, secure
+from octotwist.framing import PREFIX, FrameBuffer, FrameTooLarge
 
 #: Every API path starts with this; all other paths are the status page.
 API_ROOT = b"/octo/"
@@ -76,7 +76,7 @@ API_ROOT = b"/octo/"
 DEFAULT_PORT = 18126
 
 #: Frame header: the length of the encoded message that follows.
-HEADER = struct.Struct("!I")
+HEADER = PREFIX
 
 #: Largest message accepted in either direction (the TCP transport's limit).
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -161,61 +161,30 @@ def fits(sent: int, frame: bytes, limit: int = BATCH_BYTES) -> bool:
 
 class FrameParser:
     """
-    Turns a body, fed in chunks of any size, into frames.
-
-    A frame is joined from its chunks once, when complete, so a 4 MiB frame
-    costs one copy however it was cut; bytes beyond C{max_frame} are never
-    buffered.
+    A body, fed in chunks of any size, as frames: the core's L{FrameBuffer},
+    and the end of the body, which must not cut a frame.  Bytes beyond
+    C{max_frame} are never buffered.
     """
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self.max_frame = max_frame
-        self._header = b""
-        self._need: int | None = None  # bytes of the current frame still to come
-        self._chunks: list[bytes] = []
+        self._buffer = FrameBuffer(max_frame)
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes) -> list[bytes]:
         """
-        Yield every frame that C{data} completes, in order.
+        Every frame that C{data} completes, in order.
 
         @raise FramingError: a frame is longer than C{max_frame}.
         """
-        view = memoryview(data)
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._need is None:
-                take = min(HEADER.size - len(self._header), end - pos)
-                self._header += bytes(view[pos : pos + take])
-                pos += take
-                if len(self._header) < HEADER.size:
-                    return
-                (length,) = HEADER.unpack(self._header)
-                self._header = b""
-                if length > self.max_frame:
-                    raise FramingError(
-                        f"frame of {length} bytes is over the limit of {self.max_frame}",
-                        oversized=True,
-                    )
-                self._need = length
-                if length == 0:
-                    self._need = None
-                    yield b""
-                continue
-            take = min(self._need, end - pos)
-            if take == end - pos and pos == 0:
-                self._chunks.append(data)  # the whole chunk: no copy
-            else:
-                self._chunks.append(bytes(view[pos : pos + take]))
-            pos += take
-            self._need -= take
-            if self._need == 0:
-                chunks, self._chunks, self._need = self._chunks, [], None
-                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._buffer.feed(data)
+        try:
+            return self._buffer.frames()
+        except FrameTooLarge as e:
+            raise FramingError(str(e), oversized=True) from None
 
     @property
     def pending(self) -> bool:
         """Whether a frame has begun but not ended."""
-        return bool(self._header) or self._need is not None
+        return self._buffer.pending
 
     def finish(self) -> None:
         """
@@ -223,7 +192,7 @@ class FrameParser:
 
         @raise FramingError: it ended in the middle of a frame.
         """
-        if self.pending:
+        if self._buffer.pending:
             raise FramingError("the body ends in the middle of a frame")
 
 

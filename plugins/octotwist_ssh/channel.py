@@ -17,8 +17,8 @@ Throughput: Conch's own C{SSHChannel.write} keeps the unsent rest of a
 write as one C{bytes} and re-slices it on every window adjust, which makes a
 large blob crawl.  L{FramedChannel} queues frames as memoryviews and sends
 at most the remote window (in packets of the remote maximum) at a time,
-topping up from L{addWindowBytes}; incoming frames are assembled from a list
-of chunks joined once, not by repeated concatenation.
+topping up from L{addWindowBytes}; incoming frames come out of the core's
+L{FrameBuffer}.
 """
 
 from __future__ import annotations
@@ -26,20 +26,21 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.connection import SSHConnection
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from octotwist import codec
+from octotwist import codec, streams
 from octotwist.errors import RemoteProtocolError
+from octotwist.flow import Backpressure
+from octotwist.framing import PREFIX, FrameBuffer, FrameTooLarge
 from octotwist.messages import Message
 from octotwist.transport import Accept, ChannelHandler, MessageChannel
 
@@ -48,8 +49,8 @@ MAGIC = b"OCTOTWIST-SSH/1 "
 PROOF_SIZE = hashlib.sha256().digest_size
 #: Frames allowed before the hello has been checked (client side).
 HELLO_MAX_FRAME = 256
-#: Limit on frames once open; the same as the TCP transport's.
-MAX_FRAME = 64 * 1024 * 1024
+#: Limit on frames once open: the core's, for every stream transport.
+MAX_FRAME = streams.MAX_FRAME
 #: Our receive window: what the peer may send before we acknowledge.  Conch's
 #: default (128 KiB) stalls the sender every few packets on a fast link.
 LOCAL_WINDOW = 8 * 1024 * 1024
@@ -68,7 +69,6 @@ HIGH_WATER = 4 * 1024 * 1024
 #: (x86 since ~2017, ARMv8), and the MAC is the largest cost per byte here.
 MACS = [b"hmac-sha2-256", b"hmac-sha2-512", b"hmac-sha2-384", b"hmac-sha1"]
 
-_HEADER = struct.Struct(">I")
 _log = Logger()
 
 
@@ -106,65 +106,6 @@ def client_password(secret: bytes, session_id: bytes) -> bytes:
 
 def hello_frame(secret: bytes, session_id: bytes) -> bytes:
     return MAGIC + session_proof(secret, b"server", session_id)
-
-
-class FrameTooLarge(RemoteProtocolError):
-    """A frame's length prefix is over the current limit."""
-
-
-class FrameDecoder:
-    """
-    Length-prefixed frames out of a byte stream, in time linear in its
-    length (no re-concatenation of a growing buffer).
-    """
-
-    def __init__(self, max_frame: int) -> None:
-        self.max_frame = max_frame
-        self._chunks: deque[bytes] = deque()
-        self._have = 0
-        self._need: int | None = None
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """
-        @return: the frames completed by C{data}, in order.
-        @raise FrameTooLarge: a frame announces more than C{max_frame} bytes.
-        """
-        if data:
-            self._chunks.append(data)
-            self._have += len(data)
-        frames = []
-        while True:
-            if self._need is None:
-                if self._have < _HEADER.size:
-                    break
-                (length,) = _HEADER.unpack(self._take(_HEADER.size))
-                if length > self.max_frame:
-                    raise FrameTooLarge(
-                        f"frame of {length} bytes is over the limit of {self.max_frame}"
-                    )
-                self._need = length
-            if self._have < self._need:
-                break
-            frames.append(self._take(self._need))
-            self._need = None
-        return frames
-
-    def _take(self, n: int) -> bytes:
-        pieces = []
-        got = 0
-        while got < n:
-            chunk = self._chunks[0]
-            want = n - got
-            if len(chunk) <= want:
-                pieces.append(chunk)
-                got += len(chunk)
-                self._chunks.popleft()
-            else:
-                pieces.append(chunk[:want])
-                self._chunks[0] = chunk[want:]
-                got = n
-        self._have -= n
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 class State(enum.Enum):
@@ -217,12 +158,12 @@ class FramedChannel(ConchLogging, SSHChannel):
         self.state = State.PENDING
         self.handler: ChannelHandler | None = None
         self.messages = _Messages(self)
-        self.decoder = FrameDecoder(HELLO_MAX_FRAME)
+        self.decoder = FrameBuffer(HELLO_MAX_FRAME)
         self.lost_reason = "connection closed"
         self._outgoing: deque[memoryview] = deque()
         self._offset = 0
         self._queued = 0
-        self._writable: list[Deferred[None]] = []
+        self.pressure = Backpressure(HIGH_WATER + 1)
         self._user = ""
 
     # Naming
@@ -250,13 +191,14 @@ class FramedChannel(ConchLogging, SSHChannel):
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             return
-        try:
-            frames = self.decoder.feed(data)
-        except FrameTooLarge as e:
-            self.reject(str(e))
-            return
-        for frame in frames:
-            if self.state is State.CLOSED:
+        self.decoder.feed(data)
+        while self.state is not State.CLOSED:
+            try:
+                frame = self.decoder.next_frame()
+            except FrameTooLarge as e:
+                self.reject(str(e))
+                return
+            if frame is None:
                 return
             self.frame_received(frame)
 
@@ -287,9 +229,10 @@ class FramedChannel(ConchLogging, SSHChannel):
     def send_frame(self, frame: bytes) -> None:
         if self.state is State.CLOSED or self.localClosed:
             return
-        self._outgoing.append(memoryview(_HEADER.pack(len(frame))))
+        self._outgoing.append(memoryview(PREFIX.pack(len(frame))))
         self._outgoing.append(memoryview(frame))
-        self._queued += _HEADER.size + len(frame)
+        self._queued += PREFIX.size + len(frame)
+        self.pressure.update(self._queued)
         self._pump()
 
     def send_message(self, message: Message) -> None:
@@ -316,29 +259,19 @@ class FramedChannel(ConchLogging, SSHChannel):
             self.remoteWindowLeft -= size
             self._queued -= size
             self.conn.sendData(self, b"".join(pieces))
-        if self._writable and self._queued <= HIGH_WATER:
-            self._release_writers()
+        self.pressure.update(self._queued)
         if self.state is State.CLOSING and not self._outgoing:
             self._finish()
 
     def writable(self) -> Deferred[None]:
         """Fires when no more than L{HIGH_WATER} bytes wait for the window."""
-        if self._queued <= HIGH_WATER or self.state is State.CLOSED:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._writable.append(d)
-        return d
-
-    def _release_writers(self) -> None:
-        waiting, self._writable = self._writable, []
-        for d in waiting:
-            d.callback(None)
+        return self.pressure.writable()
 
     def _drop_queue(self) -> None:
         self._outgoing.clear()
         self._offset = 0
         self._queued = 0
-        self._release_writers()
+        self.pressure.stopProducing()
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data

@@ -18,32 +18,26 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import (
-    IAddress,
-    IConsumer,
-    IDelayedCall,
-    IPushProducer,
-    ITCPTransport,
-)
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IConsumer, IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from octotwist import handshake, limits, secure
+from octotwist import handshake, limits, secure, streams
 from octotwist.errors import AuthenticationError, RemoteProtocolError
+from octotwist.flow import Backpressure
 from octotwist.framing import FrameReceiver
 from octotwist.messages import Message
+from octotwist.streams import peer_name
 from octotwist.transport import Accept, ChannelHandler, IReactor, MessageChannel, no_delay
 
 MAGIC = handshake.MAGIC
 HANDSHAKE_MAX_FRAME = handshake.MAX_FRAME
 #: Names this protocol in the handshake's proofs and the channel's keys.
 CONTEXT = b"octotwist-tcp/2"
-#: Default limit for frames after the handshake: a 4 MiB data part and its
-#: header fit many times over, as does a job's pickled functions.
-MAX_FRAME = 64 * 1024 * 1024
+#: Default limit for frames after the handshake (the core's, for every stream transport).
+MAX_FRAME = streams.MAX_FRAME
 HANDSHAKE_TIMEOUT = 15.0
 
 _log = Logger()
@@ -95,39 +89,6 @@ class _Channel(MessageChannel):
         return self._protocol.flow.writable()
 
 
-@implementer(IPushProducer)
-class _Flow:
-    """
-    Tells senders when the connection's write buffer has drained: Twisted
-    pauses a registered streaming producer when the buffer passes its
-    high-water mark and resumes it once it is written out.  (A separate
-    object: the receiver already uses its own pauseProducing for reading.)
-    """
-
-    def __init__(self) -> None:
-        self.paused = False
-        self._waiting: list[Deferred[None]] = []
-
-    def writable(self) -> Deferred[None]:
-        if not self.paused:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
-
-
 class _FramedProtocol(FrameReceiver):
     MAX_LENGTH = HANDSHAKE_MAX_FRAME
 
@@ -144,7 +105,9 @@ class _FramedProtocol(FrameReceiver):
         self.handler: ChannelHandler | None = None
         self.channel = _Channel(self)
         self.closed: Deferred[None] = Deferred()
-        self.flow = _Flow()
+        # Paused by Twisted while the socket's write buffer is full (a
+        # separate producer: the receiver's own pauseProducing is for reading).
+        self.flow = Backpressure()
         self._producing = False
         self._timeout: IDelayedCall | None = None
         self.lost_reason = "connection closed"
@@ -152,11 +115,7 @@ class _FramedProtocol(FrameReceiver):
 
     @property
     def peer_name(self) -> str:
-        addr: Any = self.transport.getPeer()  # an IPv4/IPv6Address, or a UNIXAddress
-        host = getattr(addr, "host", None)
-        if host is not None:
-            return f"{addr.type.lower()}:{host}:{addr.port}"
-        return f"unix:{getattr(addr, 'name', '') or 'peer'}"
+        return peer_name(self.transport.getPeer())
 
     def connectionMade(self) -> None:
         self.factory.protocols.add(self)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import _parse, clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort
 
 from octotwist.endpoints import with_backlog
 from octotwist.errors import UsageError
+from octotwist.streams import server_endpoint
 from octotwist.transport import (
     Accept,
     ClientSettings,
@@ -55,14 +55,7 @@ class TCPTaskServer(TaskServer):
 
     def _listening(self, port: IListeningPort) -> str:
         self._port = port
-        addr = port.getHost()
-        if isinstance(addr, IPv6Address):
-            return f"tcp:{addr.host.replace(':', chr(92) + ':')}:{addr.port}"
-        if isinstance(addr, IPv4Address):
-            return f"tcp:{addr.host}:{addr.port}"
-        if isinstance(addr, UNIXAddress):
-            return f"unix:{addr.name.decode() if isinstance(addr.name, bytes) else addr.name}"
-        return str(addr)
+        return server_endpoint(port.getHost())
 
     def stop(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

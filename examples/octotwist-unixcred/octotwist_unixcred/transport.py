@@ -24,33 +24,25 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import Any, cast
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IListeningPort, ITCPTransport
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from octotwist import secure
-from octotwist.errors import AuthenticationError, RemoteProtocolError
-from octotwist.framing import FrameReceiver
-from octotwist.messages import Message
-from octotwist.transport import Accept, ChannelHandler, MessageChannel, TaskClient, TaskServer
+from octotwist.errors import AuthenticationError
+from octotwist.streams import StreamConnection, server_endpoint
+from octotwist.transport import Accept, MessageChannel, TaskClient, TaskServer
 
 ACCEPTED = b"octotwist-unixcred/2 accepted "
 #: Names this protocol in the channel's keys.
 CONTEXT = b"octotwist-unixcred/2"
 PUBLIC_KEY_SIZE = 32
-#: Frames allowed before the key exchange is over.
-HANDSHAKE_MAX_FRAME = 256
-MAX_FRAME = 64 * 1024 * 1024
-
-_log = Logger()
 
 
 def default_socket() -> str:
@@ -72,22 +64,19 @@ def _public(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-class Connection(FrameReceiver, MessageChannel):
-    """One connection, either side; it is also the channel the core sees."""
-
-    MAX_LENGTH = HANDSHAKE_MAX_FRAME
-    #: Set when connected, before anything here runs: Twisted's Unix socket
-    #: transport is its TCP one (abortConnection, getHandle...).
-    transport: ITCPTransport
+class Connection(StreamConnection):
+    """
+    One connection, either side; it is also the channel the core sees.
+    L{StreamConnection} does the frames, their limits, the channel layer,
+    flow control and closing: what is left is the handshake.
+    """
 
     def __init__(self, accept: Accept, allowed: set[int], is_server: bool) -> None:
+        super().__init__()
         self.accept = accept
         self.allowed = allowed
         self.is_server = is_server
-        self.handler: ChannelHandler | None = None
-        self.secure: secure.SecureChannel | None = None
         self.ready: Deferred[MessageChannel] = Deferred()
-        self.closed: Deferred[None] = Deferred()
         self.uid: int | None = None
         self._key = X25519PrivateKey.generate()
 
@@ -96,48 +85,14 @@ class Connection(FrameReceiver, MessageChannel):
         return f"unix:uid={self.uid}"
 
     def connectionMade(self) -> None:
+        super().connectionMade()
         self.uid = peer_uid(self.transport)
         if self.uid not in self.allowed:
             self.refuse(f"user id {self.uid} is not allowed")
         elif self.is_server:
             self.sendString(ACCEPTED + _public(self._key))
 
-    def _open(self, peer_public: bytes, initiator_public: bytes, responder_public: bytes) -> bool:
-        """
-        Derive the channel from the exchange, and hand it to the core.
-
-        @return: whether it opened: a key of low order (all zeros, say)
-            gives no shared secret, and C{cryptography} raises for it.
-        """
-        try:
-            shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
-        except ValueError:
-            self.refuse("malformed key exchange (a key of low order)")
-            return False
-        self.secure = secure.SecureChannel.create(
-            shared,
-            initiator=not self.is_server,
-            initiator_nonce=initiator_public,
-            responder_nonce=responder_public,
-            context=CONTEXT,
-        )
-        self.MAX_LENGTH = MAX_FRAME + secure.OVERHEAD
-        self.handler = self.accept(self)
-        return True
-
-    def stringReceived(self, frame: bytes) -> None:
-        if self.secure is None:
-            self._handshake_frame(frame)
-            return
-        try:
-            message = self.secure.decode(frame)
-        except RemoteProtocolError as e:
-            self.refuse(str(e))
-            return
-        assert self.handler is not None
-        self.handler.message_received(message)
-
-    def _handshake_frame(self, frame: bytes) -> None:
+    def handshake_frame(self, frame: bytes) -> None:
         mine = _public(self._key)
         if self.is_server:  # the client's public key
             if len(frame) != PUBLIC_KEY_SIZE:
@@ -153,32 +108,36 @@ class Connection(FrameReceiver, MessageChannel):
         if self._open(theirs, mine, theirs):
             self.ready.callback(self)
 
-    def lengthLimitExceeded(self, length: int) -> None:
-        self.refuse(f"a frame of {length} bytes is over the limit of {self.MAX_LENGTH}")
+    def _open(self, peer_public: bytes, initiator_public: bytes, responder_public: bytes) -> bool:
+        """
+        Derive the channel from the exchange, and hand it to the core.
 
-    def refuse(self, why: str) -> None:
-        _log.warn("closing connection from {peer}: {why}", peer=self.peer, why=why)
-        self.transport.abortConnection()
+        @return: whether it opened: a key of low order (all zeros, say)
+            gives no shared secret, and C{cryptography} raises for it.
+        """
+        try:
+            shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError:
+            self.refuse("malformed key exchange (a key of low order)")
+            return False
+        channel = secure.SecureChannel.create(
+            shared,
+            initiator=not self.is_server,
+            initiator_nonce=initiator_public,
+            responder_nonce=responder_public,
+            context=CONTEXT,
+        )
+        self.open(channel, self.accept)
+        return True
 
-    def send(self, message: Message) -> None:
-        if self.connected and self.secure is not None:
-            self.sendString(self.secure.encode(message))
-
-    def close(self) -> None:
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.handler is not None:
-            handler, self.handler = self.handler, None
-            handler.connection_lost(str(reason.value) if reason else "connection closed")
-        elif not self.is_server and not self.ready.called:
+    def lost(self, reason: Failure) -> None:
+        if not self.is_server and not self.ready.called:
             self.ready.errback(
                 AuthenticationError(
                     f"the server (user id {self.uid}) closed the connection: it does not allow "
                     f"our user id {os.getuid()} (it takes --allow-uid)"
                 )
             )
-        self.closed.callback(None)
 
 
 class UnixCredServer(TaskServer):
@@ -204,9 +163,7 @@ class UnixCredServer(TaskServer):
 
     def _listening(self, port: IListeningPort) -> str:
         self._port = port
-        address = cast(UNIXAddress, port.getHost())  # a unix: endpoint's
-        assert address.name is not None  # it listens on a path
-        return f"unix:{os.fsdecode(address.name)}"
+        return server_endpoint(port.getHost())
 
     async def _stop(self) -> None:
         if self._port is not None:
@@ -216,7 +173,7 @@ class UnixCredServer(TaskServer):
         # Unlike TCP, closing a Unix socket never discards what the peer has
         # yet to read, so there is no need to wait for peers to hang up.
         for connection in list(self.connections):
-            connection.transport.loseConnection()
+            connection.close()
         await DeferredList([c.closed for c in self.connections])
 
     def stop(self) -> Deferred[None]:
