@@ -15,11 +15,18 @@ here, a transport is its handshake: the example plugin
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IConsumer, ITCPTransport
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IListeningPort,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -108,6 +115,8 @@ class StreamConnection(FrameReceiver, MessageChannel):
         self.closed: Deferred[None] = Deferred()
         #: What the core hears when the connection is gone.
         self.lost_reason = "connection closed"
+        #: Closed or refused by us: nothing more is sent, nothing more reaches the core.
+        self.closing = False
         self._producing = False
 
     # The channel the core sees.
@@ -120,12 +129,18 @@ class StreamConnection(FrameReceiver, MessageChannel):
     def peer_address(self) -> IAddress | None:
         return None if self.transport is None else self.transport.getPeer()
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether the channel is open (L{open}) and not closing."""
+        return self.secure is not None and not self.closing
+
     def send(self, message: Message) -> None:
-        if self.connected and self.secure is not None:
+        if self.connected and self.secure is not None and not self.closing:
             self.sendString(self.secure.encode(message))
 
     def close(self) -> None:
-        """Close once what was written is sent."""
+        """Close once what was written is sent, whatever the state."""
+        self.closing = True
         if self.transport is None:
             return
         # A transport does not close while a producer is registered.
@@ -156,6 +171,8 @@ class StreamConnection(FrameReceiver, MessageChannel):
         self.handler = accept(self)
 
     def stringReceived(self, frame: bytes) -> None:
+        if self.closing:
+            return
         if self.secure is None:
             self.handshake_frame(frame)
             return
@@ -172,14 +189,25 @@ class StreamConnection(FrameReceiver, MessageChannel):
         raise NotImplementedError
 
     def lengthLimitExceeded(self, length: int) -> None:
-        self.refuse(f"a frame of {length} bytes is over the limit of {self.MAX_LENGTH}")
+        self.refuse(f"frame of {length} bytes is over the limit of {self.MAX_LENGTH}")
 
     def refuse(self, why: str) -> None:
         """The peer misbehaved: say why, and drop this connection now."""
-        _log.warn("closing connection from {peer}: {why}", peer=self.peer, why=why)
+        if self.closing:
+            return  # refused already, or closing on purpose
+        self.log_refusal(why)
         self.lost_reason = why
+        self.closing = True
         self._reset()  # nothing more of what it sent is read
         self.abort()
+
+    def log_refusal(self, why: str) -> None:
+        """
+        Hook: log a refusal.  Anyone can make a server refuse them before
+        they authenticate: a server logs those through a
+        L{limits.RefusalLog}, which a flood cannot fill the log with.
+        """
+        _log.warn("closing connection from {peer}: {why}", peer=self.peer, why=why)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.flow.stopProducing()
@@ -191,3 +219,46 @@ class StreamConnection(FrameReceiver, MessageChannel):
 
     def lost(self, reason: Any) -> None:
         """Hook: the connection is gone (a client that never opened says why, say)."""
+
+
+#: When a server stops: seconds to wait for authenticated peers to hang up
+#: (they do when they read the core's Shutdown), then to close their
+#: connections ourselves, then to abort what still lingers.
+PEER_CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 10.0
+
+
+async def stop_serving(
+    reactor: IReactorTime,
+    port: IListeningPort | None,
+    connections: Iterable[StreamConnection],
+) -> None:
+    """
+    A stream server's graceful stop: stop listening; close the connections
+    that have not authenticated; let each authenticated peer close first,
+    then close what is left, and abort what lingers past L{CLOSE_TIMEOUT}.
+
+    Closing our end first while a peer is still sending (a heartbeat, say)
+    would leave unread bytes on our socket; the kernel then resets the
+    connection, and the peer may lose the Shutdown we just wrote.
+    """
+    if port is not None:
+        await maybeDeferred(port.stopListening)
+    connections = list(connections)
+    for connection in connections:
+        if not connection.authenticated:
+            connection.close()
+    closed = DeferredList([c.closed for c in connections])
+    timers = [
+        reactor.callLater(PEER_CLOSE_TIMEOUT, _each, connections, StreamConnection.close),
+        reactor.callLater(CLOSE_TIMEOUT, _each, connections, StreamConnection.abort),
+    ]
+    await closed
+    for timer in timers:
+        if timer.active():
+            timer.cancel()
+
+
+def _each(connections: list[StreamConnection], method: Callable[[StreamConnection], None]) -> None:
+    for connection in connections:
+        method(connection)

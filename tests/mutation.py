@@ -86,6 +86,7 @@ SECURE = "octotwist/secure.py"
 HANDSHAKE = "octotwist/handshake.py"
 AUTH = "octotwist/auth.py"
 FRAMING = "octotwist/framing.py"
+STREAMS = "octotwist/streams.py"
 TCP = "plugins/octotwist_tcp/protocol.py"
 HTTP_WIRE = "plugins/octotwist_http/wire.py"
 HTTP_SERVER = "plugins/octotwist_http/server.py"
@@ -307,18 +308,18 @@ MUTANTS: list[Mutant] = [
         ],
     ),
     _m(
-        "tcp-big-frames-before-auth",
+        "streams-big-frames-before-auth",
         "before the handshake, frames may be as large as after it",
-        Edit(TCP, "    MAX_LENGTH = HANDSHAKE_MAX_FRAME", "    MAX_LENGTH = MAX_FRAME"),
+        Edit(STREAMS, "    MAX_LENGTH = handshake.MAX_FRAME\n", "    MAX_LENGTH = MAX_FRAME\n"),
         [T_TCP + "test_big_frame_before_auth_is_refused_without_buffering_it"],
     ),
     _m(
-        "tcp-unpickle-before-auth",
+        "streams-unpickle-before-auth",
         "a frame that arrives before the handshake is unpickled (mincemeat's hole)",
         Edit(
-            TCP,
-            "        elif self.state is not State.CLOSED:\n            self.handshake_frame(frame)",
-            "        elif self.state is not State.CLOSED:\n"
+            STREAMS,
+            "        if self.secure is None:\n            self.handshake_frame(frame)",
+            "        if self.secure is None:\n"
             "            try:\n"
             '                __import__("pickle").loads(frame)\n'
             "            except Exception:\n"
@@ -328,19 +329,20 @@ MUTANTS: list[Mutant] = [
         [T_TCP + "test_an_evil_pickle_before_auth_runs_nothing"],
     ),
     _m(
-        "tcp-message-before-auth",
+        "streams-message-before-auth",
         "a message in the clear, before the handshake, is decoded and handed to the core",
         Edit(
-            TCP,
-            "        elif self.state is not State.CLOSED:\n            self.handshake_frame(frame)",
-            "        elif self.state is not State.CLOSED:\n"
+            STREAMS,
+            "        if self.secure is None:\n            self.handshake_frame(frame)",
+            "        if self.secure is None:\n"
             "            try:\n"
             '                message = __import__("octotwist.codec").codec.decode_message(frame)\n'
             "            except RemoteProtocolError:\n"
             "                self.handshake_frame(frame)\n"
             "                return\n"
-            "            self.handler = self.handler or self.factory.accept(self.channel)\n"
-            "            self.handler.message_received(message)",
+            "            self.handler = self.handler or self.factory.accept(self)\n"
+            "            self.handler.message_received(message)\n"
+            "            return",
         ),
         [
             T_TCP + "test_anything_but_a_proof_before_auth_is_dropped",
@@ -354,7 +356,7 @@ MUTANTS: list[Mutant] = [
             TCP,
             "            reply, channel = self._handshake.receive(frame)\n"
             "        except RemoteProtocolError as e:\n"
-            "            self.reject(str(e))",
+            "            self.refuse(str(e))",
             "            reply, channel = self._handshake.receive(frame)\n"
             "        except RemoteProtocolError:",
         ),
@@ -616,20 +618,16 @@ MUTANTS: list[Mutant] = [
         ["tests/test_aggregate.py"],
     ),
     _m(
-        "tcp-pre-auth-frames-unlimited",
+        "streams-pre-auth-frames-unlimited-tcp",
         "the tcp server buffers a stranger's 48 MiB frame before the handshake",
-        Edit(TCP, "    MAX_LENGTH = HANDSHAKE_MAX_FRAME\n", "    MAX_LENGTH = 2**30\n"),
+        Edit(STREAMS, "    MAX_LENGTH = handshake.MAX_FRAME\n", "    MAX_LENGTH = 2**30\n"),
         ["tests/test_conformance.py::test_a_stranger_cannot_make_the_server_hold_a_large_message"],
         args=("--octo-transport", "tcp"),
     ),
     _m(
-        "streams-pre-auth-frames-unlimited",
+        "streams-pre-auth-frames-unlimited-unixcred",
         "a transport on the stream base buffers a stranger's frame before it authenticated",
-        Edit(
-            "octotwist/streams.py",
-            "    MAX_LENGTH = handshake.MAX_FRAME\n",
-            "    MAX_LENGTH = 2**30\n",
-        ),
+        Edit(STREAMS, "    MAX_LENGTH = handshake.MAX_FRAME\n", "    MAX_LENGTH = 2**30\n"),
         [
             UNIXCRED + "/tests/test_conformance.py::"
             "test_a_stranger_cannot_make_the_server_hold_a_large_message"

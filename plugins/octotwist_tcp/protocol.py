@@ -16,21 +16,18 @@ reordered or dropped one), with an "integrity" error in the log.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IConsumer, IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from octotwist import handshake, limits, secure, streams
 from octotwist.errors import AuthenticationError, RemoteProtocolError
-from octotwist.flow import Backpressure
-from octotwist.framing import FrameReceiver
-from octotwist.messages import Message
-from octotwist.streams import peer_name
-from octotwist.transport import Accept, ChannelHandler, IReactor, MessageChannel, no_delay
+from octotwist.streams import StreamConnection
+from octotwist.transport import Accept, IReactor, MessageChannel
 
 MAGIC = handshake.MAGIC
 HANDSHAKE_MAX_FRAME = handshake.MAX_FRAME
@@ -43,16 +40,6 @@ HANDSHAKE_TIMEOUT = 15.0
 _log = Logger()
 
 
-if TYPE_CHECKING:
-
-    class _IStreamTransport(ITCPTransport, IConsumer):
-        """
-        What this protocol's transport provides, over TCP, TLS or a Unix
-        socket alike: C{abortConnection}, and a consumer's producer
-        registration (L{ITransport} says neither).
-        """
-
-
 class State(enum.Enum):
     AWAIT_CHALLENGE = "await challenge"  # client
     AWAIT_RESPONSE = "await response"  # server
@@ -61,72 +48,37 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class _Channel(MessageChannel):
-    def __init__(self, protocol: _FramedProtocol) -> None:
-        self._protocol = protocol
+class _FramedProtocol(StreamConnection):
+    """
+    Either side of a connection: the core's stream base
+    (L{octotwist.streams.StreamConnection}: frames, their limits, the
+    channel layer, flow control, closing), with the shared secret's
+    handshake, its deadline, and a server's limit on the connections that
+    have not authenticated yet.
+    """
 
-    @property
-    def peer(self) -> str:
-        return self._protocol.peer_name
-
-    @property
-    def peer_address(self) -> IAddress | None:
-        transport = self._protocol.transport
-        return None if transport is None else transport.getPeer()
-
-    def send(self, message: Message) -> None:
-        self._protocol.send_message(message)
-
-    def close(self) -> None:
-        self._protocol.close()
-
-    def abort(self) -> None:
-        transport = self._protocol.transport
-        if transport is not None:
-            transport.abortConnection()
-
-    def writable(self) -> Deferred[None]:
-        return self._protocol.flow.writable()
-
-
-class _FramedProtocol(FrameReceiver):
-    MAX_LENGTH = HANDSHAKE_MAX_FRAME
-
-    state: State
-    role = b""
+    state = State.CLOSED
     factory: _Factory
-    #: Set when connected, before any of the methods below runs.
-    transport: _IStreamTransport
 
     #: Our place among the connections that have not authenticated (server side).
     slot: limits.Slot | None = None
 
     def __init__(self) -> None:
-        self.handler: ChannelHandler | None = None
-        self.channel = _Channel(self)
-        self.closed: Deferred[None] = Deferred()
-        # Paused by Twisted while the socket's write buffer is full (a
-        # separate producer: the receiver's own pauseProducing is for reading).
-        self.flow = Backpressure()
-        self._producing = False
+        super().__init__()
         self._timeout: IDelayedCall | None = None
-        self.lost_reason = "connection closed"
-        self.secure: secure.SecureChannel | None = None
 
     @property
     def peer_name(self) -> str:
-        return peer_name(self.transport.getPeer())
+        return self.peer
 
     def connectionMade(self) -> None:
         self.factory.protocols.add(self)
-        no_delay(self.transport)
-        self.transport.registerProducer(self.flow, True)
-        self._producing = True
+        super().connectionMade()
         self._timeout = self.factory.reactor.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
 
     def _handshake_timeout(self) -> None:
         self._timeout = None
-        self.reject(f"no authentication within {HANDSHAKE_TIMEOUT:.0f} s")
+        self.refuse(f"no authentication within {HANDSHAKE_TIMEOUT:.0f} s")
 
     def _opened(self, channel: secure.SecureChannel) -> None:
         if self._timeout is not None and self._timeout.active():
@@ -134,75 +86,36 @@ class _FramedProtocol(FrameReceiver):
         self._timeout = None
         if self.slot is not None:
             self.slot.release()
-        self.secure = channel
         self.state = State.OPEN
-        self.MAX_LENGTH = self.factory.max_frame + secure.OVERHEAD
-        self.handler = self.factory.accept(self.channel)
+        self.max_frame = self.factory.max_frame
+        self.open(channel, self.factory.accept)
 
-    def stringReceived(self, frame: bytes) -> None:
-        if self.state is State.OPEN:
-            assert self.secure is not None and self.handler is not None
-            try:
-                message = self.secure.decode(frame)
-            except RemoteProtocolError as e:
-                self.reject(str(e))
-                return
-            self.handler.message_received(message)
-        elif self.state is not State.CLOSED:
-            self.handshake_frame(frame)
-
-    def handshake_frame(self, frame: bytes) -> None:
-        raise NotImplementedError
-
-    def lengthLimitExceeded(self, length: int) -> None:
-        self.reject(f"frame of {length} bytes is over the limit of {self.MAX_LENGTH}")
-
-    def reject(self, why: str) -> None:
-        """The peer misbehaved: say so and drop the connection now."""
-        if self.state is State.CLOSED:
-            return
+    def log_refusal(self, why: str) -> None:
         refusals: limits.RefusalLog | None = getattr(self.factory, "refusals", None)
         if self.secure is None and refusals is not None:  # anyone can make us say this
             refusals.emit(
-                LogLevel.warn, "closing connection from {peer}: {why}", peer=self.peer_name, why=why
+                LogLevel.warn, "closing connection from {peer}: {why}", peer=self.peer, why=why
             )
         else:
-            _log.warn("closing connection from {peer}: {why}", peer=self.peer_name, why=why)
-        self.lost_reason = why
-        self.state = State.CLOSED
-        self.transport.abortConnection()
+            super().log_refusal(why)
 
-    def send_message(self, message: Message) -> None:
-        if self.state is State.OPEN:
-            assert self.secure is not None
-            self.sendString(self.secure.encode(message))
+    def refuse(self, why: str) -> None:
+        if not self.closing:
+            self.state = State.CLOSED
+        super().refuse(why)
 
     def close(self) -> None:
-        if self.state is not State.CLOSED:
-            self.state = State.CLOSED
-            self.lose_connection()
-
-    def lose_connection(self) -> None:
-        """Close once what was written is sent, whatever the state."""
-        # A transport does not close while a producer is registered.
-        if self._producing:
-            self._producing = False
-            self.transport.unregisterProducer()
-        self.flow.resumeProducing()
-        self.transport.loseConnection()
+        self.state = State.CLOSED
+        super().close()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self.slot is not None:
             self.slot.release()
         self.factory.protocols.discard(self)
-        self.flow.stopProducing()
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self.state = State.CLOSED
-        if self.handler is not None:
-            handler, self.handler = self.handler, None
-            handler.connection_lost(self.lost_reason)
-        self.closed.callback(None)
+        super().connectionLost(reason)
 
 
 class ServerProtocol(_FramedProtocol):
@@ -216,7 +129,7 @@ class ServerProtocol(_FramedProtocol):
         try:
             reply, channel = self._handshake.receive(frame)
         except RemoteProtocolError as e:
-            self.reject(str(e))
+            self.refuse(str(e))
             return
         self.sendString(reply)
         self._opened(channel)
@@ -244,15 +157,14 @@ class ClientProtocol(_FramedProtocol):
             self._fail(e)
             return
         self._opened(channel)
-        self.ready.callback(self.channel)
+        self.ready.callback(self)
 
     def _fail(self, error: Exception) -> None:
-        self.reject(str(error))
+        self.refuse(str(error))
         if not self.ready.called:
             self.ready.errback(error)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        super().connectionLost(reason)
+    def lost(self, reason: Failure) -> None:
         if not self.ready.called:
             if self._handshake.proved:
                 error: Exception = AuthenticationError(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import _parse, clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort
 
 from octotwist.endpoints import with_backlog
 from octotwist.errors import UsageError
-from octotwist.streams import server_endpoint
+from octotwist.streams import server_endpoint, stop_serving
 from octotwist.transport import (
     Accept,
     ClientSettings,
@@ -22,13 +22,7 @@ from octotwist_tcp.protocol import (
     ClientFactory,
     ClientProtocol,
     ServerFactory,
-    State,
 )
-
-#: When the server stops: seconds to wait for peers to hang up, then to
-#: close their connections ourselves, then to abort what still lingers.
-PEER_CLOSE_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 10.0
 
 
 def _max_frame(options: dict) -> int:
@@ -61,43 +55,12 @@ class TCPTaskServer(TaskServer):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        """
-        Stop listening; let each authenticated peer close first (it does so
-        when it reads the final Shutdown), then close what is left.
-
-        Closing our end first while a peer is still sending (a heartbeat,
-        say) would leave unread bytes on our socket; the kernel then resets
-        the connection, and the peer may lose the Shutdown we just wrote.
-        """
-        if self._port is not None:
-            port, self._port = self._port, None
-            await maybeDeferred(port.stopListening)
-        if self._factory is None:
-            return
-        self._factory.refusals.flush()
-        protocols = list(self._factory.protocols)
-        for protocol in protocols:
-            if protocol.state is not State.OPEN:
-                protocol.lose_connection()
-        closed = DeferredList([p.closed for p in protocols])
-        timers = [
-            self.reactor.callLater(PEER_CLOSE_TIMEOUT, _close_all, protocols),
-            self.reactor.callLater(CLOSE_TIMEOUT, _abort_all, protocols),
-        ]
-        await closed
-        for timer in timers:
-            if timer.active():
-                timer.cancel()
-
-
-def _close_all(protocols: list) -> None:
-    for protocol in protocols:
-        protocol.lose_connection()
-
-
-def _abort_all(protocols: list) -> None:
-    for protocol in protocols:
-        protocol.transport.abortConnection()
+        """Stop listening, and close every connection gracefully (L{stop_serving})."""
+        port, self._port = self._port, None
+        if self._factory is not None:
+            self._factory.refusals.flush()
+        protocols = self._factory.protocols if self._factory is not None else ()
+        await stop_serving(self.reactor, port, protocols)
 
 
 class TCPTaskClient(TaskClient):

@@ -28,7 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from octotwist import secure
 from octotwist.errors import AuthenticationError
-from octotwist.streams import StreamConnection, server_endpoint
+from octotwist.streams import StreamConnection, server_endpoint, stop_serving
 from octotwist.transport import Accept, MessageChannel, TaskClient, TaskServer
 
 ACCEPTED = b"octotwist-unixcred/2 accepted "
@@ -166,15 +166,8 @@ class UnixCredServer(TaskServer):
         return server_endpoint(port.getHost())
 
     async def _stop(self) -> None:
-        if self._port is not None:
-            stopped = self._port.stopListening()
-            assert stopped is not None  # a listening port's stopListening returns a Deferred
-            await stopped
-        # Unlike TCP, closing a Unix socket never discards what the peer has
-        # yet to read, so there is no need to wait for peers to hang up.
-        for connection in list(self.connections):
-            connection.close()
-        await DeferredList([c.closed for c in self.connections])
+        port, self._port = self._port, None
+        await stop_serving(self.reactor, port, self.connections)
 
     def stop(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
