@@ -28,6 +28,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 #: Unauthenticated connections a server holds at once, from all addresses.
@@ -212,3 +213,31 @@ class PreAuthLimit:
         self.pending[key] -= 1
         if self.pending[key] <= 0:
             del self.pending[key]
+
+
+class SlottedFactory(Factory):
+    """
+    Mixin for a server's protocol factory (before C{Factory}, Conch's
+    C{SSHFactory} or C{Site} in the bases): each new connection takes a slot
+    of C{self.pending} or is refused at once (C{buildProtocol} returns
+    C{None}, and Twisted closes it), and its protocol gets the slot as
+    C{slot}, to release when the peer authenticates or goes.
+    """
+
+    pending: PreAuthLimit
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        """
+        A protocol for a new connection, or C{None} when too many wait.
+        (Typed C{Any}: Twisted's factories type theirs differently, and
+        this serves them all.)
+        """
+        slot = self.pending.take(addr)
+        if slot is None:
+            return None
+        protocol = super().buildProtocol(addr)
+        if protocol is None:
+            slot.release()
+            return None
+        protocol.slot = slot  # type: ignore[attr-defined]  # (the protocol declares it)
+        return protocol

@@ -889,7 +889,7 @@ class _Root(Resource):
         return self.status.getChildWithDefault(path, request)
 
 
-class _Site(server.Site):
+class _Site(limits.SlottedFactory, server.Site):
     # No HTTP/2 negotiation: requests must be _OctoRequests.  (twisted.web types
     # Site.protocol as its HTTP/1.1-or-2 wrapper; any channel class works.)
     protocol = _Channel  # type: ignore[assignment]
@@ -902,16 +902,6 @@ class _Site(server.Site):
         self.hub = hub
         self.channels: set[_Channel] = set()
         self.pending = limits.PreAuthLimit(hub.refusals)
-
-    def buildProtocol(self, addr: Any) -> _Channel | None:  # type: ignore[override]
-        """A channel for a new connection, or C{None} (Twisted closes it) when too many wait."""
-        slot = self.pending.take(addr)
-        if slot is None:
-            return None
-        channel = super().buildProtocol(addr)
-        assert isinstance(channel, _Channel)
-        channel.slot = slot
-        return channel
 
     def log(self, request: http.Request) -> None:
         """No access log: a busy worker polls several times a second."""

@@ -484,7 +484,7 @@ class _Connection(ConchLogging, SSHConnection):
         )
 
 
-class _Factory(ConchLogging, SSHFactory):
+class _Factory(limits.SlottedFactory, ConchLogging, SSHFactory):
     protocol = _ServerTransport
     services = {b"ssh-userauth": _UserAuthServer, b"ssh-connection": _Connection}
     noisy = False
@@ -498,16 +498,6 @@ class _Factory(ConchLogging, SSHFactory):
         self.connections: set[_ServerTransport] = set()
         self.refusals = RefusalLog(reactor)
         self.pending = limits.PreAuthLimit(self.refusals)
-
-    def buildProtocol(self, addr: Any) -> _ServerTransport | None:  # type: ignore[override]
-        """A transport for a new connection, or C{None} (Twisted closes it) when too many wait."""
-        slot = self.pending.take(addr)
-        if slot is None:
-            return None
-        protocol = super().buildProtocol(addr)
-        assert isinstance(protocol, _ServerTransport)
-        protocol.slot = slot
-        return protocol
 
 
 # The TaskServer

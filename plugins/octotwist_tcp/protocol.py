@@ -16,7 +16,6 @@ reordered or dropped one), with an "integrity" error in the log.
 from __future__ import annotations
 
 import enum
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -219,23 +218,13 @@ class _Factory(Factory):
 # Factory of that very protocol (Factory[P], generic in recent Twisted, which
 # a base class here cannot subscript at runtime on the oldest we support);
 # ours declare `factory: _Factory`, which serves both roles.
-class ServerFactory(_Factory):
+class ServerFactory(limits.SlottedFactory, _Factory):
     protocol = ServerProtocol  # type: ignore[assignment]
 
     def __init__(self, reactor: IReactor, secret: bytes, accept: Accept, max_frame: int) -> None:
         super().__init__(reactor, secret, accept, max_frame)
         self.refusals = limits.RefusalLog(reactor)
         self.pending = limits.PreAuthLimit(self.refusals)
-
-    def buildProtocol(self, addr: Any) -> ServerProtocol | None:  # type: ignore[override]
-        """A protocol for a new connection, or C{None} (Twisted closes it) when too many wait."""
-        slot = self.pending.take(addr)
-        if slot is None:
-            return None
-        protocol = super().buildProtocol(addr)
-        assert isinstance(protocol, ServerProtocol)
-        protocol.slot = slot
-        return protocol
 
 
 class ClientFactory(_Factory):
