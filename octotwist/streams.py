@@ -15,7 +15,8 @@ here, a transport is its handshake: the example plugin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import typing
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -130,7 +131,7 @@ class StreamConnection(FrameReceiver, MessageChannel):
         return None if self.transport is None else self.transport.getPeer()
 
     @property
-    def authenticated(self) -> bool:
+    def serving(self) -> bool:
         """Whether the channel is open (L{open}) and not closing."""
         return self.secure is not None and not self.closing
 
@@ -228,14 +229,31 @@ PEER_CLOSE_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 10.0
 
 
+class Served(typing.Protocol):
+    """What L{stop_serving} needs of a server's connection."""
+
+    #: Fires once the connection is gone.
+    closed: Deferred[None]
+
+    @property
+    def serving(self) -> bool:
+        """Whether its peer has authenticated and the core holds it."""
+
+    def close(self) -> None:
+        """Close once what was written is sent."""
+
+    def abort(self) -> None:
+        """Drop it now."""
+
+
 async def stop_serving(
     reactor: IReactorTime,
     port: IListeningPort | None,
-    connections: Iterable[StreamConnection],
+    connections: Iterable[Served],
 ) -> None:
     """
     A stream server's graceful stop: stop listening; close the connections
-    that have not authenticated; let each authenticated peer close first,
+    whose peers have not authenticated; let each peer that has close first,
     then close what is left, and abort what lingers past L{CLOSE_TIMEOUT}.
 
     Closing our end first while a peer is still sending (a heartbeat, say)
@@ -246,12 +264,12 @@ async def stop_serving(
         await maybeDeferred(port.stopListening)
     connections = list(connections)
     for connection in connections:
-        if not connection.authenticated:
+        if not connection.serving:
             connection.close()
     closed = DeferredList([c.closed for c in connections])
     timers = [
-        reactor.callLater(PEER_CLOSE_TIMEOUT, _each, connections, StreamConnection.close),
-        reactor.callLater(CLOSE_TIMEOUT, _each, connections, StreamConnection.abort),
+        reactor.callLater(PEER_CLOSE_TIMEOUT, _each, connections, "close"),
+        reactor.callLater(CLOSE_TIMEOUT, _each, connections, "abort"),
     ]
     await closed
     for timer in timers:
@@ -259,6 +277,6 @@ async def stop_serving(
             timer.cancel()
 
 
-def _each(connections: list[StreamConnection], method: Callable[[StreamConnection], None]) -> None:
+def _each(connections: list[Served], method: str) -> None:
     for connection in connections:
-        method(connection)
+        getattr(connection, method)()

@@ -57,7 +57,7 @@ from twisted.cred.credentials import ICredentials, ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, ITCPTransport
 from twisted.logger import ILogObserver, Logger, LogLevel
@@ -67,6 +67,7 @@ from zope.interface import implementer
 from octotwist import limits
 from octotwist.endpoints import with_backlog
 from octotwist.limits import RefusalLog
+from octotwist.streams import stop_serving
 from octotwist.transport import Accept, IReactor, ServerSettings, TaskServer, no_delay
 from octotwist_ssh import keys
 from octotwist_ssh.channel import (
@@ -79,10 +80,6 @@ from octotwist_ssh.channel import (
     hello_frame,
 )
 
-#: When the server stops: seconds to wait for peers to hang up, then to
-#: close their connections ourselves, then to abort what still lingers.
-PEER_CLOSE_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 10.0
 #: Seconds a connection may take to authenticate (Conch's default is 10 hours).
 LOGIN_TIMEOUT = 30.0
 #: The user name C{octo client} logs in as.
@@ -351,6 +348,20 @@ class _ServerTransport(_LimitedConchLogging, SSHServerTransport):
         """Whether the peer has logged in (Conch sets C{avatar} then)."""
         return getattr(self, "avatar", None) is not None
 
+    @property
+    def serving(self) -> bool:
+        """Whether the core holds one of its octo channels (L{stop_serving})."""
+        return any(c.handler is not None for c in self.channels())
+
+    def close(self) -> None:
+        """Close its channels once what they queued is sent, then the connection."""
+        for channel in self.channels():
+            channel.close_gracefully()
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
+
     def refused(self, format: str, level: LogLevel = LogLevel.warn, **fields: Any) -> None:
         """Log (within the server's L{RefusalLog}) why this peer is refused."""
         self._refusal_said = True
@@ -596,44 +607,13 @@ class SSHTaskServer(TaskServer):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        """
-        Stop listening; let each worker hang up first (it does when it reads
-        the final Shutdown), then close what is left, then abort.
-
-        As with TCP, closing first while a worker still sends would make the
-        kernel reset the connection, and the worker could lose the Shutdown.
-        """
-        if self._port is not None:
-            port, self._port = self._port, None
+        """Stop listening, and close every connection gracefully (L{stop_serving})."""
+        port, self._port = self._port, None
+        if self._factory is not None:
+            await stop_serving(self.reactor, port, self._factory.connections)
+            self._factory.refusals.flush()
+        elif port is not None:
             await maybeDeferred(port.stopListening)
-        if self._factory is None:
-            return
-        connections = list(self._factory.connections)
-        for connection in connections:
-            if not any(c.handler is not None for c in connection.channels()):
-                connection.transport.loseConnection()
-        closed = DeferredList([c.closed for c in connections])
-        timers = [
-            self.reactor.callLater(PEER_CLOSE_TIMEOUT, _close_all, connections),
-            self.reactor.callLater(CLOSE_TIMEOUT, _abort_all, connections),
-        ]
-        await closed
-        for timer in timers:
-            if timer.active():
-                timer.cancel()
-        self._factory.refusals.flush()
         if self._flush_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._flush_trigger)
             self._flush_trigger = None
-
-
-def _close_all(connections: list[_ServerTransport]) -> None:
-    for connection in connections:
-        for channel in connection.channels():
-            channel.close_gracefully()
-        connection.transport.loseConnection()
-
-
-def _abort_all(connections: list[_ServerTransport]) -> None:
-    for connection in connections:
-        connection.transport.abortConnection()
