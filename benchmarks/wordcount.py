@@ -49,6 +49,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -357,7 +358,7 @@ def run_once(commands: list[list[str]], env: dict[str, str], logs: Path) -> Samp
     return Sample(wall, cpu, watch.server_peak, watch.tree_peak)
 
 
-def read_result(path: Path) -> dict[str, int]:
+def read_result(path: Path) -> dict[Any, Any]:
     """The results, written by every row as JSON lines (octo's --format jsonl)."""
     result = {}
     with open(path, encoding="utf-8") as f:
@@ -445,12 +446,16 @@ def pick_files(corpus: Path, limit: int | None) -> list[Path]:
 def small_tasks(n: int, work: Path, env: dict[str, str]) -> None:
     """N one-pair map tasks: tasks per second through one server, 2 workers."""
     (work / "small.py").write_text(SMALL)
-    out = work / "small.tsv"
+    out = work / "small.jsonl"
+    jsonl = ["--format", "jsonl"]
     env = dict(env, SMALL_TASKS=str(n))
-    expected = {str(k): str(v) for k, v in Counter(i % 100 for i in range(n)).items()}
+    expected = dict(Counter(i % 100 for i in range(n)))
     port = free_port()
     setups = {
-        "octo run -w 2": ([octo("run", str(work / "small.py"), "-w", "2", "-o", str(out))], None),
+        "octo run -w 2": (
+            [octo("run", str(work / "small.py"), "-w", "2", *jsonl, "-o", str(out))],
+            None,
+        ),
         "tcp: octo server + 2 clients": (
             [
                 octo(
@@ -460,6 +465,7 @@ def small_tasks(n: int, work: Path, env: dict[str, str]) -> None:
                     "tcp",
                     "--listen",
                     f"tcp:{port}:interface=127.0.0.1",
+                    *jsonl,
                     "-o",
                     str(out),
                 ),
@@ -559,10 +565,11 @@ def main() -> None:
             f"median of {runs} runs; {os.cpu_count()} CPUs"
         )
         reference: dict[str, str] | None = None
-        results: list[Row] = []
-        for name, (commands, row_env, _) in rows.items():
-            row = Row(name)
-            for _ in range(runs):
+        # The rows take turns, run by run: a machine that slows down for a
+        # while slows every row, not the ones that happened to run then.
+        results = [Row(name) for name in rows]
+        for run in range(runs):
+            for row, (commands, row_env, _) in zip(results, rows.values(), strict=True):
                 if out.exists():
                     out.unlink()
                 row.samples.append(run_once(commands, row_env, work))
@@ -570,9 +577,8 @@ def main() -> None:
                 if reference is None:
                     reference = result
                 elif result != reference:
-                    sys.exit(f"MISMATCH: {name} gave a different result from the baseline")
-            results.append(row)
-            print(f"  done: {name}", file=sys.stderr, flush=True)
+                    sys.exit(f"MISMATCH: {row.name} gave a different result from the baseline")
+            print(f"  done: run {run + 1} of {runs}", file=sys.stderr, flush=True)
         base = results[0].median("wall")
         print(
             f"{'':52} {'wall s':>7} {'cpu s':>7} {'ratio':>7} {'server':>9} {'tree':>9}", flush=True
