@@ -6,7 +6,9 @@ C{reducefn} and optionally C{final}, C{combinefn}, C{partitionfn},
 C{reduce_tasks} and C{setupfn}, or C{source} and C{steps}, a list of
 L{Step}; see docs/guide.md.  Inside the job's functions,
 C{octotwist.counters.add(name, n)} counts; C{octotwist.sources} reads
-files.  Run it with C{octo run job.py}, or C{octo server job.py} plus
+files; C{octotwist.aggregate} names the common combiners and reducers
+(C{reducefn = octotwist.aggregate.sum}).  Run it with C{octo run job.py},
+or C{octo server job.py} plus
 C{octo client HOST} on each worker machine, or from Python:
 C{octotwist.run(job)} returns its results (docs/api.md), and
 C{octotwist.Cluster("HOST:PORT").run(job)} runs it on a cluster that
@@ -17,9 +19,11 @@ transport subclasses), L{octotwist.hookspecs} (plugin hooks and discovery),
 L{octotwist.messages} (what transports carry), L{octotwist.secure} (the
 channel layer every frame after authentication goes through),
 L{octotwist.handshake} (the shared secret's handshake, without I/O),
-L{octotwist.limits} (limits before authentication), L{octotwist.codec} and
-L{octotwist.framing} (bytes), and L{octotwist.testing} (the conformance kit,
-and a relay for tampering tests).  Everything else is internal.
+L{octotwist.limits} (limits before authentication), L{octotwist.streams}
+(the base of a transport over a stream connection), L{octotwist.flow}
+(backpressure), L{octotwist.codec} and L{octotwist.framing} (bytes), and
+L{octotwist.testing} (the conformance kit, and a relay for tampering
+tests).  Everything else is internal.
 """
 
 from typing import Any
