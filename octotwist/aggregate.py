@@ -79,13 +79,13 @@ class Aggregate:
         """
         return self._of_copies(one, counts)
 
-    def of_lists(self, lists: dict[Any, list[Any]]) -> dict[Any, Any]:
-        """Each key's value from its list: one C{map} over every key's list."""
-        return dict(zip(lists, map(self.of_values, lists.values()), strict=True))
-
-    def of_partial_lists(self, lists: dict[Any, list[Any]]) -> dict[Any, Any]:
-        """Each key's value from its list of partial values (L{of_partials})."""
-        return dict(zip(lists, map(self.of_partials, lists.values()), strict=True))
+    def of_lists(self, lists: dict[Any, list[Any]], partials: bool = False) -> dict[Any, Any]:
+        """
+        Each key's value from its list of values, or of partial values
+        (L{of_partials}): one C{map} over every key's list.
+        """
+        each = self.of_partials if partials else self.of_values
+        return dict(zip(lists, map(each, lists.values()), strict=True))
 
 
 def _named(name: str) -> Aggregate:

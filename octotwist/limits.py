@@ -217,8 +217,8 @@ class PreAuthLimit:
 
 class SlottedFactory(Factory):
     """
-    Mixin for a server's protocol factory (before C{Factory}, Conch's
-    C{SSHFactory} or C{Site} in the bases): each new connection takes a slot
+    A base for a server's protocol factory (first in its bases, before
+    C{Factory}, Conch's C{SSHFactory} or C{Site}): each new connection takes a slot
     of C{self.pending} or is refused at once (C{buildProtocol} returns
     C{None}, and Twisted closes it), and its protocol gets the slot as
     C{slot}, to release when the peer authenticates or goes.

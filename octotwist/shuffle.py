@@ -506,12 +506,7 @@ def _aggregate(
         groups = {k: [one] * c for k, c in counted.items()}
         counted = {}
     try:
-        if counted:
-            results = agg.of_counts(one, counted)
-        elif partials:
-            results = agg.of_partial_lists(groups)
-        else:
-            results = agg.of_lists(groups)
+        results = agg.of_counts(one, counted) if counted else agg.of_lists(groups, partials)
     except Exception:
         each = agg.of_partials if partials else agg.of_values
         where = current if current is not None else [None]

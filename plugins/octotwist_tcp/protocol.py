@@ -99,8 +99,7 @@ class _FramedProtocol(StreamConnection):
             super().log_refusal(why)
 
     def refuse(self, why: str) -> None:
-        if not self.closing:
-            self.state = State.CLOSED
+        self.state = State.CLOSED
         super().refuse(why)
 
     def close(self) -> None:
