@@ -672,13 +672,12 @@ class JobServer:
         if self.finished:
             return
         for name, session in list(self._sessions.items()):
+            if self.finished:
+                return  # a task's input could not be made (_WorkerSession.send_failed)
             if self._sessions.get(name) is not session:
                 continue  # it left while we served the others
             try:
                 self._fill(name, session)
-            except _SourceError as e:
-                self._fail(str(e))
-                return
             except Exception:
                 # Whatever it was, it concerns this worker: it goes, and its
                 # tasks go back in the queue.
@@ -693,7 +692,7 @@ class JobServer:
 
     def _fill(self, name: str, session: _WorkerSession) -> None:
         """Give one worker as many tasks as it has free slots."""
-        while not self.scheduler.done and not session.closed:
+        while not self.scheduler.done and not session.closed and not self.finished:
             assignment = self.scheduler.next_assignment(name)
             if assignment is NO_WORK:
                 return
@@ -718,12 +717,9 @@ class JobServer:
     ) -> None:
         blobs: Iterable[bytes]
         if task.kind is TaskKind.MAP and task.step == 0:
-            blob = self._map_input(task, keys, session)
-            self.scheduler.handle(InputSized(task, len(blob)))
             if session.reads_files and isinstance(self.job.source, (Files, Lines)):
                 session.sent_by_name.add((task, attempt))
-            self.map_input_bytes += len(blob)
-            blobs = [blob]
+            blobs = self._lazy_map_input(task, keys, session)
         elif task.kind is TaskKind.MAP:
             # The outputs of a task of the step before, as they are: a
             # reduce output and a map-only output are both (keys, values).
@@ -737,7 +733,22 @@ class JobServer:
 
         session.sent_at[(task, attempt)] = self.reactor.seconds()
         session.outbox.send_blobs(blobs, part)
-        session.outbox.send(messages.Assign(task, attempt))
+        if not self.finished and not session.closed:  # (its input could not be made)
+            session.outbox.send(messages.Assign(task, attempt))
+
+    def _lazy_map_input(
+        self, task: TaskId, keys: tuple[Any, ...], session: _WorkerSession
+    ) -> Iterator[bytes]:
+        """
+        A map task's input, read from the source and packed only when the
+        worker's outbox reaches it: a worker that reads slowly, given many
+        tasks at once, holds one packed input on the server, not all of
+        them (the outbox says what raised: L{_WorkerSession.send_failed}).
+        """
+        blob = self._map_input(task, keys, session)
+        self.scheduler.handle(InputSized(task, len(blob)))
+        self.map_input_bytes += len(blob)
+        yield blob
 
     def _map_input(self, task: TaskId, keys: tuple[Any, ...], session: _WorkerSession) -> bytes:
         """
@@ -777,15 +788,12 @@ class JobServer:
         """
         A task's input from the store (a reduce task's partition, or a
         later step's map input), read as the outbox sends it.  A spill
-        file that cannot be read fails the job, a reactor turn later: the
-        outbox that reads this is mid-send, and the job's end clears it.
+        file that cannot be read fails the job (L{_WorkerSession.send_failed}).
         """
         try:
             yield from blobs()
         except OSError as e:
-            error = f"cannot read the spill file: {e.strerror or e}"
-            self.reactor.callLater(0, self._fail_unless_over, error)
-            raise
+            raise _InputError(f"cannot read the spill file: {e.strerror or e}") from e
 
     @property
     def finished(self) -> bool:
@@ -1186,7 +1194,11 @@ class JobServer:
         )
 
 
-class _SourceError(OctotwistError):
+class _InputError(OctotwistError):
+    """A task's input cannot be made: the job fails with this message."""
+
+
+class _SourceError(_InputError):
     """The job's source raised while a task was being read from it."""
 
 
@@ -1259,7 +1271,7 @@ class _WorkerSession:
     def __init__(self, server: JobServer, channel: MessageChannel) -> None:
         self.server = server
         self.channel = channel
-        self.outbox = Outbox(channel)
+        self.outbox = Outbox(channel, self.send_failed)
         #: Set by L{JobServer.joined} once the scheduler took the worker.
         self.name: str | None = None
         self.hello: messages.Hello | None = None
@@ -1295,6 +1307,18 @@ class _WorkerSession:
         except Exception:
             where = f"handling a {type(message).__name__} from {self._peer()}"
             self.close(self.server._bug(Failure(), where))
+
+    def send_failed(self, failure: Failure, peer: str) -> None:
+        """
+        Making a message for this peer raised, as its outbox sent it: a
+        source that cannot be read fails the job, as when a task is
+        assigned; anything else concerns this worker only (it goes, and its
+        tasks go back in the queue).
+        """
+        if failure.check(_InputError):
+            self.server._fail_unless_over(failure.getErrorMessage())
+        else:
+            self.close(self.server._bug(failure, f"sending work to {peer}"))
 
     def close(self, why: str) -> None:
         """Hang up on this peer; the server forgets it when the transport says it is gone."""

@@ -87,6 +87,7 @@ HANDSHAKE = "octotwist/handshake.py"
 AUTH = "octotwist/auth.py"
 FRAMING = "octotwist/framing.py"
 STREAMS = "octotwist/streams.py"
+FLOW = "octotwist/flow.py"
 TCP = "plugins/octotwist_tcp/protocol.py"
 HTTP_WIRE = "plugins/octotwist_http/wire.py"
 HTTP_SERVER = "plugins/octotwist_http/server.py"
@@ -111,6 +112,9 @@ T_SECRETS = "tests/test_secrets.py::"
 T_HTTP = "tests/test_http.py::"
 T_SSH = "tests/test_ssh.py::"
 T_STATUS = "tests/test_status_security.py::"
+T_SLOW_WORKER = (
+    "tests/test_conformance.py::test_a_slow_worker_does_not_make_the_server_hold_its_downloads"
+)
 
 MUTANTS: list[Mutant] = [
     # -- codec.py: control messages are data, never pickles -----------------
@@ -633,6 +637,39 @@ MUTANTS: list[Mutant] = [
             "test_a_stranger_cannot_make_the_server_hold_a_large_message"
         ],
         args=("--octo-transport", "unixcred"),
+    ),
+    _m(
+        "flow-never-waits-tcp",
+        "a slow worker makes the tcp server queue every input it was given",
+        Edit(
+            FLOW,
+            "        if not self.paused:\n            return succeed",
+            "        if True:\n            return succeed",
+        ),
+        [T_SLOW_WORKER],
+        args=("--octo-transport", "tcp"),
+    ),
+    _m(
+        "flow-never-waits-http",
+        "a slow worker makes the http server queue every input it was given",
+        Edit(
+            FLOW,
+            "        if not self.paused:\n            return succeed",
+            "        if True:\n            return succeed",
+        ),
+        [T_SLOW_WORKER],
+        args=("--octo-transport", "http"),
+    ),
+    _m(
+        "server-map-inputs-made-at-once",
+        "the server makes every map input it assigns at once, however slowly its worker reads",
+        Edit(
+            "octotwist/server.py",
+            "blobs = self._lazy_map_input(task, keys, session)",
+            "blobs = list(self._lazy_map_input(task, keys, session))",
+        ),
+        [T_SLOW_WORKER],
+        args=("--octo-transport", "tcp"),
     ),
     _m(
         "unixcred-any-uid",

@@ -83,3 +83,51 @@ def test_clear_drops_what_is_queued() -> None:
     channel.full = False
     channel.drain()
     assert channel.sent == [messages.Shutdown(True)]
+
+
+def test_blobs_are_made_only_as_the_channel_drains() -> None:
+    channel = Recording()
+    outbox = Outbox(channel)
+    made: list[int] = []
+
+    def blobs(n: int):
+        made.append(n)
+        yield bytes(10)
+
+    channel.full = True
+    outbox.send_blobs(blobs(1), part)
+    outbox.send_blobs(blobs(2), part)
+    assert made == []  # nothing made while the channel cannot take it
+    channel.drain()
+    assert made == [1]
+    channel.drain()
+    assert made == [1, 2]
+    assert len(channel.sent) == 2
+
+
+def test_a_blob_that_cannot_be_made_drops_what_depends_on_it() -> None:
+    channel = Recording()
+    told: list[tuple[str, str]] = []
+
+    def on_error(failure, peer: str) -> None:
+        told.append((failure.getErrorMessage(), peer))
+        outbox.send(messages.Shutdown(False, "no input", False))
+
+    outbox = Outbox(channel, on_error)
+
+    def broken():
+        yield bytes(10)
+        raise ValueError("the source is gone")
+
+    channel.full = True
+    outbox.send_blobs(broken(), part)
+    outbox.send(messages.Assign(TASK, 1))  # needs the input: must not go out
+    channel.drain()  # the first blob's part
+    channel.drain()  # the source raises
+    assert told == [("the source is gone", "test")]
+    assert [type(m) for m in channel.sent] == [messages.TaskOutput, messages.Shutdown]
+    # The outbox still works afterwards.
+    outbox.send(messages.TaskDone(TASK, 1))
+    channel.full = False
+    channel.drain()
+    assert type(channel.sent[-1]) is messages.TaskDone

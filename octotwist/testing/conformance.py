@@ -40,6 +40,7 @@ __all__ = [
     "test_5000_tiny_tasks",
     "test_a_200_mb_blob",
     "test_a_client_killed_mid_task_loses_nothing",
+    "test_a_slow_worker_does_not_make_the_server_hold_its_downloads",
     "test_a_stranger_cannot_make_the_server_hold_a_large_message",
     "test_an_evil_pickle_from_a_peer_that_authenticated_runs_nothing",
     "test_an_evil_pickle_from_a_stranger_runs_nothing",
@@ -417,6 +418,85 @@ def test_a_stranger_cannot_make_the_server_hold_a_large_message(octo: Octo) -> N
     assert server.wait() == 0, server.err()
     assert results(out) == SMALL_EXPECTED
     quiet(server)
+
+
+#: Map inputs of L{ITEM} random bytes each, made as they are read (the
+#: server holds none of them before it sends them); the result is each
+#: input's size and digest.
+DOWNLOADS = """
+import hashlib, random
+class Inputs(dict):
+    def __getitem__(self, key):
+        return random.Random(key).randbytes({size})
+source = Inputs.fromkeys(range({items}))
+def mapfn(key, value):
+    yield key, "%d %s" % (len(value), hashlib.sha256(value).hexdigest())
+def reducefn(key, values):
+    (digest,) = values
+    return key, digest
+reduce_tasks = 1
+"""
+ITEM = 24 * 1024 * 1024
+#: The slow worker's slots: the tasks the server gives it at once.
+SLOW_SLOTS = 6
+#: How much more memory at most the server may hold at its peak while a
+#: worker it gave L{SLOW_SLOTS} tasks reads none of them: a server that
+#: makes, or queues in its transport, every input it assigned grows by
+#: L{SLOW_SLOTS} inputs and more (the built-in transports without their
+#: flow control: 11 to 18 inputs); one with backpressure holds the input it
+#: is making, its pickle, and the transport's high-water mark (the built-in
+#: transports: 3 to 4.5 inputs).
+SLOW_READER_GROWTH = 5 * ITEM
+
+
+def settled_peak(pid: int, quiet_for: float = 3.0, timeout: float = 60.0) -> int:
+    """Process C{pid}'s peak memory once it has not grown for C{quiet_for} seconds."""
+    deadline = time.monotonic() + timeout
+    peak, since = peak_memory(pid), time.monotonic()
+    while time.monotonic() - since < quiet_for and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = peak_memory(pid)
+        if now != peak:
+            peak, since = now, time.monotonic()
+    return peak
+
+
+def test_a_slow_worker_does_not_make_the_server_hold_its_downloads(octo: Octo) -> None:
+    """
+    Backpressure: a worker is given L{SLOW_SLOTS} map tasks of L{ITEM}
+    bytes of input each, and stops reading (SIGSTOP) as they come.  The
+    server must make and send them only as the transport can take them:
+    its peak memory grows by less than 5 inputs.  Once the worker reads
+    again, the job's result is exact.
+    """
+    items = SLOW_SLOTS + 2
+    script = write_job(octo.directory, DOWNLOADS.format(size=ITEM, items=items))
+    out = octo.directory / "out.tsv"
+    server = octo.server(script, "-o", str(out), "--task-timeout", "300")
+    before = settled_peak(server.pid, quiet_for=1.0)
+    slow = octo.client(server, "--name", "slow", "-p", str(SLOW_SLOTS))
+    wait_for_text(server, "worker slow joined")
+    slow.kill(signal.SIGSTOP)
+    try:
+        grew = settled_peak(server.pid) - before
+    finally:
+        slow.kill(signal.SIGCONT)
+    assert grew < SLOW_READER_GROWTH, (
+        f"the server's peak memory grew by {grew / 2**20:.0f} MiB while a worker given "
+        f"{SLOW_SLOTS} tasks of {ITEM >> 20} MiB input read none of them: the transport "
+        "does not tell the core to wait (flow.Backpressure, the IPushProducer its "
+        "writable() rests on)"
+    )
+    assert server.wait(300) == 0, server.err()
+    assert slow.wait() == 0, slow.err()
+    import hashlib
+    import random
+
+    expected = {}
+    for key in range(items):
+        value = random.Random(key).randbytes(ITEM)
+        expected[str(key)] = f"{len(value)} {hashlib.sha256(value).hexdigest()}"
+    assert results(out) == expected
 
 
 def test_an_evil_pickle_from_a_stranger_runs_nothing(octo: Octo) -> None:
