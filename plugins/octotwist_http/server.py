@@ -15,7 +15,6 @@ the way is simply sent again.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import urllib.parse
 from collections import deque
@@ -24,7 +23,7 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import _parse, serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -47,7 +46,7 @@ from octotwist.errors import RemoteProtocolError
 from octotwist.flow import Backpressure
 from octotwist.messages import Message
 from octotwist.status import SECURITY_HEADERS
-from octotwist.streams import peer_name
+from octotwist.streams import PEER_CLOSE_TIMEOUT, peer_name, stop_serving
 from octotwist.transport import (
     Accept,
     ChannelHandler,
@@ -60,10 +59,6 @@ from octotwist_http import wire
 
 _log = Logger()
 
-#: When the server stops: seconds to let workers hang up by themselves (they
-#: do once they have read the final Shutdown), then to close connections.
-PEER_CLOSE_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 10.0
 #: Seconds an ended session is remembered, so that a late request from its
 #: worker gets "410 Gone" and the reason rather than "401 unknown session".
 ENDED_LINGER = 60.0
@@ -860,6 +855,17 @@ class _Channel(http.HTTPChannel):
         )
         self.transport.abortConnection()
 
+    # What stop_serving needs (streams.Served).  A session outlives its
+    # requests, so no connection holds a peer the core serves: once the
+    # sessions have ended, each is closed when what it wrote is sent.
+    serving = False
+
+    def close(self) -> None:
+        self.loseConnection()
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         for timer in (self._head_deadline, self._preauth_deadline):
             _cancel(timer)
@@ -949,9 +955,9 @@ class HTTPTaskServer(TaskServer):
     async def _stop(self) -> None:
         """
         Let every worker fetch what it was sent (the final Shutdown) and hang
-        up, for up to L{PEER_CLOSE_TIMEOUT} seconds; then end what is left,
-        stop listening and close every connection.  Listening goes on until
-        then, since a worker may need a new connection for its last poll.
+        up, for up to L{PEER_CLOSE_TIMEOUT} seconds; then end what is left and
+        stop as every stream server does (L{stop_serving}).  Listening goes on
+        until then, since a worker may need a new connection for its last poll.
         """
         hub, site = self._hub, self._site
         if hub is not None:
@@ -962,28 +968,12 @@ class HTTPTaskServer(TaskServer):
             if timer.active():
                 timer.cancel()
             hub.accepting = False
-        if self._port is not None:
-            port, self._port = self._port, None
-            await maybeDeferred(port.stopListening)
-        if hub is not None:
             _end_all(hub.live())
             hub.shutdown()
-        if site is not None and site.channels:
-            channels = list(site.channels)
-            for channel in channels:
-                channel.loseConnection()
-            timer = self.reactor.callLater(CLOSE_TIMEOUT, _abort_all, channels)
-            await DeferredList([c.closed for c in channels])
-            if timer.active():
-                timer.cancel()
+        port, self._port = self._port, None
+        await stop_serving(self.reactor, port, site.channels if site is not None else ())
 
 
 def _end_all(sessions: list[_ServerSession]) -> None:
     for session in sessions:
         session.end("the server stopped")
-
-
-def _abort_all(channels: list[_Channel]) -> None:
-    for channel in channels:
-        with contextlib.suppress(Exception):
-            channel.transport.abortConnection()
