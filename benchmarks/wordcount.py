@@ -551,7 +551,10 @@ def main() -> None:
             dask_env = dict(env, PYTHONPATH=os.pathsep.join([str(work), *sys.path]))
             rows[DASK_ROW] = (script("dask", work), dask_env, None)
         else:
-            print("note: Dask row skipped: pip install 'dask[bag]' distributed", flush=True)
+            print(
+                "note: Dask row skipped: pip install 'octotwist[bench]' (Dask)",
+                flush=True,
+            )
         rows.update(transport_rows(work, env, work / "job.py", out))
         wanted = [w for w in a.rows.split(",") if w]
         if wanted:
