@@ -171,7 +171,8 @@ class WorkerSession:
         self._heartbeat.start(welcome.heartbeat_interval, now=False)
 
     def _beat(self) -> None:
-        self.channel.send(messages.Heartbeat(tuple(sorted(self._running, key=str))))
+        rss = self.pool.rss() if self.pool is not None else 0
+        self.channel.send(messages.Heartbeat(tuple(sorted(self._running, key=str)), rss))
 
     def _run(self, task: TaskId, attempt: int) -> None:
         assert self.pool is not None and self.welcome is not None
@@ -225,6 +226,7 @@ class WorkerSession:
                         seconds,
                         tuple(sorted(counts.items())),
                         printed,
+                        outcome.process,
                     )
                 )
             case Crashed(key, error, tb, printed):
@@ -236,7 +238,9 @@ class WorkerSession:
                     at=f" at key {key}" if key is not None else "",
                     error=error,
                 )
-                self.outbox.send(messages.TaskFailed(task, attempt, key, error, tb, printed))
+                self.outbox.send(
+                    messages.TaskFailed(task, attempt, key, error, tb, printed, outcome.process)
+                )
 
     def connection_lost(self, reason: str) -> None:
         self.outbox.clear()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.web.resource import IResource, NoResource, Resource
 
 from octotwist.status import (
+    ICON,
     GuardedRoot,
     JsonResource,
     duration,
@@ -40,6 +41,7 @@ class ClusterPage(GuardedRoot):
         self.cluster = cluster
         self.putChild(b"", _Live(cluster.status, _list_view, "jobs.json"))
         self.putChild(b"jobs.json", JsonResource(cluster.status))
+        self.putChild(b"favicon.svg", ICON)
         self.putChild(b"jobs", _Jobs(cluster))
 
 
@@ -72,6 +74,8 @@ class _Job(Resource):
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"status.json":
             return JsonResource(self._snapshot)
+        if path == b"favicon.svg":
+            return ICON
         if path == b"":
             return _Live(self._snapshot, _job_view, "status.json")
         return NoResource()

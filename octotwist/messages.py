@@ -127,6 +127,10 @@ class TaskDone:
     # octotwist.counters.add() totals of this attempt, by name
     counters: tuple[tuple[str, int], ...] = ()
     output: str = ""  # what the user's code printed (the end of it, if long)
+    # Which of the worker's task processes ran it, numbered from 1 in the
+    # order the worker started them (a replaced one gets a new number); 0:
+    # not known.  The status page's task stream draws a row per process.
+    process: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +143,18 @@ class TaskFailed:
     error: str  # one line: exception type and message
     traceback: str  # as formatted on the worker
     output: str = ""  # what the user's code printed (the end of it, if long)
+    process: int = 0  # as in TaskDone
 
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """The worker is alive; C{running} lists the attempts it is working on."""
+    """
+    The worker is alive; C{running} lists the attempts it is working on,
+    C{rss} the bytes of memory its task processes hold (for the status page).
+    """
 
     running: tuple[tuple[TaskId, int], ...] = ()
+    rss: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,7 @@ class LiveProgress:
             MofNCompleteColumn,
             Progress,
             TextColumn,
+            TimeElapsedColumn,
             TimeRemainingColumn,
         )
 
@@ -113,6 +114,8 @@ class LiveProgress:
             TextColumn("{task.fields[info]}"),
             TextColumn("eta"),
             TimeRemainingColumn(compact=True),
+            TextColumn("·"),
+            TimeElapsedColumn(),
             console=self.console,
             auto_refresh=False,
             redirect_stdout=False,

@@ -26,6 +26,7 @@ retried away (a spill file that cannot be written) fails the job instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import traceback
@@ -70,6 +71,7 @@ from octotwist.scheduler import (
 )
 from octotwist.sources import UNREACHABLE, Files, Lines, item
 from octotwist.store import BlobStore, SpillError
+from octotwist.timeline import Timeline, eta
 from octotwist.transport import MessageChannel
 
 _log = Logger()
@@ -206,6 +208,10 @@ class JobServer:
         self._sessions: dict[str, _WorkerSession] = {}
         self._all_sessions: set[_WorkerSession] = set()
         self._started = reactor.seconds()
+        #: Every attempt and the job's figures over time (the status page's task stream).
+        self.timeline = Timeline(self._started)
+        #: When each phase of each step sent its first task (for its ETA).
+        self._phase_began: dict[tuple[str, int], float] = {}
         self._welcome = messages.Welcome(
             job.name,
             job.pickled_functions,
@@ -310,6 +316,7 @@ class JobServer:
             n += 1
             name = f"{hello.name}#{n}"
         self.scheduler.handle(WorkerJoined(name, hello.slots + hello.prefetch))
+        self.timeline.joined(name, hello.slots)
         session.slots = hello.slots + hello.prefetch
         self._sessions[name] = session
         session.name, session.hello = name, hello
@@ -341,6 +348,7 @@ class JobServer:
         self.scheduler.handle(WorkerLeft(name))
         for task, attempt in lost:
             self.store.discard(task, attempt)
+            self.timeline.ended(task, attempt, self.reactor.seconds(), "lost", why=reason)
         self._cancel()
         _log.warn(
             "worker {worker} left ({reason}); {n} running task{s} go{es} back in the queue",
@@ -397,6 +405,17 @@ class JobServer:
         session.sent_by_name.discard((task, msg.attempt))
         self._measure_link(name, session, msg)
         verdict = self.scheduler.handle(AttemptSucceeded(name, task, msg.attempt, msg.seconds))
+        self.timeline.ended(
+            task,
+            msg.attempt,
+            self.reactor.seconds(),
+            "ok" if verdict is Verdict.ACCEPTED else "superseded",
+            msg.seconds,
+            records_in=msg.records_in,
+            records_out=msg.records_out,
+            counters=dict(msg.counters),
+            process=msg.process,
+        )
         self._printed(name, task, msg.attempt, msg.output)
         if verdict is Verdict.ACCEPTED:
             shuffled = task.kind is TaskKind.MAP and self.partitions[task.step] > 0
@@ -534,6 +553,8 @@ class JobServer:
             None if msg.key is None else _clip(msg.key, MAX_ERROR_TEXT),
             _clip(msg.error, MAX_ERROR_TEXT),
             _clip(msg.traceback, MAX_TRACEBACK),
+            msg.output,
+            msg.process,
         )
         live = self.scheduler.is_live(name, msg.task, msg.attempt)
         self.scheduler.handle(
@@ -541,6 +562,16 @@ class JobServer:
         )
         self._printed(name, msg.task, msg.attempt, msg.output)
         self.store.discard(msg.task, msg.attempt)
+        self.timeline.ended(
+            msg.task,
+            msg.attempt,
+            self.reactor.seconds(),
+            "failed",
+            key=msg.key,
+            error=msg.error,
+            traceback=msg.traceback,
+            process=msg.process,
+        )
         if live:
             self.failures.append(
                 {
@@ -642,11 +673,24 @@ class JobServer:
         self.scheduler.handle(Tick(now))
         self._tell_silences()
         self._after_change()
+        self._sample(now)
+
+    def _sample(self, now: float) -> None:
+        """The job's figures now, for the status page's charts (once a second)."""
+        self.timeline.sample(
+            now,
+            map_done=self.scheduler.counts(TaskKind.MAP).done,
+            reduce_done=self.scheduler.counts(TaskKind.REDUCE).done,
+            bytes_received=self.bytes_received,
+            bytes_sent=self.bytes_sent,
+            memory={name: s.rss for name, s in sorted(self._sessions.items())},
+        )
 
     def _cancel(self) -> None:
         """Carry out the scheduler's cancellations."""
         for c in self.scheduler.cancellations():
             self.store.discard(c.task, c.attempt)
+            self.timeline.ended(c.task, c.attempt, self.reactor.seconds(), "cancelled", why=c.why)
             session = self._sessions.get(c.worker)
             if session is not None:
                 session.outbox.send(messages.Cancel(c.task, c.attempt))
@@ -711,6 +755,11 @@ class JobServer:
                     worker=name,
                 )
             self._send_task(session, assignment.task, assignment.attempt, assignment.keys)
+            now, task = self.reactor.seconds(), assignment.task
+            self._phase_began.setdefault((task.kind.value, task.step), now)
+            self.timeline.sent(
+                task, task.kind.value, assignment.attempt, name, now, assignment.backup
+            )
 
     def _send_task(
         self, session: _WorkerSession, task: TaskId, attempt: int, keys: tuple[Any, ...]
@@ -998,6 +1047,10 @@ class JobServer:
         if self._outcome is not None:
             return
         self._outcome = outcome
+        now = self.reactor.seconds()
+        self.timeline.end_all(now, "cancelled", "the job ended")
+        with contextlib.suppress(Exception):  # (a picture of time is not worth a job)
+            self._sample(now + 1.0)
         for timer in (self._progress, self._ticker):
             if timer.running:
                 timer.stop()
@@ -1073,10 +1126,13 @@ class JobServer:
         self.store.close()
         self.result.callback(outcome)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, stream_since: int | None = None) -> dict[str, Any]:
         """
         Everything the status page and the progress display show, as
         JSON-ready data (the schema is in docs/status.md).
+
+        @param stream_since: also the task stream and the samples over time
+            (L{Timeline.json}), its finished attempts from this number on.
         """
         now = self.reactor.seconds()
         elapsed = now - self._started
@@ -1084,18 +1140,20 @@ class JobServer:
         phases: dict[str, dict[str, Any]] = {}
         for kind in TaskKind:
             c = self.scheduler.counts(kind)
+            began = self._phase_began.get((kind.value, self.scheduler.step))
             phases[kind.value] = {
                 "total": c.total,
                 "done": c.done,
                 "running": c.running,
                 "pending": c.pending,
+                "eta": None if outcome is not None else eta(c.done, c.total, began, now),
             }
         workers = [
             self._worker_status(name, session, now)
             for name, session in sorted(self._sessions.items())
         ]
         done = sum(p["done"] for p in phases.values())
-        return {
+        status = {
             "job": self.job.name,
             "phase": self.scheduler.phase.value,
             "step": self.scheduler.step + 1,
@@ -1124,6 +1182,9 @@ class JobServer:
                 "bytes_per_second": round(self.bytes_received / elapsed) if elapsed > 0 else 0,
             },
         }
+        if stream_since is not None:
+            status["stream"] = self.timeline.json(stream_since)
+        return status
 
     def _worker_status(self, name: str, session: _WorkerSession, now: float) -> dict[str, Any]:
         """One worker's line of L{status}; one broken session cannot break the page."""
@@ -1136,6 +1197,7 @@ class JobServer:
             "running": [],
             "tasks_done": session.tasks_done,
             "last_heard": round(now - session.last_heard, 3),
+            "memory": session.rss,
             "suspect": False,
         }
         try:
@@ -1295,6 +1357,8 @@ class _WorkerSession:
         #: It runs on this machine, in this network namespace: its inputs
         #: go uncompressed (set when it joins).
         self.same_machine = False
+        #: Bytes of memory its task processes hold, as its last heartbeat said.
+        self.rss = 0
 
     def message_received(self, message: messages.Message) -> None:
         if self.closed:
@@ -1362,8 +1426,8 @@ class _WorkerSession:
             case messages.TaskFailed(task, attempt):
                 self._check_attempt(task, attempt)
                 self.server.task_failed(self.name, message)
-            case messages.Heartbeat():
-                pass
+            case messages.Heartbeat(_, rss):
+                self.rss = rss
             case _:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from a worker")
 

@@ -6,11 +6,14 @@ HTTP (L{octotwist.transport.ServerSettings.status}).
 
 The page is rendered here, on the server, so that it reads the same in a
 desktop browser, on a phone and in a terminal browser without JavaScript.
-Where JavaScript runs, a small script fetches C{/?part=main} once a second
-and swaps the fresh body in: one rendering path, no page reloads, nothing
-fetched from anywhere but this server.  The data comes from
-L{octotwist.server.JobServer.status}; its fields are documented in
-docs/status.md.
+Where JavaScript runs, the page's own script follows C{/events}, a stream
+of server-sent events (one a second: the fresh body, and the attempts that
+ended since the last event), swaps the body in and draws the pictures of
+time: the task stream (a row per worker process, a bar per attempt) and
+charts of tasks per second, bytes and memory.  One rendering path for the
+text, no page reloads, nothing fetched from anywhere but this server.  The
+data comes from L{octotwist.server.JobServer.status}; its fields are
+documented in docs/status.md.
 
 The page shows what a stranger should not see (keys, tracebacks, host names,
 process ids), so L{StatusPage} guards itself, whoever serves it:
@@ -36,8 +39,11 @@ import secrets
 import socket
 from collections.abc import Callable
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 
 if TYPE_CHECKING:  # twisted.web.server costs every command 20 ms to import
@@ -45,8 +51,18 @@ if TYPE_CHECKING:  # twisted.web.server costs every command 20 ms to import
 
 Snapshot = Callable[[], dict[str, Any]]
 
-#: How often the page asks for fresh data, in milliseconds.
+
+class JobSnapshot(Protocol):
+    """A job's status (L{octotwist.server.JobServer.status}), its task stream if asked."""
+
+    def __call__(self, stream_since: int | None = None) -> dict[str, Any]: ...
+
+
+#: How often the page asks for fresh data, in milliseconds (the cluster's
+#: pages), or is sent it (a job's, by L{_Events}).
 REFRESH_MS = 1000
+#: Milliseconds a browser waits before it reconnects a lost event stream.
+RECONNECT_MS = 2000
 
 
 def new_token() -> str:
@@ -134,16 +150,22 @@ class StatusPage(GuardedRoot):
     @param snapshot: returns the current status (L{JobServer.status}).
     """
 
-    def __init__(self, snapshot: Snapshot, *, token: str | None) -> None:
+    def __init__(self, snapshot: JobSnapshot, *, token: str | None) -> None:
         super().__init__(token=token)
         self.snapshot = snapshot
         add_job_pages(self, snapshot)
 
 
-def add_job_pages(parent: Resource, snapshot: Snapshot) -> None:
-    """Put one job's page (C{b""}) and JSON (C{b"status.json"}) under C{parent}."""
+def add_job_pages(parent: Resource, snapshot: JobSnapshot) -> None:
+    """
+    Put one job's page (C{b""}), its JSON (C{b"status.json"}) and its event
+    stream (C{b"events"}) under C{parent}.  C{snapshot} takes
+    C{stream_since} (L{octotwist.server.JobServer.status}).
+    """
     parent.putChild(b"", _Page(snapshot))
-    parent.putChild(b"status.json", JsonResource(snapshot))
+    parent.putChild(b"status.json", _JobJson(snapshot))
+    parent.putChild(b"events", _Events(snapshot))
+    parent.putChild(b"favicon.svg", ICON)
 
 
 def _cookie_name(request: Request) -> bytes:
@@ -260,6 +282,102 @@ class JsonResource(Resource):
         return json.dumps(self.snapshot(), indent=1).encode()
 
 
+class _Icon(Resource):
+    """The pages' icon (each links it), so that a browser's request for one finds it."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"image/svg+xml")
+        return _ICON_SVG
+
+
+_ICON_SVG = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<rect x="1" y="3" width="9" height="4" fill="#4e79a7"/>'
+    b'<rect x="6" y="9" width="9" height="4" fill="#f28e2b"/></svg>'
+)
+ICON = _Icon()
+
+
+class _JobJson(Resource):
+    """A job's JSON; with C{?since=N}, its task stream too (from attempt C{N} on)."""
+
+    isLeaf = True
+
+    def __init__(self, snapshot: JobSnapshot) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        since = request.args.get(b"since")  # type: ignore[attr-defined]
+        status = self.snapshot(stream_since=_number(since[-1])) if since else self.snapshot()
+        return json.dumps(status, indent=1).encode()
+
+
+def _number(value: bytes) -> int:
+    return int(value) if value.isdigit() and len(value) < 12 else 0
+
+
+class _Events(Resource):
+    """
+    A job's server-sent events: one a second while the job runs, each the
+    fresh C{<main>} and the task stream since the last (the first of a
+    connection carries all of it, C{"reset": true}), and one last when it
+    is over, after which the response ends.  A browser that loses the
+    stream reconnects by itself (a server that resumes a job after a
+    restart is followed so); the page's script closes it once the job is
+    over.
+    """
+
+    isLeaf = True
+
+    def __init__(self, snapshot: JobSnapshot) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+    def render_GET(self, request: Request) -> int:
+        from twisted.internet import reactor as default
+        from twisted.web.server import NOT_DONE_YET
+
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        # The reactor of the site that serves the request (every Site has one).
+        clock: IReactorTime = getattr(request.channel.site, "reactor", None) or default  # type: ignore[attr-defined]
+        stream = _EventStream(request, self.snapshot, clock)
+        request.notifyFinish().addBoth(stream.stop)
+        request.write(f"retry: {RECONNECT_MS}\n\n".encode())
+        stream.loop.start(REFRESH_MS / 1000, now=True)
+        return NOT_DONE_YET
+
+
+class _EventStream:
+    """One browser's event stream (L{_Events})."""
+
+    def __init__(self, request: Request, snapshot: JobSnapshot, clock: IReactorTime) -> None:
+        self.request = request
+        self.snapshot = snapshot
+        self.next = 0  # the first attempt not sent yet
+        self.loop = LoopingCall(self.send)
+        self.loop.clock = clock
+
+    def send(self) -> None:
+        status = self.snapshot(stream_since=self.next)
+        stream = status.pop("stream")
+        event = {"status": status, "main": render_main(status), "stream": stream}
+        if self.next == 0:
+            event["reset"] = True
+        self.next = stream["next"]
+        self.request.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        if status["phase"] in ("finished", "failed"):
+            self.stop(None)
+            self.request.finish()
+
+    def stop(self, reason: Failure | None) -> None:
+        if self.loop.running:
+            self.loop.stop()
+
+
 class _Page(Resource):
     isLeaf = True
 
@@ -281,13 +399,29 @@ def render_page(status: dict[str, Any]) -> str:
     """The whole HTML document."""
     title = f"octo: {status['job']} ({status['phase']})"
     final = status["phase"] in ("finished", "failed")
-    return render_document(title, render_main(status), live=not final, data="status.json")
+    return render_document(
+        title,
+        render_main(status),
+        live=not final,
+        data="status.json",
+        pictures=_PICTURES,
+        script=_JOB_SCRIPT_TEXT,
+    )
 
 
-def render_document(title: str, main: str, *, live: bool, data: str) -> str:
+def render_document(
+    title: str,
+    main: str,
+    *,
+    live: bool,
+    data: str,
+    pictures: str = "",
+    script: str | None = None,
+) -> str:
     """
     A status site's HTML page: C{main} inside C{<main>}, kept fresh by the
-    page's script while C{live}, with a link to its JSON, C{data}.
+    page's script while C{live}, with a link to its JSON, C{data}; then
+    C{pictures}, which only the script fills in.
     """
     # Without JavaScript (terminal browsers), a meta refresh keeps it live.
     refresh = '<noscript><meta http-equiv="refresh" content="5"></noscript>' if live else ""
@@ -295,8 +429,9 @@ def render_document(title: str, main: str, *, live: bool, data: str) -> str:
         title=escape(title),
         refresh=refresh,
         main=main,
+        pictures=pictures,
         style=_STYLE,
-        script=_SCRIPT_TEXT,
+        script=_SCRIPT_TEXT if script is None else script,
         data=escape(data),
     )
 
@@ -344,11 +479,13 @@ def _phase(label: str, p: dict[str, Any]) -> str:
         else f'<progress id="{key}-bar"></progress>'
     )
     pending = "?" if p["pending"] is None else p["pending"]
+    left = p.get("eta")
+    eta = f' &middot; about <span id="{key}-eta">{duration(left)}</span> left' if left else ""
     return (
         f'<section class="phase"><h2>{label} tasks</h2>\n{bar}\n'
         f'<p><span id="{key}-done">{p["done"]}</span>/<span id="{key}-total">{shown_total}</span>'
         f' done &middot; <span id="{key}-running">{p["running"]}</span> running'
-        f' &middot; <span id="{key}-pending">{pending}</span> pending</p></section>'
+        f' &middot; <span id="{key}-pending">{pending}</span> pending{eta}</p></section>'
     )
 
 
@@ -488,14 +625,34 @@ _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>{refresh}
+<link rel="icon" href="favicon.svg" type="image/svg+xml">
 <style>{style}</style></head>
 <body><main id="main">
 {main}
 </main>
-<footer><p><span id="contact"></span><a href="{data}">{data}</a>
+{pictures}<footer><p><span id="contact"></span><a href="{data}">{data}</a>
 &middot; octotwist</p></footer>
 <script>{script}</script>
 </body></html>
+"""
+
+_PICTURES = """<section id="pictures"><h2>Task stream</h2>
+<p class="legend"><span class="key k-map"></span>map <span class="key k-reduce"></span>reduce
+<span class="key k-failed"></span>failed <span class="key k-other"></span>cancelled, lost or
+superseded <span class="key k-backup"></span>backup copy &middot;
+<span id="stream-count">0</span> attempts</p>
+<div class="scroll"><canvas id="stream" width="900" height="60"
+ aria-label="Task stream: a row per worker process, a bar per task attempt"></canvas></div>
+<div id="stream-detail"><p id="stream-hint">Point at a bar for its attempt; click to keep it.</p>
+</div>
+<div class="charts">
+<figure><figcaption>Tasks per second</figcaption><canvas id="chart-tasks" width="290"
+ height="90"></canvas></figure>
+<figure><figcaption>MiB/s from and to workers</figcaption><canvas id="chart-bytes" width="290"
+ height="90"></canvas></figure>
+<figure><figcaption>Workers' task memory, MiB</figcaption><canvas id="chart-memory" width="290"
+ height="90"></canvas></figure>
+</div></section>
 """
 
 _STYLE = """
@@ -510,6 +667,15 @@ th.n, td.n { text-align: right; font-variant-numeric: tabular-nums; }
 pre { overflow-x: auto; background: #f6f6f6; padding: .5em; font-size: .85em; }
 .error { color: #a00; }
 .phase-failed { color: #a00; } .phase-finished { color: #070; }
+#pictures canvas { display: block; }
+.legend { font-size: .85em; } .key { display: inline-block; width: 1em; height: .8em;
+       margin: 0 .2em 0 .6em; vertical-align: middle; }
+.k-map { background: #4e79a7; } .k-reduce { background: #f28e2b; }
+.k-failed { background: #d62728; } .k-other { background: #bbb; }
+.k-backup { border: 2px dashed #222; height: .5em; }
+#stream-detail { font-size: .9em; min-height: 3em; }
+.charts { display: flex; flex-wrap: wrap; gap: 1em; }
+.charts figure { margin: 0; } figcaption { font-size: .85em; }
 """
 
 # Fetches the fresh <main> and swaps it in, keeping open tracebacks open;
@@ -555,6 +721,237 @@ _SCRIPT = """
 
 _SCRIPT_TEXT = _SCRIPT.replace("REFRESH_MS", str(REFRESH_MS))
 
+# A job's page: follows its event stream (L{_Events}), swaps the fresh
+# <main> in, and draws the task stream and the charts, in canvases, from
+# what the events bring; bar details are set as text, never as HTML.  Once
+# the job is over it closes the stream; while the server is unreachable it
+# says so, and the browser reconnects by itself.
+_JOB_SCRIPT_TEXT = """(function () {
+  "use strict";
+  var attempts = [], running = [], samples = [], processes = {}, elapsed = 0;
+  var pinned = null, bars = [], firstDraw = null;
+  var COLORS = {map: "#4e79a7", reduce: "#f28e2b"};
+  var ROW = 14, LEFT = 110;
+  window.octoUpdates = 0;
+  function byId(id) { return document.getElementById(id); }
+  function over(status) { return status.phase === "finished" || status.phase === "failed"; }
+  function swapMain(html) {
+    var main = byId("main");
+    var open = Array.prototype.map.call(
+      main.querySelectorAll("details[open]"), function (d) { return d.id; });
+    main.innerHTML = html;
+    open.forEach(function (id) { var d = byId(id); if (d) { d.open = true; } });
+  }
+  // A row per worker process.  An attempt that ended goes in the row of the
+  // process that ran it, as its worker said; one still running (which of
+  // the worker's processes has it is not known yet) in the row that has
+  // been free the longest.
+  function rows(list) {
+    var workers = {}, order = [], placed = [], first = {}, n = 0;
+    list.forEach(function (a) {
+      var w = workers[a.worker];
+      if (!w) { w = workers[a.worker] = {procs: [], ends: {}}; order.push(a.worker); }
+      var p = a.process || 0;
+      if (a.end !== undefined) {
+        if (!(p in w.ends)) { w.procs.push(p); w.ends[p] = 0; }
+        w.ends[p] = Math.max(w.ends[p], a.end);
+      }
+    });
+    order.sort();
+    order.forEach(function (name) {
+      var w = workers[name];
+      w.procs.sort(function (x, y) { return x - y; });
+      w.row = {};
+      w.free = [];
+      w.procs.forEach(function (p, i) { w.row[p] = i; w.free[i] = w.ends[p]; });
+      w.count = Math.max(w.procs.length, processes[name] || 0, 1);
+      for (var i = w.procs.length; i < w.count; i += 1) { w.free[i] = 0; }
+      first[name] = n;
+      n += w.count;
+    });
+    list.slice().sort(function (a, b) { return a.start - b.start; }).forEach(function (a) {
+      var w = workers[a.worker], lane = 0;
+      if (a.end !== undefined) {
+        lane = w.row[a.process || 0];
+      } else {
+        for (var i = 1; i < w.count; i += 1) { if (w.free[i] < w.free[lane]) { lane = i; } }
+        w.free[lane] = Infinity;
+      }
+      placed.push({a: a, row: first[a.worker] + lane});
+    });
+    return {placed: placed, count: n, first: first, order: order};
+  }
+  function drawStream() {
+    var canvas = byId("stream"), all = attempts.concat(running);
+    var layout = rows(all);
+    var width = Math.max(canvas.parentNode.clientWidth || 900, 300);
+    var height = Math.max(layout.count, 1) * ROW + 18;
+    if (canvas.width !== width) { canvas.width = width; }
+    if (canvas.height !== height) { canvas.height = height; }
+    var ctx = canvas.getContext("2d"), span = Math.max(elapsed, 0.001);
+    var scale = (width - LEFT - 4) / span;
+    ctx.clearRect(0, 0, width, height);
+    ctx.font = "11px system-ui, sans-serif";
+    ctx.fillStyle = "#444";
+    layout.order.forEach(function (w) {
+      var top = layout.first[w] * ROW;
+      ctx.fillText(w.length > 16 ? w.slice(0, 15) + "\\u2026" : w, 2, top + 11);
+      ctx.fillRect(0, top, width, 0.5);
+    });
+    bars = [];
+    layout.placed.forEach(function (p) {
+      var a = p.a, end = a.end === undefined ? elapsed : a.end;
+      var x = LEFT + a.start * scale, w = Math.max((end - a.start) * scale, 1);
+      var y = p.row * ROW + 2, h = ROW - 4;
+      var colour = COLORS[a.kind] || "#888";
+      if (a.state === "failed") { colour = "#d62728"; }
+      else if (a.state && a.state !== "ok") { colour = "#bbb"; }
+      ctx.globalAlpha = a.end === undefined ? 0.5 : 1;
+      ctx.fillStyle = colour;
+      ctx.fillRect(x, y, w, h);
+      ctx.globalAlpha = 1;
+      if (a.backup) {
+        ctx.setLineDash([3, 2]); ctx.strokeStyle = "#222";
+        ctx.strokeRect(x + 0.5, y + 0.5, Math.max(w - 1, 1), h - 1); ctx.setLineDash([]);
+      }
+      bars.push({x: x, y: y, w: w, h: h, a: a});
+    });
+    ctx.fillStyle = "#444";
+    ctx.fillText("0 s", LEFT, height - 4);
+    var label = elapsed.toFixed(1) + " s";
+    ctx.fillText(label, width - 4 - ctx.measureText(label).width, height - 4);
+    byId("stream-count").textContent = String(attempts.length);
+    // Where each bar is, for a test or a user script to find one.
+    window.octoStream = bars.map(function (b) {
+      return {x: b.x, y: b.y, w: b.w, h: b.h, task: b.a.task, attempt: b.a.attempt,
+              state: b.a.state || "running"};
+    });
+  }
+  function detail(a) {
+    var box = byId("stream-detail");
+    box.textContent = "";
+    var p = document.createElement("p"), end = a.end === undefined ? null : a.end;
+    var text = a.task + " attempt " + a.attempt + " on " + a.worker + ": " +
+      (a.state || "running") + (a.backup ? " (backup copy)" : "") + ", " +
+      (end === null ? "running since " + a.start.toFixed(2) + " s" :
+       (end - a.start).toFixed(3) + " s, from " + a.start.toFixed(2) + " s");
+    if (a.records_in !== undefined) {
+      text += "; " + a.records_in + " records in, " + a.records_out + " out";
+    }
+    if (a.key !== undefined) { text += "; key " + a.key; }
+    if (a.error !== undefined) { text += "; " + a.error; }
+    if (a.why !== undefined) { text += "; " + a.why; }
+    p.id = "stream-attempt";
+    p.textContent = text;
+    box.appendChild(p);
+    if (a.counters && Object.keys(a.counters).length) {
+      var c = document.createElement("p");
+      c.id = "stream-counters";
+      c.textContent = "Counters: " + Object.keys(a.counters).sort().map(function (k) {
+        return k + " " + a.counters[k]; }).join(", ");
+      box.appendChild(c);
+    }
+    if (a.traceback !== undefined) {
+      var pre = document.createElement("pre");
+      pre.id = "stream-traceback";
+      pre.textContent = a.traceback;
+      box.appendChild(pre);
+    }
+  }
+  function hit(event) {
+    var r = byId("stream").getBoundingClientRect();
+    var x = event.clientX - r.left, y = event.clientY - r.top;
+    // Of the bars under the pointer (short ones overlap), a failure first:
+    // it is what one looks for.
+    var found = null;
+    for (var i = bars.length - 1; i >= 0; i -= 1) {
+      var b = bars[i];
+      if (x >= b.x - 2 && x <= b.x + b.w + 2 && y >= b.y && y <= b.y + b.h) {
+        if (b.a.state === "failed") { return b.a; }
+        if (!found) { found = b.a; }
+      }
+    }
+    return found;
+  }
+  function chart(id, series, colours) {
+    var canvas = byId(id), ctx = canvas.getContext("2d");
+    var w = canvas.width, h = canvas.height, top = 0, tmax = 0.001;
+    ctx.clearRect(0, 0, w, h);
+    series.forEach(function (s) { s.forEach(function (p) {
+      top = Math.max(top, p[1]); tmax = Math.max(tmax, p[0]); }); });
+    ctx.strokeStyle = "#ccc"; ctx.strokeRect(0.5, 0.5, w - 1, h - 1);
+    series.forEach(function (s, i) {
+      ctx.strokeStyle = colours[i % colours.length]; ctx.beginPath();
+      s.forEach(function (p, j) {
+        var x = 2 + p[0] / tmax * (w - 4), y = h - 2 - (top ? p[1] / top : 0) * (h - 16);
+        if (j) { ctx.lineTo(x, y); } else { ctx.moveTo(x, y); }
+      });
+      ctx.stroke();
+    });
+    ctx.fillStyle = "#444"; ctx.font = "10px system-ui, sans-serif";
+    ctx.fillText("max " + (top >= 10 ? top.toFixed(0) : top.toFixed(1)), 4, 11);
+  }
+  function rate(field, divisor) {
+    var out = [];
+    for (var i = 1; i < samples.length; i += 1) {
+      var a = samples[i - 1], b = samples[i], dt = b.t - a.t;
+      if (dt > 0) { out.push([b.t, (field(b) - field(a)) / dt / divisor]); }
+    }
+    return out;
+  }
+  function drawCharts() {
+    chart("chart-tasks", [rate(function (s) { return s.map_done + s.reduce_done; }, 1)],
+          ["#4e79a7"]);
+    chart("chart-bytes", [rate(function (s) { return s.bytes_received; }, 1048576),
+                          rate(function (s) { return s.bytes_sent; }, 1048576)],
+          ["#4e79a7", "#f28e2b"]);
+    var names = {};
+    samples.forEach(function (s) { Object.keys(s.memory || {}).forEach(function (n) {
+      names[n] = true; }); });
+    chart("chart-memory", Object.keys(names).sort().map(function (n) {
+      return samples.filter(function (s) { return s.memory && n in s.memory; })
+        .map(function (s) { return [s.t, s.memory[n] / 1048576]; });
+    }), ["#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1"]);
+  }
+  function apply(event) {
+    var data = JSON.parse(event.data), stream = data.stream;
+    if (data.reset) { attempts = []; }
+    attempts = attempts.concat(stream.attempts);
+    running = stream.running;
+    samples = stream.samples;
+    processes = stream.workers;
+    elapsed = data.status.elapsed;
+    swapMain(data.main);
+    document.title = "octo: " + data.status.job + " (" + data.status.phase + ")";
+    byId("contact").textContent = "";
+    var began = performance.now();
+    drawStream();
+    drawCharts();
+    // How long drawing took, and when the page first drew (for
+    // benchmarks/status_page.py): milliseconds.
+    window.octoDrawMs = performance.now() - began;
+    if (firstDraw === null) { firstDraw = window.octoFirstDrawMs = performance.now(); }
+    window.octoUpdates += 1;
+    if (over(data.status)) { source.close(); }
+  }
+  var stream = byId("stream");
+  stream.addEventListener("mousemove", function (e) {
+    if (pinned) { return; }
+    var a = hit(e); if (a) { detail(a); }
+  });
+  stream.addEventListener("click", function (e) {
+    var a = hit(e); pinned = a; if (a) { detail(a); }
+  });
+  var source = new EventSource("events");
+  source.onmessage = apply;
+  source.onerror = function () {
+    if (source.readyState === EventSource.CLOSED) { return; }
+    byId("contact").textContent =
+      "Lost contact with the server (has the job ended?); trying again. ";
+  };
+})();
+"""
+
 
 def _sha256(text: str) -> str:
     """A CSP source that allows exactly this inline script or style."""
@@ -565,7 +962,8 @@ def _sha256(text: str) -> str:
 #: hashes, so that no injected script could run even if escaping failed),
 #: fetches back to this server, and no framing, forms or base URL.
 CONTENT_SECURITY_POLICY = (
-    f"default-src 'none'; script-src {_sha256(_SCRIPT_TEXT)}; style-src {_sha256(_STYLE)}; "
+    f"default-src 'none'; script-src {_sha256(_SCRIPT_TEXT)} {_sha256(_JOB_SCRIPT_TEXT)}; "
+    f"style-src {_sha256(_STYLE)}; "
     "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )

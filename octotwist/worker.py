@@ -31,6 +31,7 @@ from octotwist.framing import FrameBuffer
 from octotwist.messages import TaskId
 
 _PIPE_SIZE = 1024 * 1024
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _log = Logger()
 
 OnOutput = Callable[[int, bytes], None]
@@ -43,6 +44,7 @@ class Finished:
     seconds: float
     counters: dict[str, int] = field(default_factory=dict)
     printed: str = ""  # what the user's code printed (L{octotwist._child._Printed})
+    process: int = 0  # the pool's number of the process that ran it
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,7 @@ class Crashed:
     error: str
     traceback: str
     printed: str = ""
+    process: int = 0
 
 
 Outcome = Finished | Crashed
@@ -106,9 +109,11 @@ class _ChildProcess(ProcessProtocol):
                 assert self._on_output is not None
                 self._on_output(partition, blob)
             case ("done", records_in, records_out, seconds, counts, printed):
-                self._finish(Finished(records_in, records_out, seconds, counts, printed))
+                self._finish(
+                    Finished(records_in, records_out, seconds, counts, printed, self.number)
+                )
             case ("failed", key, err, tb, printed):
-                self._finish(Crashed(key, err, tb, printed))
+                self._finish(Crashed(key, err, tb, printed, self.number))
 
     def _finish(self, outcome: Outcome) -> None:
         d, self._result, self._on_output = self._result, None, None
@@ -133,6 +138,7 @@ class _ChildProcess(ProcessProtocol):
                     f"worker process {self.number} (pid {self.pid}) {how}; the task's "
                     "user code may have crashed the interpreter, called os._exit(), "
                     "or run out of memory\n",
+                    process=self.number,
                 )
             )
         self.ended.callback(None)
@@ -205,6 +211,20 @@ class ProcessPool:
     def pids(self) -> list[int]:
         """The pids of the children that run (or will run) tasks, in spawn order."""
         return [c.pid for c in self._children if c.pid is not None and not c.killed]
+
+    def rss(self) -> int:
+        """
+        Bytes of memory the children hold (their resident set sizes, from
+        C{/proc}); 0 where that cannot be read.
+        """
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/statm", "rb") as f:
+                    total += int(f.read().split()[1]) * _PAGE
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
 
     def load(self, functions: bytes) -> None:
         """

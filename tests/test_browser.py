@@ -21,6 +21,7 @@ service is given /usr/bin/chromedriver, so selenium-manager is not run
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import urllib.request
@@ -39,6 +40,7 @@ try:
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 except ImportError as e:  # pragma: no cover - the test extra installs it
@@ -164,8 +166,9 @@ def count(driver: Any, element_id: str) -> int:
 
 
 # Run in the page by the test (chromedriver's scripts are not the page's, so
-# the page's CSP does not apply to them): count the page's fetches, and mark
-# the window, which a reload would lose.
+# the page's CSP does not apply to them): count the page's fetches (the
+# cluster's pages poll; a job's page counts its own updates, octoUpdates),
+# and mark the window, which a reload would lose.
 _WATCH = """
 window.octoTestMark = "still the same page";
 window.octoFetches = 0;
@@ -174,7 +177,9 @@ window.fetch = function () { window.octoFetches += 1; return original.apply(this
 """
 
 
-def serve_gated(tmp_path: Path, env: dict[str, str]) -> tuple[Any, int, int, Path, Path]:
+def serve_gated(
+    tmp_path: Path, env: dict[str, str], *more: str
+) -> tuple[Any, int, int, Path, Path]:
     """A real octo server for L{GATED}, its page on loopback (no token)."""
     gates = tmp_path / "gates"
     gates.mkdir()
@@ -183,7 +188,7 @@ def serve_gated(tmp_path: Path, env: dict[str, str]) -> tuple[Any, int, int, Pat
     server = start(
         "server", str(job(tmp_path, GATED.format(gates=str(gates)))),
         "--listen", f"tcp:{port}:interface=127.0.0.1", "--web", f"tcp:{web}:interface=127.0.0.1",
-        "-o", str(out), "--skip-bad-records", "--max-attempts", "1", env=env,
+        "-o", str(out), "--skip-bad-records", "--max-attempts", "1", *more, env=env,
     )  # fmt: skip
     wait_for_port(port, server)
     wait_for_port(web, server)
@@ -223,11 +228,11 @@ def test_the_page_follows_the_job_in_a_browser_and_stops_when_it_finished(
     browser.find_element(By.CSS_SELECTOR, "#failure-0 > summary").click()
     assert browser.execute_script("return document.getElementById('failure-0').open;")
     browser.execute_script("document.getElementById('failure-0').octoOld = true;")
-    seen = browser.execute_script("return window.octoFetches;")
+    seen = browser.execute_script("return window.octoUpdates;")
     wait_for(
         browser,
-        "two more refreshes",
-        lambda d: d.execute_script("return window.octoFetches;") >= seen + 2,
+        "two more updates",
+        lambda d: d.execute_script("return window.octoUpdates;") >= seen + 2,
     )
     wait_for(
         browser,
@@ -249,16 +254,16 @@ def test_the_page_follows_the_job_in_a_browser_and_stops_when_it_finished(
     assert browser.execute_script("return document.getElementById('failure-0').open;")
     assert browser.execute_script("return window.octoTestMark;") == "still the same page"
 
-    # ...and stops asking: once the server is gone, no fetch is made and the
-    # page does not say it lost contact (a script still polling would).
-    polls = browser.execute_script("return window.octoFetches;")
+    # ...and stops listening: once the server is gone, no update comes and
+    # the page does not say it lost contact (a stream still open would).
+    updates = browser.execute_script("return window.octoUpdates;")
     code, _, err = finish(server)
     assert code == 0, err
     assert finish(worker)[0] == 0
     assert_never(
         browser,
-        "the page polled again after it showed the job finished",
-        lambda d: d.execute_script("return window.octoFetches;") != polls or text(d, "contact"),
+        "the page heard from the server again after it showed the job finished",
+        lambda d: d.execute_script("return window.octoUpdates;") != updates or text(d, "contact"),
         # Nothing to wait for: the absence of polls is watched for 4 periods.
         during=4 * REFRESH_MS / 1000,
     )
@@ -332,3 +337,75 @@ def test_the_cluster_page_follows_its_jobs_in_a_browser(
     assert count(browser, "map-total") == 12
     server.kill()
     worker.kill()
+
+
+def finished_bars(driver: Any) -> list[dict[str, Any]]:
+    """The task stream's bars of attempts that ended, as the page drew them."""
+    bars = driver.execute_script("return window.octoStream || [];")
+    return [b for b in bars if b["state"] != "running"]
+
+
+def console_errors(driver: Any) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_the_task_stream_draws_each_attempt_and_shows_a_failure_when_clicked(
+    browser: Any, env: dict, tmp_path: Path
+) -> None:
+    """
+    A bar per finished attempt, as many as the server's own record of them;
+    the bars and the counts grow while the job runs; a click on the failed
+    attempt's bar shows its traceback; the charts are drawn; the console
+    stays clean.
+    """
+    # No backup copies: every task has the one attempt this test counts.
+    server, port, web, gates, out = serve_gated(tmp_path, env, "--backup-after", "0")
+    url = f"http://127.0.0.1:{web}/"
+    browser.get(url)
+    wait_for(browser, "the page's first update", lambda d: d.execute_script(
+        "return window.octoUpdates;") >= 1)  # fmt: skip
+    assert finished_bars(browser) == [] and text(browser, "stream-count") == "0"
+    worker = start("client", f"127.0.0.1:{port}", "-n", "w1", "-p", "2", env=env)
+
+    # Keys 0 to 5 go (4 fails); 6 to 11 wait at the second gate, running.
+    (gates / "first").touch()
+    wait_for(browser, "six finished bars", lambda d: len(finished_bars(d)) == 6)
+    with urllib.request.urlopen(url + "status.json?since=0", timeout=10) as r:
+        stream = json.load(r)["stream"]
+    recorded = sorted((a["task"], a["state"]) for a in stream["attempts"])
+    drawn = sorted((b["task"], b["state"]) for b in finished_bars(browser))
+    assert drawn == recorded and len(recorded) == 6
+    assert ("map 4", "failed") in drawn and sum(s == "ok" for _, s in drawn) == 5
+    assert text(browser, "stream-count") == "6"
+    # A row per worker process: two processes, so two rows.
+    assert len({b["y"] for b in finished_bars(browser)}) == 2
+
+    (failed,) = [b for b in finished_bars(browser) if b["state"] == "failed"]
+    canvas = browser.find_element(By.ID, "stream")
+    size = canvas.size
+    ActionChains(browser).move_to_element_with_offset(
+        canvas,
+        int(failed["x"] + failed["w"] / 2 - size["width"] / 2),
+        int(failed["y"] + failed["h"] / 2 - size["height"] / 2),
+    ).click().perform()
+    wait_for(browser, "the failed attempt's traceback", lambda d: text(d, "stream-traceback"))
+    assert 'raise RuntimeError("bad record four")' in text(browser, "stream-traceback")
+    assert "map 4 attempt 1 on w1: failed" in text(browser, "stream-attempt")
+    # The charts are drawn: some pixel of the tasks-per-second chart is set.
+    assert browser.execute_script(
+        "var c = document.getElementById('chart-tasks');"
+        "var d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "for (var i = 3; i < d.length; i += 4) { if (d[i]) { return true; } } return false;"
+    )
+
+    (gates / "second").touch()
+    wait_for(browser, "the job finished", lambda d: text(d, "phase") == "finished")
+    reduces = count(browser, "reduce-total")
+    assert len(finished_bars(browser)) == 12 + reduces
+    assert text(browser, "stream-count") == str(12 + reduces)
+    # The pinned failure stays shown across updates.
+    assert 'raise RuntimeError("bad record four")' in text(browser, "stream-traceback")
+    assert finish(server)[0] == 0 and finish(worker)[0] == 0
+    expected = {f"w{i}": 1 for i in range(12) if i != 4} | {"x": 11, "y": 11}
+    assert parse_tsv(out.read_text()) == expected
+    assert console_errors(browser) == []

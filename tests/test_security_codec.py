@@ -43,13 +43,17 @@ WRONG_FIELDS = {
     "an interval that is a string": header("Welcome", "j", 0, 2, "1.0", [], False),
     "step partitions that are a number": header("Welcome", "j", 0, 2, 1.0, 3, False),
     "a stays that is a number": header("Welcome", "j", 0, 2, 1.0, [], 1),
-    "a counter that is not a pair": header("TaskDone", TASK, 1, 0, 0, 0.0, [["c"]], ""),
-    "a counter whose count is a string": header("TaskDone", TASK, 1, 0, 0, 0.0, [["c", "1"]], ""),
-    "printed output that is bytes": header("TaskDone", TASK, 1, 0, 0, 0.0, [], b"x"),
+    "a counter that is not a pair": header("TaskDone", TASK, 1, 0, 0, 0.0, [["c"]], "", 1),
+    "a counter whose count is a string": header(
+        "TaskDone", TASK, 1, 0, 0, 0.0, [["c", "1"]], "", 1
+    ),
+    "printed output that is bytes": header("TaskDone", TASK, 1, 0, 0, 0.0, [], b"x", 1),
+    "a process number that is a string": header("TaskDone", TASK, 1, 0, 0, 0.0, [], "", "1"),
     "ok that is an int": header("Shutdown", 1, "", False),
-    "a heartbeat entry that is not a pair": header("Heartbeat", [[TASK]]),
-    "a heartbeat that is a map": header("Heartbeat", {"a": 1}),
-    "a traceback that is a list": header("TaskFailed", TASK, 1, None, "e", ["tb"], ""),
+    "a heartbeat entry that is not a pair": header("Heartbeat", [[TASK]], 0),
+    "a heartbeat that is a map": header("Heartbeat", {"a": 1}, 0),
+    "a memory size that is a string": header("Heartbeat", [], "1"),
+    "a traceback that is a list": header("TaskFailed", TASK, 1, None, "e", ["tb"], "", 1),
 }
 
 
@@ -66,8 +70,8 @@ def test_the_right_types_make_the_message_the_fields_declare() -> None:
     assign = codec.message_from_parts(header("Assign", TASK, 1), b"")
     assert assign == messages.Assign(TaskId(TaskKind.MAP, 3), 1)
     assert type(assign.task) is TaskId and assign.task.kind is TaskKind.MAP
-    beat = codec.message_from_parts(header("Heartbeat", [[TASK, 2]]), b"")
-    assert beat == messages.Heartbeat(((TaskId(TaskKind.MAP, 3), 2),))
+    beat = codec.message_from_parts(header("Heartbeat", [[TASK, 2]], 7), b"")
+    assert beat == messages.Heartbeat(((TaskId(TaskKind.MAP, 3), 2),), 7)
     assert type(beat.running) is tuple and type(beat.running[0]) is tuple
     welcome = codec.message_from_parts(header("Welcome", "j", 3, 2, 1, [2, 0], True), b"abc")
     assert welcome == messages.Welcome("j", b"abc", 2, 1.0, (2, 0), True)
@@ -75,9 +79,9 @@ def test_the_right_types_make_the_message_the_fields_declare() -> None:
     later = codec.message_from_parts(header("Assign", ["reduce", 3, 2], 1), b"")
     assert later == messages.Assign(TaskId(TaskKind.REDUCE, 3, step=2), 1)
     done = codec.message_from_parts(
-        header("TaskDone", TASK, 1, 5, 2, 0.5, [["words", 7]], "hi\n"), b""
+        header("TaskDone", TASK, 1, 5, 2, 0.5, [["words", 7]], "hi\n", 2), b""
     )
-    assert done.counters == (("words", 7),) and done.output == "hi\n"
+    assert done.counters == (("words", 7),) and done.output == "hi\n" and done.process == 2
 
 
 @pytest.mark.parametrize(

@@ -107,8 +107,8 @@ def page(url: str) -> PageParser:
     return parser
 
 
-def status(url: str) -> dict[str, Any]:
-    kind, body = get(url + "status.json")
+def status(url: str, since: int | None = None) -> dict[str, Any]:
+    kind, body = get(url + "status.json" + ("" if since is None else f"?since={since}"))
     assert kind == "application/json"
     return json.loads(body)
 
@@ -138,7 +138,7 @@ def test_status_page_follows_a_running_job(transport: str, env: dict, tmp_path: 
     # Before any worker: nothing done, everything pending, no workers.
     before = status(url)
     assert before["job"] == "job" and before["phase"] == "mapping"
-    assert before["map"] == {"total": 12, "done": 0, "running": 0, "pending": 12}
+    assert before["map"] == {"total": 12, "done": 0, "running": 0, "pending": 12, "eta": None}
     assert before["reduce"]["total"] == 2 and before["workers"] == []
     html = page(url)
     assert html.by_id["job"] == "job" and html.by_id["phase"] == "mapping"
@@ -167,6 +167,20 @@ def test_status_page_follows_a_running_job(transport: str, env: dict, tmp_path: 
     assert "w1" in html.by_id["workers"]
     assert f"map {BEFORE_GATE} attempt 1" in html.by_id["workers"]
     assert float(html.by_id["tasks-per-second"]) > 0
+    # Time left, at the rate so far: a figure while tasks remain, on the page too.
+    assert mid["map"]["eta"] > 0 and html.by_id["map-eta"]
+    # The task stream: the attempts that ended, each once, from ?since= on.
+    stream = status(url, since=0)["stream"]
+    done = [a for a in stream["attempts"] if a["state"] == "ok"]
+    assert sorted(a["task"] for a in done) == [f"map {i}" for i in range(BEFORE_GATE)]
+    assert all(a["worker"] == "w1" and 0 <= a["start"] <= a["end"] for a in done)
+    assert all(a["records_in"] == 1 and a["kind"] == "map" for a in done)
+    # (sent: the one at the gate, and those the worker holds ready behind it)
+    sent = [a["task"] for a in stream["running"]]
+    assert f"map {BEFORE_GATE}" in sent and len(sent) == mid["map"]["running"], sent
+    later = status(url, since=stream["next"])["stream"]
+    assert later["first"] == stream["next"] and later["attempts"] == []
+    assert stream["samples"] and stream["samples"][-1]["map_done"] <= BEFORE_GATE
     gate_file.touch()
 
     # The failed record shows with the user's traceback, on the page too.
@@ -229,7 +243,11 @@ def test_status_page_escapes_what_it_shows() -> None:
     assert "value" not in parser.progress["map-bar"]  # unknown total: indeterminate bar
     # Nothing is fetched from elsewhere: no absolute URL in a src or href.
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
-    assert "<script src" not in html and "<link" not in html
+    assert "<script src" not in html
+    # One link: the page's own icon, served by the same server.
+    assert re.findall(r"<link[^>]*>", html) == [
+        '<link rel="icon" href="favicon.svg" type="image/svg+xml">'
+    ]
 
 
 def test_web_endpoint_errors_are_usage_errors(env: dict, tmp_path: Path) -> None:
@@ -278,6 +296,8 @@ def test_octo_run_draws_progress_bars_on_a_terminal(
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
     assert re.search(r"map\s.*6/6", plain), plain[-2000:]
     assert re.search(r"reduce\s.*3/3", plain), plain[-2000:]
+    # Time left, then time taken (h:mm:ss), on each bar.
+    assert re.search(r"map\s.*6/6.*eta\s+\S+\s+·\s+\d+:\d\d:\d\d", plain), plain[-2000:]
     assert "\x1b[" in screen  # drawn, not logged
     assert "job job finished" in plain
     assert parse_tsv(out.read_text()) == expected_books

@@ -301,10 +301,14 @@ def test_every_response_carries_the_security_headers(env: dict, tmp_path: Path) 
     html = body.decode()
     (script,) = re.findall(r"<script>(.*?)</script>", html, re.S)
     (style,) = re.findall(r"<style>(.*?)</style>", html, re.S)
-    assert 'fetch("?part=main"' in script
+    assert 'new EventSource("events")' in script
     csp = dict(d.strip().split(" ", 1) for d in headers["content-security-policy"].split(";"))
-    assert csp["script-src"] == csp_hash(script)
+    # The job page's script, and the cluster pages' (which poll): nothing else.
+    assert csp_hash(script) in csp["script-src"].split()
+    assert len(csp["script-src"].split()) == 2
     assert csp["style-src"] == csp_hash(style)
+    # The event stream is guarded like the page: no token, no events.
+    assert fetch(f"{here}events")[0] == 403
     server.stop()
 
 
