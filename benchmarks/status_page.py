@@ -1,9 +1,10 @@
 """
 How the status page copes with a job of many tasks, in a real browser.
 
-Runs ``octo run`` on a job of ``--tasks`` map tasks (each sleeps
-``--task-ms``, so that the job lasts long enough to be watched) with
-``--web``, opens its page in headless Chromium (Debian's ``chromium`` and
+Runs ``octo run -w WORKERS`` on a job of ``--tasks`` map items (each sleeps
+``--task-ms``: longer than the scheduler's 0.1 s batch target, so that each
+item is a task of its own, and the job lasts long enough to be watched)
+with ``--web``, opens its page in headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``, through selenium) as soon as it listens, and prints:
 
 - the time to first render: from the start of navigation to the page's
@@ -39,6 +40,8 @@ import time
 source = {{i: "w%d x" % (i % 97) for i in range({tasks})}}
 def mapfn(key, value):
     time.sleep({seconds})
+    if key % {fail_every} == {fail_every} - 1:
+        raise ValueError("record %d is bad (one in {fail_every} is, on purpose)" % key)
     for word in value.split():
         yield word, 1
 def reducefn(key, values):
@@ -91,20 +94,48 @@ def browser(profile: Path):  # type: ignore[no-untyped-def]
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
+def screenshot(driver, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The page with its first failed attempt's bar clicked, its details shown."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    driver.set_window_size(1100, 1700)
+    # (the finished page no longer updates: draw it again at this width)
+    driver.execute_script("window.dispatchEvent(new Event('resize'));")
+    time.sleep(0.5)
+    bars = driver.execute_script("return window.octoStream;")
+    failed = [b for b in bars if b["state"] == "failed"]
+    canvas = driver.find_element(By.ID, "stream")
+    if failed:
+        size = canvas.size
+        ActionChains(driver).move_to_element_with_offset(
+            canvas,
+            int(failed[0]["x"] + failed[0]["w"] / 2 - size["width"] / 2),
+            int(failed[0]["y"] + failed[0]["h"] / 2 - size["height"] / 2),
+        ).click().perform()
+    driver.execute_script("document.getElementById('pictures').scrollIntoView();")
+    driver.save_screenshot(str(path))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=10_000)
-    ap.add_argument("--task-ms", type=float, default=2.0)
-    ap.add_argument("--screenshot", type=Path, help="save the page as it ends here (PNG)")
+    ap.add_argument("--task-ms", type=float, default=110.0)
+    ap.add_argument("--workers", type=int, default=20, help="local task processes")
+    ap.add_argument("--fail-every", type=int, default=2500, help="one item in N raises")
+    ap.add_argument(
+        "--screenshot", type=Path, help="save the page here (PNG), a failure's bar clicked"
+    )
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="octo-page-") as tmp:
         work = Path(tmp)
         job = work / "job.py"
-        job.write_text(JOB.format(tasks=a.tasks, seconds=a.task_ms / 1000))
+        job.write_text(JOB.format(tasks=a.tasks, seconds=a.task_ms / 1000, fail_every=a.fail_every))
         port = free_port()
         octo = subprocess.Popen(
-            [sys.executable, "-m", "octotwist", "run", str(job), "-w", "2", "-q",
-             "--web", f"tcp:{port}:interface=127.0.0.1", "-o", str(work / "out.tsv")],
+            [sys.executable, "-m", "octotwist", "run", str(job), "-w", str(a.workers), "-q",
+             "--web", f"tcp:{port}:interface=127.0.0.1", "-o", str(work / "out.tsv"),
+             "--skip-bad-records", "--max-attempts", "1"],
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         driver = browser(work / "profile")
@@ -139,12 +170,15 @@ def main() -> None:
             }
             watched = time.monotonic() - opened
             if a.screenshot:
-                driver.save_screenshot(str(a.screenshot))
+                screenshot(driver, a.screenshot)
         finally:
             driver.quit()
             octo.wait(120)
     busy = metrics.get("TaskDuration", 0.0)
-    print(f"tasks: {a.tasks} map ({attempts} attempts in all, reduces included)")
+    print(
+        f"job: {a.tasks} map items on {a.workers} processes: "
+        f"{attempts} attempts in all, reduces included"
+    )
     print(f"time to first render: {state['first']:.0f} ms after navigation began")
     print(
         f"drawing the task stream and charts: median {statistics.median(draws):.1f} ms, "

@@ -324,16 +324,17 @@ class ClusterServer:
         found = self._find(number)
         return None if found is None else _summary(found)
 
-    def job_status(self, number: int) -> dict[str, Any] | None:
+    def job_status(self, number: int, stream_since: int | None = None) -> dict[str, Any] | None:
         """
-        Job C{number}'s own status page's data: live while it runs, its last
-        once it is over; C{None} while it is queued (or it never started).
+        Job C{number}'s own status page's data: live while it runs (with its
+        task stream from C{stream_since} if that is given), its last once it
+        is over; C{None} while it is queued (or it never started).
         """
         found = self._find(number)
         if found is None:
             return None
         if found.server is not None:
-            return found.server.status()
+            return found.server.status(stream_since)
         return (found.outcome.stats or None) if found.outcome is not None else None
 
     def _find(self, number: int) -> ClusterJob | None:

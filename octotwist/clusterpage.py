@@ -21,10 +21,13 @@ from twisted.web.resource import IResource, NoResource, Resource
 from octotwist.status import (
     ICON,
     GuardedRoot,
+    JobEvents,
+    JobJson,
     JsonResource,
     duration,
     render_document,
     render_main,
+    render_page,
 )
 
 if TYPE_CHECKING:
@@ -73,15 +76,19 @@ class _Job(Resource):
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"status.json":
-            return JsonResource(self._snapshot)
+            return JobJson(self._snapshot)
         if path == b"favicon.svg":
             return ICON
+        if path == b"events":
+            return JobEvents(self._snapshot)
         if path == b"":
+            if "phase" in self._snapshot():  # it has run: octo server's page, pictures and all
+                return _Live(self._snapshot, _job_view, "status.json", render_page)
             return _Live(self._snapshot, _job_view, "status.json")
         return NoResource()
 
-    def _snapshot(self) -> dict[str, Any]:
-        status = self.cluster.job_status(self.number)
+    def _snapshot(self, stream_since: int | None = None) -> dict[str, Any]:
+        status = self.cluster.job_status(self.number, stream_since)
         if status is not None:
             return status
         entry = self.cluster.job_entry(self.number) or {}
@@ -100,17 +107,27 @@ class _Live(Resource):
 
     isLeaf = True
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]], view: View, data: str) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], dict[str, Any]],
+        view: View,
+        data: str,
+        whole: Callable[[dict[str, Any]], str] | None = None,
+    ) -> None:
         super().__init__()
         self.snapshot = snapshot
         self.view = view
         self.data = data
+        self.whole = whole
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        title, main, live = self.view(self.snapshot())
+        status = self.snapshot()
+        title, main, live = self.view(status)
         if request.args.get(b"part") == [b"main"]:  # type: ignore[attr-defined]
             return main.encode()
+        if self.whole is not None:
+            return self.whole(status).encode()
         return render_document(title, main, live=live, data=self.data).encode()
 
 

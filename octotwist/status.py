@@ -59,7 +59,7 @@ class JobSnapshot(Protocol):
 
 
 #: How often the page asks for fresh data, in milliseconds (the cluster's
-#: pages), or is sent it (a job's, by L{_Events}).
+#: pages), or is sent it (a job's, by L{JobEvents}).
 REFRESH_MS = 1000
 #: Milliseconds a browser waits before it reconnects a lost event stream.
 RECONNECT_MS = 2000
@@ -163,8 +163,8 @@ def add_job_pages(parent: Resource, snapshot: JobSnapshot) -> None:
     C{stream_since} (L{octotwist.server.JobServer.status}).
     """
     parent.putChild(b"", _Page(snapshot))
-    parent.putChild(b"status.json", _JobJson(snapshot))
-    parent.putChild(b"events", _Events(snapshot))
+    parent.putChild(b"status.json", JobJson(snapshot))
+    parent.putChild(b"events", JobEvents(snapshot))
     parent.putChild(b"favicon.svg", ICON)
 
 
@@ -300,7 +300,7 @@ _ICON_SVG = (
 ICON = _Icon()
 
 
-class _JobJson(Resource):
+class JobJson(Resource):
     """A job's JSON; with C{?since=N}, its task stream too (from attempt C{N} on)."""
 
     isLeaf = True
@@ -320,7 +320,7 @@ def _number(value: bytes) -> int:
     return int(value) if value.isdigit() and len(value) < 12 else 0
 
 
-class _Events(Resource):
+class JobEvents(Resource):
     """
     A job's server-sent events: one a second while the job runs, each the
     fresh C{<main>} and the task stream since the last (the first of a
@@ -352,7 +352,7 @@ class _Events(Resource):
 
 
 class _EventStream:
-    """One browser's event stream (L{_Events})."""
+    """One browser's event stream (L{JobEvents})."""
 
     def __init__(self, request: Request, snapshot: JobSnapshot, clock: IReactorTime) -> None:
         self.request = request
@@ -363,7 +363,9 @@ class _EventStream:
 
     def send(self) -> None:
         status = self.snapshot(stream_since=self.next)
-        stream = status.pop("stream")
+        if "phase" not in status:
+            return  # (a cluster's job that is queued again: nothing to draw yet)
+        stream = status.pop("stream", None) or empty_stream(self.next)
         event = {"status": status, "main": render_main(status), "stream": stream}
         if self.next == 0:
             event["reset"] = True
@@ -376,6 +378,18 @@ class _EventStream:
     def stop(self, reason: Failure | None) -> None:
         if self.loop.running:
             self.loop.stop()
+
+
+def empty_stream(since: int = 0) -> dict[str, Any]:
+    """The task stream of a job whose attempts are not known (any more)."""
+    return {
+        "first": since,
+        "next": since,
+        "attempts": [],
+        "running": [],
+        "samples": [],
+        "workers": {},
+    }
 
 
 class _Page(Resource):
@@ -401,10 +415,9 @@ def render_page(status: dict[str, Any]) -> str:
     final = status["phase"] in ("finished", "failed")
     return render_document(
         title,
-        render_main(status),
+        render_main(status, pictures=_PICTURES),
         live=not final,
         data="status.json",
-        pictures=_PICTURES,
         script=_JOB_SCRIPT_TEXT,
     )
 
@@ -415,13 +428,12 @@ def render_document(
     *,
     live: bool,
     data: str,
-    pictures: str = "",
     script: str | None = None,
 ) -> str:
     """
     A status site's HTML page: C{main} inside C{<main>}, kept fresh by the
-    page's script while C{live}, with a link to its JSON, C{data}; then
-    C{pictures}, which only the script fills in.
+    page's script (C{script}, else the one that polls) while C{live}, with
+    a link to its JSON, C{data}.
     """
     # Without JavaScript (terminal browsers), a meta refresh keeps it live.
     refresh = '<noscript><meta http-equiv="refresh" content="5"></noscript>' if live else ""
@@ -429,17 +441,22 @@ def render_document(
         title=escape(title),
         refresh=refresh,
         main=main,
-        pictures=pictures,
         style=_STYLE,
         script=_SCRIPT_TEXT if script is None else script,
         data=escape(data),
     )
 
 
-def render_main(status: dict[str, Any]) -> str:
-    """The part of the page that changes: everything inside C{<main>}."""
+def render_main(status: dict[str, Any], *, pictures: str = "") -> str:
+    """
+    The part of the page that changes: everything inside C{<main>}.  The
+    pictures of time go after the throughput: the page's first rendering
+    has them (C{pictures}), its updates an empty slot, where the script
+    puts back the pictures it keeps drawing.
+    """
     parts = [_header(status), _phase("Map", status["map"]), _phase("Reduce", status["reduce"])]
     parts.append(_throughput(status))
+    parts.append(pictures or '<div id="pictures-slot"></div>')
     parts.append(_workers(status["workers"]))
     parts.append(_failures(status["failures"]))
     parts.append(_counters(status.get("counters", {})))
@@ -630,7 +647,7 @@ _PAGE = """<!DOCTYPE html>
 <body><main id="main">
 {main}
 </main>
-{pictures}<footer><p><span id="contact"></span><a href="{data}">{data}</a>
+<footer><p><span id="contact"></span><a href="{data}">{data}</a>
 &middot; octotwist</p></footer>
 <script>{script}</script>
 </body></html>
@@ -721,7 +738,7 @@ _SCRIPT = """
 
 _SCRIPT_TEXT = _SCRIPT.replace("REFRESH_MS", str(REFRESH_MS))
 
-# A job's page: follows its event stream (L{_Events}), swaps the fresh
+# A job's page: follows its event stream (L{JobEvents}), swaps the fresh
 # <main> in, and draws the task stream and the charts, in canvases, from
 # what the events bring; bar details are set as text, never as HTML.  Once
 # the job is over it closes the stream; while the server is unreachable it
@@ -735,11 +752,16 @@ _JOB_SCRIPT_TEXT = """(function () {
   window.octoUpdates = 0;
   function byId(id) { return document.getElementById(id); }
   function over(status) { return status.phase === "finished" || status.phase === "failed"; }
+  // The fresh <main> has an empty slot where the pictures go: they move
+  // there whole, with what they show.
   function swapMain(html) {
-    var main = byId("main");
+    var main = byId("main"), pictures = byId("pictures");
     var open = Array.prototype.map.call(
       main.querySelectorAll("details[open]"), function (d) { return d.id; });
+    pictures.parentNode.removeChild(pictures);
     main.innerHTML = html;
+    var slot = byId("pictures-slot");
+    if (slot) { slot.parentNode.replaceChild(pictures, slot); } else { main.appendChild(pictures); }
     open.forEach(function (id) { var d = byId(id); if (d) { d.open = true; } });
   }
   // A row per worker process.  An attempt that ended goes in the row of the
@@ -942,6 +964,7 @@ _JOB_SCRIPT_TEXT = """(function () {
   stream.addEventListener("click", function (e) {
     var a = hit(e); pinned = a; if (a) { detail(a); }
   });
+  window.addEventListener("resize", function () { drawStream(); drawCharts(); });
   var source = new EventSource("events");
   source.onmessage = apply;
   source.onerror = function () {

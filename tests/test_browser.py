@@ -398,6 +398,14 @@ def test_the_task_stream_draws_each_attempt_and_shows_a_failure_when_clicked(
         "for (var i = 3; i < d.length; i += 4) { if (d[i]) { return true; } } return false;"
     )
 
+    shot = os.environ.get("OCTO_STATUS_SCREENSHOT")
+    if shot:  # docs/status.md's picture: OCTO_STATUS_SCREENSHOT=docs/status-page.png
+        browser.set_window_size(1000, 1500)
+        wait_for(browser, "an update at the new size", lambda d: d.execute_script(
+            "return window.octoUpdates;") >= 2)  # fmt: skip
+        browser.execute_script("document.getElementById('stream').scrollIntoView();")
+        browser.save_screenshot(shot)
+
     (gates / "second").touch()
     wait_for(browser, "the job finished", lambda d: text(d, "phase") == "finished")
     reduces = count(browser, "reduce-total")

@@ -74,8 +74,13 @@ def test_the_cluster_page_lists_the_jobs_and_serves_each_ones_page(
     assert json.loads(body)["state"] == "queued"
     code, _, page = get(site + "jobs/2/")
     assert code == 200 and 'id="state">queued<' in page
-    code, headers, _ = get(site + "jobs/1/")
-    assert code == 200 and "Job <span" in _
+    code, headers, page = get(site + "jobs/1/")
+    assert code == 200 and "Job <span" in page
+    # A running job's page is octo server's: the task stream, and its events.
+    assert '<canvas id="stream"' in page and 'new EventSource("events")' in page
+    code, _, body = get(site + "jobs/1/status.json?since=0")
+    stream = json.loads(body)["stream"]
+    assert stream["workers"] and stream["running"], stream
     assert get(site + "jobs/9/")[0] == 404
     assert get(site + "jobs/x/")[0] == 404
     assert get(site, host="rebind.example")[0] == 421
