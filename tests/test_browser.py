@@ -417,3 +417,50 @@ def test_the_task_stream_draws_each_attempt_and_shows_a_failure_when_clicked(
     expected = {f"w{i}": 1 for i in range(12) if i != 4} | {"x": 11, "y": 11}
     assert parse_tsv(out.read_text()) == expected
     assert console_errors(browser) == []
+
+
+def test_the_page_follows_a_server_that_resumes_after_a_restart(
+    browser: Any, env: dict, tmp_path: Path
+) -> None:
+    """
+    Killed mid-job, the server is started again on the same ports and state
+    directory: the page, never reloaded, says it lost contact, reconnects by
+    itself, and follows the resumed job to its end.
+    """
+    state = tmp_path / "state"
+    server, port, web, gates, out = serve_gated(
+        tmp_path, env, "--state-dir", str(state), "--backup-after", "0"
+    )
+    command = server.args[3:]  # (after python -m octotwist; no --transport, no extras)
+    browser.get(f"http://127.0.0.1:{web}/")
+    browser.execute_script(_WATCH)
+    worker = start("client", f"127.0.0.1:{port}", "-n", "w1", "-p", "2", "--wait", "120", env=env)
+    (gates / "first").touch()
+    wait_for(browser, "six finished bars", lambda d: len(finished_bars(d)) == 6)
+    server.kill()
+    server.wait(30)
+    wait_for(
+        browser,
+        "the page saying it lost contact",
+        lambda d: "Lost contact with the server" in (text(d, "contact") or ""),
+    )
+    again = start(*command, env=env)
+    try:
+        wait_for(browser, "the page back in contact", lambda d: text(d, "contact") == "")
+        (gates / "second").touch()
+        wait_for(browser, "the resumed job finished", lambda d: text(d, "phase") == "finished")
+        assert count(browser, "map-done") == 12
+        assert browser.execute_script("return window.octoTestMark;") == "still the same page"
+        # The resumed run's attempts: of the first run's six, the five that
+        # counted did not run again (the bad record, skipped, was tried again).
+        bars = finished_bars(browser)
+        assert len(bars) == 7 + count(browser, "reduce-total"), bars
+        assert [b["state"] for b in bars].count("failed") == 1
+    finally:
+        code, _, err = finish(again)
+    assert code == 0, err
+    assert finish(worker)[0] == 0
+    expected = {f"w{i}": 1 for i in range(12) if i != 4} | {"x": 11, "y": 11}
+    assert parse_tsv(out.read_text()) == expected
+    # Nothing went wrong in the page but the stream's own reconnection attempts.
+    assert all("events" in e for e in console_errors(browser)), console_errors(browser)
