@@ -68,6 +68,7 @@ from octotwist.progress import bar_status
 from octotwist.server import JobOutcome, JobServer
 from octotwist.status import new_token
 from octotwist.store import DEFAULT_MEMORY_LIMIT, BlobStore
+from octotwist.timeline import Timeline
 from octotwist.transport import ChannelHandler, IReactor, MessageChannel, ServerSettings, Transport
 
 _log = Logger()
@@ -81,6 +82,8 @@ MAX_SUBMIT = 1024**3
 _LENGTH = struct.Struct("!Q")
 #: Seconds between the L{messages.JobProgress} a submitter asked for.
 PROGRESS_INTERVAL = 0.5
+#: Finished jobs whose task streams their pages keep showing (the newest).
+KEPT_TIMELINES = 20
 
 
 @dataclass(eq=False)
@@ -105,6 +108,9 @@ class ClusterJob:
     outcome: JobOutcome | None = None
     submitted: float = field(default_factory=time.time)
     server: JobServer | None = None
+    #: Its task stream, kept in memory once it is over (not across a
+    #: restart of the cluster) for its page.
+    timeline: Timeline | None = None
     cancelled: bool = False
     #: The workers working for it now.
     workers: list[_Peer] = field(default_factory=list)
@@ -335,7 +341,11 @@ class ClusterServer:
             return None
         if found.server is not None:
             return found.server.status(stream_since)
-        return (found.outcome.stats or None) if found.outcome is not None else None
+        if found.outcome is None or not found.outcome.stats:
+            return None
+        if stream_since is None or found.timeline is None:
+            return found.outcome.stats
+        return {**found.outcome.stats, "stream": found.timeline.json(stream_since)}
 
     def _find(self, number: int) -> ClusterJob | None:
         return next((j for j in self.jobs if j.id == number), None)
@@ -568,6 +578,11 @@ class ClusterServer:
                 queued.submitter.outbox.send(messages.JobProgress(last))
         queued.outcome = outcome
         self._tell_ended(queued, outcome.ok, outcome.error or "")
+        if queued.server is not None:
+            queued.timeline = queued.server.timeline
+            kept = [j for j in self.jobs if j.timeline is not None]
+            for old in kept[:-KEPT_TIMELINES]:
+                old.timeline = None
         queued.job, queued.server = None, None  # what it held is not needed any more
         # (Its workers were told to come back, and will be new peers.)
         for peer in queued.workers:

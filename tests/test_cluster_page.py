@@ -92,6 +92,12 @@ def test_the_cluster_page_lists_the_jobs_and_serves_each_ones_page(
     code, _, body = get(site + "jobs/1/status.json")
     over = json.loads(body)
     assert over["ok"] is True and over["reduce"]["done"] == over["reduce"]["total"] > 0
+    # Its page still draws its task stream: every reduce task, each once, ended well.
+    code, _, body = get(site + "jobs/1/status.json?since=0")
+    attempts = json.loads(body)["stream"]["attempts"]
+    reduces = sorted(a["task"] for a in attempts if a["kind"] == "reduce")
+    assert reduces == sorted(f"reduce {i}" for i in range(over["reduce"]["total"]))
+    assert all(a["state"] == "ok" for a in attempts)
     server.kill()
     worker.kill()
 
