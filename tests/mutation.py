@@ -115,6 +115,8 @@ T_STATUS = "tests/test_status_security.py::"
 T_SLOW_WORKER = (
     "tests/test_conformance.py::test_a_slow_worker_does_not_make_the_server_hold_its_downloads"
 )
+T_TASK_STREAM = "tests/test_browser.py::test_the_task_stream_draws_each_attempt_and_shows_a_failure_when_clicked"
+T_STATUS_FOLLOWS = "tests/test_status.py::test_status_page_follows_a_running_job"
 
 MUTANTS: list[Mutant] = [
     # -- codec.py: control messages are data, never pickles -----------------
@@ -670,6 +672,23 @@ MUTANTS: list[Mutant] = [
         ),
         [T_SLOW_WORKER],
         args=("--octo-transport", "tcp"),
+    ),
+    # -- the status page's task stream -----------------------------------------
+    _m(
+        "timeline-failures-drawn-as-successes",
+        "the task stream records a failed attempt as one that ended well",
+        Edit(
+            "octotwist/server.py",
+            '            "failed",\n            key=msg.key,',
+            '            "ok",\n            key=msg.key,',
+        ),
+        [T_TASK_STREAM],
+    ),
+    _m(
+        "timeline-since-ignored",
+        "status.json?since=N and each event resend every attempt, not those since N",
+        Edit("octotwist/timeline.py", "start = max(since - first, 0)", "start = 0"),
+        [T_STATUS_FOLLOWS],
     ),
     _m(
         "unixcred-any-uid",
