@@ -414,6 +414,7 @@ class JobServer:
             records_in=msg.records_in,
             records_out=msg.records_out,
             counters=dict(msg.counters),
+            output=msg.output,
             process=msg.process,
         )
         self._printed(name, task, msg.attempt, msg.output)
@@ -570,6 +571,7 @@ class JobServer:
             key=msg.key,
             error=msg.error,
             traceback=msg.traceback,
+            output=msg.output,
             process=msg.process,
         )
         if live:

@@ -879,6 +879,12 @@ _JOB_SCRIPT_TEXT = """(function () {
       pre.textContent = a.traceback;
       box.appendChild(pre);
     }
+    if (a.output !== undefined) {
+      var out = document.createElement("pre");
+      out.id = "stream-output";
+      out.textContent = a.output;
+      box.appendChild(out);
+    }
   }
   function hit(event) {
     var r = byId("stream").getBoundingClientRect();

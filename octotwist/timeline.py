@@ -21,6 +21,9 @@ MAX_ATTEMPTS = 100_000
 MAX_SAMPLES = 3600
 #: Characters of a traceback kept with a failed attempt.
 MAX_TRACEBACK = 20_000
+#: Characters of what an attempt printed kept with it (the end of it): the
+#: status page's C{printed} keeps more, of the last 50.
+MAX_OUTPUT = 2_000
 
 #: How an attempt ended: its output counted, it lost to another attempt
 #: of the same task (a backup copy, say), it raised, the server cancelled
@@ -71,7 +74,8 @@ class Timeline:
         sent (it may have waited in the worker's queue).
 
         @param details: what is known of it: C{records_in}, C{records_out},
-            C{counters}, C{key}, C{error}, C{traceback}, C{why}, and
+            C{counters}, C{key}, C{error}, C{traceback}, C{output} (what it
+            printed), C{why}, and
             C{process}, the worker's number of the process that ran it.
         """
         entry = self._running.pop((str(task), attempt), None)
@@ -83,6 +87,8 @@ class Timeline:
         entry.update(end=end, state=state)
         if "traceback" in details:
             details["traceback"] = str(details["traceback"])[-MAX_TRACEBACK:]
+        if "output" in details:
+            details["output"] = str(details["output"])[-MAX_OUTPUT:]
         entry.update({k: v for k, v in details.items() if v not in (None, "", {}, (), 0)})
         if len(self.attempts) == self.attempts.maxlen:
             self.dropped += 1

@@ -115,7 +115,10 @@ T_STATUS = "tests/test_status_security.py::"
 T_SLOW_WORKER = (
     "tests/test_conformance.py::test_a_slow_worker_does_not_make_the_server_hold_its_downloads"
 )
-T_TASK_STREAM = "tests/test_browser.py::test_the_task_stream_draws_each_attempt_and_shows_a_failure_when_clicked"
+T_TASK_STREAM = (
+    "tests/test_browser.py::"
+    "test_the_task_stream_draws_each_attempt_and_shows_a_failure_when_clicked"
+)
 T_STATUS_FOLLOWS = "tests/test_status.py::test_status_page_follows_a_running_job"
 
 MUTANTS: list[Mutant] = [

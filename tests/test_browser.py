@@ -69,6 +69,7 @@ def mapfn(key, value):
     while not os.path.exists(gate):
         time.sleep(0.05)
     if key == 4:
+        print("about to fail on four")
         raise RuntimeError("bad record four")
     for word in value.split():
         yield word, 1
@@ -391,6 +392,7 @@ def test_the_task_stream_draws_each_attempt_and_shows_a_failure_when_clicked(
     wait_for(browser, "the failed attempt's traceback", lambda d: text(d, "stream-traceback"))
     assert 'raise RuntimeError("bad record four")' in text(browser, "stream-traceback")
     assert "map 4 attempt 1 on w1: failed" in text(browser, "stream-attempt")
+    assert text(browser, "stream-output") == "about to fail on four\n"  # what it printed
     # The charts are drawn: some pixel of the tasks-per-second chart is set.
     assert browser.execute_script(
         "var c = document.getElementById('chart-tasks');"
