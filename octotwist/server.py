@@ -677,10 +677,11 @@ class JobServer:
         self._after_change()
         self._sample(now)
 
-    def _sample(self, now: float) -> None:
+    def _sample(self, now: float, last: bool = False) -> None:
         """The job's figures now, for the status page's charts (once a second)."""
         self.timeline.sample(
             now,
+            last=last,
             map_done=self.scheduler.counts(TaskKind.MAP).done,
             reduce_done=self.scheduler.counts(TaskKind.REDUCE).done,
             bytes_received=self.bytes_received,
@@ -1052,7 +1053,7 @@ class JobServer:
         now = self.reactor.seconds()
         self.timeline.end_all(now, "cancelled", "the job ended")
         with contextlib.suppress(Exception):  # (a picture of time is not worth a job)
-            self._sample(now + 1.0)
+            self._sample(now, last=True)
         for timer in (self._progress, self._ticker):
             if timer.running:
                 timer.stop()

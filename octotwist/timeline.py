@@ -99,9 +99,9 @@ class Timeline:
         for task, attempt in list(self._running):
             self.ended(task, attempt, now, state, why=why)
 
-    def sample(self, now: float, **figures: Any) -> None:
-        """Record the job's figures now, at most once a second."""
-        if self._last_sample is not None and now - self._last_sample < 1.0:
+    def sample(self, now: float, *, last: bool = False, **figures: Any) -> None:
+        """Record the job's figures now, at most once a second unless it is the C{last}."""
+        if not last and self._last_sample is not None and now - self._last_sample < 1.0:
             return
         self._last_sample = now
         self.samples.append({"t": self._t(now), **figures})
