@@ -279,7 +279,11 @@ class JsonResource(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self.snapshot(), indent=1).encode()
+        return json.dumps(self.data(request), indent=1).encode()
+
+    def data(self, request: Request) -> dict[str, Any]:
+        """What the request gets: the snapshot."""
+        return self.snapshot()
 
 
 class _Icon(Resource):
@@ -300,20 +304,16 @@ _ICON_SVG = (
 ICON = _Icon()
 
 
-class JobJson(Resource):
+class JobJson(JsonResource):
     """A job's JSON; with C{?since=N}, its task stream too (from attempt C{N} on)."""
 
-    isLeaf = True
-
     def __init__(self, snapshot: JobSnapshot) -> None:
-        super().__init__()
-        self.snapshot = snapshot
+        super().__init__(snapshot)
+        self.job = snapshot
 
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
+    def data(self, request: Request) -> dict[str, Any]:
         since = request.args.get(b"since")  # type: ignore[attr-defined]
-        status = self.snapshot(stream_since=_number(since[-1])) if since else self.snapshot()
-        return json.dumps(status, indent=1).encode()
+        return self.job(stream_since=_number(since[-1])) if since else self.job()
 
 
 def _number(value: bytes) -> int:

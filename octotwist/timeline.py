@@ -12,6 +12,7 @@ second.  Times are seconds since the job started.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import Any
 
@@ -114,7 +115,8 @@ class Timeline:
         """
         first = self.dropped
         start = max(since - first, 0)
-        attempts = list(self.attempts)[start:] if start else list(self.attempts)
+        # (a watcher asks every second: no copy of what it has already)
+        attempts = list(itertools.islice(self.attempts, start, None))
         return {
             "first": first + start,
             "next": first + len(self.attempts),
