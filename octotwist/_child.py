@@ -398,11 +398,31 @@ def _unpacked(blobs: list[bytes], records: list[int]) -> Iterator[Any]:
         yield run
 
 
+def _die_with_parent() -> None:
+    """
+    Be killed when the worker that started us dies (Linux), rather than
+    run the task we hold to its end for no one: a worker killed mid-job
+    (kill -9, its host's SSH session gone) leaves no task process behind.
+    Elsewhere we end when our input closes, after the current task.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the worker died before we asked
+        os._exit(1)
+
+
 def main() -> int:
     # A Ctrl-C in the terminal reaches the whole process group; the parent
     # decides when we stop (it closes our input), so a task is never cut short
     # with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        _die_with_parent()
     allocator.tune()
     with os.fdopen(3, "rb") as inp, os.fdopen(4, "wb") as out:
         job: _Job | None = None

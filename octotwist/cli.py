@@ -124,12 +124,25 @@ class ClientOptions(_Verbosity, shared.WithTransportOptions):
             shared._non_negative_float,
         ],
     ]
+    optFlags = [
+        [
+            "stdin",
+            None,
+            "Read the secret from standard input's first line, and stop when standard "
+            "input closes (how --hosts starts workers over SSH: none outlives its server's "
+            "connection).",
+        ],
+    ]
     transport_side = "client"
 
     def parseArgs(self, address: str | None = None) -> None:
         if address is not None and self["connect"]:
             raise usage.UsageError("give HOST[:PORT] or --connect, not both")
         self["address"] = address or "localhost"
+
+    def postOptions(self) -> None:
+        if self["stdin"] and self["secret-file"]:
+            raise usage.UsageError("--stdin and --secret-file: give one")
 
     def endpoint(self, transport: Transport) -> str:
         """The client endpoint string, checked.
@@ -156,14 +169,22 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
         "before those that start with a dash."
     )
     optParameters = [
-        ["workers", "w", 2, "Worker processes (0: as --inline).", _workers],
+        [
+            "workers",
+            "w",
+            None,
+            "Worker processes on this machine (default 2, none with --hosts; 0: as --inline).",
+            _workers,
+        ],
         [
             "transport",
             "t",
             None,
             "Run the workers over this transport, to try it; `octo transports` lists "
-            "them (default: none, the server hands them their messages inside the process).",
+            "them (default: none, the server hands them their messages inside the process; "
+            f"{DEFAULT_TRANSPORT} with --hosts).",
         ],
+        *shared.HOSTS_PARAMETERS,
         *shared.OUTPUT_PARAMETERS,
         shared.REDUCE_TASKS_PARAMETER,
         shared.WEB_PARAMETER,
@@ -180,6 +201,7 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
         ],
         *shared.OUTPUT_FLAGS,
         *shared.FAULT_FLAGS,
+        *shared.HOSTS_FLAGS,
     ]
 
     # usage.Options calls parseArgs(*positional): its own takes none, each
@@ -189,7 +211,12 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
         self["args"] = args
 
     def postOptions(self) -> None:
-        if self["workers"] == 0:
+        hosts = self["hosts"] is not None or self["hostfile"] is not None
+        if hosts and self["inline"]:
+            raise usage.UsageError("--inline runs the job in this process: it takes no --hosts")
+        if self["workers"] is None:
+            self["workers"] = 0 if hosts else 2
+        elif self["workers"] == 0 and not hosts:
             self["inline"] = True
 
 
@@ -222,8 +249,9 @@ class ServeOptions(_Verbosity, shared.WithTransportOptions):
             "in the URL the server logs. The http transport also serves it on its own port.",
         ],
         *shared.FAULT_PARAMETERS,
+        *shared.HOSTS_PARAMETERS,
     ]
-    optFlags = [shared.NO_STATE_DIR_FLAG, *shared.FAULT_FLAGS]
+    optFlags = [shared.NO_STATE_DIR_FLAG, *shared.FAULT_FLAGS, *shared.HOSTS_FLAGS]
 
     def postOptions(self) -> None:
         if self["no-state-dir"] and self["state-dir"]:
@@ -342,6 +370,15 @@ class TransportsOptions(shared.Versioned):
     synopsis = ""
 
 
+class VersionOptions(shared.Versioned):
+    synopsis = "[--json]"
+    longdesc = (
+        "Print this octotwist's version, its protocol's and Python's: a worker works "
+        "for a server of the same octotwist release on the same Python minor version."
+    )
+    optFlags = [["json", None, "As JSON, with the CPU cores (what --hosts reads)."]]
+
+
 class SecretOptions(shared.Versioned):
     synopsis = "[-o FILE]"
     longdesc = (
@@ -360,7 +397,7 @@ class SecretOptions(shared.Versioned):
     ]
 
 
-_COMMANDS = "run|server|client|serve|submit|jobs|cancel|results|secret|transports"
+_COMMANDS = "run|server|client|serve|submit|jobs|cancel|results|secret|transports|version"
 
 
 class Options(shared.Versioned):
@@ -386,6 +423,7 @@ class Options(shared.Versioned):
             "Make a new shared secret: print it, or -o FILE writes it (mode 0600).",
         ],
         ["transports", None, TransportsOptions, "List the installed transports."],
+        ["version", None, VersionOptions, "Print the versions of octotwist and Python."],
     ]
 
     def postOptions(self) -> None:
@@ -454,13 +492,17 @@ async def _work(reactor: IWorkerReactor, options: ClientOptions) -> int:
     transport = get_transport(options["transport"])
     connect = options.endpoint(transport)
     transport_options = shared.transport_options(options, transport, "client")
-    if transport.client_class().needs_secret(transport_options):
+    if options["stdin"]:
+        from octotwist import lifeline
+
+        secret = lifeline.read_secret()
+    elif transport.client_class().needs_secret(transport_options):
         secret = await _client_secret(reactor, options)
     else:
         secret = _secret_if_any(options)
     client = transport.client_class()(reactor, ClientSettings(connect, secret, transport_options))
-    try:
-        shutdown = await run_worker(
+    working = Deferred.fromCoroutine(
+        run_worker(
             reactor,
             client,
             processes=options["processes"],
@@ -468,6 +510,20 @@ async def _work(reactor: IWorkerReactor, options: ClientOptions) -> int:
             wait=_wait(options),
             wait_after_work=WAIT_AFTER_WORK if options["wait"] is None else None,
         )
+    )
+    if options["stdin"]:
+
+        def closed() -> None:
+            if not working.called:
+                _log.info(
+                    "standard input closed: whoever started this worker (octo run --hosts) "
+                    "is gone or done with it; stopping"
+                )
+                working.cancel()
+
+        lifeline.watch(reactor, closed)  # type: ignore[arg-type]  # every reactor has FDs
+    try:
+        shutdown = await working
     except (AuthenticationError, RemoteProtocolError, ConnectionError) as e:
         sys.stderr.write(f"octo: {e}\n")
         return EXIT_FAILED
@@ -671,19 +727,20 @@ def _written(path: Path) -> bool:
 
 async def _run(reactor: IWorkerReactor, opts: RunOptions) -> int:
     config = shared.job_config(opts)
+    hosts = shared.launch_config(opts)
     job = load_job(opts["script"], config.args)
     output = shared.open_output(config, job)
-    if opts["transport"] is None:
+    if opts["transport"] is None and hosts is None:
         transport: Transport = embedded.TRANSPORT
     else:
         from octotwist.hookspecs import get_transport
 
-        transport = get_transport(opts["transport"])
+        transport = get_transport(opts["transport"] or DEFAULT_TRANSPORT)
     service = JobService(
         reactor,
         job,
         config,
-        local_config(reactor, transport, opts["workers"], opts["web"]),
+        local_config(reactor, transport, opts["workers"], opts["web"], hosts),
         transport,
         output,
     )
@@ -764,6 +821,14 @@ def _warn_if_stdout_is_open() -> None:
         )
 
 
+def _print_version(options: VersionOptions) -> int:
+    from octotwist.version import Installation
+
+    here = Installation.here()
+    print(here.to_json() if options["json"] else here.describe())
+    return EXIT_OK
+
+
 def _list_transports() -> int:
     from octotwist.hookspecs import transports
 
@@ -812,6 +877,8 @@ def _main(argv: list[str] | None) -> None:
             sys.exit(_list_transports())
         if command == "secret":
             sys.exit(_make_secret(sub))
+        if command == "version":
+            sys.exit(_print_version(sub))
         _start_logging(sub, _sink)
         if command == "run" and sub["inline"]:
             sys.exit(_run_inline(sub))

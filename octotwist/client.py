@@ -419,9 +419,12 @@ async def run_worker(
             refused_delay = min(refused_delay * 2, 10.0)
     finally:
         # Kept processes nobody will use (we gave up reconnecting, or were
-        # stopped): they stop with us, not when their pipes happen to close.
-        if pool is not None and not pool.stopping:
-            await pool.stop()
+        # stopped, mid-job too): they stop with us, not when their pipes
+        # happen to close, and a task they run is cut short.
+        live = sessions[-1].pool if sessions else None
+        for spare in {id(kept): kept for kept in (pool, live) if kept is not None}.values():
+            if not spare.stopping:
+                await spare.stop()
 
 
 def _gone(job: str, waited: float) -> messages.Shutdown:

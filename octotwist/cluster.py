@@ -62,6 +62,7 @@ from octotwist.endpoints import server_is_local
 from octotwist.errors import OctotwistError
 from octotwist.job import Job, load_job
 from octotwist.journal import Journal, JournalError, Submitted
+from octotwist.launcher import HostWorkers, LaunchConfig, LaunchError, bound_port
 from octotwist.outbox import Outbox
 from octotwist.output import Results
 from octotwist.progress import bar_status
@@ -889,6 +890,7 @@ class ClusterService(Service):
         transport: Transport,
         settings: ServerSettings,
         web: str | None = None,
+        hosts: LaunchConfig | None = None,
     ) -> None:
         from octotwist.clusterpage import ClusterPage
 
@@ -905,6 +907,18 @@ class ClusterService(Service):
         self.task_server = transport.server_class()(reactor, self.settings, cluster.accept)
         self._web_port: IListeningPort | None = None
         self.listening: Deferred[str] = Deferred()
+        #: The workers this cluster starts on hosts over SSH (C{--hosts}).
+        self.hosts = (
+            # (Every reactor starts processes; IReactor only says timers.)
+            HostWorkers(
+                reactor,  # type: ignore[arg-type]
+                hosts,
+                transport.name,
+                settings.secret,
+            )
+            if hosts is not None
+            else None
+        )
 
     def startService(self) -> None:
         super().startService()
@@ -939,11 +953,34 @@ class ClusterService(Service):
             kept=f"; the queue is kept in {journal.directory}" if journal else "",
         )
         webport.log_transport_page(address, self.settings.listen, self.token, self.transport)
+        if self.hosts is not None:
+            await self._launch(address)
         return address
+
+    async def _launch(self, address: str) -> None:
+        """
+        Check the hosts of C{--hosts} and start a worker on each that can
+        work (workers that connect by themselves are welcome as ever).
+
+        @raise LaunchError: one cannot work, and all must.
+        """
+        assert self.hosts is not None
+        ready = await self.hosts.check()
+        refusal = self.hosts.refusal(ready, others_coming=True)
+        if refusal is not None:
+            raise LaunchError(f"the cluster cannot start: {refusal}")
+        if self.running:
+            self.hosts.start(ready, bound_port(address))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self.cluster.stop()
         if self._web_port is not None:
             self._web_port.stopListening()
-        return self.task_server.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        """The workers on our hosts exit (their lifelines close), then the port closes."""
+        if self.hosts is not None:
+            await self.hosts.stop()
+        await self.task_server.stop()

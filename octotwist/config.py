@@ -14,10 +14,13 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from octotwist.errors import UsageError
 from octotwist.store import DEFAULT_MEMORY_LIMIT
+
+if TYPE_CHECKING:
+    from octotwist.launcher import LaunchConfig
 
 #: The transport C{octo server} and C{octo client} use when not told.
 DEFAULT_TRANSPORT = "tcp"
@@ -153,6 +156,7 @@ class ServiceConfig:
     @ivar local_workers: worker processes this service starts for itself and
         connects to its own private server (C{octo run}, L{octotwist.run});
         0 for a server that waits for C{octo client}s.
+    @ivar hosts: the hosts to start workers on over SSH (C{--hosts}), or C{None}.
     """
 
     listen: str
@@ -160,6 +164,7 @@ class ServiceConfig:
     transport_options: Mapping[str, Any] = field(default_factory=dict)
     web: str | None = None
     local_workers: int = 0
+    hosts: LaunchConfig | None = None
 
 
 def _finite(x: float) -> bool:

@@ -14,7 +14,7 @@ import getopt
 import math
 import sys
 import warnings
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -28,6 +28,9 @@ from octotwist.job import Job
 from octotwist.output import Results, open_results, stdout
 from octotwist.store import DEFAULT_MEMORY_LIMIT
 from octotwist.transport import IReactor, Option, Transport
+
+if TYPE_CHECKING:
+    from octotwist.launcher import LaunchConfig
 
 _log = Logger()
 
@@ -256,6 +259,81 @@ WEB_PARAMETER: list[Any] = [
 ]
 
 
+#: Workers started over SSH (L{octotwist.launcher}): octo run and octo serve.
+HOSTS_PARAMETERS: list[list[Any]] = [
+    [
+        "hosts",
+        None,
+        None,
+        "Start a worker on each of these hosts over SSH, with your ~/.ssh/config, agent and "
+        "known_hosts: [user@]host[:port],... Each runs as many tasks at once as it has cores.",
+    ],
+    [
+        "hostfile",
+        None,
+        None,
+        "As --hosts, one host a line in this file, each optionally followed by "
+        "processes=N and python=PATH; # starts a comment.",
+    ],
+    [
+        "advertise",
+        None,
+        None,
+        "HOST[:PORT] at which the hosts' workers reach this server (default: the address "
+        "each host's SSH connection comes from, and the port the server listens on).",
+    ],
+    [
+        "remote-python",
+        None,
+        None,
+        "Run octotwist on the hosts as PATH -m octotwist (default: octo on their PATH).",
+    ],
+    [
+        "ssh-command",
+        None,
+        "ssh",
+        "The ssh client and options of its own to start the workers with, e.g. "
+        '"ssh -F ssh_config" (host keys are always checked, nothing is ever asked).',
+    ],
+]
+HOSTS_FLAGS: list[list[Any]] = [
+    [
+        "require-all-hosts",
+        None,
+        "Fail when any host cannot work (default: go on with those that can, saying why "
+        "the others cannot).",
+    ],
+]
+
+
+def launch_config(options: usage.Options) -> LaunchConfig | None:
+    """
+    The L{octotwist.launcher.LaunchConfig} that L{HOSTS_PARAMETERS} ask
+    for, or C{None} when they name no host.
+
+    @raise UsageError: both --hosts and --hostfile, or a bad host, or no ssh.
+    """
+    from octotwist.hosts import parse_hosts, read_hostfile
+    from octotwist.launcher import LaunchConfig
+
+    given, path = options.get("hosts"), options.get("hostfile")
+    if given is not None and path is not None:
+        raise UsageError("--hosts and --hostfile: give one")
+    if given is None and path is None:
+        for name in ("advertise", "remote-python", "require-all-hosts"):
+            if options.get(name):
+                raise UsageError(f"--{name} is for starting workers on hosts: add --hosts")
+        return None
+    hosts = parse_hosts(given) if given is not None else read_hostfile(str(path))
+    return LaunchConfig.from_command(
+        hosts,
+        options["ssh-command"],
+        remote_python=options["remote-python"] or None,
+        advertise=options["advertise"],
+        require_all=bool(options["require-all-hosts"]),
+    )
+
+
 #: A job's reduce partitions; every command that runs or sends a job takes it.
 REDUCE_TASKS_PARAMETER: list[Any] = [
     "reduce-tasks",
@@ -437,19 +515,26 @@ def job_config(options: usage.Options) -> JobConfig:
 
 
 def listen_settings(
-    reactor: IReactor, options: usage.Options, transport: Transport
+    reactor: IReactor, options: usage.Options, transport: Transport, hosts: bool = False
 ) -> tuple[str, bytes]:
     """
     Where to listen and with which secret, applying the rule that a server
     reachable from other machines needs a configured secret.
 
+    @param hosts: the server starts its workers on hosts over SSH, which
+        hands them the secret (the generated one is good for that).
     @raise UsageError: a non-local endpoint was asked for without one.
     """
     configured = auth.configured_secret(options["secret-file"])
     # Without a configured secret, only a server whose peers prove
-    # themselves otherwise (keys) may be reachable from other machines.
-    guarded = configured is not None or not transport.server_class().needs_secret(
-        transport_options(options, transport, "server")
+    # themselves otherwise (keys), or get it from us, may be reachable
+    # from other machines.
+    guarded = (
+        hosts
+        or configured is not None
+        or not transport.server_class().needs_secret(
+            transport_options(options, transport, "server")
+        )
     )
     listen = options["listen"]
     if listen is None:

@@ -28,6 +28,7 @@ from octotwist.endpoints import server_is_local
 from octotwist.errors import OctotwistError
 from octotwist.job import Job
 from octotwist.journal import Journal
+from octotwist.launcher import HostWorkers, LaunchConfig, LaunchError, advertised, bound_port
 from octotwist.output import Results
 from octotwist.server import JobOutcome, JobServer
 from octotwist.status import StatusPage, new_token
@@ -74,6 +75,20 @@ class JobService(Service):
         self.config = service
         self.transport = transport
         self.local = service.local_workers > 0
+        #: Whether the server listens for its own workers only (C{octo run}
+        #: without C{--hosts}): on a private address, under a private secret.
+        self.private = self.local and service.hosts is None
+        self.hosts = (
+            # (Every reactor starts processes; IReactor only says timers.)
+            HostWorkers(
+                reactor,  # type: ignore[arg-type]
+                service.hosts,
+                transport.name,
+                service.secret,
+            )
+            if service.hosts is not None
+            else None
+        )
         #: The status pages' token (L{octotwist.status.new_token}), needed
         #: by those reachable from other machines.
         self.status_token = new_token()
@@ -99,7 +114,9 @@ class JobService(Service):
             output.abort()  # no results file for a server that never started
             raise
         try:
-            self._private = tempfile.TemporaryDirectory(prefix="octo-run-") if self.local else None
+            self._private = (
+                tempfile.TemporaryDirectory(prefix="octo-run-") if self.private else None
+            )
             listen = (
                 transport.local_listen(Path(self._private.name))
                 if self._private is not None
@@ -107,7 +124,7 @@ class JobService(Service):
             )
             # The same guard wherever the page is served: on the transport's
             # port, the token unless that port is this machine's only.
-            token = None if self.local or server_is_local(listen) else self.status_token
+            token = None if self.private or server_is_local(listen) else self.status_token
             self.listen = listen
             self.task_server: TaskServer = transport.server_class()(
                 reactor,
@@ -215,7 +232,13 @@ class JobService(Service):
         if isinstance(address, JobOutcome):
             return address
         self.address = address
-        if not self.local:
+        if self.hosts is not None:  # (under a secret only they get)
+            _log.info(
+                "serving job {job} on {address} for the workers on its hosts",
+                job=self.job_server.job.name,
+                address=address,
+            )
+        elif not self.private:
             _log.info(
                 "serving job {job} on {address}; start workers with: octo client {hint}",
                 job=self.job_server.job.name,
@@ -226,8 +249,13 @@ class JobService(Service):
         self.listening.callback(address)
         if self.local:
             self._workers = self._start_workers(address)
-        self.job_server.start(workers_coming=self.local)
+        self.job_server.start(workers_coming=self.local or self.hosts is not None)
+        launching = ensureDeferred(self._launch(address)) if self.hosts is not None else None
         outcome = await self.job_server.result
+        if self.hosts is not None:
+            await self.hosts.stop()
+        if launching is not None:
+            await launching
         if self._workers is not None:
             await self._workers
         await self._stop_task_server()
@@ -255,6 +283,23 @@ class JobService(Service):
         finally:
             if said.active():
                 said.cancel()
+
+    async def _launch(self, address: str) -> None:
+        """
+        Check the hosts of C{--hosts}, then start a worker on each that can
+        work; fail the job if too few can.
+        """
+        assert self.hosts is not None
+        ready = await self.hosts.check()
+        if self.job_server.finished:
+            return  # stopped meanwhile
+        refusal = self.hosts.refusal(ready, others_coming=self.local)
+        try:
+            if refusal is not None:
+                raise LaunchError(refusal)
+            self.hosts.start(ready, bound_port(address))
+        except LaunchError as e:
+            self.job_server.cancel(f"the job cannot run on its hosts: {e}")
 
     def _start_workers(self, address: str) -> Deferred[Any]:
         """This machine's workers, connected to our own private server."""
@@ -340,12 +385,20 @@ def client_hint(address: str, transport: Transport, listen: str = "") -> str:
 
 
 def local_config(
-    reactor: IReactor, transport: Transport, workers: int, web: str | None
+    reactor: IReactor,
+    transport: Transport,
+    workers: int,
+    web: str | None,
+    hosts: LaunchConfig | None = None,
 ) -> ServiceConfig:
     """
     A server for this machine's own workers only: a fresh secret that never
     touches disk, on the transport's private address (L{JobService} picks
     it), and C{--web} kept to 127.0.0.1 unless it names an interface.
+
+    With C{hosts}, also for the workers it starts on them over SSH (which
+    get the secret over SSH): it listens on every interface, on the port
+    C{--advertise} names or one the kernel picks.
     """
     from octotwist import auth
     from octotwist.endpoints import check_server_endpoint
@@ -353,12 +406,17 @@ def local_config(
     if web is not None:
         check_server_endpoint(reactor, web, "--web")
         web = webport.web_endpoint(web, "127.0.0.1")
+    listen = ""
+    if hosts is not None:
+        port = advertised(hosts.advertise)[1] if hosts.advertise else None
+        listen = f"tcp:{port or 0}"
     return ServiceConfig(
-        listen="",
+        listen=listen,
         secret=auth.new_secret().encode(),
         transport_options=transport_defaults(transport, "server"),
         web=web,
         local_workers=workers,
+        hosts=hosts,
     )
 
 

@@ -38,6 +38,7 @@ from octotwist.options import (
     fault_policy,
     ignore_twisted_reserved_descriptor,
     job_config,
+    launch_config,
     listen_settings,
     open_output,
     transport_options,
@@ -167,7 +168,8 @@ def build_cluster(options: usage.Options, reactor: IReactor) -> ClusterService:
     from octotwist.hookspecs import get_transport
 
     transport = get_transport(options["transport"])
-    listen, secret = listen_settings(reactor, options, transport)
+    hosts = launch_config(options)
+    listen, secret = listen_settings(reactor, options, transport, hosts is not None)
     limits.raise_open_file_limit()
     web = _web(options, reactor, listen)
     state_dir = None if options["no-state-dir"] else options["state-dir"] or default_state_dir()
@@ -178,7 +180,9 @@ def build_cluster(options: usage.Options, reactor: IReactor) -> ClusterService:
         state_dir=state_dir,
     )
     own = transport_options(options, transport, "server")
-    return ClusterService(reactor, cluster, transport, ServerSettings(listen, secret, own), web)
+    return ClusterService(
+        reactor, cluster, transport, ServerSettings(listen, secret, own), web, hosts
+    )
 
 
 def _web(options: usage.Options, reactor: IReactor, listen: str) -> str | None:

@@ -115,6 +115,7 @@ T_STATUS = "tests/test_status_security.py::"
 T_SLOW_WORKER = (
     "tests/test_conformance.py::test_a_slow_worker_does_not_make_the_server_hold_its_downloads"
 )
+T_LAUNCH = "tests/test_launch.py::"
 T_TASK_STREAM = (
     "tests/test_browser.py::"
     "test_the_task_stream_draws_each_attempt_and_shows_a_failure_when_clicked"
@@ -692,6 +693,33 @@ MUTANTS: list[Mutant] = [
         "status.json?since=N and each event resend every attempt, not those since N",
         Edit("octotwist/timeline.py", "start = max(since - first, 0)", "start = 0"),
         [T_STATUS_FOLLOWS],
+    ),
+    # -- workers started over SSH (--hosts) --------------------------------------
+    _m(
+        "hosts-host-keys-accepted-unseen",
+        "the launcher's ssh accepts a host key it has never seen",
+        Edit("octotwist/launcher.py", '"StrictHostKeyChecking=yes"', '"StrictHostKeyChecking=no"'),
+        [T_LAUNCH + "test_an_unknown_host_key_is_refused_with_its_fingerprint"],
+    ),
+    _m(
+        "hosts-secret-in-environment",
+        "the launcher hands the secret to ssh in its environment, where a listing shows it",
+        Edit(
+            "octotwist/launcher.py",
+            "ssh, args[0], args, env=dict(os.environ),",
+            "ssh, args[0], args, env={**os.environ, 'OCTO_SECRET': self._secret.decode()},",
+        ),
+        [T_LAUNCH + "test_the_secret_is_on_no_command_line_and_in_no_environment"],
+    ),
+    _m(
+        "hosts-no-lifeline",
+        "a worker started over SSH does not stop when its standard input closes",
+        Edit(
+            "octotwist/lifeline.py",
+            "    StandardIO(_Lifeline(closed), stdin=fd, stdout=devnull, reactor=reactor)",
+            "    pass",
+        ),
+        [T_LAUNCH + "test_a_worker_whose_ssh_session_breaks_stops"],
     ),
     _m(
         "unixcred-any-uid",

@@ -1,0 +1,536 @@
+"""
+Workers started over SSH on the hosts of C{--hosts} and C{--hostfile}.
+
+For each host, with the OpenSSH client and the user's own setup (its
+C{~/.ssh/config}, agent and known hosts):
+
+ 1. B{check}: C{ssh HOST octo version --json}.  The host must answer, as
+    an octotwist that can work for this server (L{octotwist.version}); a
+    host that does not is named with the reason (an unknown host key with its
+    fingerprint, no octotwist there, another version) and left out, or
+    fails the job with C{--require-all-hosts}.  The answer also says at which
+    address the host sees us (C{$SSH_CONNECTION}), which is where its worker
+    connects unless C{--advertise} says otherwise.
+ 2. B{start}: C{ssh HOST octo client ADDRESS --stdin ...}.  The secret is
+    the first line written to that ssh's standard input: it is never on a
+    command line or in an environment, where a process listing shows it.
+    Standard input then stays open: it is the worker's lifeline.  When it
+    closes (we closed it, or we died, or the SSH connection broke), the
+    worker stops at once, its task processes with it.
+ 3. B{stop}, when the job ends, fails or is interrupted: close every
+    lifeline, wait a little for the workers to exit, then end the ssh
+    processes that are left.  Nothing stays running on any host.
+
+A worker that dies mid-job (its host lost) is the ordinary worker-death
+path of the server: its tasks run again elsewhere; the log says which host.
+
+Host keys are always checked (C{StrictHostKeyChecking=yes}) and nothing is
+ever asked (C{BatchMode=yes}): no host key is accepted unseen, and no
+password prompt stops a job halfway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from octotwist.errors import OctotwistError, UsageError
+from octotwist.hosts import Host, parse_host
+from octotwist.version import MAX_ANSWER, Installation
+
+_log = Logger()
+
+#: What every ssh we start is told, whatever the user's configuration says
+#: (options on the command line win over the configuration file's).
+SSH_OPTIONS = (
+    "-T",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "StrictHostKeyChecking=yes",
+    "-o",
+    "ServerAliveInterval=5",
+    "-o",
+    "ServerAliveCountMax=3",
+)
+
+#: Seconds a host has to answer the check.
+CHECK_TIMEOUT = 30.0
+#: Seconds the workers have to exit by themselves once the job is over
+#: (they heard so from the server) before their lifelines close.
+SELF_EXIT = 2.0
+#: Seconds they have after that before their ssh is ended.
+STOP_GRACE = 10.0
+#: Seconds a worker started over SSH keeps trying to reach the server.
+WORKER_WAIT = 60.0
+#: Bytes of a worker's standard error kept to say why it ended.
+KEEP_ERRORS = 8192
+
+
+class ILaunchReactor(IReactorProcess, IReactorTime):
+    """What starting workers over SSH takes of a reactor: processes and timers."""
+
+
+class LaunchError(OctotwistError):
+    """The hosts cannot run the job (none can, or one cannot and all must)."""
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """
+    Where and how to start workers over SSH.
+
+    @ivar hosts: the hosts, each with its own settings.
+    @ivar ssh_command: the ssh client and its own options (C{--ssh-command
+        "ssh -F my_config"}).
+    @ivar remote_python: the Python to run octotwist with on a host that
+        names none (C{PATH -m octotwist}); C{None}: C{octo} on its C{PATH}.
+    @ivar advertise: C{HOST[:PORT]} where the workers reach the server;
+        C{None}: the address each host's SSH connection came from, and the
+        port the server listens on.
+    @ivar require_all: fail the job when any host cannot work for it.
+    @ivar check_timeout: seconds each host has to answer the check.
+    """
+
+    hosts: tuple[Host, ...]
+    ssh_command: tuple[str, ...] = ("ssh",)
+    remote_python: str | None = None
+    advertise: str | None = None
+    require_all: bool = False
+    check_timeout: float = CHECK_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not self.hosts:
+            raise UsageError("no hosts to start workers on")
+        if not self.ssh_command:
+            raise UsageError("--ssh-command is empty: give the ssh client to run")
+        if self.advertise is not None:
+            advertised(self.advertise)  # refuse a bad one now
+
+    @classmethod
+    def from_command(
+        cls,
+        hosts: tuple[Host, ...],
+        ssh_command: str = "ssh",
+        **settings: Any,
+    ) -> LaunchConfig:
+        """
+        From what a command line gives: C{ssh_command} as a shell would split it.
+
+        @raise UsageError: the ssh client is not installed, or a setting is wrong.
+        """
+        try:
+            words = tuple(shlex.split(ssh_command))
+        except ValueError as e:
+            raise UsageError(f"--ssh-command {ssh_command!r}: {e}") from None
+        if words and shutil.which(words[0]) is None:
+            raise UsageError(
+                f"no ssh client {words[0]!r} on this machine: install OpenSSH's "
+                "(apt install openssh-client, dnf install openssh-clients), or name one "
+                "with --ssh-command"
+            )
+        return cls(hosts, words, **settings)
+
+    def octo(self, host: Host) -> list[str]:
+        """The command that runs octotwist on C{host}."""
+        python = host.python or self.remote_python
+        return [python, "-m", "octotwist"] if python else ["octo"]
+
+
+def advertised(text: str) -> tuple[str, int | None]:
+    """
+    C{--advertise HOST[:PORT]}.
+
+    @raise UsageError: it is not that.
+    """
+    try:
+        host = parse_host(text)
+    except ValueError as e:
+        raise UsageError(f"--advertise: {e}") from None
+    if host.user is not None:
+        raise UsageError(f"--advertise {text!r}: give HOST[:PORT], no user")
+    return host.host, host.port
+
+
+def bound_port(address: str) -> int | None:
+    """The port in a task server's address (C{tcp:0.0.0.0:40123}, C{http://[::]:80/})."""
+    ports = re.findall(r":(\d{1,5})(?=/|\?|$)", address)
+    return int(ports[-1]) if ports else None
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A host that passed its check."""
+
+    host: Host
+    installation: Installation
+
+
+class _SSH(ProcessProtocol):
+    """One ssh process: what it printed, and how it ended."""
+
+    def __init__(self, on_line: Any = None) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        #: Fires with how it ended (a Failure is not a result a Deferred can carry).
+        self.ended: Deferred[BaseException] = Deferred()
+        self.reason: Failure | None = None
+        self._on_line = on_line
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        if len(self.out) <= MAX_ANSWER:
+            self.out += data[: MAX_ANSWER + 1 - len(self.out)]
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+        del self.err[:-KEEP_ERRORS]
+        if self._on_line is not None:
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            self._partial = self._partial[-KEEP_ERRORS:]
+            for line in lines:
+                self._on_line(line.decode("utf-8", "replace").rstrip())
+
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
+        self.ended.callback(reason.value)
+
+    @property
+    def running(self) -> bool:
+        return self.reason is None
+
+    def end(self, signal: str) -> None:
+        if self.running and self.transport is not None:
+            with contextlib.suppress(ProcessExitedAlready):
+                self.transport.signalProcess(signal)
+
+
+class HostWorkers:
+    """
+    The workers on a job's (or a cluster's) hosts: checked, started, stopped.
+
+    @param transport: the transport's name (C{octo client -t NAME}).
+    @param secret: what each worker proves it knows (sent on its standard input).
+    """
+
+    def __init__(
+        self,
+        reactor: ILaunchReactor,
+        config: LaunchConfig,
+        transport: str,
+        secret: bytes,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.transport = transport
+        self._secret = secret
+        self._checks: list[_SSH] = []
+        self._workers: dict[str, _SSH] = {}
+        self._stopping = False
+
+    # 1. The check.
+
+    async def check(self) -> list[Ready]:
+        """
+        Ask every host, at once, what octotwist it has; log those that
+        cannot work, with why.
+
+        @return: those that can (in the order given).
+        """
+        results = await DeferredList(
+            [Deferred.fromCoroutine(self._check(host)) for host in self.config.hosts],
+            consumeErrors=True,
+        )
+        ready = []
+        for host, (ok, result) in zip(self.config.hosts, results, strict=True):
+            if not ok:  # (a bug of ours: say so rather than hang)
+                result = f"the check failed: {cast(Failure, result).getErrorMessage()}"
+            if isinstance(result, Installation):
+                ready.append(Ready(host, result))
+            elif not self._stopping:
+                _log.error("host {host} cannot work for this job: {why}", host=host, why=result)
+        return ready
+
+    def refusal(self, ready: list[Ready], others_coming: bool) -> str | None:
+        """
+        Why the job cannot go on with the hosts that are C{ready}, or C{None}.
+
+        @param others_coming: workers other than these hosts' are on their way.
+        """
+        good = {str(r.host) for r in ready}
+        bad = [str(h) for h in self.config.hosts if str(h) not in good]
+        if bad and self.config.require_all:
+            return (
+                f"{_count(len(bad), 'host')} of {len(self.config.hosts)} cannot work for it "
+                f"({', '.join(bad)}; see above) and --require-all-hosts is given"
+            )
+        if not ready and not others_coming:
+            return "no host can work for it (see above for why)"
+        return None
+
+    async def _check(self, host: Host) -> Installation | str:
+        ssh = self._spawn(host, [*self.config.octo(host), "version", "--json"], verbose=True)
+        self._checks.append(ssh)
+        timer = self.reactor.callLater(self.config.check_timeout, ssh.end, "KILL")
+        try:
+            reason = await ssh.ended
+        finally:
+            timed_out = not timer.active()
+            if not timed_out:
+                timer.cancel()
+        if self._stopping:
+            return "stopped"
+        if timed_out and not isinstance(reason, ProcessDone):
+            return f"no answer within {self.config.check_timeout:g} s ({_last_line(ssh.err)})"
+        return explain_check(host, self.config, _exit_code(reason), bytes(ssh.out), bytes(ssh.err))
+
+    # 2. The workers.
+
+    def start(self, ready: Iterable[Ready], port: int | None) -> None:
+        """
+        Start a worker on each host, connecting to this server's C{port}
+        (the one C{--advertise} names, if it does).
+        """
+        host_given, port_given = (
+            advertised(self.config.advertise) if self.config.advertise else (None, None)
+        )
+        port = port_given or port
+        if port is None:
+            raise LaunchError("the server listens on no port a host could connect to")
+        for r in ready:
+            if self._stopping:
+                return
+            where = host_given or r.installation.ssh_client or socket.getfqdn()
+            address = f"[{where}]:{port}" if ":" in where else f"{where}:{port}"
+            processes = r.host.processes or r.installation.cpus
+            command = [
+                *self.config.octo(r.host),
+                "client",
+                address,
+                "--transport",
+                self.transport,
+                "--processes",
+                str(processes),
+                "--name",
+                str(r.host),
+                "--stdin",
+                "--quiet",
+                # A host that cannot reach us says so (its worker gives up)
+                # within a minute, not the two of a client started by hand.
+                "--wait",
+                f"{WORKER_WAIT:g}",
+            ]
+            name = str(r.host)
+            ssh = self._spawn(r.host, command, on_line=lambda line, n=name: _relay(n, line))
+            assert ssh.transport is not None
+            ssh.transport.write(self._secret + b"\n")
+            self._workers[name] = ssh
+            ssh.ended.addCallback(self._worker_ended, name)
+            _log.info(
+                "host {host}: starting a worker of {n} process{es}, connecting to {address}",
+                host=name,
+                n=processes,
+                es="" if processes == 1 else "es",
+                address=address,
+            )
+
+    def _worker_ended(self, reason: BaseException, name: str) -> None:
+        if self._stopping:
+            return
+        ssh = self._workers[name]
+        code = _exit_code(reason)
+        if code == 0:
+            _log.debug("host {host}: its worker exited", host=name)
+            return
+        # (ssh says 255 both when it lost the connection and when the
+        # remote command was killed by a signal.)
+        how = "it was killed, or its SSH connection was lost" if code == 255 else _how(reason)
+        _log.warn(
+            "host {host}: its worker ended ({how}){last}; its tasks go to the other workers",
+            host=name,
+            how=how,
+            last=f": {_last_line(ssh.err)}" if ssh.err.strip() else "",
+        )
+
+    def pids(self) -> dict[str, int]:
+        """The local ssh process of each host's worker that runs."""
+        return {
+            name: ssh.transport.pid
+            for name, ssh in self._workers.items()
+            if ssh.running and ssh.transport is not None and ssh.transport.pid is not None
+        }
+
+    # 3. The end.
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """
+        End every worker: those that heard the job's end exit by themselves
+        (for up to L{SELF_EXIT} seconds); the lifelines of the others are
+        closed, and they get C{grace} seconds more; then their ssh
+        processes are ended.  Checks still running are ended at once.
+        """
+        self._stopping = True
+        for check in self._checks:
+            check.end("KILL")
+        workers = [s for s in self._workers.values() if s.running]
+        await self._until_ended(workers, SELF_EXIT)
+        for ssh in workers:
+            if ssh.running and ssh.transport is not None:
+                ssh.transport.closeStdin()
+        await self._until_ended(workers, grace)
+        for signal in ("TERM", "KILL"):
+            for ssh in (*self._checks, *workers):
+                ssh.end(signal)
+            await self._until_ended([*self._checks, *workers], 2.0)
+
+    async def _until_ended(self, processes: list[_SSH], seconds: float) -> None:
+        deadline = self.reactor.seconds() + seconds
+        while any(p.running for p in processes) and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.05)
+
+    def _spawn(
+        self, host: Host, command: list[str], *, verbose: bool = False, on_line: Any = None
+    ) -> _SSH:
+        ssh = _SSH(on_line)
+        args = [
+            *self.config.ssh_command,
+            *SSH_OPTIONS,
+            "-o",
+            f"ConnectTimeout={max(1, int(self.config.check_timeout))}",
+            *(["-v"] if verbose else []),
+            *host.ssh_arguments(),
+            "exec " + shlex.join(command),
+        ]
+        process: IProcessTransport = self.reactor.spawnProcess(
+            ssh, args[0], args, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
+        )
+        if not verbose:
+            return ssh
+        process.closeStdin()  # the check reads nothing
+        return ssh
+
+
+def explain_check(
+    host: Host, config: LaunchConfig, code: int | None, out: bytes, err: bytes
+) -> Installation | str:
+    """
+    What a host's answer to C{octo version --json} means: its installation,
+    or why it cannot work (what went wrong, and what to do).
+
+    @param code: ssh's exit status (C{None}: killed by a signal).
+    @param out: what the command printed; C{err}: what it and ssh (with
+        C{-v}) wrote to standard error.
+    """
+    lines = err.decode("utf-8", "replace").splitlines()
+    said = [ln for ln in lines if not ln.startswith("debug") and ln.strip()]
+    octo = shlex.join(config.octo(host))
+    if code == 255:
+        return _ssh_failure(host, config, lines, said)
+    if code == 0:
+        try:
+            theirs = Installation.from_json(out.decode("utf-8", "replace").strip())
+        except ValueError as e:
+            return f"`{octo} version --json` answered something else: {e}"
+        problem = Installation.here().incompatibility(theirs)
+        if problem is None:
+            return theirs
+        return f"{problem}; install octotwist {Installation.here().octotwist} there"
+    text = "\n".join(said)
+    if code == 127 or "not found" in text or "No such file" in text:
+        where = (
+            f"{config.octo(host)[0]} does not exist there"
+            if config.octo(host) != ["octo"]
+            else "there is no octo on its PATH (for commands run over ssh)"
+        )
+        return (
+            f"{where}: install octotwist there (pip install octotwist=="
+            f"{Installation.here().octotwist}), or pass --remote-python PATH (python=PATH "
+            "in a host file) naming the Python that has it, or --install"
+        )
+    if "No module named octotwist" in text:
+        return (
+            f"{config.octo(host)[0]} has no octotwist: install it there (pip install "
+            f"octotwist=={Installation.here().octotwist}), or name another Python with "
+            "--remote-python, or pass --install"
+        )
+    if code == 2:
+        return (
+            f"`{octo} version --json` is not understood there: an octotwist older than "
+            f"this one ({Installation.here().octotwist})? ({_last(said)})"
+        )
+    return f"`{octo} version --json` exited with status {code}: {_last(said)}"
+
+
+def _ssh_failure(host: Host, config: LaunchConfig, lines: list[str], said: list[str]) -> str:
+    """Why ssh itself failed (its exit status 255), and what to do."""
+    text = "\n".join(said)
+    key = next(
+        (ln.split("Server host key: ", 1)[1] for ln in lines if "Server host key: " in ln), None
+    )
+    fingerprint = f" ({key})" if key else ""
+    again = shlex.join([*config.ssh_command, *(a for a in host.ssh_arguments() if a != "--")])
+    if "IDENTIFICATION HAS CHANGED" in text or "has changed" in text:
+        return (
+            f"its SSH host key{fingerprint} is not the one known_hosts holds for it: someone "
+            "may be in the middle, or the host was reinstalled. octo refuses it; once you know "
+            "the new key is the host's, remove the old one (ssh-keygen -R) and connect once "
+            f"with `{again}`"
+        )
+    if "Host key verification failed" in text:
+        return (
+            f"its SSH host key{fingerprint} is not in known_hosts, and octo accepts no host "
+            "key unseen. Check that fingerprint with the host's owner (ssh-keygen -lf "
+            f"/etc/ssh/ssh_host_*_key.pub there), then connect once with `{again}` and "
+            "answer yes"
+        )
+    if "Permission denied" in text:
+        return (
+            f"SSH refused our keys ({_last(said)}). octo asks for no password: add your "
+            "key to ssh-agent (ssh-add) or name it in ~/.ssh/config (IdentityFile), and "
+            "check that the host has its public key in ~/.ssh/authorized_keys"
+        )
+    return f"ssh cannot reach it: {_last(said)}"
+
+
+def _relay(host: str, line: str) -> None:
+    """A line a remote worker logged (it runs with -q: warnings and errors)."""
+    if line.strip():
+        _log.warn("host {host}: {line}", host=host, line=line.removeprefix("octo: "))
+
+
+def _exit_code(reason: BaseException) -> int | None:
+    return getattr(reason, "exitCode", None)
+
+
+def _how(reason: BaseException) -> str:
+    signal = getattr(reason, "signal", None)
+    return f"killed by signal {signal}" if signal else f"exit status {_exit_code(reason)}"
+
+
+def _last(said: list[str]) -> str:
+    return said[-1].strip() if said else "it said nothing"
+
+
+def _last_line(err: bytes | bytearray) -> str:
+    lines = [ln for ln in bytes(err).decode("utf-8", "replace").splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("debug")] or lines
+    return lines[-1].removeprefix("octo: ").strip() if lines else "nothing said"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
