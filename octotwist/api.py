@@ -26,10 +26,11 @@ import cloudpickle
 from twisted.internet.defer import Deferred
 
 from octotwist import job as jobs
-from octotwist.config import JobConfig
+from octotwist.config import DEFAULT_TRANSPORT, JobConfig
 from octotwist.errors import JobScriptError, OctotwistError, UsageError
 from octotwist.inline import run_inline
 from octotwist.job import Step
+from octotwist.launcher import LaunchConfig
 from octotwist.output import Collected, Results, open_results
 from octotwist.server import MAX_SLOTS, JobOutcome
 from octotwist.service import JobService, local_config, run_here
@@ -107,20 +108,26 @@ class JobFailed(OctotwistError):
 def run(
     job: str | os.PathLike[str] | types.ModuleType | Job,
     *,
-    workers: int = 2,
+    workers: int | None = None,
     transport: str | None = None,
     reduce_tasks: int | None = None,
     web: str | None = None,
+    hosts: str | Sequence[str] | LaunchConfig | None = None,
     **options: Any,
 ) -> JobResult:
     """
-    Run C{job} on this machine and return its results.
+    Run C{job} on this machine (or on C{hosts}) and return its results.
 
     @param job: a job script's path, a module with a job's names, or a L{Job}.
-    @param workers: worker processes; 0 runs everything in this process
-        (no pickling: C{breakpoint()} works in C{mapfn}).
+    @param workers: worker processes here (default 2, none with C{hosts});
+        0 without C{hosts} runs everything in this process (no pickling:
+        C{breakpoint()} works in C{mapfn}).
     @param transport: run the workers over this transport (C{"tcp"}, ...)
         rather than in-process channels, to try it.
+    @param hosts: also start a worker on each of these hosts over SSH, as
+        C{octo run --hosts} does: C{"node1,alice@node2:2222"}, a list of
+        such, or a L{LaunchConfig} (for its ssh command, C{remote_python},
+        C{advertise}, C{require_all}).
     @param reduce_tasks: reduce partitions (default: the job's, else 8).
     @param web: serve the live status page on this endpoint (C{"tcp:8080"}).
     @param options: C{args} (the job's own arguments), C{sort} (default
@@ -136,18 +143,22 @@ def run(
         L{octotwist.errors.JobScriptError}).
     """
     config, loaded = _prepare(job, reduce_tasks, options)
-    if workers == 0:
+    launch = _hosts(hosts)
+    if workers == 0 and launch is None:
         return _inline(loaded, config)
-    return blocking_call(lambda reactor: _run(reactor, loaded, config, workers, transport, web))
+    return blocking_call(
+        lambda reactor: _run(reactor, loaded, config, workers, transport, web, launch)
+    )
 
 
 def run_deferred(
     job: str | os.PathLike[str] | types.ModuleType | Job,
     *,
-    workers: int = 2,
+    workers: int | None = None,
     transport: str | None = None,
     reduce_tasks: int | None = None,
     web: str | None = None,
+    hosts: str | Sequence[str] | LaunchConfig | None = None,
     reactor: IReactor | None = None,
     **options: Any,
 ) -> Deferred[JobResult]:
@@ -160,19 +171,30 @@ def run_deferred(
     """
     try:
         config, loaded = _prepare(job, reduce_tasks, options)
-        if workers == 0:
+        launch = _hosts(hosts)
+        if workers == 0 and launch is None:
             return Deferred.fromCoroutine(_async(_inline(loaded, config)))
     except Exception as e:
         failed: Deferred[JobResult] = Deferred()
         failed.errback(e)
         return failed
     return Deferred.fromCoroutine(
-        _run(reactor or global_reactor(), loaded, config, workers, transport, web)
+        _run(reactor or global_reactor(), loaded, config, workers, transport, web, launch)
     )
 
 
 #: What run() takes besides the configuration's names.
-_OWN_KEYWORDS = ("workers", "transport", "web", "reactor")
+_OWN_KEYWORDS = ("workers", "transport", "web", "hosts", "reactor")
+
+
+def _hosts(hosts: str | Sequence[str] | LaunchConfig | None) -> LaunchConfig | None:
+    """C{hosts=}, checked: a L{LaunchConfig} with the defaults of C{octo run --hosts}."""
+    if hosts is None or isinstance(hosts, LaunchConfig):
+        return hosts
+    from octotwist.hosts import parse_hosts
+
+    text = hosts if isinstance(hosts, str) else ",".join(hosts)
+    return LaunchConfig.from_command(parse_hosts(text))
 
 
 async def _async(result: JobResult) -> JobResult:
@@ -293,16 +315,26 @@ async def _run(
     reactor: IReactor,
     loaded: Any,
     config: JobConfig,
-    workers: int,
+    workers: int | None,
     transport_name: str | None,
     web: str | None,
+    hosts: LaunchConfig | None = None,
 ) -> JobResult:
-    if not 1 <= workers <= MAX_SLOTS:
+    if workers is None:
+        workers = 0 if hosts is not None else 2
+    if not (0 if hosts is not None else 1) <= workers <= MAX_SLOTS:
         raise UsageError(f"workers must be 0 to {MAX_SLOTS}, not {workers!r}")
+    if transport_name is None and hosts is not None:
+        transport_name = DEFAULT_TRANSPORT  # the hosts' workers need a network
     transport = _transport(transport_name)
     output = _output(config, loaded)
     service = JobService(
-        reactor, loaded, config, local_config(reactor, transport, workers, web), transport, output
+        reactor,
+        loaded,
+        config,
+        local_config(reactor, transport, workers, web, hosts),
+        transport,
+        output,
     )
     return _result(loaded, await run_here(service), output)
 

@@ -10,6 +10,7 @@ interrupted.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BOOKS, finish, gate, octo, parse_spaced, start, wait_for_log, word_count
+from conftest import (
+    BOOKS,
+    finish,
+    gate,
+    octo,
+    parse_spaced,
+    python,
+    start,
+    wait_for_log,
+    word_count,
+)
 from openssh import Hosts, start_hosts
 
 EXPECTED_SCRIPT = "examples/wordcount.py"
@@ -153,6 +164,40 @@ def test_the_word_count_runs_on_two_hosts(
     assert code == 0, err
     assert parse_spaced(out) == word_count(sorted(BOOKS.glob("*.txt")))
     assert not (tmp_path / "ran-here").exists()  # no task ran outside the hosts
+    assert _settle(hosts) == {a.name: set(), b.name: set()}
+
+
+def test_octotwist_run_takes_hosts(hosts: Hosts, env: dict[str, str]) -> None:
+    """The API's run(hosts=...) is octo run --hosts: exact, and nothing left behind."""
+    a, b = hosts.hosts
+    done = python(
+        f"""
+        import json, octotwist
+        from pathlib import Path
+        from octotwist.hosts import parse_hosts
+        from octotwist.launcher import LaunchConfig
+
+        hosts = LaunchConfig.from_command(
+            parse_hosts({a.name + "," + b.name!r}),
+            {hosts.ssh_command()!r},
+            remote_python={sys.executable!r},
+        )
+        def mapfn(path, _):
+            for word in open(path, encoding="utf-8").read().split():
+                yield word.lower(), 1
+
+        def reducefn(word, counts):
+            return word, sum(counts)
+
+        books = {{str(p): None for p in sorted(Path({str(BOOKS)!r}).glob("*.txt"))}}
+        job = octotwist.Job(source=books, mapfn=mapfn, reducefn=reducefn)
+        print(json.dumps(octotwist.run(job, hosts=hosts)))
+        """,
+        env=env,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == word_count(sorted(BOOKS.glob("*.txt")))
     assert _settle(hosts) == {a.name: set(), b.name: set()}
 
 
