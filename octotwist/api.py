@@ -113,10 +113,13 @@ def run(
     reduce_tasks: int | None = None,
     web: str | None = None,
     hosts: str | Sequence[str] | LaunchConfig | None = None,
+    engine: str | None = None,
+    scheduler: str | None = None,
     **options: Any,
 ) -> JobResult:
     """
-    Run C{job} on this machine (or on C{hosts}) and return its results.
+    Run C{job} on this machine (or on C{hosts}, or on an C{engine}) and
+    return its results.
 
     @param job: a job script's path, a module with a job's names, or a L{Job}.
     @param workers: worker processes here (default 2, none with C{hosts});
@@ -128,6 +131,10 @@ def run(
         C{octo run --hosts} does: C{"node1,alice@node2:2222"}, a list of
         such, or a L{LaunchConfig} (for its ssh command, C{remote_python},
         C{advertise}, C{require_all}).
+    @param engine: run the tasks on this engine instead (C{"dask"}: a
+        LocalCluster of C{workers} processes, or the cluster whose
+        C{scheduler} is given, C{"tcp://HOST:8786"}); C{octo engines}
+        lists those installed.
     @param reduce_tasks: reduce partitions (default: the job's, else 8).
     @param web: serve the live status page on this endpoint (C{"tcp:8080"}).
     @param options: C{args} (the job's own arguments), C{sort} (default
@@ -144,6 +151,8 @@ def run(
     """
     config, loaded = _prepare(job, reduce_tasks, options)
     launch = _hosts(hosts)
+    if engine is not None or scheduler is not None:
+        return _on_engine(loaded, config, engine, scheduler, workers, transport, web, launch)
     if workers == 0 and launch is None:
         return _inline(loaded, config)
     return blocking_call(
@@ -184,7 +193,37 @@ def run_deferred(
 
 
 #: What run() takes besides the configuration's names.
-_OWN_KEYWORDS = ("workers", "transport", "web", "hosts", "reactor")
+_OWN_KEYWORDS = ("workers", "transport", "web", "hosts", "engine", "scheduler", "reactor")
+
+
+def _on_engine(
+    loaded: Any,
+    config: JobConfig,
+    engine: str | None,
+    scheduler: str | None,
+    workers: int | None,
+    transport: str | None,
+    web: str | None,
+    hosts: LaunchConfig | None,
+) -> JobResult:
+    """run(job, engine=...): in the calling thread, as the engine's client blocks."""
+    from octotwist.engine import run_on_engine
+
+    if engine is None:
+        raise UsageError("scheduler= is an engine's: give engine= too (engine='dask')")
+    others = [n for n, v in (("transport", transport), ("web", web), ("hosts", hosts)) if v]
+    if others:
+        raise UsageError(
+            f"engine= runs the tasks elsewhere than on octotwist's own workers: it takes no "
+            f"{', '.join(others)}="
+        )
+    if workers is not None and not 1 <= workers <= MAX_SLOTS:
+        raise UsageError(f"workers must be 1 to {MAX_SLOTS} with an engine, not {workers!r}")
+    output = _output(config, loaded)
+    outcome = run_on_engine(
+        engine, loaded, config, output, workers=workers or 2, scheduler=scheduler, quiet=True
+    )
+    return _result(loaded, outcome, output)
 
 
 def _hosts(hosts: str | Sequence[str] | LaunchConfig | None) -> LaunchConfig | None:

@@ -185,6 +185,20 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
             f"{DEFAULT_TRANSPORT} with --hosts).",
         ],
         *shared.HOSTS_PARAMETERS,
+        [
+            "engine",
+            None,
+            None,
+            "Run the job's tasks on this engine instead of octotwist's own workers; "
+            "`octo engines` lists them (dask: a LocalCluster of -w workers, or --scheduler).",
+        ],
+        [
+            "scheduler",
+            None,
+            None,
+            "With --engine: the address of an existing cluster to run on "
+            "(for dask: its scheduler, tcp://HOST:8786).",
+        ],
         *shared.OUTPUT_PARAMETERS,
         shared.REDUCE_TASKS_PARAMETER,
         shared.WEB_PARAMETER,
@@ -214,6 +228,21 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
         hosts = self["hosts"] is not None or self["hostfile"] is not None
         if hosts and self["inline"]:
             raise usage.UsageError("--inline runs the job in this process: it takes no --hosts")
+        if self["scheduler"] and not self["engine"]:
+            raise usage.UsageError("--scheduler is an engine's: add --engine NAME")
+        if self["engine"]:
+            given = [
+                f"--{name}"
+                for name in ("inline", "transport", "web", "state-dir", "hosts", "hostfile")
+                if self[name]
+            ]
+            if given:
+                raise usage.UsageError(
+                    f"--engine runs the job's tasks elsewhere than on octotwist's own "
+                    f"workers: it takes no {', '.join(given)}"
+                )
+            if self["workers"] == 0:
+                raise usage.UsageError("--engine needs workers: -w 1 or more")
         if self["workers"] is None:
             self["workers"] = 0 if hosts else 2
         elif self["workers"] == 0 and not hosts:
@@ -370,6 +399,10 @@ class TransportsOptions(shared.Versioned):
     synopsis = ""
 
 
+class EnginesOptions(shared.Versioned):
+    synopsis = ""
+
+
 class VersionOptions(shared.Versioned):
     synopsis = "[--json]"
     longdesc = (
@@ -397,7 +430,7 @@ class SecretOptions(shared.Versioned):
     ]
 
 
-_COMMANDS = "run|server|client|serve|submit|jobs|cancel|results|secret|transports|version"
+_COMMANDS = "run|server|client|serve|submit|jobs|cancel|results|secret|transports|engines|version"
 
 
 class Options(shared.Versioned):
@@ -423,6 +456,7 @@ class Options(shared.Versioned):
             "Make a new shared secret: print it, or -o FILE writes it (mode 0600).",
         ],
         ["transports", None, TransportsOptions, "List the installed transports."],
+        ["engines", None, EnginesOptions, "List the installed engines (--engine)."],
         ["version", None, VersionOptions, "Print the versions of octotwist and Python."],
     ]
 
@@ -780,6 +814,48 @@ def _run_inline(opts: RunOptions) -> int:
     return EXIT_OK
 
 
+def _run_on_engine(opts: RunOptions) -> int:
+    """
+    C{octo run --engine NAME}: the job on another engine, outside any
+    reactor (the engine's client blocks until the job is over).
+    """
+    from octotwist.engine import EngineError, run_on_engine
+    from octotwist.hookspecs import get_engine
+
+    get_engine(opts["engine"])  # (an unknown one, before the job loads)
+    config = shared.job_config(opts)
+    job = load_job(opts["script"], config.args)
+    try:
+        outcome = run_on_engine(
+            opts["engine"],
+            job,
+            config,
+            shared.open_output(config, job),
+            workers=opts["workers"],
+            scheduler=opts["scheduler"],
+            quiet=bool(opts["quiet"]),
+        )
+    except BrokenPipeError:
+        return EXIT_OK  # octo run --engine dask job.py | head
+    except EngineError as e:
+        sys.stderr.write(f"octo: {e}\n")
+        return EXIT_FAILED
+    if not outcome.ok:
+        sys.stderr.write(f"octo: job {job.name} failed: {outcome.error}\n")
+        return EXIT_FAILED
+    _log.info(
+        "job {job} finished on {engine}: {n} result{s} in {t:.2f} s",
+        job=job.name,
+        engine=opts["engine"],
+        n=outcome.results,
+        s="" if outcome.results == 1 else "s",
+        t=outcome.seconds,
+    )
+    if outcome.counters:
+        _log.info("counters:\n{table}", table=counters.table(outcome.counters))
+    return EXIT_OK
+
+
 def _make_secret(options: SecretOptions) -> int:
     """
     C{octo secret}: print a new secret, or write it to C{-o FILE}, mode 0600.
@@ -826,6 +902,17 @@ def _print_version(options: VersionOptions) -> int:
 
     here = Installation.here()
     print(here.to_json() if options["json"] else here.describe())
+    return EXIT_OK
+
+
+def _list_engines() -> int:
+    from octotwist.hookspecs import engines
+
+    found = engines()
+    for name, e in sorted(found.items()):
+        print(f"{name:10} {e.description}")
+    if not found:
+        print("(none installed: pip install 'octotwist[dask]' adds dask)")
     return EXIT_OK
 
 
@@ -879,9 +966,13 @@ def _main(argv: list[str] | None) -> None:
             sys.exit(_make_secret(sub))
         if command == "version":
             sys.exit(_print_version(sub))
+        if command == "engines":
+            sys.exit(_list_engines())
         _start_logging(sub, _sink)
         if command == "run" and sub["inline"]:
             sys.exit(_run_inline(sub))
+        if command == "run" and sub["engine"]:
+            sys.exit(_run_on_engine(sub))
         allocator.tune()
         assert command is not None  # postOptions refuses no command
         action = {

@@ -18,6 +18,8 @@ shuffled, spilled runs.
 
 from __future__ import annotations
 
+import threading
+
 #: Most distinct counters one task attempt may keep, and the longest name:
 #: a counter is a figure to read, not a place to store data.
 MAX_COUNTERS = 1000
@@ -25,7 +27,21 @@ MAX_NAME = 200
 #: A counter's value stays within a signed 64-bit int, as it travels.
 LIMIT = 2**63 - 1
 
-_table: dict[str, int] = {}
+
+class _Tables(threading.local):
+    """
+    The current attempt's table, one per thread: an engine may run several
+    tasks at once in one process, each in its own thread (a Dask worker's),
+    and each counts into its own.
+    """
+
+    table: dict[str, int]
+
+    def __init__(self) -> None:
+        self.table = {}
+
+
+_tables = _Tables()
 
 
 def add(name: str, n: int = 1) -> None:
@@ -41,7 +57,7 @@ def add(name: str, n: int = 1) -> None:
         raise TypeError(f"a counter's name is a str, not {type(name).__name__} ({name!r:.60})")
     if not isinstance(n, int) or isinstance(n, bool):
         raise TypeError(f"counter {name!r}: add an int, not {type(n).__name__} ({n!r:.60})")
-    table = _table
+    table = _tables.table
     if name not in table:
         if not name or len(name) > MAX_NAME or not name.isprintable():
             raise ValueError(
@@ -65,8 +81,7 @@ def add(name: str, n: int = 1) -> None:
 
 def take() -> dict[str, int]:
     """The counts since the last call, and a fresh table (between two tasks)."""
-    global _table
-    counts, _table = _table, {}
+    counts, _tables.table = _tables.table, {}
     return counts
 
 

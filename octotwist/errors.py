@@ -32,6 +32,17 @@ class UnknownTransportError(OctotwistError, ValueError):
         super().__init__(f"unknown transport {name!r}; installed transports: {listing}")
 
 
+class UnknownEngineError(OctotwistError, ValueError):
+    """No installed plugin provides the engine that was asked for."""
+
+    def __init__(self, name: str, installed: list[str]) -> None:
+        self.name = name
+        self.installed = installed
+        listing = ", ".join(installed) if installed else "none"
+        hint = f" (pip install 'octotwist[{name}]' installs it)" if name not in installed else ""
+        super().__init__(f"unknown engine {name!r}; installed engines: {listing}{hint}")
+
+
 class PluginError(OctotwistError):
     """A transport plugin is broken: it fails to import, or clashes with another."""
 

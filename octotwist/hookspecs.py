@@ -1,5 +1,6 @@
 """
-The pluggy hooks a transport plugin implements, and how plugins are found.
+The pluggy hooks a transport or engine plugin implements, and how plugins
+are found.
 
 A plugin is any importable module or object with C{@hookimpl} functions,
 registered under the C{octotwist} entry-point group of its distribution::
@@ -23,7 +24,8 @@ from typing import Any, cast
 
 import pluggy
 
-from octotwist.errors import PluginError, UnknownTransportError
+from octotwist.engine import Engine
+from octotwist.errors import PluginError, UnknownEngineError, UnknownTransportError
 from octotwist.transport import TestSetup, Transport
 
 PROJECT = "octotwist"
@@ -43,6 +45,19 @@ def octotwist_transports() -> Sequence[Transport]:  # type: ignore[empty-body]  
     error.
 
     @return: a sequence of L{Transport} records.
+    """
+
+
+@hookspec
+def octotwist_engines() -> Sequence[Engine]:  # type: ignore[empty-body]  # a spec: never run
+    """
+    Return the engines this plugin provides: where else than on octotwist's
+    own server and workers a job's tasks can run (L{octotwist.engine}).
+
+    Called once per process, when an engine is first looked up.  Two
+    engines with the same name are an error.
+
+    @return: a sequence of L{Engine} records.
     """
 
 
@@ -173,3 +188,42 @@ def conformance_setup(
     """
     pm = pm if pm is not None else installed_plugins()
     return pm.hook.octotwist_test_setup(transport=transport, directory=directory) or TestSetup()
+
+
+def engines(pm: pluggy.PluginManager | None = None) -> dict[str, Engine]:
+    """
+    Every installed engine, by name.
+
+    @raise PluginError: two plugins claim the same name, or a plugin returns
+        something that is not an L{Engine}.
+    """
+    pm = pm if pm is not None else installed_plugins()
+    found: dict[str, Engine] = {}
+    owners: dict[str, str] = {}
+    for impl in pm.hook.octotwist_engines.get_hookimpls():
+        owner = impl.plugin_name
+        for e in cast("Iterable[Any]", impl.function() or ()):
+            if not isinstance(e, Engine):
+                raise PluginError(f"plugin {owner} returned {e!r}, not an octotwist Engine")
+            if e.name in found:
+                raise PluginError(
+                    f"two plugins provide the engine {e.name!r}: {owners[e.name]} and "
+                    f"{owner}; uninstall one of them"
+                )
+            found[e.name] = e
+            owners[e.name] = owner
+    return found
+
+
+def get_engine(name: str, pm: pluggy.PluginManager | None = None) -> Engine:
+    """
+    The installed engine called C{name}.
+
+    @raise UnknownEngineError: no plugin provides it; the message lists those
+        installed.
+    """
+    available = engines(pm)
+    try:
+        return available[name]
+    except KeyError:
+        raise UnknownEngineError(name, sorted(available)) from None

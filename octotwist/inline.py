@@ -14,14 +14,14 @@ the terminal.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from octotwist import counters
 from octotwist.config import JobConfig
+from octotwist.delivery import Parts, deliver
 from octotwist.errors import UsageError
 from octotwist.job import Job, Step
-from octotwist.ordering import sorted_order
 from octotwist.output import Results
 from octotwist.server import DEFAULT_REDUCE_TASKS, JobOutcome
 from octotwist.shuffle import MapOutput, Run, _pair, _pairs_iterator, reduce_partition
@@ -52,7 +52,7 @@ def run_inline(job: Job, config: JobConfig, output: Results) -> JobOutcome:
         for step in steps[:-1]:
             # A step's results are the next one's input, in memory.
             items = [kv for _, k, v in _step(step, items, default) for kv in zip(k, v, strict=True)]
-        n = _deliver_all(job, config, output, _step(steps[-1], items, default))
+        n = deliver(job, config, output, _step(steps[-1], items, default))
     except BaseException:
         counters.take()
         output.abort()
@@ -66,11 +66,8 @@ def run_inline(job: Job, config: JobConfig, output: Results) -> JobOutcome:
 #: Pairs of a map-only step handed on at a time.
 _CHUNK = 10_000
 
-#: A step's results: partition, keys, values (a partition may come in pieces).
-_Parts = Iterator[tuple[int, list[Any], list[Any]]]
 
-
-def _step(step: Step, items: Iterable[tuple[Any, Any]], default: int) -> _Parts:
+def _step(step: Step, items: Iterable[tuple[Any, Any]], default: int) -> Parts:
     """One step's results, partition by partition (a map-only step's pairs, in order)."""
     if step.reducefn is None:
         keys: list[Any] = []
@@ -104,52 +101,6 @@ def _step(step: Step, items: Iterable[tuple[Any, Any]], default: int) -> _Parts:
         yield partition, k, v
 
 
-def _deliver_all(job: Job, config: JobConfig, output: Results, parts: _Parts) -> int:
-    """
-    Hand the last step's results to C{final()} or the output, as the
-    server does: in key order unless C{config.sort} is off; to an output
-    of a file per partition, each partition in key order.
-
-    @return: how many results there were.
-    """
-    n = 0
-    if job.final is None and output.partitioned:
-        by_partition: dict[int, tuple[list[Any], list[Any]]] = {}
-        for partition, k, v in parts:
-            keys, values = by_partition.setdefault(partition, ([], []))
-            keys += k
-            values += v
-        output.begin(max(by_partition, default=0) + 1)
-        for partition, (keys, values) in sorted(by_partition.items()):
-            order = sorted_order(keys) if config.sort else range(len(keys))
-            output.write_partition(partition, [keys[i] for i in order], [values[i] for i in order])
-            n += len(keys)
-        return n
-    if not config.sort:
-        output.begin(1)
-        for _, keys, values in parts:
-            _deliver(job, output, keys, values, range(len(keys)))
-            n += len(keys)
-        return n
-    keys, values = [], []
-    for _, k, v in parts:
-        keys += k
-        values += v
-    output.begin(1)
-    _deliver(job, output, keys, values, sorted_order(keys))
-    return len(keys)
-
-
 def _keep(runs: list[list[Run]], spill: dict[int, Run]) -> None:
     for partition, run in spill.items():
         runs[partition].append(run)
-
-
-def _deliver(job: Job, output: Results, keys: list[Any], values: list[Any], order: Any) -> None:
-    final = job.final
-    if final is not None:
-        for i in order:
-            final(keys[i], values[i])
-    else:
-        order = list(order)
-        output.write([keys[i] for i in order], [values[i] for i in order])
