@@ -16,7 +16,9 @@ seed's mapfn:
      (every finished task journaled) and --unsorted;
   4. multiprocessing.Pool(2), hand-written map + combine: lazy (each process
      reads its files), and forked from a parent holding the eager dict;
-  5. Dask LocalCluster(2) with a Counter per partition, if Dask is installed;
+  5. Dask LocalCluster(2) with a Counter per partition, if Dask is installed,
+     and the seed's job unchanged on `octo run --engine dask -w 2` (a
+     LocalCluster(2) too: octotwist's shuffle, Dask running the tasks);
   6. per installed transport: `octo server` + 2 `octo client -p 1` processes.
 
 The targets of issue 18 are printed last, as ratios of these rows.
@@ -224,6 +226,7 @@ AGG_HAND = "octo run -w 2, eager, aggregate.sum + own reducefn"
 POOL_LAZY = "Pool(2), hand combine, lazy"
 POOL_FORK = "Pool(2) fork, hand combine, eager"
 DASK_ROW = "Dask LocalCluster(2), Counter"
+ENGINE_DASK = "octo run --engine dask -w 2"
 TARGETS = [
     ("seed job, eager dict / baseline", SEED_EAGER, BASE, 0.45),
     ("seed job, lazy source / baseline", SEED_LAZY, BASE, 0.45),
@@ -232,6 +235,9 @@ TARGETS = [
     ("hand-written sums / aggregate.sum", HAND_SUM, AGG, None),
     ("seed job, lazy / Dask LocalCluster(2)", SEED_LAZY, DASK_ROW, 0.5),
     ("seed job, eager / Dask LocalCluster(2)", SEED_EAGER, DASK_ROW, 0.5),
+    # issue 21: the same job script on Dask, against Dask's best spelling
+    ("--engine dask / Dask LocalCluster(2)", ENGINE_DASK, DASK_ROW, 1.1),
+    ("--engine dask / octo run -w 2", ENGINE_DASK, SEED_LAZY, None),
 ]
 
 SMALL = """\
@@ -550,6 +556,7 @@ def main() -> None:
             # the workers unpickle count() by reference to the job module
             dask_env = dict(env, PYTHONPATH=os.pathsep.join([str(work), *sys.path]))
             rows[DASK_ROW] = (script("dask", work), dask_env, None)
+            rows[ENGINE_DASK] = (run(work / "job.py", "--engine", "dask"), env, None)
         else:
             print(
                 "note: Dask row skipped: pip install 'octotwist[bench]' (Dask)",

@@ -173,7 +173,8 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
             "workers",
             "w",
             None,
-            "Worker processes on this machine (default 2, none with --hosts; 0: as --inline).",
+            "Worker processes on this machine (default 2, none with --hosts; 0: as --inline, "
+            "or with --hosts none here).",
             _workers,
         ],
         [

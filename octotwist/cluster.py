@@ -959,18 +959,15 @@ class ClusterService(Service):
 
     async def _launch(self, address: str) -> None:
         """
-        Check the hosts of C{--hosts} and start a worker on each that can
+        Check the hosts of C{--hosts}, starting a worker on each that can
         work (workers that connect by themselves are welcome as ever).
 
         @raise LaunchError: one cannot work, and all must.
         """
         assert self.hosts is not None
-        ready = await self.hosts.check()
-        refusal = self.hosts.refusal(ready, others_coming=True)
+        refusal = await self.hosts.launch(bound_port(address), others_coming=True)
         if refusal is not None:
             raise LaunchError(f"the cluster cannot start: {refusal}")
-        if self.running:
-            self.hosts.start(ready, bound_port(address))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -982,5 +979,7 @@ class ClusterService(Service):
     async def _stop(self) -> None:
         """The workers on our hosts exit (their lifelines close), then the port closes."""
         if self.hosts is not None:
-            await self.hosts.stop()
+            # Told that the cluster stops, its workers would wait for it to
+            # come back: their lifelines close at once.
+            await self.hosts.stop(self_exit=0)
         await self.task_server.stop()

@@ -37,7 +37,7 @@ import re
 import shlex
 import shutil
 import socket
-from collections.abc import Iterable
+import tempfile
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -160,8 +160,10 @@ def advertised(text: str) -> tuple[str, int | None]:
     """
     try:
         host = parse_host(text)
-    except ValueError as e:
-        raise UsageError(f"--advertise: {e}") from None
+    except ValueError:
+        raise UsageError(
+            f"--advertise {text!r}: give HOST[:PORT], an IPv6 address in brackets ([fd00::1]:9000)"
+        ) from None
     if host.user is not None:
         raise UsageError(f"--advertise {text!r}: give HOST[:PORT], no user")
     return host.host, host.port
@@ -242,112 +244,157 @@ class HostWorkers:
         self._checks: list[_SSH] = []
         self._workers: dict[str, _SSH] = {}
         self._stopping = False
+        #: Where the workers connect: the host (C{None}: each its own), the port.
+        self._address: tuple[str | None, int] = (None, 0)
 
-    # 1. The check.
+    # 1. The check, and 2. the workers.
 
-    async def check(self) -> list[Ready]:
+    async def launch(self, port: int | None, others_coming: bool) -> str | None:
         """
-        Ask every host, at once, what octotwist it has; log those that
-        cannot work, with why.
+        Check every host at once, and start a worker on each as soon as its
+        own check passed (with C{--require-all-hosts}, on all of them once
+        every check passed): a host slow to answer holds up no other.
 
-        @return: those that can (in the order given).
+        @param port: the port this server listens on (unless C{--advertise}
+            names one), where the workers connect.
+        @param others_coming: workers other than these hosts' are on their way.
+        @return: why the job cannot go on with the hosts that can work (each
+            named with why not), or C{None}.
+        @raise LaunchError: there is no port a host could connect to.
         """
+        self._address = self._where(port)
+        hosts = self.config.hosts
+        _log.info(
+            "checking {n} over SSH: {hosts}",
+            n=_count(len(hosts), "host"),
+            hosts=", ".join(map(str, hosts)),
+        )
         results = await DeferredList(
-            [Deferred.fromCoroutine(self._check(host)) for host in self.config.hosts],
+            [Deferred.fromCoroutine(self._check_and_start(host)) for host in hosts],
             consumeErrors=True,
         )
-        ready = []
-        for host, (ok, result) in zip(self.config.hosts, results, strict=True):
+        ready: list[Ready] = []
+        reasons: dict[str, str] = {}
+        for host, (ok, result) in zip(hosts, results, strict=True):
             if not ok:  # (a bug of ours: say so rather than hang)
                 result = f"the check failed: {cast(Failure, result).getErrorMessage()}"
-            if isinstance(result, Installation):
-                ready.append(Ready(host, result))
-            elif not self._stopping:
-                _log.error("host {host} cannot work for this job: {why}", host=host, why=result)
-        return ready
+            if isinstance(result, Ready):
+                ready.append(result)
+            else:
+                reasons[str(host)] = result
+        if self._stopping:
+            return None
+        refusal = self.refusal(ready, reasons, others_coming)
+        if refusal is None and self.config.require_all:
+            for r in ready:
+                self._start(r)
+        return refusal
 
-    def refusal(self, ready: list[Ready], others_coming: bool) -> str | None:
+    def refusal(
+        self, ready: list[Ready], reasons: dict[str, str], others_coming: bool
+    ) -> str | None:
         """
-        Why the job cannot go on with the hosts that are C{ready}, or C{None}.
-
-        @param others_coming: workers other than these hosts' are on their way.
+        Why the job cannot go on with the hosts that are C{ready} (the
+        others having failed for C{reasons}), or C{None}.
         """
-        good = {str(r.host) for r in ready}
-        bad = [str(h) for h in self.config.hosts if str(h) not in good]
-        if bad and self.config.require_all:
+        why = "; ".join(f"host {host}: {reason}" for host, reason in reasons.items())
+        if reasons and self.config.require_all:
             return (
-                f"{_count(len(bad), 'host')} of {len(self.config.hosts)} cannot work for it "
-                f"({', '.join(bad)}; see above) and --require-all-hosts is given"
+                f"{_count(len(reasons), 'host')} of {len(self.config.hosts)} cannot work for it "
+                f"and --require-all-hosts is given ({why})"
             )
         if not ready and not others_coming:
-            return "no host can work for it (see above for why)"
+            return f"no host can work for it ({why})"
         return None
 
+    async def _check_and_start(self, host: Host) -> Ready | str:
+        result = await self._check(host)
+        if not isinstance(result, Installation):
+            if not self._stopping:
+                _log.error("host {host} cannot work for this job: {why}", host=host, why=result)
+            return result
+        ready = Ready(host, result)
+        if not self.config.require_all:
+            self._start(ready)
+        return ready
+
     async def _check(self, host: Host) -> Installation | str:
-        ssh = self._spawn(host, [*self.config.octo(host), "version", "--json"], verbose=True)
-        self._checks.append(ssh)
-        timer = self.reactor.callLater(self.config.check_timeout, ssh.end, "KILL")
+        log_fd, log_name = tempfile.mkstemp(prefix="octo-ssh-", suffix=".log")
+        os.close(log_fd)
         try:
-            reason = await ssh.ended
+            command = [*self.config.octo(host), "version", "--json"]
+            ssh = self._spawn(host, command, log=log_name)
+            self._checks.append(ssh)
+            timer = self.reactor.callLater(self.config.check_timeout, ssh.end, "KILL")
+            try:
+                reason = await ssh.ended
+            finally:
+                timed_out = not timer.active()
+                if not timed_out:
+                    timer.cancel()
+            with open(log_name, "rb") as f:
+                log = f.read(KEEP_ERRORS * 8)
         finally:
-            timed_out = not timer.active()
-            if not timed_out:
-                timer.cancel()
+            os.unlink(log_name)
         if self._stopping:
             return "stopped"
         if timed_out and not isinstance(reason, ProcessDone):
-            return f"no answer within {self.config.check_timeout:g} s ({_last_line(ssh.err)})"
-        return explain_check(host, self.config, _exit_code(reason), bytes(ssh.out), bytes(ssh.err))
+            return (
+                f"no answer within {self.config.check_timeout:g} s "
+                f"({_last(_said(log)) if _said(log) else 'ssh said nothing'})"
+            )
+        return explain_check(
+            host, self.config, _exit_code(reason), bytes(ssh.out), bytes(ssh.err), log
+        )
 
-    # 2. The workers.
-
-    def start(self, ready: Iterable[Ready], port: int | None) -> None:
-        """
-        Start a worker on each host, connecting to this server's C{port}
-        (the one C{--advertise} names, if it does).
-        """
+    def _where(self, port: int | None) -> tuple[str | None, int]:
+        """The host (C{None}: each its own) and port the workers connect to."""
         host_given, port_given = (
             advertised(self.config.advertise) if self.config.advertise else (None, None)
         )
         port = port_given or port
         if port is None:
             raise LaunchError("the server listens on no port a host could connect to")
-        for r in ready:
-            if self._stopping:
-                return
-            where = host_given or r.installation.ssh_client or socket.getfqdn()
-            address = f"[{where}]:{port}" if ":" in where else f"{where}:{port}"
-            processes = r.host.processes or r.installation.cpus
-            command = [
-                *self.config.octo(r.host),
-                "client",
-                address,
-                "--transport",
-                self.transport,
-                "--processes",
-                str(processes),
-                "--name",
-                str(r.host),
-                "--stdin",
-                "--quiet",
-                # A host that cannot reach us says so (its worker gives up)
-                # within a minute, not the two of a client started by hand.
-                "--wait",
-                f"{WORKER_WAIT:g}",
-            ]
-            name = str(r.host)
-            ssh = self._spawn(r.host, command, on_line=lambda line, n=name: _relay(n, line))
-            assert ssh.transport is not None
-            ssh.transport.write(self._secret + b"\n")
-            self._workers[name] = ssh
-            ssh.ended.addCallback(self._worker_ended, name)
-            _log.info(
-                "host {host}: starting a worker of {n} process{es}, connecting to {address}",
-                host=name,
-                n=processes,
-                es="" if processes == 1 else "es",
-                address=address,
-            )
+        return host_given, port
+
+    def _start(self, r: Ready) -> None:
+        """Start a worker on a host that passed its check."""
+        if self._stopping:
+            return
+        host_given, port = self._address
+        where = host_given or r.installation.ssh_client or socket.getfqdn()
+        address = f"[{where}]:{port}" if ":" in where else f"{where}:{port}"
+        processes = r.host.processes or r.installation.cpus
+        command = [
+            *self.config.octo(r.host),
+            "client",
+            address,
+            "--transport",
+            self.transport,
+            "--processes",
+            str(processes),
+            "--name",
+            str(r.host),
+            "--stdin",
+            "--quiet",
+            # A host that cannot reach us says so (its worker gives up)
+            # within a minute, not the two of a client started by hand.
+            "--wait",
+            f"{WORKER_WAIT:g}",
+        ]
+        name = str(r.host)
+        ssh = self._spawn(r.host, command, on_line=lambda line: _relay(name, line))
+        assert ssh.transport is not None
+        ssh.transport.write(self._secret + b"\n")
+        self._workers[name] = ssh
+        ssh.ended.addCallback(self._worker_ended, name)
+        _log.info(
+            "host {host}: starting a worker of {n} process{es}, connecting to {address}",
+            host=name,
+            n=processes,
+            es="" if processes == 1 else "es",
+            address=address,
+        )
 
     def _worker_ended(self, reason: BaseException, name: str) -> None:
         if self._stopping:
@@ -364,7 +411,7 @@ class HostWorkers:
             "host {host}: its worker ended ({how}){last}; its tasks go to the other workers",
             host=name,
             how=how,
-            last=f": {_last_line(ssh.err)}" if ssh.err.strip() else "",
+            last=f": {_last(_said(ssh.err)).removeprefix('octo: ')}" if _said(ssh.err) else "",
         )
 
     def pids(self) -> dict[str, int]:
@@ -377,10 +424,10 @@ class HostWorkers:
 
     # 3. The end.
 
-    async def stop(self, grace: float = STOP_GRACE) -> None:
+    async def stop(self, grace: float = STOP_GRACE, self_exit: float = SELF_EXIT) -> None:
         """
         End every worker: those that heard the job's end exit by themselves
-        (for up to L{SELF_EXIT} seconds); the lifelines of the others are
+        (for up to C{self_exit} seconds); the lifelines of the others are
         closed, and they get C{grace} seconds more; then their ssh
         processes are ended.  Checks still running are ended at once.
         """
@@ -388,7 +435,7 @@ class HostWorkers:
         for check in self._checks:
             check.end("KILL")
         workers = [s for s in self._workers.values() if s.running]
-        await self._until_ended(workers, SELF_EXIT)
+        await self._until_ended(workers, self_exit)
         for ssh in workers:
             if ssh.running and ssh.transport is not None:
                 ssh.transport.closeStdin()
@@ -404,84 +451,103 @@ class HostWorkers:
             await deferLater(self.reactor, 0.05)
 
     def _spawn(
-        self, host: Host, command: list[str], *, verbose: bool = False, on_line: Any = None
+        self, host: Host, command: list[str], *, log: str | None = None, on_line: Any = None
     ) -> _SSH:
+        """
+        Run C{command} on C{host}.  With C{log} (a check), ssh logs verbosely
+        into that file (C{-v -E}), which then says the host key it was shown,
+        and standard error holds the command's own complaints only; its
+        standard input is closed at once.
+        """
         ssh = _SSH(on_line)
         args = [
             *self.config.ssh_command,
             *SSH_OPTIONS,
             "-o",
             f"ConnectTimeout={max(1, int(self.config.check_timeout))}",
-            *(["-v"] if verbose else []),
+            *(["-v", "-E", log] if log else []),
             *host.ssh_arguments(),
             "exec " + shlex.join(command),
         ]
+        # In a session of its own (setsid, where there is one), ssh does not
+        # get the terminal's Ctrl-C: we stop it, after the job says why.
+        setsid = shutil.which("setsid")
+        argv = [setsid, *args] if setsid else args
         process: IProcessTransport = self.reactor.spawnProcess(
-            ssh, args[0], args, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
+            ssh, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
         )
-        if not verbose:
-            return ssh
-        process.closeStdin()  # the check reads nothing
+        if log:
+            process.closeStdin()  # the check reads nothing
         return ssh
 
 
 def explain_check(
-    host: Host, config: LaunchConfig, code: int | None, out: bytes, err: bytes
+    host: Host, config: LaunchConfig, code: int | None, out: bytes, err: bytes, log: bytes = b""
 ) -> Installation | str:
     """
     What a host's answer to C{octo version --json} means: its installation,
     or why it cannot work (what went wrong, and what to do).
 
     @param code: ssh's exit status (C{None}: killed by a signal).
-    @param out: what the command printed; C{err}: what it and ssh (with
-        C{-v}) wrote to standard error.
+    @param out: what the command printed; C{err}: what it wrote to standard
+        error; C{log}: what ssh itself said (C{-v -E}).
     """
-    lines = err.decode("utf-8", "replace").splitlines()
-    said = [ln for ln in lines if not ln.startswith("debug") and ln.strip()]
-    octo = shlex.join(config.octo(host))
+    octo = config.octo(host)
+    named = octo != ["octo"]
     if code == 255:
-        return _ssh_failure(host, config, lines, said)
+        return _ssh_failure(host, config, log)
+    said = _said(err)
+    here = Installation.here().octotwist
     if code == 0:
         try:
             theirs = Installation.from_json(out.decode("utf-8", "replace").strip())
         except ValueError as e:
-            return f"`{octo} version --json` answered something else: {e}"
+            return f"`{shlex.join(octo)} version --json` answered something else: {e}"
         problem = Installation.here().incompatibility(theirs)
         if problem is None:
             return theirs
-        return f"{problem}; install octotwist {Installation.here().octotwist} there"
-    text = "\n".join(said)
-    if code == 127 or "not found" in text or "No such file" in text:
-        where = (
-            f"{config.octo(host)[0]} does not exist there"
-            if config.octo(host) != ["octo"]
-            else "there is no octo on its PATH (for commands run over ssh)"
-        )
+        return f"{problem}; install octotwist {here} there"
+    if code == 127:  # the shell's "command not found"
+        if named:
+            return (
+                f"{octo[0]} does not exist there ({_last(said)}): check python=PATH in the "
+                "host file, or --remote-python"
+            )
         return (
-            f"{where}: install octotwist there (pip install octotwist=="
-            f"{Installation.here().octotwist}), or pass --remote-python PATH (python=PATH "
-            "in a host file) naming the Python that has it, or --install"
+            "there is no octo on its PATH (for commands run over ssh): install octotwist "
+            f"there (pip install octotwist=={here}), or pass --remote-python PATH "
+            "(python=PATH in a host file) naming the Python that has it"
         )
-    if "No module named octotwist" in text:
+    if any("No module named octotwist" in line for line in said):
         return (
-            f"{config.octo(host)[0]} has no octotwist: install it there (pip install "
-            f"octotwist=={Installation.here().octotwist}), or name another Python with "
-            "--remote-python, or pass --install"
+            f"{octo[0]} has no octotwist: install it there (pip install octotwist=={here}), "
+            "or name another Python (python=PATH in a host file, or --remote-python)"
         )
-    if code == 2:
+    if code == 2 and any("octo" in line for line in said):
         return (
-            f"`{octo} version --json` is not understood there: an octotwist older than "
-            f"this one ({Installation.here().octotwist})? ({_last(said)})"
+            f"`{shlex.join(octo)} version --json` is not understood there: an octotwist "
+            f"older than this one ({here})? ({_last(said)})"
         )
-    return f"`{octo} version --json` exited with status {code}: {_last(said)}"
+    return f"`{shlex.join(octo)} version --json` exited with status {code}: {_last(said)}"
 
 
-def _ssh_failure(host: Host, config: LaunchConfig, lines: list[str], said: list[str]) -> str:
+#: What ssh -v says that is never why it failed.
+_NOISE = ("debug", "OpenSSH_", "Authenticated to", "Transferred:", "Bytes per second:")
+
+
+def _said(text: bytes | bytearray) -> list[str]:
+    """The lines of C{text} that say something (ssh's verbose chatter left out)."""
+    lines = bytes(text).decode("utf-8", "replace").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith(_NOISE)]
+
+
+def _ssh_failure(host: Host, config: LaunchConfig, log: bytes) -> str:
     """Why ssh itself failed (its exit status 255), and what to do."""
+    lines = log.decode("utf-8", "replace").splitlines()
+    said = _said(log)
     text = "\n".join(said)
-    key = next(
-        (ln.split("Server host key: ", 1)[1] for ln in lines if "Server host key: " in ln), None
-    )
+    shown = "Server host key: "  # what ssh -v says of the key it was offered
+    key = next((ln.split(shown, 1)[1] for ln in lines if shown in ln), None)
     fingerprint = f" ({key})" if key else ""
     again = shlex.join([*config.ssh_command, *(a for a in host.ssh_arguments() if a != "--")])
     if "IDENTIFICATION HAS CHANGED" in text or "has changed" in text:
@@ -523,13 +589,7 @@ def _how(reason: BaseException) -> str:
 
 
 def _last(said: list[str]) -> str:
-    return said[-1].strip() if said else "it said nothing"
-
-
-def _last_line(err: bytes | bytearray) -> str:
-    lines = [ln for ln in bytes(err).decode("utf-8", "replace").splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith("debug")] or lines
-    return lines[-1].removeprefix("octo: ").strip() if lines else "nothing said"
+    return said[-1] if said else "it said nothing"
 
 
 def _count(n: int, word: str) -> str:

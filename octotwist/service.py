@@ -286,18 +286,14 @@ class JobService(Service):
 
     async def _launch(self, address: str) -> None:
         """
-        Check the hosts of C{--hosts}, then start a worker on each that can
+        Check the hosts of C{--hosts}, starting a worker on each that can
         work; fail the job if too few can.
         """
         assert self.hosts is not None
-        ready = await self.hosts.check()
-        if self.job_server.finished:
-            return  # stopped meanwhile
-        refusal = self.hosts.refusal(ready, others_coming=self.local)
         try:
+            refusal = await self.hosts.launch(bound_port(address), others_coming=self.local)
             if refusal is not None:
                 raise LaunchError(refusal)
-            self.hosts.start(ready, bound_port(address))
         except LaunchError as e:
             self.job_server.cancel(f"the job cannot run on its hosts: {e}")
 

@@ -70,8 +70,7 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = logs / "scheduler.log"
     procs.append(
         subprocess.Popen(
-            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port)]
-            + ["--no-dashboard"],
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
             stdout=subprocess.DEVNULL,
             stderr=log.open("w"),
             text=True,
@@ -82,8 +81,18 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         worker_log = logs / f"worker{n}.log"
         procs.append(
             subprocess.Popen(
-                [str(DASK), "worker", address, "--nthreads", "1", "--name", f"w{n}"]
-                + ["--no-dashboard", "--host", "127.0.0.1"],
+                [
+                    str(DASK),
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--name",
+                    f"w{n}",
+                    "--no-dashboard",
+                    "--host",
+                    "127.0.0.1",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=worker_log.open("w"),
                 text=True,

@@ -150,21 +150,34 @@ def test_the_check_reads_a_good_answer() -> None:
     assert explain_check(Host("n"), CONFIG, 0, HERE.to_json().encode(), b"debug1: x\n") == HERE
 
 
+SSH_SAYS = b"OpenSSH_9.2p1 Debian-2\ndebug1: Reading configuration data /etc/ssh/ssh_config\n"
+SSH_DONE = b"Transferred: sent 3488, received 3308 bytes\nBytes per second: sent 20253.5\n"
+
+
 @pytest.mark.parametrize(
-    "config, code, out, err, said",
+    "config, code, err, log, said",
     [
-        (CONFIG, 127, b"", b"bash: line 1: octo: command not found\n", "no octo on its PATH"),
-        (IN_VENV, 127, b"", b"sh: 1: exec: /opt/venv/bin/python: not found\n", "does not exist"),
-        (IN_VENV, 1, b"", b"/opt/venv/bin/python: No module named octotwist\n", "has no octotwist"),
-        (CONFIG, 2, b"", b"octo: Unknown command: version\n", "older than"),
-        (CONFIG, 0, b"hello\n", b"", "answered something else"),
-        (CONFIG, 3, b"", b"boom\n", "exited with status 3: boom"),
+        (CONFIG, 127, b"bash: line 1: octo: command not found\n", SSH_DONE, "no octo on its PATH"),
+        (IN_VENV, 127, b"sh: 1: exec: /opt/venv/bin/python: not found\n", b"", "does not exist"),
+        (IN_VENV, 1, b"/opt/venv/bin/python: No module named octotwist\n", b"", "has no octotwist"),
+        (CONFIG, 2, b"octo: Unknown command: version\n", b"", "older than"),
+        (CONFIG, 3, b"Traceback: something broke\nboom\n", SSH_SAYS + SSH_DONE, "status 3: boom"),
+        # a login that cannot run anything: not taken for a missing octo
+        (
+            CONFIG,
+            1,
+            b"Could not chdir to home directory /nonexistent: No such file or directory\n"
+            b"This account is currently not available.\n",
+            SSH_DONE,
+            "exited with status 1: This account is currently not available.",
+        ),
         (
             CONFIG,
             255,
             b"",
-            b"debug1: Server host key: ssh-ed25519 SHA256:abc\nNo ED25519 host key is known for n "
-            b"and you have requested strict checking.\nHost key verification failed.\n",
+            SSH_SAYS + b"debug1: Server host key: ssh-ed25519 SHA256:abc\nNo ED25519 host key "
+            b"is known for n and you have requested strict checking.\n"
+            b"Host key verification failed.\n",
             "(ssh-ed25519 SHA256:abc) is not in known_hosts",
         ),
         (
@@ -180,16 +193,22 @@ def test_the_check_reads_a_good_answer() -> None:
             CONFIG,
             255,
             b"",
-            b"ssh: connect to host n port 22: Connection refused\n",
-            "Connection refused",
+            SSH_SAYS + b"ssh: connect to host n port 22: Connection refused\n",
+            "ssh cannot reach it: ssh: connect to host n port 22: Connection refused",
         ),
     ],
 )
 def test_the_check_says_why_a_host_cannot_work(
-    config: LaunchConfig, code: int, out: bytes, err: bytes, said: str
+    config: LaunchConfig, code: int, err: bytes, log: bytes, said: str
 ) -> None:
-    why = explain_check(Host("n"), config, code, out, err)
+    why = explain_check(Host("n"), config, code, b"", err, log)
     assert isinstance(why, str) and said in why, why
+    assert "Bytes per second" not in why and "OpenSSH_" not in why
+
+
+def test_the_check_reads_an_answer_that_is_not_json() -> None:
+    why = explain_check(Host("n"), CONFIG, 0, b"hello\n", b"", b"")
+    assert isinstance(why, str) and "answered something else" in why
 
 
 def test_a_host_of_another_version_is_told_which_to_install() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -408,6 +409,33 @@ def test_a_host_lost_mid_job_has_its_tasks_run_again(
     assert parse_spaced(out) == word_count(sorted(BOOKS.glob("*.txt")))
     assert "it was killed, or its SSH connection was lost" in err
     assert _settle(hosts) == {a.name: set(), b.name: set()}  # its task processes too
+
+
+def test_a_host_slow_to_answer_holds_up_no_other(
+    hosts: Hosts, env: dict[str, str], tmp_path: Path
+) -> None:
+    """
+    A "host" that takes connections and never says a word: the job runs
+    on the other one, started as soon as its own check passed, and ends
+    long before the silent one's check would time out (30 s).
+    """
+    a, _ = hosts.hosts
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.3", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        done = octo(
+            "run", EXPECTED_SCRIPT, "--hosts", f"{a.name},127.0.0.3:{port}",
+            "--remote-python", sys.executable, "--ssh-command", hosts.ssh_command(),
+            env=env, cwd=ROOT,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert parse_spaced(done.stdout) == word_count(sorted(BOOKS.glob("*.txt")))
+    assert "checking 2 hosts over SSH" in done.stderr
+    assert took < 25, done.stderr
+    assert _settle(hosts)[a.name] == set()
 
 
 def test_an_unknown_host_key_is_refused_with_its_fingerprint(
