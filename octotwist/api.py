@@ -179,6 +179,11 @@ def run_deferred(
     @param reactor: the reactor to use (default: the installed one).
     """
     try:
+        if "engine" in options or "scheduler" in options:
+            raise UsageError(
+                "run_deferred takes no engine=: an engine's client blocks until the job is "
+                "over; call octotwist.run(job, engine=...) (in a thread, from a Twisted program)"
+            )
         config, loaded = _prepare(job, reduce_tasks, options)
         launch = _hosts(hosts)
         if workers == 0 and launch is None:

@@ -161,7 +161,15 @@ class _Job:
         self.client.wait_for_workers(1, timeout=60)
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
         ours = Installation.here()
-        for address, answer in self.client.run(_installation).items():
+        try:
+            answers = self.client.run(_installation)
+        except Exception as e:  # (a worker that cannot even unpickle the question)
+            raise EngineError(
+                f"a Dask worker cannot run octotwist's tasks ({type(e).__name__}: {e}): "
+                f"install octotwist {ours.octotwist} on every worker, on Python "
+                f"{ours.python.rsplit('.', 1)[0]}"
+            ) from None
+        for address, answer in answers.items():
             problem = ours.incompatibility(Installation.from_json(answer))
             if problem:
                 raise EngineError(f"the Dask worker at {address} cannot run this job: {problem}")
