@@ -44,7 +44,7 @@ from octotwist.errors import (
 from octotwist.inline import run_inline
 from octotwist.job import load_job
 from octotwist.progress import LiveProgress, LogSink
-from octotwist.server import MAX_SLOTS, JobServer
+from octotwist.server import MAX_SLOTS, JobOutcome, JobServer
 from octotwist.service import JobService, local_config, run_here
 from octotwist.transport import ClientSettings, TaskClient, Transport
 
@@ -803,9 +803,15 @@ def _run_inline(opts: RunOptions) -> int:
 
         sys.stderr.write(f"octo: job {job.name} failed (--inline):\n{user_traceback(e)}")
         return EXIT_FAILED
+    return _finished(job.name, outcome)
+
+
+def _finished(job: str, outcome: JobOutcome, where: str = "") -> int:
+    """Say that a job run without a server of ours finished, with its counters."""
     _log.info(
-        "job {job} finished: {n} result{s} in {t:.2f} s",
-        job=job.name,
+        "job {job} finished{where}: {n} result{s} in {t:.2f} s",
+        job=job,
+        where=where,
         n=outcome.results,
         s="" if outcome.results == 1 else "s",
         t=outcome.seconds,
@@ -844,17 +850,7 @@ def _run_on_engine(opts: RunOptions) -> int:
     if not outcome.ok:
         sys.stderr.write(f"octo: job {job.name} failed: {outcome.error}\n")
         return EXIT_FAILED
-    _log.info(
-        "job {job} finished on {engine}: {n} result{s} in {t:.2f} s",
-        job=job.name,
-        engine=opts["engine"],
-        n=outcome.results,
-        s="" if outcome.results == 1 else "s",
-        t=outcome.seconds,
-    )
-    if outcome.counters:
-        _log.info("counters:\n{table}", table=counters.table(outcome.counters))
-    return EXIT_OK
+    return _finished(job.name, outcome, f" on {opts['engine']}")
 
 
 def _make_secret(options: SecretOptions) -> int:

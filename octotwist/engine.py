@@ -8,7 +8,7 @@ C{octotwist.run(job, engine=NAME)} hand it the loaded job, and it runs the
 job's tasks with L{octotwist.tasks.run_task} (the same shuffle, blobs and
 counters as octotwist's own workers) wherever it likes, then hands the
 results over with L{octotwist.delivery.deliver}.  The core names no engine:
-Dask's (C{plugins/octotwist_dask}) is packaged as anyone else's would be.
+Dask's, under C{plugins/}, is packaged as anyone else's would be.
 
 An engine runs outside any reactor, in the calling thread, and blocks
 until the job is over: it is a scheduler's client, not a server.

@@ -121,23 +121,37 @@ def transports(pm: pluggy.PluginManager | None = None) -> dict[str, Transport]:
     @raise PluginError: two plugins claim the same name, or a plugin returns
         something that is not a valid L{Transport}.
     """
-    pm = pm if pm is not None else installed_plugins()
-    found: dict[str, Transport] = {}
+    return _provided(
+        pm if pm is not None else installed_plugins(), "octotwist_transports", "transport"
+    )
+
+
+def _provided(pm: pluggy.PluginManager, hook: str, kind: str) -> dict[str, Any]:
+    """
+    What every plugin's implementation of C{hook} returned, by name; each
+    implementation is called on its own, so that a clash names both
+    plugins (calling the hook would merge the results).
+
+    @raise PluginError: two plugins provide the same name, or one returns
+        something that is not a record of C{kind}.
+    """
+    found: dict[str, Any] = {}
     owners: dict[str, str] = {}
-    # Each implementation is called on its own, so that a clash names both
-    # plugins (pm.hook.octotwist_transports() would merge the results).
-    for impl in pm.hook.octotwist_transports.get_hookimpls():
+    for impl in getattr(pm.hook, hook).get_hookimpls():
         owner = impl.plugin_name
-        # Whatever the plugin returned: _check_transport checks each item.
-        for t in cast("Iterable[Any]", impl.function() or ()):
-            _check_transport(t, owner)
-            if t.name in found:
+        # Whatever the plugin returned: each item is checked.
+        for record in cast("Iterable[Any]", impl.function() or ()):
+            if kind == "transport":
+                _check_transport(record, owner)
+            elif not isinstance(record, Engine):
+                raise PluginError(f"plugin {owner} returned {record!r}, not an octotwist Engine")
+            if record.name in found:
                 raise PluginError(
-                    f"two plugins provide the transport {t.name!r}: "
-                    f"{owners[t.name]} and {owner}; uninstall one of them"
+                    f"two plugins provide the {kind} {record.name!r}: "
+                    f"{owners[record.name]} and {owner}; uninstall one of them"
                 )
-            found[t.name] = t
-            owners[t.name] = owner
+            found[record.name] = record
+            owners[record.name] = owner
     return found
 
 
@@ -197,22 +211,7 @@ def engines(pm: pluggy.PluginManager | None = None) -> dict[str, Engine]:
     @raise PluginError: two plugins claim the same name, or a plugin returns
         something that is not an L{Engine}.
     """
-    pm = pm if pm is not None else installed_plugins()
-    found: dict[str, Engine] = {}
-    owners: dict[str, str] = {}
-    for impl in pm.hook.octotwist_engines.get_hookimpls():
-        owner = impl.plugin_name
-        for e in cast("Iterable[Any]", impl.function() or ()):
-            if not isinstance(e, Engine):
-                raise PluginError(f"plugin {owner} returned {e!r}, not an octotwist Engine")
-            if e.name in found:
-                raise PluginError(
-                    f"two plugins provide the engine {e.name!r}: {owners[e.name]} and "
-                    f"{owner}; uninstall one of them"
-                )
-            found[e.name] = e
-            owners[e.name] = owner
-    return found
+    return _provided(pm if pm is not None else installed_plugins(), "octotwist_engines", "engine")
 
 
 def get_engine(name: str, pm: pluggy.PluginManager | None = None) -> Engine:

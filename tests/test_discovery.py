@@ -140,3 +140,34 @@ def test_an_option_of_another_transport_is_a_usage_error(env: dict, tmp_path: Pa
     assert "--host-key is an option of the ssh transport, not of tcp" in r.stderr
     r = octo("client", "--ca-file", "ca.pem", "--wait", "1", env=env, timeout=30)
     assert r.returncode == 2 and "--ca-file is an option of the http transport" in r.stderr
+
+
+class _EnginePlugin:
+    def __init__(self, *es: object) -> None:
+        self.es = es
+
+    @hookimpl
+    def octotwist_engines(self):
+        return list(self.es)
+
+
+def test_engines_are_found_like_transports_and_clashes_named() -> None:
+    from octotwist.engine import Engine
+    from octotwist.errors import UnknownEngineError
+    from octotwist.hookspecs import engines, get_engine
+
+    dask = get_engine("dask")  # through octotwist's own entry point, as anyone's
+    assert dask.run == "octotwist_dask.engine:run"  # (imported only when a job runs)
+    mine = Engine("mine", "an engine of my own", run=lambda r: None)  # type: ignore[arg-type,return-value]
+    assert engines(_pm_with(_EnginePlugin(mine))) == {"mine": mine}
+    with pytest.raises(
+        PluginError, match="two plugins provide the engine 'mine': plugin0 and plugin1"
+    ):
+        engines(_pm_with(_EnginePlugin(mine), _EnginePlugin(mine)))
+    with pytest.raises(PluginError, match="plugin0 returned 'x', not an octotwist Engine"):
+        engines(_pm_with(_EnginePlugin("x")))
+    with pytest.raises(UnknownEngineError, match="unknown engine 'ray'; installed engines: dask"):
+        get_engine("ray")
+    broken = Engine("broken", "", run="no_such_module:run")
+    with pytest.raises(PluginError, match="engine 'broken': cannot import no_such_module:run"):
+        broken.runner()

@@ -120,6 +120,18 @@ def _gated_wordcount(tmp_path: Path) -> tuple[Path, Path]:
     return script, opened
 
 
+def _run_on_both(
+    hosts: Hosts, script: Path, env: dict[str, str], cwd: Path
+) -> subprocess.Popen[str]:
+    """C{octo run SCRIPT} with a worker on each host, in the background."""
+    names = ",".join(h.name for h in hosts.hosts)
+    ssh = hosts.ssh_command()
+    return start(
+        "run", str(script), "--hosts", names, "--remote-python", sys.executable,
+        "--ssh-command", ssh, env=env, cwd=cwd,
+    )  # fmt: skip
+
+
 def _wait_for_marks(tmp_path: Path, hosts: Hosts, timeout: float = 60) -> None:
     """Until a map task runs on every host (see L{_gated_wordcount})."""
     deadline = time.monotonic() + timeout
@@ -277,18 +289,7 @@ def test_ctrl_c_leaves_no_process_on_any_host(
     """
     script, _ = _gated_wordcount(tmp_path)  # never opened
     a, b = hosts.hosts
-    proc = start(
-        "run",
-        str(script),
-        "--hosts",
-        f"{a.name},{b.name}",
-        "--remote-python",
-        sys.executable,
-        "--ssh-command",
-        hosts.ssh_command(),
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = _run_on_both(hosts, script, env, tmp_path)
     wait_for_log(proc, [f"worker {a.name} joined", f"worker {b.name} joined"])
     _wait_for_marks(tmp_path, hosts)  # task processes busy in mapfn on both
     running = on_host(a.process.pid) | on_host(b.process.pid)
@@ -313,18 +314,7 @@ def test_a_launcher_killed_outright_leaves_nothing_on_its_hosts(
     """
     script, _ = _gated_wordcount(tmp_path)  # never opened
     a, b = hosts.hosts
-    proc = start(
-        "run",
-        str(script),
-        "--hosts",
-        f"{a.name},{b.name}",
-        "--remote-python",
-        sys.executable,
-        "--ssh-command",
-        hosts.ssh_command(),
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = _run_on_both(hosts, script, env, tmp_path)
     wait_for_log(proc, [f"worker {a.name} joined", f"worker {b.name} joined"])
     _wait_for_marks(tmp_path, hosts)
     running = on_host(a.process.pid) | on_host(b.process.pid)
@@ -346,18 +336,7 @@ def test_a_worker_whose_ssh_session_breaks_stops(
     """
     script, opened = _gated_wordcount(tmp_path)
     a, b = hosts.hosts
-    proc = start(
-        "run",
-        str(script),
-        "--hosts",
-        f"{a.name},{b.name}",
-        "--remote-python",
-        sys.executable,
-        "--ssh-command",
-        hosts.ssh_command(),
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = _run_on_both(hosts, script, env, tmp_path)
     seen = wait_for_log(proc, [f"worker {a.name} joined", f"worker {b.name} joined"])
     _wait_for_marks(tmp_path, hosts)
     on_b = on_host(b.process.pid)
@@ -384,18 +363,7 @@ def test_a_host_lost_mid_job_has_its_tasks_run_again(
     """Killing one host's worker (its sshd's child) mid-job: the other finishes, exactly."""
     script, opened = _gated_wordcount(tmp_path)
     a, b = hosts.hosts
-    proc = start(
-        "run",
-        str(script),
-        "--hosts",
-        f"{a.name},{b.name}",
-        "--remote-python",
-        sys.executable,
-        "--ssh-command",
-        hosts.ssh_command(),
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = _run_on_both(hosts, script, env, tmp_path)
     seen = wait_for_log(proc, [f"worker {a.name} joined", f"worker {b.name} joined"])
     worker = next(
         p for p in on_host(b.process.pid) if " client " in _cmdline(p) and "--stdin" in _cmdline(p)
