@@ -69,6 +69,9 @@ SSH_OPTIONS = (
     "ServerAliveCountMax=3",
 )
 
+#: C{--ssh-command conch}: reach the hosts with Twisted Conch (what happens
+#: where no ssh program is installed).
+CONCH = "conch"
 #: Seconds a host has to answer the check.
 CHECK_TIMEOUT = 30.0
 #: Seconds the workers have to exit by themselves once the job is over
@@ -114,6 +117,11 @@ class LaunchConfig:
     require_all: bool = False
     check_timeout: float = CHECK_TIMEOUT
 
+    @property
+    def conch(self) -> bool:
+        """Whether hosts are reached with Twisted Conch rather than an ssh program."""
+        return self.ssh_command == (CONCH,)
+
     def __post_init__(self) -> None:
         if not self.hosts:
             raise UsageError("no hosts to start workers on")
@@ -135,16 +143,22 @@ class LaunchConfig:
         @raise UsageError: the ssh client is not installed, or a setting is wrong.
         """
         try:
-            words = tuple(shlex.split(ssh_command))
+            words = shlex.split(ssh_command)
         except ValueError as e:
             raise UsageError(f"--ssh-command {ssh_command!r}: {e}") from None
-        if words and shutil.which(words[0]) is None:
-            raise UsageError(
-                f"no ssh client {words[0]!r} on this machine: install OpenSSH's "
-                "(apt install openssh-client, dnf install openssh-clients), or name one "
-                "with --ssh-command"
+        if words and words != [CONCH] and shutil.which(words[0]) is None:
+            if ssh_command != "ssh":
+                raise UsageError(
+                    f"no ssh client {words[0]!r} on this machine: install OpenSSH's "
+                    "(apt install openssh-client, dnf install openssh-clients), or give "
+                    f"--ssh-command {CONCH} (Twisted Conch, in this process)"
+                )
+            _log.info(
+                "no ssh program here: reaching the hosts with Twisted Conch (your agent or "
+                "unencrypted keys in ~/.ssh, ~/.ssh/known_hosts; ~/.ssh/config is not read)"
             )
-        return cls(hosts, words, **settings)
+            words = [CONCH]
+        return cls(hosts, tuple(words), **settings)
 
     def octo(self, host: Host) -> list[str]:
         """The command that runs octotwist on C{host}."""
@@ -216,6 +230,14 @@ class _SSH(ProcessProtocol):
     def running(self) -> bool:
         return self.reason is None
 
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def closeStdin(self) -> None:
+        if self.transport is not None:
+            self.transport.closeStdin()
+
     def end(self, signal: str) -> None:
         if self.running and self.transport is not None:
             with contextlib.suppress(ProcessExitedAlready):
@@ -278,6 +300,7 @@ class HostWorkers:
         for host, (ok, result) in zip(hosts, results, strict=True):
             if not ok:  # (a bug of ours: say so rather than hang)
                 result = f"the check failed: {cast(Failure, result).getErrorMessage()}"
+                _log.error("host {host} cannot work for this job: {why}", host=host, why=result)
             if isinstance(result, Ready):
                 ready.append(result)
             else:
@@ -334,6 +357,8 @@ class HostWorkers:
                     timer.cancel()
             with open(log_name, "rb") as f:
                 log = f.read(KEEP_ERRORS * 8)
+            if self.config.conch:  # (its words stand for ssh's; no standard error)
+                log, ssh.err = bytes(ssh.err), bytearray()
         finally:
             os.unlink(log_name)
         if self._stopping:
@@ -384,8 +409,7 @@ class HostWorkers:
         ]
         name = str(r.host)
         ssh = self._spawn(r.host, command, on_line=lambda line: _relay(name, line))
-        assert ssh.transport is not None
-        ssh.transport.write(self._secret + b"\n")
+        ssh.write(self._secret + b"\n")
         self._workers[name] = ssh
         ssh.ended.addCallback(self._worker_ended, name)
         _log.info(
@@ -414,14 +438,6 @@ class HostWorkers:
             last=f": {_last(_said(ssh.err)).removeprefix('octo: ')}" if _said(ssh.err) else "",
         )
 
-    def pids(self) -> dict[str, int]:
-        """The local ssh process of each host's worker that runs."""
-        return {
-            name: ssh.transport.pid
-            for name, ssh in self._workers.items()
-            if ssh.running and ssh.transport is not None and ssh.transport.pid is not None
-        }
-
     # 3. The end.
 
     async def stop(self, grace: float = STOP_GRACE, self_exit: float = SELF_EXIT) -> None:
@@ -437,8 +453,8 @@ class HostWorkers:
         workers = [s for s in self._workers.values() if s.running]
         await self._until_ended(workers, self_exit)
         for ssh in workers:
-            if ssh.running and ssh.transport is not None:
-                ssh.transport.closeStdin()
+            if ssh.running:
+                ssh.closeStdin()
         await self._until_ended(workers, grace)
         for signal in ("TERM", "KILL"):
             for ssh in (*self._checks, *workers):
@@ -459,6 +475,14 @@ class HostWorkers:
         and standard error holds the command's own complaints only; its
         standard input is closed at once.
         """
+        if self.config.conch:
+            from octotwist import conch_command
+
+            remote = "exec " + shlex.join(command)
+            session = conch_command.run(
+                self.reactor, host.host, host.user, host.port, remote, self.config.check_timeout
+            )
+            return session  # type: ignore[return-value]  # (what the launcher reads of an _SSH)
         ssh = _SSH(on_line)
         args = [
             *self.config.ssh_command,

@@ -293,7 +293,8 @@ HOSTS_PARAMETERS: list[list[Any]] = [
         None,
         "ssh",
         "The ssh client and options of its own to start the workers with, e.g. "
-        '"ssh -F ssh_config" (host keys are always checked, nothing is ever asked).',
+        '"ssh -F ssh_config", or conch for Twisted Conch (the default where there is no '
+        "ssh; host keys are always checked, nothing is ever asked).",
     ],
 ]
 HOSTS_FLAGS: list[list[Any]] = [

@@ -702,6 +702,16 @@ MUTANTS: list[Mutant] = [
         [T_LAUNCH + "test_an_unknown_host_key_is_refused_with_its_fingerprint"],
     ),
     _m(
+        "hosts-conch-host-keys-accepted-unseen",
+        "the launcher's Conch client (no ssh program) accepts a host key it has never seen",
+        Edit(
+            "octotwist/conch_command.py",
+            "            if any(self.hasHostKey(name, key) for name in names):",
+            "            if True:",
+        ),
+        [T_LAUNCH + "test_hosts_are_reached_with_conch_where_there_is_no_ssh"],
+    ),
+    _m(
         "hosts-secret-in-environment",
         "the launcher hands the secret to ssh in its environment, where a listing shows it",
         Edit(

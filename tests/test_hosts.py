@@ -247,3 +247,15 @@ def test_octo_version_says_what_a_host_is_checked_for(env: dict[str, str]) -> No
     theirs = Installation.from_json(answer.stdout)
     assert theirs.ssh_client == "10.1.2.3"
     assert theirs.incompatibility(HERE) is None
+
+
+def test_without_an_ssh_program_the_hosts_are_reached_with_conch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ssh there
+    assert LaunchConfig.from_command((Host("n"),)).conch
+    assert LaunchConfig.from_command((Host("n"),), "conch").conch
+    with pytest.raises(UsageError, match=r"no ssh client 'my-ssh' on this machine.*conch"):
+        LaunchConfig.from_command((Host("n"),), "my-ssh -F x")
+    monkeypatch.undo()
+    assert not LaunchConfig.from_command((Host("n"),)).conch  # (ssh is installed here)

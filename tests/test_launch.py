@@ -406,6 +406,44 @@ def test_a_host_slow_to_answer_holds_up_no_other(
     assert _settle(hosts)[a.name] == set()
 
 
+def _conch_home(hosts: Hosts, env: dict[str, str], tmp_path: Path, known: list) -> dict[str, str]:
+    """A home whose ~/.ssh holds the test's key and the host keys of C{known}."""
+    dot_ssh = tmp_path / "home" / ".ssh"
+    dot_ssh.mkdir(parents=True)
+    (dot_ssh / "id_ed25519").write_bytes(hosts.user_key.read_bytes())
+    (dot_ssh / "id_ed25519").chmod(0o600)
+    (dot_ssh / "known_hosts").write_text("".join(h.known_hosts_line() for h in known))
+    conch_env = {**env, "HOME": str(tmp_path / "home")}
+    conch_env.pop("SSH_AUTH_SOCK", None)
+    return conch_env
+
+
+def test_hosts_are_reached_with_conch_where_there_is_no_ssh(
+    hosts: Hosts, env: dict[str, str], tmp_path: Path
+) -> None:
+    """
+    --ssh-command conch (what a machine without an ssh program gets): the
+    key in ~/.ssh, the host keys checked against ~/.ssh/known_hosts (read,
+    never written), a host whose key is not there refused with its
+    fingerprint; the job exact on the other, and nothing left behind.
+    """
+    a, b = hosts.hosts
+    conch_env = _conch_home(hosts, env, tmp_path, known=[a])
+    known_hosts = tmp_path / "home" / ".ssh" / "known_hosts"
+    before = known_hosts.read_text()
+    done = octo(
+        "run", EXPECTED_SCRIPT, "--hosts", f"{a.name},{b.name}", "--remote-python",
+        sys.executable, "--ssh-command", "conch", env=conch_env, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert parse_spaced(done.stdout) == word_count(sorted(BOOKS.glob("*.txt")))
+    assert f"worker {a.name} joined" in done.stderr
+    refusal = next(line for line in done.stderr.splitlines() if f"host {b.name} cannot" in line)
+    assert b.fingerprint() in refusal and "not in known_hosts" in refusal
+    assert known_hosts.read_text() == before
+    assert _settle(hosts) == {a.name: set(), b.name: set()}
+
+
 def test_an_unknown_host_key_is_refused_with_its_fingerprint(
     hosts: Hosts, env: dict[str, str], tmp_path: Path
 ) -> None:
