@@ -151,11 +151,12 @@ def start_hosts(directory: Path, addresses: list[str]) -> Hosts:
             f"SetEnv PATH={path}{also}\n"
         )
         log = directory / f"sshd_{address}.log"
-        process = subprocess.Popen(
-            [SSHD_PROGRAM, "-D", "-e", "-f", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("wb"),
-        )
+        with log.open("wb") as log_file:  # (sshd keeps its own copy)
+            process = subprocess.Popen(
+                [SSHD_PROGRAM, "-D", "-e", "-f", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
         hosts.append(SSHD(address, port, host_key, process))
     everything = Hosts(directory, hosts, user_key)
     deadline = time.monotonic() + 10

@@ -50,6 +50,13 @@ def _counters(stderr: str) -> dict[str, int]:
     return found
 
 
+def _start(argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[str]:
+    with log.open("w") as log_file:  # (the process keeps its own copy)
+        return subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=log_file, text=True, cwd=cwd
+        )
+
+
 def _wait_for(proc: subprocess.Popen[str], log: Path, text: str, count: int = 1) -> None:
     deadline = time.monotonic() + 60
     while log.read_text().count(text) < count:
@@ -68,36 +75,15 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     address = f"tcp://127.0.0.1:{port}"
     procs = []
     log = logs / "scheduler.log"
-    procs.append(
-        subprocess.Popen(
-            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("w"),
-            text=True,
-        )
-    )
+    scheduler_argv = [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port)]
+    procs.append(_start([*scheduler_argv, "--no-dashboard"], log))
     _wait_for(procs[0], log, "Scheduler at:")
     for n in (1, 2):
         worker_log = logs / f"worker{n}.log"
+        worker_argv = [str(DASK), "worker", address, "--nthreads", "1", "--name", f"w{n}"]
+        # (not in the job's folder: its helper modules must travel)
         procs.append(
-            subprocess.Popen(
-                [
-                    str(DASK),
-                    "worker",
-                    address,
-                    "--nthreads",
-                    "1",
-                    "--name",
-                    f"w{n}",
-                    "--no-dashboard",
-                    "--host",
-                    "127.0.0.1",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=worker_log.open("w"),
-                text=True,
-                cwd=logs,  # (not the job's folder: its helper modules must travel)
-            )
+            _start([*worker_argv, "--no-dashboard", "--host", "127.0.0.1"], worker_log, logs)
         )
         _wait_for(procs[-1], worker_log, "Registered to")
     yield address
