@@ -182,6 +182,46 @@ def test_a_two_step_job_with_counters_and_a_helper_module(
     assert _counters(done.stderr)["lines"] == lines
 
 
+def test_partitionfn_and_reduce_tasks_decide_the_part_files(
+    scheduler: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """
+    The job's partitionfn and reduce_tasks on Dask: -o DIR/ gets a part file
+    per partition, each holding exactly the keys partitionfn sends there.
+    """
+    script = tmp_path / "letters.py"
+    script.write_text(
+        f"source = {{p: None for p in {sorted(map(str, BOOKS.glob('*.txt')))!r}}}\n"
+        "reduce_tasks = 3\n"
+        "def partitionfn(key, partitions):\n"
+        "    return ord(key[0]) % partitions\n"
+        "def mapfn(path, _):\n"
+        "    for word in open(path, encoding='utf-8').read().split():\n"
+        "        yield word.lower(), 1\n"
+        "def combinefn(word, counts):\n"
+        "    return word, sum(counts)\n"
+        "def reducefn(word, counts):\n"
+        "    return word, sum(counts)\n"
+    )
+    out = tmp_path / "counts"
+    done = octo(
+        "run", str(script), "--engine", "dask", "--scheduler", scheduler, "-o", f"{out}/",
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    expected = word_count(sorted(BOOKS.glob("*.txt")))
+    parts = sorted(out.glob("part-*.tsv"))
+    assert [p.name for p in parts] == ["part-00000.tsv", "part-00001.tsv", "part-00002.tsv"]
+    assert (out / "_SUCCESS").exists()
+    everything: dict[str, int] = {}
+    for n, part in enumerate(parts):
+        got = parse_tsv(part.read_text())
+        assert got and all(ord(k[0]) % 3 == n for k in got), part
+        assert list(got) == sorted(got)
+        everything.update(got)
+    assert everything == expected
+
+
 @pytest.mark.slow
 def test_a_dask_worker_killed_mid_job_changes_nothing(
     scheduler: str, env: dict[str, str], tmp_path: Path
