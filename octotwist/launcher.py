@@ -300,7 +300,7 @@ class HostWorkers:
         for host, (ok, result) in zip(hosts, results, strict=True):
             if not ok:  # (a bug of ours: say so rather than hang)
                 result = f"the check failed: {cast(Failure, result).getErrorMessage()}"
-                _log.error("host {host} cannot work for this job: {why}", host=host, why=result)
+                _log.error("host {host} cannot work for this server: {why}", host=host, why=result)
             if isinstance(result, Ready):
                 ready.append(result)
             else:
@@ -334,7 +334,7 @@ class HostWorkers:
         result = await self._check(host)
         if not isinstance(result, Installation):
             if not self._stopping:
-                _log.error("host {host} cannot work for this job: {why}", host=host, why=result)
+                _log.error("host {host} cannot work for this server: {why}", host=host, why=result)
             return result
         ready = Ready(host, result)
         if not self.config.require_all:
