@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, cast
 
 from twisted.conch.client.knownhosts import KnownHostsFile
-from twisted.conch.endpoints import SSHCommandClientEndpoint
 from twisted.conch.error import ConchError, HostKeyChanged, UserRejectedKey
 from twisted.conch.ssh.keys import BadKeyError, EncryptedKeyError, FingerprintFormats, Key
 from twisted.internet.defer import Deferred, fail
@@ -148,6 +147,10 @@ def run(
     reactor: Any, host: str, user: str | None, port: int | None, command: str, timeout: float
 ) -> ConchCommand:
     """Start C{command} on C{host}; its L{ConchCommand} reports how it goes."""
+    # (Imported here: importing it installs the default reactor, and a
+    # library module takes the reactor it is given.)
+    from twisted.conch.endpoints import SSHCommandClientEndpoint
+
     session = ConchCommand()
     path = FilePath(os.path.expanduser("~/.ssh/known_hosts"))
     known = cast(_KnownHosts, _KnownHosts.fromPath(path))  # (fromPath makes a cls)
