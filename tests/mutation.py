@@ -716,8 +716,8 @@ MUTANTS: list[Mutant] = [
         "the launcher hands the secret to ssh in its environment, where a listing shows it",
         Edit(
             "octotwist/launcher.py",
-            "ssh, args[0], args, env=dict(os.environ),",
-            "ssh, args[0], args, env={**os.environ, 'OCTO_SECRET': self._secret.decode()},",
+            "ssh, argv[0], argv, env=dict(os.environ),",
+            "ssh, argv[0], argv, env={**os.environ, 'OCTO_SECRET': self._secret.decode()},",
         ),
         [T_LAUNCH + "test_the_secret_is_on_no_command_line_and_in_no_environment"],
     ),
