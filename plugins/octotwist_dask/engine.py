@@ -64,11 +64,13 @@ def run(r: EngineRun) -> JobOutcome:
     started = time.monotonic()
     cluster = None
     if r.scheduler is None:
+        # This machine's alone: Dask authenticates nobody, and runs what it is sent.
         cluster = distributed.LocalCluster(
             n_workers=r.workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=":0",
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
         )
         address = cluster.scheduler_address
     else:
