@@ -357,8 +357,8 @@ async def run_worker(
             left = limit if since is None else since + limit - reactor.seconds()
             attempt.addTimeout(max(left, FIRST_ATTEMPT if since is None else 0.5), reactor)
             try:
-                await attempt
-            except (AuthenticationError, RemoteProtocolError):
+                await _stoppable(attempt)
+            except (AuthenticationError, RemoteProtocolError, defer.CancelledError):
                 raise
             except Exception as e:
                 now = reactor.seconds()
@@ -425,6 +425,34 @@ async def run_worker(
         for spare in {id(kept): kept for kept in (pool, live) if kept is not None}.values():
             if not spare.stopping:
                 await spare.stop()
+
+
+async def _stoppable(attempt: Deferred[MessageChannel]) -> MessageChannel:
+    """
+    Await a connection attempt such that our being cancelled (the worker
+    is stopped: its lifeline closed, Ctrl-C) raises C{CancelledError}.
+
+    Cancelling the attempt itself makes it fail with whatever its transport
+    says: an endpoint's C{ConnectingCancelledError}, a lost connection, a
+    failed handshake.  The retry loop would take that for the server being
+    unreachable and go on retrying for C{--wait} seconds, a worker outliving
+    whoever stopped it.
+    """
+    cancelled = False
+
+    def cancel(_: Deferred[MessageChannel]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        attempt.cancel()
+
+    waiting: Deferred[MessageChannel] = Deferred(cancel)
+    attempt.chainDeferred(waiting)
+    try:
+        return await waiting
+    except Exception:
+        if cancelled:
+            raise defer.CancelledError() from None
+        raise
 
 
 def _gone(job: str, waited: float) -> messages.Shutdown:

@@ -116,6 +116,7 @@ T_SLOW_WORKER = (
     "tests/test_conformance.py::test_a_slow_worker_does_not_make_the_server_hold_its_downloads"
 )
 T_LAUNCH = "tests/test_launch.py::"
+T_LIFELINE = "tests/test_lifeline.py::"
 T_TASK_STREAM = (
     "tests/test_browser.py::"
     "test_the_task_stream_draws_each_attempt_and_shows_a_failure_when_clicked"
@@ -729,7 +730,17 @@ MUTANTS: list[Mutant] = [
             "    StandardIO(_Lifeline(closed), stdin=fd, stdout=devnull, reactor=reactor)",
             "    pass",
         ),
-        [T_LAUNCH + "test_a_worker_whose_ssh_session_breaks_stops"],
+        [T_LIFELINE + "test_a_worker_retrying_an_absent_server_stops_when_its_stdin_closes"],
+    ),
+    _m(
+        "worker-stop-taken-for-a-failed-attempt",
+        "a worker stopped mid-connection-attempt retries, outliving whoever stopped it",
+        Edit(
+            "octotwist/client.py",
+            "        if cancelled:\n            raise defer.CancelledError() from None\n",
+            "",
+        ),
+        [T_LIFELINE + "test_a_worker_mid_connection_attempt_stops_when_its_stdin_closes"],
     ),
     _m(
         "unixcred-any-uid",

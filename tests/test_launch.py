@@ -10,6 +10,7 @@ interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -87,14 +88,32 @@ def _alive(pid: int) -> bool:
     return state[state.rindex(")") + 2] != "Z"
 
 
-def _settle(hosts: Hosts, timeout: float = 15) -> dict[str, set[int]]:
-    """What is left on each host once it had C{timeout} seconds to end."""
+def _settle(hosts: Hosts, timeout: float = 15) -> dict[str, set[str]]:
+    """
+    What is left on each host once it had C{timeout} seconds to end: each
+    process as its pid and command line, for a failure to show.
+    """
     deadline = time.monotonic() + timeout
     while True:
         left = {h.name: on_host(h.process.pid) for h in hosts.hosts}
         if not any(left.values()) or time.monotonic() > deadline:
-            return {name: {p for p in pids if _alive(p)} for name, pids in left.items()}
+            return {
+                name: {f"{p} {_cmdline(p).strip()}" for p in pids if _alive(p)}
+                for name, pids in left.items()
+            }
         time.sleep(0.1)
+
+
+@pytest.fixture(autouse=True)
+def _clean_hosts(hosts: Hosts) -> Iterator[None]:
+    """
+    Kill what a test left on the hosts (it failed), so that the tests
+    after it, which check that nothing is left, test only themselves.
+    """
+    yield
+    for pid in {p for h in hosts.hosts for p in on_host(h.process.pid)}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _gated_wordcount(tmp_path: Path) -> tuple[Path, Path]:
