@@ -216,7 +216,7 @@ def _on_engine(
 
     if engine is None:
         raise UsageError("scheduler= is an engine's: give engine= too (engine='dask')")
-    others = [n for n, v in (("transport", transport), ("web", web), ("hosts", hosts)) if v]
+    others = [n for n, v in (("transport", transport), ("hosts", hosts)) if v]
     if others:
         raise UsageError(
             f"engine= runs the tasks elsewhere than on octotwist's own workers: it takes no "
@@ -226,7 +226,14 @@ def _on_engine(
         raise UsageError(f"workers must be 1 to {MAX_SLOTS} with an engine, not {workers!r}")
     output = _output(config, loaded)
     outcome = run_on_engine(
-        engine, loaded, config, output, workers=workers or 2, scheduler=scheduler, quiet=True
+        engine,
+        loaded,
+        config,
+        output,
+        workers=workers or 2,
+        scheduler=scheduler,
+        quiet=True,
+        web=web,
     )
     return _result(loaded, outcome, output)
 

@@ -234,7 +234,7 @@ class RunOptions(_Verbosity, shared.InterspersedOptions):
         if self["engine"]:
             given = [
                 f"--{name}"
-                for name in ("inline", "transport", "web", "state-dir", "hosts", "hostfile")
+                for name in ("inline", "transport", "state-dir", "hosts", "hostfile")
                 if self[name]
             ]
             if given:
@@ -841,6 +841,7 @@ def _run_on_engine(opts: RunOptions) -> int:
             workers=opts["workers"],
             scheduler=opts["scheduler"],
             quiet=bool(opts["quiet"]),
+            web=opts["web"],
         )
     except BrokenPipeError:
         return EXIT_OK  # octo run --engine dask job.py | head

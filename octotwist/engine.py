@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.logger import Logger
 
 from octotwist.errors import OctotwistError, PluginError, UsageError
+from octotwist.timeline import eta as timeline_eta
 
 if TYPE_CHECKING:  # (the hook specs import this module: it imports little)
     from octotwist.config import JobConfig
@@ -100,24 +103,86 @@ class EngineRun:
     progress: Progress
 
 
-class Progress:
+@dataclass(frozen=True)
+class EngineWorker:
     """
-    A job's progress as an engine reports it: phase by phase, tasks done of
-    tasks to do.  Bars on a terminal (rich), else a log line now and then;
-    nothing with C{quiet}.
+    One of an engine's workers, as its status page lists it.
+
+    @ivar name: the engine's name for it (Dask's: its address).
+    @ivar host: the machine it runs on.
+    @ivar threads: the tasks it runs at once.
+    @ivar memory: the bytes it holds, as the engine last said (0: not known).
     """
 
-    def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
+    name: str
+    host: str
+    threads: int
+    memory: int = 0
+
+
+#: Failed attempts the status page keeps (as octotwist's own server does).
+KEPT_FAILURES = 50
+#: Seconds between the samples the page's charts draw.
+SAMPLE_INTERVAL = 1.0
+
+
+class Progress:
+    """
+    A job's progress as an engine reports it, step by step and phase by
+    phase: tasks done of tasks to do, failed attempts, counters, workers,
+    and links to the engine's own pages.
+
+    It draws bars on a terminal (rich), else logs a line now and then
+    (nothing with C{quiet}), and keeps the job's status for C{--web}'s
+    page (L{status}, the schema of docs/status.md).  The engine reports
+    from its own thread while the page reads from the reactor's: a lock
+    keeps each reading whole.
+    """
+
+    def __init__(
+        self,
+        job: str = "job",
+        engine: str = "",
+        stream: TextIO | None = None,
+        quiet: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job = job
+        self.engine = engine
         self.stream = stream or sys.stderr
         self.quiet = quiet
+        self.clock = clock
+        self._lock = threading.Lock()
         self._bars: Any = None
         self._task: Any = None
         self.phase = ""
         self.done = self.total = 0
         self._logged = 0.0
+        self._started = clock()
+        self._kind = "map"
+        self._step, self._steps = 1, 1
+        self._phases: dict[str, dict[str, Any]] = {}
+        self._began: dict[str, float] = {}
+        self._failures: deque[dict[str, Any]] = deque(maxlen=KEPT_FAILURES)
+        self._counters: Counter[str] = Counter()
+        self._workers: list[EngineWorker] = []
+        self._links: list[tuple[str, str]] = []
+        self._samples: list[dict[str, Any]] = []
+        self._ended: tuple[bool, str | None, float] | None = None
 
-    def start(self, phase: str, total: int) -> None:
-        """A phase begins: C{total} tasks (C{"step 1/2 map"}, C{"reduce"})."""
+    def start(self, kind: str, total: int, step: int = 1, steps: int = 1) -> None:
+        """
+        A phase begins: C{total} tasks of C{kind} (C{"map"}, C{"reduce"})
+        for step C{step} of C{steps}.
+        """
+        phase = f"step {step}/{steps} {kind}" if steps > 1 else kind
+        with self._lock:
+            if step != self._step:
+                self._phases.clear()
+            self._kind, self._step, self._steps = kind, step, steps
+            self._phases[kind] = {"total": total, "done": 0}
+            self._began[kind] = self.clock()
+            self._sample()
         self.phase, self.done, self.total = phase, 0, total
         if self.quiet:
             return
@@ -127,12 +192,12 @@ class Progress:
                 from rich.progress import (
                     BarColumn,
                     MofNCompleteColumn,
-                    Progress,
                     TextColumn,
                     TimeElapsedColumn,
                 )
+                from rich.progress import Progress as Bars
 
-                self._bars = Progress(
+                self._bars = Bars(
                     TextColumn("{task.description:6}"),
                     BarColumn(bar_width=24),
                     MofNCompleteColumn(),
@@ -145,7 +210,12 @@ class Progress:
             self._logged = time.monotonic()
 
     def advance(self, n: int = 1) -> None:
+        """C{n} more tasks of the phase are done."""
         self.done += n
+        with self._lock:
+            self._phases[self._kind]["done"] = self.done
+            if not self._samples or self.clock() - self._samples[-1]["t_"] >= SAMPLE_INTERVAL:
+                self._sample()
         if self._task is not None:
             self._bars.update(self._task, completed=self.done)
         elif not self.quiet and time.monotonic() - self._logged >= LOG_INTERVAL:
@@ -154,10 +224,160 @@ class Progress:
                 "{phase}: {done}/{total} tasks", phase=self.phase, done=self.done, total=self.total
             )
 
+    def failed(
+        self,
+        task: str,
+        error: str,
+        traceback: str = "",
+        *,
+        key: str | None = None,
+        attempt: int = 1,
+        worker: str = "?",
+    ) -> None:
+        """Attempt C{attempt} of C{task} (C{"map 3"}) failed with C{error} (one line)."""
+        with self._lock:
+            self._failures.append(
+                {
+                    "task": task,
+                    "attempt": attempt,
+                    "worker": worker,
+                    "key": key,
+                    "error": error,
+                    "traceback": traceback,
+                    "elapsed": round(self.clock() - self._started, 3),
+                }
+            )
+
+    def count(self, counters: Mapping[str, int]) -> None:
+        """Add counters of tasks whose results the job uses."""
+        with self._lock:
+            self._counters.update(counters)
+
+    def workers(self, workers: Sequence[EngineWorker]) -> None:
+        """The engine's workers, as they are now."""
+        with self._lock:
+            self._workers = list(workers)
+
+    def link(self, label: str, url: str) -> None:
+        """A page of the engine's own for the status page to link to (its dashboard)."""
+        with self._lock:
+            self._links.append((label, url))
+
+    def ended(self, ok: bool, error: str | None) -> None:
+        """The job is over (L{run_on_engine} says so)."""
+        with self._lock:
+            self._ended = (ok, error, self.clock() - self._started)
+
     def stop(self) -> None:
         if self._bars is not None:
             self._bars.stop()
             self._bars = self._task = None
+
+    def _sample(self) -> None:
+        """A point of the page's charts (the lock held)."""
+        done = {kind: p["done"] for kind, p in self._phases.items()}
+        self._samples.append(
+            {
+                "t": round(self.clock() - self._started, 3),
+                "t_": self.clock(),
+                "map_done": done.get("map", 0),
+                "reduce_done": done.get("reduce", 0),
+                "bytes_received": 0,
+                "bytes_sent": 0,
+                "memory": {w.name: w.memory for w in self._workers},
+            }
+        )
+        del self._samples[: -int(3600 / SAMPLE_INTERVAL)]
+
+    def status(self, stream_since: int | None = None) -> dict[str, Any]:
+        """
+        The status page's data (docs/status.md's schema): what octotwist's
+        own server says of its workers' attempts, this says of the
+        engine's tasks as far as it reported them.  Map counts tasks (a
+        batch of keys each), not keys; what the engine does not tell
+        (attempts running, bytes moved, what tasks print) is C{None} or
+        empty, and its C{engine} field links to the engine's own pages.
+        """
+        with self._lock:
+            now = self.clock()
+            elapsed = now - self._started if self._ended is None else self._ended[2]
+            phases = {kind: self._phase_status(kind, now) for kind in ("map", "reduce")}
+            done = sum(p["done"] for p in phases.values())
+            if self._ended is not None:
+                phase = "finished" if self._ended[0] else "failed"
+            else:
+                phase = "reducing" if self._kind == "reduce" else "mapping"
+            status: dict[str, Any] = {
+                "job": self.job,
+                "phase": phase,
+                "step": self._step,
+                "steps": self._steps,
+                "ok": None if self._ended is None else self._ended[0],
+                "error": None if self._ended is None else self._ended[1],
+                "elapsed": round(elapsed, 3),
+                "map": phases["map"],
+                "reduce": phases["reduce"],
+                "workers": [
+                    {
+                        "name": w.name,
+                        "host": w.host,
+                        "pid": None,
+                        "peer": None,
+                        "processes": w.threads,
+                        "running": None,
+                        "tasks_done": None,
+                        "last_heard": None,
+                        "memory": w.memory,
+                        "suspect": False,
+                    }
+                    for w in self._workers
+                ],
+                "failures": list(self._failures),
+                "printed": [],
+                "counters": dict(sorted(self._counters.items())),
+                "resumed": None,
+                "skipped": [],
+                "throughput": {
+                    "tasks_per_second": round(done / elapsed, 3) if elapsed > 0 else 0.0,
+                    "bytes_received": None,
+                    "bytes_sent": None,
+                    "map_input_bytes": None,
+                    "bytes_per_second": None,
+                },
+                "engine": {
+                    "name": self.engine,
+                    "links": [{"label": label, "url": url} for label, url in self._links],
+                },
+            }
+            if stream_since is not None:
+                samples = [{k: v for k, v in s.items() if k != "t_"} for s in self._samples]
+                status["stream"] = {
+                    "first": stream_since,
+                    "next": stream_since,
+                    "attempts": [],
+                    "running": [],
+                    "samples": samples,
+                    "workers": {},
+                }
+            return status
+
+    def _phase_status(self, kind: str, now: float) -> dict[str, Any]:
+        p = self._phases.get(kind)
+        if p is None:  # not begun in this step
+            return {"total": None, "done": 0, "running": None, "pending": None, "eta": None}
+        left = p["total"] - p["done"]
+        eta = (
+            None
+            if self._ended is not None or kind != self._kind
+            else timeline_eta(p["done"], p["total"], self._began.get(kind), now)
+        )
+        return {
+            "total": p["total"],
+            "done": p["done"],
+            "running": None,
+            "pending": left,
+            "eta": eta,
+        }
 
 
 def run_on_engine(
@@ -169,11 +389,15 @@ def run_on_engine(
     workers: int = 2,
     scheduler: str | None = None,
     quiet: bool = False,
+    web: str | None = None,
 ) -> JobOutcome:
     """
     Run C{job} on the engine called C{name}; commit the output if it
     succeeded, take it back if not.
 
+    @param web: serve the job's status page on this endpoint string
+        (L{octotwist.enginepage}) while it runs.
+    @return: how it went; its C{stats} are the status page's last figures.
     @raise UnknownEngineError: no plugin provides it.
     @raise UsageError: the job asks for what no engine but octotwist's own
         server does (a state directory).
@@ -188,16 +412,31 @@ def run_on_engine(
             f"--state-dir journals octotwist's own server; the {name} engine keeps no "
             "journal of ours: leave it out, or run without --engine"
         )
-    progress = Progress(quiet=quiet)
+    progress = Progress(job.name, name, quiet=quiet)
+    page = None
+    if web is not None:
+        from octotwist.enginepage import EnginePage
+
+        try:
+            page = EnginePage.serve(progress, web)
+        except BaseException:
+            output.abort()
+            raise
     try:
-        outcome = engine.runner()(EngineRun(job, config, output, workers, scheduler, progress))
-    except BaseException:
-        output.abort()
-        raise
+        try:
+            outcome = engine.runner()(EngineRun(job, config, output, workers, scheduler, progress))
+        except BaseException as e:
+            output.abort()
+            progress.ended(False, f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            progress.stop()
+        progress.ended(outcome.ok, outcome.error)
+        if outcome.ok:
+            output.commit()
+        else:
+            output.abort()
+        return replace(outcome, stats=outcome.stats or progress.status())
     finally:
-        progress.stop()
-    if outcome.ok:
-        output.commit()
-    else:
-        output.abort()
-    return outcome
+        if page is not None:
+            page.stop()  # (after the output: the page lingers a moment)

@@ -415,7 +415,7 @@ def render_page(status: dict[str, Any]) -> str:
     final = status["phase"] in ("finished", "failed")
     return render_document(
         title,
-        render_main(status, pictures=_PICTURES),
+        render_main(status, pictures=_ENGINE_PICTURES if status.get("engine") else _PICTURES),
         live=not final,
         data="status.json",
         script=_JOB_SCRIPT_TEXT,
@@ -483,6 +483,25 @@ def _header(s: dict[str, Any]) -> str:
         f'<h1>Job <span id="job">{escape(s["job"])}</span></h1>\n'
         f'<p>Phase: <strong id="phase" class="phase-{escape(state)}">{escape(state)}</strong>'
         f'{step} &middot; elapsed <span id="elapsed">{duration(s["elapsed"])}</span></p>{error}'
+        + _engine(s.get("engine"))
+    )
+
+
+def _engine(engine: dict[str, Any] | None) -> str:
+    """
+    Where a job on an engine runs (C{--engine}), and links to the engine's
+    own pages: what they know (each task's worker, timings, what it
+    printed) the engine does not tell us.
+    """
+    if engine is None:
+        return ""
+    links = " &middot; ".join(
+        f'<a href="{escape(link["url"])}" rel="noreferrer">{escape(link["label"])}</a>'
+        for link in engine["links"]
+    )
+    more = f": the task stream and each task's worker are on {links}" if links else ""
+    return (
+        f'<p id="engine">Running on the <strong>{escape(engine["name"])}</strong> engine{more}.</p>'
     )
 
 
@@ -496,21 +515,24 @@ def _phase(label: str, p: dict[str, Any]) -> str:
         else f'<progress id="{key}-bar"></progress>'
     )
     pending = "?" if p["pending"] is None else p["pending"]
+    running = "?" if p["running"] is None else p["running"]  # (an engine's: not told)
     left = p.get("eta")
     eta = f' &middot; about <span id="{key}-eta">{duration(left)}</span> left' if left else ""
     return (
         f'<section class="phase"><h2>{label} tasks</h2>\n{bar}\n'
         f'<p><span id="{key}-done">{p["done"]}</span>/<span id="{key}-total">{shown_total}</span>'
-        f' done &middot; <span id="{key}-running">{p["running"]}</span> running'
+        f' done &middot; <span id="{key}-running">{running}</span> running'
         f' &middot; <span id="{key}-pending">{pending}</span> pending{eta}</p></section>'
     )
 
 
 def _throughput(s: dict[str, Any]) -> str:
     t = s["throughput"]
+    rate = f'<span id="tasks-per-second">{t["tasks_per_second"]:.1f}</span> tasks/s'
+    if t["bytes_received"] is None:  # (an engine moves the bytes, and does not say)
+        return f"<section><h2>Throughput</h2><p>{rate}</p></section>"
     return (
-        '<section><h2>Throughput</h2><p><span id="tasks-per-second">'
-        f"{t['tasks_per_second']:.1f}</span> tasks/s &middot; "
+        f"<section><h2>Throughput</h2><p>{rate} &middot; "
         f'<span id="bytes-received">{_mib(t["bytes_received"])}</span> received from workers '
         f'(<span id="bytes-per-second">{_mib(t["bytes_per_second"])}</span>/s)</p></section>'
     )
@@ -524,8 +546,8 @@ def _workers(workers: list[dict[str, Any]]) -> str:
         f'<td class="name">{escape(w["name"])}</td>'
         f"<td>{escape(str(w['host'] or '?'))}</td>"
         f"<td>{w['processes'] or '?'}</td>"
-        f"<td>{escape(', '.join(w['running'])) or 'idle'}</td>"
-        f"<td>{w['tasks_done']}</td>"
+        f"<td>{_running(w['running'])}</td>"
+        f"<td>{'?' if w['tasks_done'] is None else w['tasks_done']}</td>"
         f"{_heard(w)}</tr>"
         for w in workers
     )
@@ -537,8 +559,15 @@ def _workers(workers: list[dict[str, Any]]) -> str:
     )
 
 
+def _running(running: list[str] | None) -> str:
+    """What a worker runs (an engine's workers: not told)."""
+    return "?" if running is None else escape(", ".join(running)) or "idle"
+
+
 def _heard(w: dict[str, Any]) -> str:
     """When a worker was last heard from; a suspect one, said so (it gets no new task)."""
+    if w["last_heard"] is None:
+        return "<td>?</td>"
     if w.get("suspect"):
         return f'<td class="error">silent for {w["last_heard"]:.0f} s</td>'
     return f"<td>{w['last_heard']:.1f} s ago</td>"
@@ -653,22 +682,38 @@ _PAGE = """<!DOCTYPE html>
 </body></html>
 """
 
-_PICTURES = """<section id="pictures"><h2>Task stream</h2>
-<p class="legend"><span class="key k-map"></span>map <span class="key k-reduce"></span>reduce
-<span class="key k-failed"></span>failed <span class="key k-other"></span>cancelled, lost or
-superseded <span class="key k-backup"></span>backup copy &middot;
+_STREAM = """<p class="legend"><span class="key k-map"></span>map
+<span class="key k-reduce"></span>reduce <span class="key k-failed"></span>failed
+<span class="key k-other"></span>cancelled, lost or superseded
+<span class="key k-backup"></span>backup copy &middot;
 <span id="stream-count">0</span> attempts</p>
 <div class="scroll"><canvas id="stream" width="900" height="60"
  aria-label="Task stream: a row per worker process, a bar per task attempt"></canvas></div>
 <div id="stream-detail"><p id="stream-hint">Point at a bar for its attempt; click to keep it.</p>
 </div>
-<div class="charts">
-<figure><figcaption>Tasks per second</figcaption><canvas id="chart-tasks" width="290"
- height="90"></canvas></figure>
-<figure><figcaption>MiB/s from and to workers</figcaption><canvas id="chart-bytes" width="290"
- height="90"></canvas></figure>
-<figure><figcaption>Workers' task memory, MiB</figcaption><canvas id="chart-memory" width="290"
- height="90"></canvas></figure>
+"""
+_TASKS_CHART = """<figure><figcaption>Tasks per second</figcaption>
+<canvas id="chart-tasks" width="290" height="90"></canvas></figure>"""
+_BYTES_CHART = """<figcaption>MiB/s from and to workers</figcaption>
+<canvas id="chart-bytes" width="290" height="90"></canvas>"""
+_MEMORY_CHART = """<figure><figcaption>Workers' task memory, MiB</figcaption>
+<canvas id="chart-memory" width="290" height="90"></canvas></figure>"""
+
+_PICTURES = f"""<section id="pictures"><h2>Task stream</h2>
+{_STREAM}<div class="charts">
+{_TASKS_CHART}
+<figure>{_BYTES_CHART}</figure>
+{_MEMORY_CHART}
+</div></section>
+"""
+
+#: An engine's job (C{--engine}): its attempts and bytes are the engine's to
+#: show (its dashboard), so those pictures are there for the script, hidden.
+_ENGINE_PICTURES = f"""<section id="pictures"><h2>Charts</h2>
+<div hidden>{_STREAM}</div><div class="charts">
+{_TASKS_CHART}
+<figure hidden>{_BYTES_CHART}</figure>
+{_MEMORY_CHART}
 </div></section>
 """
 

@@ -21,6 +21,7 @@ service is given /usr/bin/chromedriver, so selenium-manager is not run
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import finish, free_port, parse_tsv, start, wait_for_port
+from conftest import finish, free_port, parse_tsv, start, wait_for_log, wait_for_port
 from test_end_to_end import job
 
 from octotwist.status import CONTENT_SECURITY_POLICY, REFRESH_MS
@@ -466,3 +467,72 @@ def test_the_page_follows_a_server_that_resumes_after_a_restart(
     assert parse_tsv(out.read_text()) == expected
     # Nothing went wrong in the page but the stream's own reconnection attempts.
     assert all("events" in e for e in console_errors(browser)), console_errors(browser)
+
+
+# The dask engine's page.  Twelve keys: 0 to 5 wait for the gate "first", the others for "second".
+GATED_DASK = """
+import os, time
+GATES = {gates!r}
+source = {{i: "w%d x y" % i for i in range(12)}}
+def mapfn(key, value):
+    gate = os.path.join(GATES, "first" if key < 6 else "second")
+    while not os.path.exists(gate):
+        time.sleep(0.05)
+    for word in value.split():
+        yield word, 1
+def reducefn(key, values):
+    return key, sum(values)
+"""
+
+
+def test_the_status_page_follows_a_job_on_dask_in_a_browser(
+    browser: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """
+    octo run --engine dask --web: the job's page, in headless Chromium,
+    follows its map tasks as Dask finishes them (gated here), lists Dask's
+    workers, links to Dask's own dashboard (which answers), and says when
+    the job finished, with its counters; the results are exact.
+    """
+    pytest.importorskip(
+        "distributed", reason="the dask engine needs Dask: pip install 'octotwist[dask]'"
+    )
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    script = tmp_path / "gated.py"
+    script.write_text(GATED_DASK.format(gates=str(gates)))
+    web = free_port()
+    proc = start(
+        "run", str(script), "--engine", "dask", "-w", "2", "--web", f"tcp:{web}",
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    seen = wait_for_log(proc, [f"status page at http://127.0.0.1:{web}/", "its dashboard: "])
+    browser.get(f"http://127.0.0.1:{web}/")
+    wait_for(browser, "map tasks listed", lambda d: count(d, "map-total") == 12)
+    assert text(browser, "phase") == "mapping" and count(browser, "map-done") == 0
+    assert text(browser, "worker-count") == "2"
+    assert "Running on the dask engine" in (text(browser, "engine") or "")
+    link = "var a = document.querySelector('#engine a'); return a && [a.textContent, a.href];"
+    label, dashboard = browser.execute_script(link)
+    assert label == "Dask's dashboard"
+    # Dask's attempts and bytes are its dashboard's to show: no empty stream here.
+    assert not browser.find_element(By.ID, "stream").is_displayed()
+    assert browser.find_element(By.ID, "chart-tasks").is_displayed()
+    assert dashboard == seen.split("its dashboard: ", 1)[1].split()[0]
+    with urllib.request.urlopen(dashboard, timeout=30) as answer:  # Dask's own, for real
+        assert answer.status == 200
+
+    (gates / "first").touch()
+    wait_for(browser, "six map tasks done", lambda d: count(d, "map-done") >= 6)
+    assert count(browser, "map-done") < 12 and text(browser, "phase") == "mapping"
+
+    (gates / "second").touch()
+    wait_for(browser, "the job finished", lambda d: text(d, "phase") == "finished")
+    assert count(browser, "map-done") == 12
+    assert count(browser, "reduce-done") == count(browser, "reduce-total") >= 1
+    assert "octotwist.records_read" in (text(browser, "counters") or "")
+    assert csp_refusals(browser) == []
+    code, out, err = finish(proc)
+    assert code == 0, seen + err
+    expected = collections.Counter(w for i in range(12) for w in f"w{i} x y".split())
+    assert parse_tsv(out) == expected

@@ -334,7 +334,6 @@ def test_engine_options_that_do_not_go_together(env: dict[str, str]) -> None:
     for args, said in (
         (["--engine", "nope"], "unknown engine 'nope'; installed engines: dask"),
         (["--scheduler", "tcp://x:1"], "--scheduler is an engine's: add --engine NAME"),
-        (["--engine", "dask", "--web", "tcp:0"], "it takes no --web"),
         (["--engine", "dask", "--inline"], "it takes no --inline"),
         (["--engine", "dask", "-w", "0"], "--engine needs workers"),
     ):
@@ -366,3 +365,38 @@ def test_octotwist_run_takes_an_engine(scheduler: str, env: dict[str, str]) -> N
     counts, records = json.loads(done.stdout.splitlines()[-1])
     assert counts == word_count(sorted(BOOKS.glob("*.txt")))
     assert records == 6
+
+
+def test_octotwist_run_on_an_engine_says_how_a_failed_job_went(
+    scheduler: str, env: dict[str, str]
+) -> None:
+    """The JobFailed of run(engine=...) carries the status page's last figures: its failure."""
+    done = python(
+        f"""
+        import json, octotwist
+        def mapfn(k, v):
+            if k == 2:
+                raise ValueError("no b here")
+            yield v, 1
+        def reducefn(k, vs):
+            return k, len(vs)
+        job = octotwist.Job(source={{1: "a", 2: "b", 3: "c"}}, mapfn=mapfn, reducefn=reducefn)
+        try:
+            octotwist.run(job, engine="dask", scheduler={scheduler!r}, max_attempts=2)
+        except octotwist.JobFailed as e:
+            print(json.dumps(e.outcome.stats))
+        """,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout.splitlines()[-1])
+    assert status["phase"] == "failed" and status["ok"] is False
+    assert "ValueError: no b here" in status["error"]
+    [failure] = status["failures"]
+    assert failure["task"].startswith("map ") and failure["attempt"] == 2
+    assert failure["error"] == "ValueError: no b here" and failure["key"] == "2"
+    assert ", in mapfn\nValueError: no b here" in failure["traceback"]  # the user's
+    assert status["engine"]["name"] == "dask"
+    assert [w["name"] for w in status["workers"]] == sorted(
+        w["name"] for w in status["workers"]
+    ) and len(status["workers"]) == 2

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 
 from octotwist import codec
 from octotwist.delivery import deliver
-from octotwist.engine import EngineError, EngineRun
+from octotwist.engine import EngineError, EngineRun, EngineWorker
 from octotwist.job import Step
 from octotwist.server import DEFAULT_REDUCE_TASKS, JobOutcome
 from octotwist.sources import item
@@ -133,6 +133,8 @@ class _Job:
             if "dashboard" in services
             else "its scheduler serves no dashboard",
         )
+        if "dashboard" in services:
+            r.progress.link("Dask's dashboard", self.client.dashboard_link)
         functions = self.client.scatter(r.job.pickled_functions, broadcast=True, hash=False)
         steps = r.job.functions.steps
         default = r.config.reduce_tasks or r.job.reduce_tasks or DEFAULT_REDUCE_TASKS
@@ -175,9 +177,26 @@ class _Job:
             problem = ours.incompatibility(Installation.from_json(answer))
             if problem:
                 raise EngineError(f"the Dask worker at {address} cannot run this job: {problem}")
+        self._report_workers(workers)
         hosts = {_host(a) for a in workers}
         local = hosts <= {"127.0.0.1", "localhost", "::1"}
         return sum(w["nthreads"] for w in workers.values()) or 1, local
+
+    def _report_workers(self, workers: dict[str, Any] | None = None) -> None:
+        """Tell the status page the cluster's workers (as the scheduler knows them now)."""
+        if workers is None:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        self.r.progress.workers(
+            [
+                EngineWorker(
+                    address,
+                    _host(address),
+                    w.get("nthreads", 1),
+                    int(w.get("metrics", {}).get("memory") or 0),
+                )
+                for address, w in sorted(workers.items())
+            ]
+        )
 
     def _source_inputs(self, threads: int, local: bool) -> list[Any]:
         """
@@ -203,7 +222,6 @@ class _Job:
         self, functions: Any, index: int, steps: int, step: Step, inputs: list[Any], default: int
     ) -> list[Any]:
         """Submit one step's tasks; return its outputs' futures (a blob list each)."""
-        prefix = f"step {index + 1}/{steps} " if steps > 1 else ""
         partitions = 0 if step.reducefn is None else (step.reduce_tasks or default)
         retries = self.r.config.policy.max_attempts - 1
         maps = [
@@ -218,7 +236,7 @@ class _Job:
             )
             for n, given in enumerate(inputs)
         ]
-        self._wait(f"{prefix}map", maps)
+        self._wait("map", index, steps, maps)
         self._count(maps, shuffled=partitions > 0)
         if not partitions:  # a map-only step: its pairs go on in order
             return [self._part(f, 0, index, n) for n, f in enumerate(maps)]
@@ -233,7 +251,7 @@ class _Job:
             )
             for p in range(partitions)
         ]
-        self._wait(f"{prefix}reduce", reduces)
+        self._wait("reduce", index, steps, reduces)
         self._count(reduces)
         return [self._part(f, 0, index, p, "reduce") for p, f in enumerate(reduces)]
 
@@ -246,19 +264,36 @@ class _Job:
             key=f"octotwist-{self.name}-{self.token}-s{index}-{kind}-{n}-part-{partition}",
         )
 
-    def _wait(self, phase: str, futures: list[Any]) -> None:
+    def _wait(self, kind: str, index: int, steps: int, futures: list[Any]) -> None:
         """Until every task of a phase is done, reporting each; raise the first failure."""
         progress = self.r.progress
-        progress.start(phase, len(futures))
+        self._report_workers()
+        progress.start(kind, len(futures), index + 1, steps)
+        phase = f"step {index + 1}/{steps} {kind}" if steps > 1 else kind
         for future in self.distributed.as_completed(futures):
             if future.status == "error":
                 error = future.exception()
                 self.client.cancel(futures)
+                task = f"{kind} {future.key.rsplit('-', 1)[-1]}"
+                # (Dask retried it: its last attempt's error is the one we hear.)
+                last, worker = self.r.config.policy.max_attempts, "a Dask worker"
                 if isinstance(error, TaskFailed):
-                    task = future.key.rsplit("-", 2)
-                    raise TaskFailed(
-                        f"{phase} task {task[-1]} failed: {error.error}", error.key, error.traceback
+                    progress.failed(
+                        task,
+                        error.error,
+                        error.traceback,
+                        key=error.key,
+                        attempt=last,
+                        worker=worker,
                     )
+                    raise TaskFailed(
+                        f"{phase} task {task.split()[-1]} failed: {error.error}",
+                        error.key,
+                        error.traceback,
+                    )
+                progress.failed(
+                    task, f"{type(error).__name__}: {error}", attempt=last, worker=worker
+                )
                 raise TaskFailed(f"{phase} task failed on Dask: {error!r}", None, "")
             progress.advance()
 
@@ -271,6 +306,7 @@ class _Job:
         tables = self.client.gather([self.client.submit(_counters, t, shuffled) for t in tasks])
         for table in tables:
             self.counters.update(table)
+            self.r.progress.count(table)
 
     def _results(self, outputs: list[Any]) -> Iterator[tuple[int, list[Any], list[Any]]]:
         """The last step's results, partition by partition, as they come back."""
