@@ -12,6 +12,7 @@ from __future__ import annotations
 import bdb
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -828,10 +829,14 @@ def _run_on_engine(opts: RunOptions) -> int:
     """
     from octotwist.engine import EngineError, run_on_engine
     from octotwist.hookspecs import get_engine
+    from octotwist.service import CannotServe
 
     get_engine(opts["engine"])  # (an unknown one, before the job loads)
     config = shared.job_config(opts)
     job = load_job(opts["script"], config.args)
+    # SIGTERM stops the job as Ctrl-C does (its output taken back, the
+    # engine's cluster closed), rather than killing us mid-way.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         outcome = run_on_engine(
             opts["engine"],
@@ -845,13 +850,22 @@ def _run_on_engine(opts: RunOptions) -> int:
         )
     except BrokenPipeError:
         return EXIT_OK  # octo run --engine dask job.py | head
-    except EngineError as e:
+    except (EngineError, CannotServe) as e:
         sys.stderr.write(f"octo: {e}\n")
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        sys.stderr.write("octo: interrupted\n")
+        return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not outcome.ok:
         sys.stderr.write(f"octo: job {job.name} failed: {outcome.error}\n")
         return EXIT_FAILED
     return _finished(job.name, outcome, f" on {opts['engine']}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _make_secret(options: SecretOptions) -> int:

@@ -146,6 +146,7 @@ class Progress:
         stream: TextIO | None = None,
         quiet: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        steps: int = 1,
     ) -> None:
         self.job = job
         self.engine = engine
@@ -160,7 +161,7 @@ class Progress:
         self._logged = 0.0
         self._started = clock()
         self._kind = "map"
-        self._step, self._steps = 1, 1
+        self._step, self._steps = 1, steps
         self._phases: dict[str, dict[str, Any]] = {}
         self._began: dict[str, float] = {}
         self._failures: deque[dict[str, Any]] = deque(maxlen=KEPT_FAILURES)
@@ -263,10 +264,11 @@ class Progress:
         with self._lock:
             self._links.append((label, url))
 
-    def ended(self, ok: bool, error: str | None) -> None:
-        """The job is over (L{run_on_engine} says so)."""
+    def ended(self, ok: bool, error: str | None, seconds: float | None = None) -> None:
+        """The job is over (L{run_on_engine} says so), after C{seconds} as the engine says."""
         with self._lock:
-            self._ended = (ok, error, self.clock() - self._started)
+            took = self.clock() - self._started if seconds is None else seconds
+            self._ended = (ok, error, took)
 
     def stop(self) -> None:
         if self._bars is not None:
@@ -305,6 +307,8 @@ class Progress:
             done = sum(p["done"] for p in phases.values())
             if self._ended is not None:
                 phase = "finished" if self._ended[0] else "failed"
+            elif not self._phases:
+                phase = "starting"  # (the engine's cluster starts, or is reached)
             else:
                 phase = "reducing" if self._kind == "reduce" else "mapping"
             status: dict[str, Any] = {
@@ -363,18 +367,20 @@ class Progress:
 
     def _phase_status(self, kind: str, now: float) -> dict[str, Any]:
         p = self._phases.get(kind)
+        over = self._ended is not None
         if p is None:  # not begun in this step
-            return {"total": None, "done": 0, "running": None, "pending": None, "eta": None}
+            idle = 0 if over else None
+            return {"total": None, "done": 0, "running": idle, "pending": None, "eta": None}
         left = p["total"] - p["done"]
         eta = (
             None
-            if self._ended is not None or kind != self._kind
+            if over or kind != self._kind
             else timeline_eta(p["done"], p["total"], self._began.get(kind), now)
         )
         return {
             "total": p["total"],
             "done": p["done"],
-            "running": None,
+            "running": 0 if over or not left else None,  # (else the engine does not say)
             "pending": left,
             "eta": eta,
         }
@@ -412,7 +418,7 @@ def run_on_engine(
             f"--state-dir journals octotwist's own server; the {name} engine keeps no "
             "journal of ours: leave it out, or run without --engine"
         )
-    progress = Progress(job.name, name, quiet=quiet)
+    progress = Progress(job.name, name, quiet=quiet, steps=len(job.functions.steps))
     page = None
     if web is not None:
         from octotwist.enginepage import EnginePage
@@ -431,7 +437,7 @@ def run_on_engine(
             raise
         finally:
             progress.stop()
-        progress.ended(outcome.ok, outcome.error)
+        progress.ended(outcome.ok, outcome.error, outcome.seconds)
         if outcome.ok:
             output.commit()
         else:

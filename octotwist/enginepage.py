@@ -18,7 +18,9 @@ from __future__ import annotations
 from twisted.internet.interfaces import IListeningPort
 
 from octotwist import threaded
+from octotwist.endpoints import check_server_endpoint
 from octotwist.engine import Progress
+from octotwist.service import CannotServe, cannot_listen_reason
 from octotwist.status import StatusPage, new_token
 from octotwist.transport import IReactor
 from octotwist.webport import serve_status, stop_status, web_endpoint
@@ -35,16 +37,24 @@ class EnginePage:
         """
         Serve C{progress}'s status on C{web} (an endpoint string; its
         interface 127.0.0.1 unless it names one: the job runs from here).
+
+        @raise UsageError: C{web} is no server endpoint string.
+        @raise CannotServe: its port cannot be bound (taken, say).
         """
         token = new_token()
+        endpoint = web_endpoint(web, "127.0.0.1")
 
         async def listen(reactor: IReactor) -> IListeningPort:
-            return await serve_status(
-                reactor,
-                lambda needed: StatusPage(progress.status, token=needed),
-                web_endpoint(web, "127.0.0.1"),
-                token,
-            )
+            check_server_endpoint(reactor, web, "--web")
+            try:
+                return await serve_status(
+                    reactor,
+                    lambda needed: StatusPage(progress.status, token=needed),
+                    endpoint,
+                    token,
+                )
+            except Exception as e:
+                raise CannotServe(f"cannot listen on {endpoint}: {cannot_listen_reason(e)}") from e
 
         return cls(threaded.blocking_call(listen))
 

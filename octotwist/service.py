@@ -318,7 +318,7 @@ class JobService(Service):
         )
 
     def _cannot_listen(self, error: Exception, where: str) -> JobOutcome:
-        message = f"cannot listen on {where}: {_reason(error)}"
+        message = f"cannot listen on {where}: {cannot_listen_reason(error)}"
         _log.error("{error}", error=message)
         self.listening.errback(Failure(error))
         self.listening.addErrback(lambda _: None)  # reported above
@@ -331,7 +331,7 @@ class CannotServe(OctotwistError):
     """A port the service needs is taken, or cannot be bound."""
 
 
-def _reason(error: Exception) -> str:
+def cannot_listen_reason(error: Exception) -> str:
     """Why a port could not be bound, in a few words (twistd shows 100 characters)."""
     cause = getattr(error, "socketError", None)  # Twisted's CannotListenError
     if isinstance(cause, OSError) and cause.strerror:

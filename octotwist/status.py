@@ -454,7 +454,12 @@ def render_main(status: dict[str, Any], *, pictures: str = "") -> str:
     has them (C{pictures}), its updates an empty slot, where the script
     puts back the pictures it keeps drawing.
     """
-    parts = [_header(status), _phase("Map", status["map"]), _phase("Reduce", status["reduce"])]
+    over = status["ok"] is not None
+    parts = [
+        _header(status),
+        _phase("Map", status["map"], over),
+        _phase("Reduce", status["reduce"], over),
+    ]
     parts.append(_throughput(status))
     parts.append(pictures or '<div id="pictures-slot"></div>')
     parts.append(_workers(status["workers"]))
@@ -505,15 +510,16 @@ def _engine(engine: dict[str, Any] | None) -> str:
     )
 
 
-def _phase(label: str, p: dict[str, Any]) -> str:
+def _phase(label: str, p: dict[str, Any], over: bool = False) -> str:
     key = label.lower()
     total = p["total"]
     shown_total = "?" if total is None else str(total)
-    bar = (
-        f'<progress id="{key}-bar" value="{p["done"]}" max="{total}"></progress>'
-        if total
-        else f'<progress id="{key}-bar"></progress>'
-    )
+    if total:
+        bar = f'<progress id="{key}-bar" value="{p["done"]}" max="{total}"></progress>'
+    elif over:  # (a phase the job never reached: no bar that seems to be busy)
+        bar = f'<progress id="{key}-bar" value="0" max="1"></progress>'
+    else:
+        bar = f'<progress id="{key}-bar"></progress>'  # (its size not known yet)
     pending = "?" if p["pending"] is None else p["pending"]
     running = "?" if p["running"] is None else p["running"]  # (an engine's: not told)
     left = p.get("eta")

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     BOOKS,
+    finish,
     free_port,
     gate,
     octo,
@@ -28,6 +30,7 @@ from conftest import (
     parse_tsv,
     python,
     start,
+    wait_for_log,
     word_count,
 )
 
@@ -400,3 +403,81 @@ def test_octotwist_run_on_an_engine_says_how_a_failed_job_went(
     assert [w["name"] for w in status["workers"]] == sorted(
         w["name"] for w in status["workers"]
     ) and len(status["workers"]) == 2
+
+
+def test_a_status_page_that_cannot_be_served_is_said_in_a_line(env: dict[str, str]) -> None:
+    """--web on the engine: a bad endpoint and a port taken, said as octo run says them."""
+    bad = octo(
+        "run", "examples/wordcount.py", "--engine", "dask", "--web", "bogus:1", env=env, cwd=ROOT
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert "octo: --web bogus:1: Unknown endpoint type: 'bogus' (examples:" in bad.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = octo(
+            "run", "examples/wordcount.py", "--engine", "dask", "--web", f"tcp:{port}",
+            env=env, cwd=ROOT,
+        )  # fmt: skip
+    assert busy.returncode == 1, busy.stderr
+    said = f"octo: cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use"
+    assert said in busy.stderr
+    for done in (bad, busy):
+        assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def _descendants(pid: int) -> set[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                parents[int(entry)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_job_on_dask_interrupted_stops_with_its_cluster(
+    how: signal.Signals, env: dict[str, str], tmp_path: Path
+) -> None:
+    """
+    Ctrl-C or SIGTERM mid-job on a LocalCluster: "interrupted", exit 1 (as
+    octo run says it without --engine), no output file, and the cluster's
+    processes are gone.
+    """
+    opened = tmp_path / "gate"  # never opened
+    script = tmp_path / "gated.py"
+    script.write_text(
+        gate(opened)
+        + "source = {i: i for i in range(4)}\n"
+        + "def mapfn(k, v):\n    _gate()\n    yield k, v\n"
+        + "def reducefn(k, vs):\n    return k, sum(vs)\n"
+    )
+    out = tmp_path / "out.tsv"
+    proc = start(
+        "run", str(script), "--engine", "dask", "-w", "2", "-o", str(out), env=env, cwd=tmp_path
+    )  # fmt: skip
+    seen = wait_for_log(proc, ["running job gated on Dask"])
+    cluster = _descendants(proc.pid)
+    assert len(cluster) >= 2, cluster  # (the LocalCluster's workers, at least)
+    proc.send_signal(how)
+    code, _, err = finish(proc, timeout=60)
+    err = seen + err
+    assert code == 1, err
+    assert "octo: interrupted" in err and "Traceback" not in err, err
+    assert not out.exists() and not list(tmp_path.glob("out.tsv*")), list(tmp_path.iterdir())
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{p}").exists() for p in cluster) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in cluster if Path(f"/proc/{p}/stat").exists()]
+    assert not [p for p in left if Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"], left

@@ -29,7 +29,7 @@ def _progress() -> tuple[Progress, Clock]:
 def test_a_job_reported_phase_by_phase() -> None:
     progress, clock = _progress()
     before = progress.status()
-    assert before["phase"] == "mapping" and before["ok"] is None
+    assert before["phase"] == "starting" and before["ok"] is None  # (its cluster starting)
     assert before["map"] == {
         "total": None,
         "done": 0,
@@ -67,15 +67,16 @@ def test_a_job_reported_phase_by_phase() -> None:
     progress.start("reduce", 3)
     progress.advance(3)
     progress.count({"words": 2, "octotwist.records_read": 10})
+    assert progress.status()["map"]["running"] == 0  # (a phase all done runs nothing)
     clock.now += 1
-    progress.ended(True, None)
+    progress.ended(True, None, seconds=4.5)  # (the engine's own measure of the job)
     clock.now += 60  # (a page read later shows the job's time, not the time since)
     end = progress.status()
-    assert end["phase"] == "finished" and end["ok"] is True and end["elapsed"] == 5.0
+    assert end["phase"] == "finished" and end["ok"] is True and end["elapsed"] == 4.5
     assert end["map"]["done"] == 10 and end["reduce"] == {
         "total": 3,
         "done": 3,
-        "running": None,
+        "running": 0,
         "pending": 0,
         "eta": None,
     }
@@ -84,7 +85,9 @@ def test_a_job_reported_phase_by_phase() -> None:
 
 
 def test_a_later_step_starts_afresh_and_failures_are_kept_to_the_last_ones() -> None:
-    progress, _ = _progress()
+    clock = Clock()
+    progress = Progress("two", "dask", quiet=True, clock=clock, steps=2)
+    assert progress.status()["steps"] == 2  # (before the first task)
     progress.start("map", 2, 1, 2)
     progress.advance(2)
     progress.start("reduce", 1, 1, 2)
@@ -103,3 +106,6 @@ def test_a_later_step_starts_afresh_and_failures_are_kept_to_the_last_ones() -> 
     assert len(failed["failures"]) == KEPT_FAILURES
     assert failed["failures"][0]["task"] == "map 5" and failed["failures"][-1]["attempt"] == 3
     assert "ValueError: no" in render_main(failed)
+    # The reduce the job never reached: a still bar, nothing said to be running.
+    assert failed["reduce"]["running"] == 0
+    assert '<progress id="reduce-bar" value="0" max="1">' in render_main(failed)

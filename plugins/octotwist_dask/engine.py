@@ -30,6 +30,7 @@ own logs).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 import uuid
@@ -71,6 +72,10 @@ def run(r: EngineRun) -> JobOutcome:
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
+            # Its processes' own logs (a task's "Compute Failed", each
+            # attempt's traceback in Dask's words) would say again, in the
+            # middle of the progress bars, what this engine reports once.
+            silence_logs=logging.CRITICAL,
         )
         address = cluster.scheduler_address
     else:
