@@ -297,3 +297,30 @@ def parse_spaced(text: str) -> dict[str, int]:
 @pytest.fixture(scope="session")
 def expected_books() -> Counter[str]:
     return word_count(sorted(BOOKS.glob("*.txt")))
+
+
+def parents() -> dict[int, int]:
+    """Each live process's parent (zombies left out), from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # (the command may hold spaces and parentheses: split after the last ')')
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                found[int(entry)] = int(fields[1])
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes descending from C{pid}."""
+    family = parents()
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, parent in family.items() if parent in frontier} - found
+        found |= frontier
+    return found

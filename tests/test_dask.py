@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     BOOKS,
+    descendants,
     finish,
     free_port,
     gate,
@@ -427,25 +428,6 @@ def test_a_status_page_that_cannot_be_served_is_said_in_a_line(env: dict[str, st
         assert "Traceback" not in done.stderr and done.stdout == ""
 
 
-def _descendants(pid: int) -> set[int]:
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] != "Z":
-                parents[int(entry)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_job_on_dask_interrupted_stops_with_its_cluster(
     how: signal.Signals, env: dict[str, str], tmp_path: Path
@@ -468,7 +450,7 @@ def test_a_job_on_dask_interrupted_stops_with_its_cluster(
         "run", str(script), "--engine", "dask", "-w", "2", "-o", str(out), env=env, cwd=tmp_path
     )  # fmt: skip
     seen = wait_for_log(proc, ["running job gated on Dask"])
-    cluster = _descendants(proc.pid)
+    cluster = descendants(proc.pid)
     assert len(cluster) >= 2, cluster  # (the LocalCluster's workers, at least)
     proc.send_signal(how)
     code, _, err = finish(proc, timeout=60)

@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 from conftest import (
     BOOKS,
+    descendants,
     finish,
     gate,
     octo,
+    parents,
     parse_spaced,
     python,
     start,
@@ -46,31 +48,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     running.stop()
 
 
-def _children() -> dict[int, int]:
-    """Each process's parent."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            # (the command may hold spaces and parentheses: split after the last ')')
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] != "Z":
-                parents[int(entry)] = int(fields[1])
-    return parents
-
-
 def on_host(pid: int) -> set[int]:
     """The live processes descending from C{pid} (a host's sshd)."""
-    parents = _children()
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+    return descendants(pid)
 
 
 def _cmdline(pid: int) -> str:
@@ -361,7 +341,7 @@ def test_a_worker_whose_ssh_session_breaks_stops(
     on_b = on_host(b.process.pid)
     ssh = next(
         p
-        for p, parent in _children().items()
+        for p, parent in parents().items()
         if parent == proc.pid and f"-p {b.port} -- {b.address}" in _cmdline(p)
     )
     os.kill(ssh, signal.SIGKILL)
