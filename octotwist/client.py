@@ -430,13 +430,17 @@ async def run_worker(
 async def _stoppable(attempt: Deferred[MessageChannel]) -> MessageChannel:
     """
     Await a connection attempt such that our being cancelled (the worker
-    is stopped: its lifeline closed, Ctrl-C) raises C{CancelledError}.
+    is stopped: its lifeline closed, Ctrl-C) raises C{CancelledError}, and
+    nothing else does.
 
     Cancelling the attempt itself makes it fail with whatever its transport
     says: an endpoint's C{ConnectingCancelledError}, a lost connection, a
     failed handshake.  The retry loop would take that for the server being
     unreachable and go on retrying for C{--wait} seconds, a worker outliving
-    whoever stopped it.
+    whoever stopped it.  An attempt that ends only later (its transport
+    cleans up first) ends into nothing: a channel it opened after all is
+    closed.  A transport's own C{CancelledError}, not ours, is a failed
+    attempt like any other.
     """
     cancelled = False
 
@@ -446,12 +450,24 @@ async def _stoppable(attempt: Deferred[MessageChannel]) -> MessageChannel:
         attempt.cancel()
 
     waiting: Deferred[MessageChannel] = Deferred(cancel)
-    attempt.chainDeferred(waiting)
+
+    def relay(result: MessageChannel | Failure) -> None:
+        if isinstance(result, Failure):
+            if not waiting.called:
+                waiting.errback(result)
+        elif not waiting.called:
+            waiting.callback(result)
+        else:
+            result.close()  # (we were cancelled, and Deferred.cancel fired us already)
+
+    attempt.addBoth(relay)
     try:
         return await waiting
-    except Exception:
+    except Exception as e:
         if cancelled:
             raise defer.CancelledError() from None
+        if isinstance(e, defer.CancelledError):
+            raise ConnectionError(f"the connection attempt was cancelled ({e!r})") from e
         raise
 
 

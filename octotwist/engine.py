@@ -169,6 +169,8 @@ class Progress:
         self._workers: list[EngineWorker] = []
         self._links: list[tuple[str, str]] = []
         self._samples: list[dict[str, Any]] = []
+        # Tasks done since the job began, by kind (all steps).
+        self._done_before: Counter[str] = Counter()
         self._ended: tuple[bool, str | None, float] | None = None
 
     def start(self, kind: str, total: int, step: int = 1, steps: int = 1) -> None:
@@ -184,7 +186,7 @@ class Progress:
             self._phases[kind] = {"total": total, "done": 0}
             self._began[kind] = self.clock()
             self._sample()
-        self.phase, self.done, self.total = phase, 0, total
+            self.phase, self.done, self.total = phase, 0, total
         if self.quiet:
             return
         if self.stream.isatty():
@@ -212,17 +214,19 @@ class Progress:
 
     def advance(self, n: int = 1) -> None:
         """C{n} more tasks of the phase are done."""
-        self.done += n
         with self._lock:
-            self._phases[self._kind]["done"] = self.done
-            if not self._samples or self.clock() - self._samples[-1]["t_"] >= SAMPLE_INTERVAL:
-                self._sample()
+            self.done += n
+            done = self._phases[self._kind]["done"] = self.done
+            self._done_before[self._kind] += n
+            self._sample_if_due()
+            log = not self.quiet and time.monotonic() - self._logged >= LOG_INTERVAL
+            if log:
+                self._logged = time.monotonic()
         if self._task is not None:
-            self._bars.update(self._task, completed=self.done)
-        elif not self.quiet and time.monotonic() - self._logged >= LOG_INTERVAL:
-            self._logged = time.monotonic()
+            self._bars.update(self._task, completed=done)
+        elif log and self._bars is None:
             _log.info(
-                "{phase}: {done}/{total} tasks", phase=self.phase, done=self.done, total=self.total
+                "{phase}: {done}/{total} tasks", phase=self.phase, done=done, total=self.total
             )
 
     def failed(
@@ -260,7 +264,14 @@ class Progress:
             self._workers = list(workers)
 
     def link(self, label: str, url: str) -> None:
-        """A page of the engine's own for the status page to link to (its dashboard)."""
+        """
+        A page of the engine's own for the status page to link to (its
+        dashboard): an C{http:} or C{https:} URL, nothing a click would run.
+
+        @raise ValueError: C{url} is of another scheme (C{javascript:}, say).
+        """
+        if not url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"an engine's link must be an http(s) URL, not {url!r}")
         with self._lock:
             self._links.append((label, url))
 
@@ -275,15 +286,23 @@ class Progress:
             self._bars.stop()
             self._bars = self._task = None
 
+    def _sample_if_due(self) -> None:
+        """A point of the charts, if the last is a second old (the lock held)."""
+        if not self._samples or self.clock() - self._samples[-1]["t_"] >= SAMPLE_INTERVAL:
+            self._sample()
+
     def _sample(self) -> None:
-        """A point of the page's charts (the lock held)."""
-        done = {kind: p["done"] for kind, p in self._phases.items()}
+        """
+        A point of the page's charts (the lock held): the tasks done since
+        the job began, all steps together, so that its rate never drops
+        below nothing when a step begins.
+        """
         self._samples.append(
             {
                 "t": round(self.clock() - self._started, 3),
                 "t_": self.clock(),
-                "map_done": done.get("map", 0),
-                "reduce_done": done.get("reduce", 0),
+                "map_done": self._done_before["map"],
+                "reduce_done": self._done_before["reduce"],
                 "bytes_received": 0,
                 "bytes_sent": 0,
                 "memory": {w.name: w.memory for w in self._workers},
@@ -304,7 +323,9 @@ class Progress:
             now = self.clock()
             elapsed = now - self._started if self._ended is None else self._ended[2]
             phases = {kind: self._phase_status(kind, now) for kind in ("map", "reduce")}
-            done = sum(p["done"] for p in phases.values())
+            done = sum(self._done_before.values())  # (every step's, over the job's time)
+            if self._ended is None and self._phases:
+                self._sample_if_due()  # (a phase that stalls is drawn so)
             if self._ended is not None:
                 phase = "finished" if self._ended[0] else "failed"
             elif not self._phases:
@@ -428,9 +449,14 @@ def run_on_engine(
         except BaseException:
             output.abort()
             raise
+    settled = False  # the job is over, its output committed or taken back
     try:
         try:
             outcome = engine.runner()(EngineRun(job, config, output, workers, scheduler, progress))
+            if outcome.ok:
+                output.commit()
+            else:
+                output.abort()
         except BaseException as e:
             output.abort()
             progress.ended(False, f"{type(e).__name__}: {e}")
@@ -438,11 +464,11 @@ def run_on_engine(
         finally:
             progress.stop()
         progress.ended(outcome.ok, outcome.error, outcome.seconds)
-        if outcome.ok:
-            output.commit()
-        else:
-            output.abort()
+        settled = True
         return replace(outcome, stats=outcome.stats or progress.status())
     finally:
         if page is not None:
-            page.stop()  # (after the output: the page lingers a moment)
+            # A moment for an open page to see how it ended, unless the job
+            # did not end (then it closes now); Ctrl-C meanwhile only closes
+            # it sooner: the job is over by then, and its result stands.
+            page.stop(linger=settled)

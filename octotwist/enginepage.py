@@ -58,10 +58,21 @@ class EnginePage:
 
         return cls(threaded.blocking_call(listen))
 
-    def stop(self) -> None:
-        """Stop serving, a moment after the job ended (an open page shows how)."""
+    def stop(self, linger: bool = True) -> None:
+        """
+        Stop serving: with C{linger}, a moment after the job ended (an
+        open page shows how), which an interrupt cuts short.
+        """
 
-        async def stop(reactor: IReactor) -> None:
+        async def later(reactor: IReactor) -> None:
             await stop_status(self.port, reactor)
 
-        threaded.blocking_call(stop)
+        async def now(reactor: IReactor) -> None:
+            stopped = self.port.stopListening()
+            if stopped is not None:
+                await stopped
+
+        try:
+            threaded.blocking_call(later if linger else now)
+        except KeyboardInterrupt:
+            threaded.blocking_call(now)

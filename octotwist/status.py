@@ -713,13 +713,14 @@ _PICTURES = f"""<section id="pictures"><h2>Task stream</h2>
 </div></section>
 """
 
-#: An engine's job (C{--engine}): its attempts and bytes are the engine's to
-#: show (its dashboard), so those pictures are there for the script, hidden.
+#: An engine's job (C{--engine}): its attempts, bytes and memory over time are
+#: the engine's to show (its dashboard), so those pictures are there for the
+#: script, hidden.
 _ENGINE_PICTURES = f"""<section id="pictures"><h2>Charts</h2>
 <div hidden>{_STREAM}</div><div class="charts">
 {_TASKS_CHART}
 <figure hidden>{_BYTES_CHART}</figure>
-{_MEMORY_CHART}
+<div hidden>{_MEMORY_CHART}</div>
 </div></section>
 """
 

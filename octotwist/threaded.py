@@ -73,18 +73,29 @@ def blocking_call(work: Callable[[IReactor], Coroutine[Any, Any, T]]) -> T:
     A KeyboardInterrupt while waiting cancels the work, waits (a while)
     for it to clean up, and goes on up.
 
-    @raise UsageError: the reactor is running, and not in our thread: this
-        is a Twisted program (where waiting would block the reactor).
+    In a Twisted program's own thread (C{deferToThread}), the work goes to
+    its running reactor, as C{blockingCallFromThread} sends it.
+
+    @raise UsageError: we are in the running reactor's thread (where
+        waiting would block the reactor).
     """
+    from twisted.internet.threads import blockingCallFromThread
     from twisted.python.threadable import isInIOThread
 
     reactor = cast(_ThreadedReactor, global_reactor())
     ours = _thread is not None and _thread.is_alive()
-    if reactor.running and (isInIOThread() or not ours):
+    if reactor.running and isInIOThread():
         raise UsageError(
             "octotwist.run() waits for the job, and cannot from inside the running "
-            "reactor; use octotwist.run_deferred() there (it returns a Deferred)"
+            "reactor; use octotwist.run_deferred() there (it returns a Deferred), or "
+            "call run() in a thread (deferToThread)"
         )
+    if reactor.running and not ours:
+
+        def begin() -> Deferred[Any]:
+            return Deferred.fromCoroutine(work(reactor))
+
+        return cast(T, blockingCallFromThread(reactor, begin))
     _ensure_running(reactor)
     results: queue.Queue[Any] = queue.Queue()
     started: list[Deferred[T]] = []

@@ -172,6 +172,7 @@ def test_run_deferred_inside_a_running_reactor_and_run_refuses_there(
     r = python(
         """
         from twisted.internet.task import deferLater, react
+        from twisted.internet.threads import deferToThread
         import octotwist
 
         job = octotwist.Job(source={i: str(i % 7) for i in range(200)},
@@ -186,7 +187,9 @@ def test_run_deferred_inside_a_running_reactor_and_run_refuses_there(
                 print("refused:", e)
             first = await octotwist.run_deferred(job, reactor=reactor)
             second = await octotwist.run_deferred(job, workers=1, reduce_tasks=2)
-            print(dict(first) == dict(second), sorted(first.items()))
+            # In a thread of the program's, run() waits there, the job on its reactor.
+            third = await deferToThread(octotwist.run, job, workers=1)
+            print(dict(first) == dict(second) == dict(third), sorted(first.items()))
 
         react(lambda reactor: __import__("twisted.internet.defer").internet.defer
               .ensureDeferred(main(reactor)))

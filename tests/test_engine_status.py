@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from octotwist.engine import KEPT_FAILURES, EngineWorker, Progress
 from octotwist.status import render_main, render_page
 
@@ -92,11 +94,16 @@ def test_a_later_step_starts_afresh_and_failures_are_kept_to_the_last_ones() -> 
     progress.advance(2)
     progress.start("reduce", 1, 1, 2)
     progress.advance()
+    clock.now += 2
     progress.start("map", 1, 2, 2)
-    second = progress.status()
+    second = progress.status(stream_since=0)
     assert (second["step"], second["steps"], second["phase"]) == (2, 2, "mapping")
     assert second["map"]["total"] == 1 and second["reduce"]["total"] is None
     assert 'step <span id="step">2</span> of' in render_main(second)
+    # The charts count every step's tasks: a new step does not take them back.
+    samples = second["stream"]["samples"]
+    assert [s["map_done"] + s["reduce_done"] for s in samples][-1] == 3
+    assert second["throughput"]["tasks_per_second"] == 1.5
 
     for n in range(KEPT_FAILURES + 5):
         progress.failed(f"map {n}", "ValueError: no", "Traceback...", key=repr(n), attempt=3)
@@ -109,3 +116,10 @@ def test_a_later_step_starts_afresh_and_failures_are_kept_to_the_last_ones() -> 
     # The reduce the job never reached: a still bar, nothing said to be running.
     assert failed["reduce"]["running"] == 0
     assert '<progress id="reduce-bar" value="0" max="1">' in render_main(failed)
+
+
+def test_an_engine_links_only_to_web_pages() -> None:
+    progress, _ = _progress()
+    with pytest.raises(ValueError, match="http"):
+        progress.link("board", "javascript:alert(1)")
+    assert progress.status()["engine"]["links"] == []

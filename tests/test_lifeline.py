@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import _started, wait_for_log
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 
 SECRET = "a lifeline test's secret, long enough"
 
@@ -90,3 +92,69 @@ def test_an_empty_first_line_is_refused(env: dict[str, str]) -> None:
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "standard input's first line, the secret, is empty" in proc.stderr
+
+
+class _Channel:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _awaiting(attempt: Deferred) -> tuple[Deferred, list]:
+    """C{client._stoppable(attempt)} as a Deferred, and what it ended with."""
+    from octotwist.client import _stoppable
+
+    waiting = Deferred.fromCoroutine(_stoppable(attempt))
+    ended: list = []
+    waiting.addBoth(ended.append)
+    return waiting, ended
+
+
+def test_a_cancelled_attempt_that_fails_its_own_way_stops_the_worker() -> None:
+    attempt: Deferred = Deferred(lambda d: d.errback(ConnectingCancelledError(None)))
+    waiting, ended = _awaiting(attempt)
+    waiting.cancel()
+    [failure] = ended
+    assert failure.check(CancelledError)
+
+
+def test_a_cancelled_attempt_that_ends_later_closes_what_it_opened() -> None:
+    """
+    Its transport cleans up before it ends (a coroutine, as http's): it
+    ends after we were cancelled, and a channel it opened then is closed,
+    not used, nor is a second result forced onto a Deferred that fired.
+    """
+    connected: Deferred = Deferred()
+    cleaned_up: Deferred = Deferred()
+    channel = _Channel()
+
+    async def attempting() -> _Channel:
+        try:
+            await connected
+        except CancelledError:
+            await cleaned_up  # (and then it made it after all)
+        return channel
+
+    waiting, ended = _awaiting(Deferred.fromCoroutine(attempting()))
+    waiting.cancel()
+    assert ended[0].check(CancelledError)
+    cleaned_up.callback(None)
+    assert channel.closed and len(ended) == 1
+
+
+def test_a_transports_own_cancellation_is_a_failed_attempt() -> None:
+    """Not ours: the retry loop retries it, rather than the worker exiting without a word."""
+    attempt: Deferred = Deferred()
+    _, ended = _awaiting(attempt)
+    attempt.errback(CancelledError())
+    [failure] = ended
+    assert failure.check(ConnectionError) and "cancelled" in str(failure.value)
+
+
+def test_an_attempt_that_works_gives_its_channel() -> None:
+    attempt: Deferred = Deferred()
+    _, ended = _awaiting(attempt)
+    channel = _Channel()
+    attempt.callback(channel)
+    assert ended == [channel] and not channel.closed

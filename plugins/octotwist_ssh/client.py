@@ -204,7 +204,10 @@ class _ClientTransport(ConchLogging, SSHClientTransport):
     transport: ITCPTransport
 
     def connectionMade(self) -> None:
-        self.ready: Deferred[MessageChannel] = Deferred()
+        # Cancelled (the worker stops, or its attempt timed out), the
+        # connection goes too: a subsystem opened later would otherwise
+        # start a session nobody waits for.
+        self.ready: Deferred[MessageChannel] = Deferred(lambda _: self.transport.abortConnection())
         self.error: Exception | None = None
         self.host_verified = False
         self.host_key: Key | None = None

@@ -136,7 +136,10 @@ class ServerProtocol(_FramedProtocol):
 class ClientProtocol(_FramedProtocol):
     def __init__(self) -> None:
         super().__init__()
-        self.ready: Deferred[MessageChannel] = Deferred()
+        # Cancelled (the worker stops, or its attempt timed out), the
+        # connection goes too: a handshake that finished later would
+        # otherwise open a session nobody waits for.
+        self.ready: Deferred[MessageChannel] = Deferred(lambda _: self.abort())
 
     def connectionMade(self) -> None:
         super().connectionMade()
