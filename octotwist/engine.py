@@ -170,7 +170,8 @@ class Progress:
         self._links: list[tuple[str, str]] = []
         self._samples: list[dict[str, Any]] = []
         # Tasks done since the job began, by kind (all steps).
-        self._done_before: Counter[str] = Counter()
+        self._done_in_job: Counter[str] = Counter()
+        self._sampled_at: float | None = None
         self._ended: tuple[bool, str | None, float] | None = None
 
     def start(self, kind: str, total: int, step: int = 1, steps: int = 1) -> None:
@@ -217,7 +218,7 @@ class Progress:
         with self._lock:
             self.done += n
             done = self._phases[self._kind]["done"] = self.done
-            self._done_before[self._kind] += n
+            self._done_in_job[self._kind] += n
             self._sample_if_due()
             log = not self.quiet and time.monotonic() - self._logged >= LOG_INTERVAL
             if log:
@@ -288,7 +289,7 @@ class Progress:
 
     def _sample_if_due(self) -> None:
         """A point of the charts, if the last is a second old (the lock held)."""
-        if not self._samples or self.clock() - self._samples[-1]["t_"] >= SAMPLE_INTERVAL:
+        if self._sampled_at is None or self.clock() - self._sampled_at >= SAMPLE_INTERVAL:
             self._sample()
 
     def _sample(self) -> None:
@@ -297,12 +298,12 @@ class Progress:
         the job began, all steps together, so that its rate never drops
         below nothing when a step begins.
         """
+        self._sampled_at = self.clock()
         self._samples.append(
             {
-                "t": round(self.clock() - self._started, 3),
-                "t_": self.clock(),
-                "map_done": self._done_before["map"],
-                "reduce_done": self._done_before["reduce"],
+                "t": round(self._sampled_at - self._started, 3),
+                "map_done": self._done_in_job["map"],
+                "reduce_done": self._done_in_job["reduce"],
                 "bytes_received": 0,
                 "bytes_sent": 0,
                 "memory": {w.name: w.memory for w in self._workers},
@@ -323,7 +324,7 @@ class Progress:
             now = self.clock()
             elapsed = now - self._started if self._ended is None else self._ended[2]
             phases = {kind: self._phase_status(kind, now) for kind in ("map", "reduce")}
-            done = sum(self._done_before.values())  # (every step's, over the job's time)
+            done = sum(self._done_in_job.values())  # (every step's, over the job's time)
             if self._ended is None and self._phases:
                 self._sample_if_due()  # (a phase that stalls is drawn so)
             if self._ended is not None:
@@ -375,7 +376,7 @@ class Progress:
                 },
             }
             if stream_since is not None:
-                samples = [{k: v for k, v in s.items() if k != "t_"} for s in self._samples]
+                samples = [dict(sample) for sample in self._samples]
                 status["stream"] = {
                     "first": stream_since,
                     "next": stream_since,

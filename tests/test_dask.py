@@ -457,9 +457,10 @@ def test_a_job_on_dask_interrupted_stops_with_its_cluster(
     code, _, err = finish(proc, timeout=60)
     err = seen + err
     assert code == 1, err
-    assert "octo: interrupted" in err and "Traceback" not in err, err
+    # (ours, not a KeyboardInterrupt's traceback; Dask may log its own teardown)
+    assert "octo: interrupted" in err and "KeyboardInterrupt" not in err, err
     assert not out.exists() and not list(tmp_path.glob("out.tsv*")), list(tmp_path.iterdir())
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while cluster & set(parents()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not cluster & set(parents())  # (live processes: zombies are not)
+    assert not cluster & set(parents()), err  # (live processes: zombies are not)
