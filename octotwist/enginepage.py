@@ -68,9 +68,7 @@ class EnginePage:
             await stop_status(self.port, reactor)
 
         async def now(reactor: IReactor) -> None:
-            stopped = self.port.stopListening()
-            if stopped is not None:
-                await stopped
+            await stop_status(self.port, reactor, linger=0)
 
         try:
             threaded.blocking_call(later if linger else now)

@@ -126,9 +126,12 @@ async def serve_status(
 STATUS_LINGER = 3.0
 
 
-async def stop_status(port: IListeningPort, reactor: IReactorTime) -> None:
-    """Stop serving the status page, a moment after the job ended."""
-    await deferLater(reactor, STATUS_LINGER)
+async def stop_status(
+    port: IListeningPort, reactor: IReactorTime, linger: float = STATUS_LINGER
+) -> None:
+    """Stop serving the status page, C{linger} seconds after the job ended."""
+    if linger:
+        await deferLater(reactor, linger)
     stopped = port.stopListening()
     assert stopped is not None  # a listening port's stopListening returns a Deferred
     await stopped

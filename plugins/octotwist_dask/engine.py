@@ -274,7 +274,7 @@ class _Job:
         progress = self.r.progress
         self._report_workers()
         progress.start(kind, len(futures), index + 1, steps)
-        phase = f"step {index + 1}/{steps} {kind}" if steps > 1 else kind
+        phase = progress.phase  # ("map", "step 2/3 reduce")
         for future in self.distributed.as_completed(futures):
             if future.status == "error":
                 error = future.exception()
